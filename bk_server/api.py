@@ -1,0 +1,176 @@
+"""The leaf-facing HTTP and WebSocket API, exactly as the BranchKey v1 protocol specifies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Annotated, Any
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Header, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse
+
+from bk_blocks.archive import FEDERATED_ANALYTICS, ArchiveError, inspect_update
+
+from .errors import BadRequest, PayloadTooLarge, PlatformError, UploadRejected
+from .platform import Platform, StagedUpload
+from .store import Leaf
+from .uploads import check_integrity, receive_upload
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+def platform_of(request: Request) -> Platform:
+    return request.app.state.platform
+
+
+def current_leaf(request: Request, authorization: Annotated[str | None, Header()] = None) -> Leaf:
+    return platform_of(request).authenticate(authorization)
+
+
+LeafDep = Annotated[Leaf, Depends(current_leaf)]
+
+
+def created(data: dict[str, Any]) -> JSONResponse:
+    return JSONResponse({"data": data}, status_code=201)
+
+
+@router.get("/healthz", include_in_schema=False)
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/api/v1/run/{branch_id}")
+def run_details(branch_id: str, request: Request, leaf: LeafDep) -> dict[str, Any]:
+    branch = platform_of(request).branch_for(leaf, branch_id)
+    return {"data": {"run_status": branch.run_status, "run_number": branch.run_number}}
+
+
+@router.post("/api/v1/file/upload", status_code=201)
+async def upload(
+    request: Request,
+    leaf: LeafDep,
+    x_bk_file_size: Annotated[str | None, Header()] = None,
+    x_bk_file_digest: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    platform = platform_of(request)
+    settings = platform.settings
+    platform.check_can_upload(leaf)
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
+        raise PayloadTooLarge(f"upload of {length} bytes is larger than the limit of {settings.max_upload_bytes} bytes")
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+        raise BadRequest("Idempotency-Key must be 1 to 255 characters")
+    received = await receive_upload(
+        request.headers.get("content-type"), request.stream(), settings.incoming_dir, settings.max_upload_bytes
+    )
+    try:
+        check_integrity(received, x_bk_file_size, x_bk_file_digest)
+        earlier = platform.find_idempotent(leaf, idempotency_key, received.digest)
+        if earlier is not None:
+            received.path.unlink(missing_ok=True)
+            return created({"file_id": earlier})
+        info = await anyio.to_thread.run_sync(_inspect, received.path, settings.max_decompressed_bytes)
+        staged = StagedUpload(received.path, received.size, received.digest, info)
+        file_id = await anyio.to_thread.run_sync(
+            platform.accept_upload, leaf, staged, received.metadata, idempotency_key
+        )
+    except BaseException:
+        received.path.unlink(missing_ok=True)
+        raise
+    return created({"file_id": file_id})
+
+
+def _inspect(path: Any, max_decompressed_bytes: int) -> Any:
+    try:
+        info = inspect_update(path, max_decompressed_bytes=max_decompressed_bytes)
+    except ArchiveError as exc:
+        raise UploadRejected(f"archive rejected: {exc}") from None
+    if info.kind == FEDERATED_ANALYTICS:
+        raise UploadRejected("federated_analytics archives are not supported yet by this server")
+    return info
+
+
+@router.get("/api/v1/file/download/{file_id}")
+def download_link(file_id: str, request: Request, leaf: LeafDep) -> dict[str, Any]:
+    platform = platform_of(request)
+    platform.aggregate_for(leaf, file_id)
+    query = platform.sign_download(file_id, leaf.branch_id)
+    base = platform.settings.public_url or str(request.base_url).rstrip("/")
+    url = f"{base}/api/v1/files/{file_id}?" + "&".join(f"{k}={v}" for k, v in query.items())
+    return {"data": {"download_url": url}}
+
+
+@router.get("/api/v1/files/{file_id}")
+def presigned_download(file_id: str, request: Request, branch_id: str = "", expires: str = "", signature: str = "") -> FileResponse:
+    path = platform_of(request).verify_download(file_id, branch_id, expires, signature)
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{file_id}.npz")
+
+
+@router.post("/api/v1/performance/analysis", status_code=201)
+async def performance_analysis(request: Request, leaf: LeafDep) -> JSONResponse:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("metrics body must be JSON text") from None
+    await anyio.to_thread.run_sync(platform_of(request).record_metrics, leaf, body)
+    return created({"status": "stored"})
+
+
+@router.get("/api/v1/config/branch/{branch_id}")
+def branch_config(branch_id: str, request: Request, leaf: LeafDep) -> dict[str, Any]:
+    platform = platform_of(request)
+    return {"data": platform.branch_config(platform.branch_for(leaf, branch_id))}
+
+
+@router.post("/api/v1/ws/ticket")
+def ws_ticket(request: Request, leaf: LeafDep) -> dict[str, Any]:
+    return {"data": platform_of(request).issue_ticket(leaf)}
+
+
+@router.websocket("/api/v1/ws")
+async def notifications(websocket: WebSocket, ticket: str = "", request_id: str = "") -> None:
+    platform: Platform = websocket.app.state.platform
+    try:
+        leaf = platform.redeem_ticket(ticket, request_id)
+    except PlatformError as exc:
+        log.info("WebSocket refused: %s", exc.message)
+        await websocket.close(code=1008, reason=exc.message)
+        return
+    await websocket.accept()
+    hub = platform.notifier.hub
+    queue = hub.register(leaf.id)
+    log.info("WebSocket open for leaf %s", leaf.name)
+    try:
+        await _pump(websocket, queue)
+    finally:
+        hub.unregister(leaf.id, queue)
+        log.info("WebSocket closed for leaf %s", leaf.name)
+
+
+async def _pump(websocket: WebSocket, queue: asyncio.Queue[str]) -> None:
+    """Send queued notifications until the client goes away (its frames are read and dropped)."""
+
+    async def send() -> None:
+        while True:
+            await websocket.send_text(await queue.get())
+
+    async def receive() -> None:
+        while True:
+            await websocket.receive_text()
+
+    tasks = [asyncio.create_task(send()), asyncio.create_task(receive())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
+                pass

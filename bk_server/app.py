@@ -1,0 +1,95 @@
+"""The FastAPI application: wiring of store, platform, notifications and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import admin_api, api
+from .amqp import AmqpPublisher, RabbitProvisioner, admin_url_from_amqp, publisher_user
+from .errors import PlatformError
+from .notifications import Notifier, WebSocketHub
+from .platform import Platform
+from .settings import ServerSettings
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+def write_admin_file(path: Path, url: str, token: str) -> None:
+    """Record how to reach this server's admin API, readable only by its owner."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"url": url, "admin_token": token}, handle)
+    path.chmod(0o600)
+
+
+def create_app(settings: ServerSettings, admin_token: str | None = None) -> FastAPI:
+    """Build the server; state is opened on start-up and closed on shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.make_dirs()
+        store = Store(settings.database)
+        publisher = AmqpPublisher(settings.amqp_url, store) if settings.amqp_url else None
+        provisioner = None
+        if settings.amqp_url:
+            admin_url = settings.rabbitmq_admin_url or admin_url_from_amqp(settings.amqp_url)
+            provisioner = RabbitProvisioner(admin_url, publisher_user(settings.amqp_url))
+        hub = WebSocketHub()
+        hub.bind_loop(asyncio.get_running_loop())
+        platform = Platform(settings, store, Notifier(hub, publisher), provisioner)
+        app.state.platform = platform
+        app.state.publisher = publisher
+        if publisher:
+            publisher.start()
+        platform.resume_pending_aggregations()
+        deadline_task = asyncio.create_task(_close_overdue_rounds(platform, settings.deadline_check_interval_s))
+        try:
+            yield
+        finally:
+            deadline_task.cancel()
+            platform.close()
+            if publisher:
+                publisher.stop()
+            store.close()
+
+    app = FastAPI(title="bk_server: a local BranchKey platform", lifespan=lifespan)
+    app.state.admin_token = admin_token or secrets.token_urlsafe(32)
+    app.include_router(api.router)
+    app.include_router(admin_api.router)
+
+    @app.exception_handler(PlatformError)
+    async def platform_error(_: Request, exc: PlatformError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    return app
+
+
+async def _close_overdue_rounds(platform: Platform, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(platform.close_overdue_rounds)
+        except Exception:
+            log.exception("deadline check failed")

@@ -1,0 +1,176 @@
+"""`bk-server`: serve the local platform, create federations, control runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import httpx
+import uvicorn
+from cyclopts import App, Parameter
+
+from .app import create_app, write_admin_file
+from .settings import ServerSettings
+
+app = App(name="bk-server", help="A local BranchKey-compatible platform for development, tests and demos.")
+federation_app = App(name="federation", help="Create federations (a tree, a branch and its leaves).")
+run_app = App(name="run", help="Start, pause or stop a branch's run.")
+app.command(federation_app)
+app.command(run_app)
+
+
+class AdminCallError(RuntimeError):
+    """The admin API could not be reached or refused the call."""
+
+
+@app.command
+def serve(
+    *,
+    data_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    amqp_url: str | None = None,
+    rabbitmq_admin_url: str | None = None,
+    ws_ping_interval: float = 30.0,
+    max_upload_bytes: int = 4 * 1024**3,
+    log_level: str = "info",
+) -> None:
+    """Serve the platform's API on HOST:PORT, keeping its state in DATA_DIR.
+
+    Parameters
+    ----------
+    data_dir
+        Where the database, archives and admin token live (created owner-only).
+    amqp_url
+        RabbitMQ to publish notifications to, e.g. amqp://guest:guest@127.0.0.1:5672/.
+        Without it notifications go over WebSocket only.
+    rabbitmq_admin_url
+        RabbitMQ management API for provisioning leaves; derived from amqp_url if omitted.
+    ws_ping_interval
+        Seconds between the server's WebSocket pings (the protocol says 30).
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(
+        data_dir=data_dir.resolve(), amqp_url=amqp_url, rabbitmq_admin_url=rabbitmq_admin_url,
+        max_upload_bytes=max_upload_bytes,
+    )
+    settings.make_dirs()
+    token = secrets.token_urlsafe(32)
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    write_admin_file(settings.admin_file, f"http://{shown_host}:{port}", token)
+    uvicorn.run(
+        create_app(settings, admin_token=token), host=host, port=port, log_level=log_level,
+        ws_ping_interval=ws_ping_interval, ws_ping_timeout=ws_ping_interval, timeout_graceful_shutdown=5,
+    )
+
+
+def _admin_target(data_dir: Path | None, server: str | None, admin_token: str | None) -> tuple[str, str]:
+    if server and admin_token:
+        return server.rstrip("/"), admin_token
+    if data_dir is None:
+        raise AdminCallError("give --data-dir of a running server, or --server and --admin-token")
+    admin_file = data_dir / "admin.json"
+    if not admin_file.exists():
+        raise AdminCallError(f"{admin_file} not found: is `bk-server serve --data-dir {data_dir}` running?")
+    info = json.loads(admin_file.read_text())
+    return (server or info["url"]).rstrip("/"), admin_token or info["admin_token"]
+
+
+def _admin_call(method: str, url: str, token: str, body: dict | None = None) -> dict:
+    try:
+        response = httpx.request(method, url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    except httpx.HTTPError as exc:
+        raise AdminCallError(f"cannot reach the server at {url}: {exc}") from exc
+    if response.status_code >= 400:
+        try:
+            message = response.json().get("error", response.text)
+        except ValueError:
+            message = response.text
+        raise AdminCallError(f"server refused ({response.status_code}): {message}")
+    return response.json()["data"]
+
+
+def write_credentials(out: Path, leaves: list[dict[str, str]]) -> list[Path]:
+    """One official-format credentials JSON per leaf, readable only by the owner."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for leaf in leaves:
+        path = out / f"{leaf['name']}.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(leaf, handle, indent=2)
+        path.chmod(0o600)
+        paths.append(path)
+    return paths
+
+
+@federation_app.command(name="create")
+def federation_create(
+    *,
+    leaves: int,
+    min_updates: int,
+    out: Path,
+    data_dir: Path | None = None,
+    tree: str = "tree",
+    branch: str = "branch",
+    quorum: int | None = None,
+    round_deadline: Annotated[float | None, Parameter(name="--round-deadline")] = None,
+    server: str | None = None,
+    admin_token: str | None = None,
+) -> None:
+    """Create a tree, a branch and LEAVES leaves, start its run, write credentials to OUT.
+
+    Parameters
+    ----------
+    min_updates
+        Distinct leaves whose updates close a round.
+    quorum
+        With --round-deadline: leaves enough to close a round once the deadline passed.
+    round_deadline
+        Seconds after a round opens at which it closes if it has a quorum.
+    """
+    url, token = _admin_target(data_dir, server, admin_token)
+    body = {"leaves": leaves, "min_updates": min_updates, "tree": tree, "branch": branch,
+            "quorum": quorum, "round_deadline_s": round_deadline}
+    data = _admin_call("POST", f"{url}/admin/v1/federations", token, body)
+    paths = write_credentials(out, data["leaves"])
+    print(json.dumps({"tree_id": data["tree_id"], "branch_id": data["branch_id"],
+                      "credentials": [str(p) for p in paths]}, indent=2))
+
+
+@run_app.default
+def run_control(
+    action: Literal["start", "pause", "stop"],
+    *,
+    branch: str,
+    data_dir: Path | None = None,
+    server: str | None = None,
+    admin_token: str | None = None,
+) -> None:
+    """Start, pause or stop BRANCH's run; every leaf is notified."""
+    url, token = _admin_target(data_dir, server, admin_token)
+    print(json.dumps(_admin_call("POST", f"{url}/admin/v1/branches/{branch}/run/{action}", token)))
+
+
+@app.command
+def status(*, branch: str, data_dir: Path | None = None, server: str | None = None, admin_token: str | None = None) -> None:
+    """Print a branch's run, rounds and metrics as JSON."""
+    url, token = _admin_target(data_dir, server, admin_token)
+    print(json.dumps(_admin_call("GET", f"{url}/admin/v1/branches/{branch}", token), indent=2))
+
+
+def main() -> None:
+    try:
+        app()
+    except AdminCallError as exc:
+        print(f"bk-server: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

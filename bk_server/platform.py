@@ -1,0 +1,504 @@
+"""The platform's rules: who may do what, how rounds open and close, and when FedAvg runs.
+
+The HTTP layer (`api.py`, `admin_api.py`) only translates requests into calls here;
+every state change goes through `Platform`, under one lock, in one SQLite transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import math
+import secrets
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bk_blocks.archive import UpdateInfo
+
+from .aggregation import WeightedUpdate, fedavg
+from .errors import BadRequest, Forbidden, Gone, NotFound, RunBlocked, Unauthorized, UploadRejected
+from .notifications import Notifier, aggregation_message, run_status_message
+from .settings import ServerSettings
+from .store import Branch, Leaf, Round, Store, Upload
+
+log = logging.getLogger(__name__)
+
+RUN_ACTIONS = ("start", "pause", "stop")
+METRIC_MODES = ("test", "train", "non-federated")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class LeafCredentials:
+    """A leaf's credentials in the platform's official JSON shape."""
+
+    id: str
+    name: str
+    session_token: str
+    tree_id: str
+    branch_id: str
+    owner_id: str
+
+    def as_json(self) -> dict[str, str]:
+        return dict(self.__dict__)
+
+    def __repr__(self) -> str:
+        return f"LeafCredentials(id={self.id!r}, name={self.name!r}, session_token='**********')"
+
+
+@dataclass(frozen=True)
+class StagedUpload:
+    """An upload streamed to disk and described, not yet part of any round."""
+
+    path: Path
+    size: int
+    digest: str
+    info: UpdateInfo
+
+
+class BrokerProvisioner:
+    """What the platform needs from the broker side when leaves are created."""
+
+    def provision(self, tree_id: str, branch_id: str, leaves: list[LeafCredentials]) -> None:
+        raise NotImplementedError
+
+
+class Platform:
+    """The local BranchKey platform: federation state, rounds, aggregation, notifications."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        store: Store,
+        notifier: Notifier,
+        provisioner: BrokerProvisioner | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.notifier = notifier
+        self.provisioner = provisioner
+        self._signing_key = _load_or_create_key(settings.signing_key_file)
+        self._lock = threading.RLock()
+        self._aggregator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedavg")
+        self._tickets: dict[str, tuple[str, str, float]] = {}
+        self._jobs: dict[str, Future[None]] = {}
+
+    def close(self) -> None:
+        self._aggregator.shutdown(wait=True, cancel_futures=False)
+
+    # -- federation set-up -------------------------------------------------------------
+
+    def create_federation(
+        self,
+        *,
+        leaves: int,
+        min_updates: int,
+        tree_name: str = "tree",
+        branch_name: str = "branch",
+        quorum: int | None = None,
+        round_deadline_s: float | None = None,
+        owner_id: str | None = None,
+    ) -> tuple[str, str, list[LeafCredentials]]:
+        """Create a tree, a branch and its leaves, provision them on the broker, start the run."""
+        if leaves < 1:
+            raise BadRequest("a federation needs at least one leaf")
+        if not 1 <= min_updates <= leaves:
+            raise BadRequest(f"min_updates must be between 1 and the number of leaves ({leaves}), got {min_updates}")
+        if quorum is not None and not 1 <= quorum <= min_updates:
+            raise BadRequest(f"quorum must be between 1 and min_updates ({min_updates}), got {quorum}")
+        if round_deadline_s is not None and not (math.isfinite(round_deadline_s) and round_deadline_s > 0):
+            raise BadRequest("round_deadline_s must be a positive number of seconds")
+        tree_id, branch_id, owner = str(uuid.uuid4()), str(uuid.uuid4()), owner_id or str(uuid.uuid4())
+        credentials = [
+            LeafCredentials(str(uuid.uuid4()), f"{branch_name}-leaf-{i + 1}", secrets.token_urlsafe(32), tree_id, branch_id, owner)
+            for i in range(leaves)
+        ]
+        if self.provisioner is not None:
+            self.provisioner.provision(tree_id, branch_id, credentials)
+        now = time.time()
+        with self._lock, self.store.transaction() as db:
+            db.execute("INSERT INTO trees VALUES (?, ?, ?, ?)", (tree_id, tree_name, owner, now))
+            db.execute(
+                "INSERT INTO branches VALUES (?, ?, ?, ?, ?, ?, 'stop', 0, 0, ?, ?, ?)",
+                (branch_id, tree_id, branch_name, min_updates, quorum, round_deadline_s, now, now, now),
+            )
+            db.executemany(
+                "INSERT INTO leaves VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(c.id, c.name, tree_id, branch_id, owner, hash_token(c.session_token), now) for c in credentials],
+            )
+        self.set_run_status(branch_id, "start")
+        return tree_id, branch_id, credentials
+
+    # -- authentication ----------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None) -> Leaf:
+        """The leaf behind `Authorization: Bearer <leaf_id>:<session_token>`, or 401."""
+        if not authorization:
+            raise Unauthorized("missing Authorization header")
+        scheme, _, credential = authorization.partition(" ")
+        if scheme.lower() != "bearer" or ":" not in credential:
+            raise Unauthorized("Authorization must be 'Bearer <leaf_id>:<session_token>'")
+        leaf_id, _, token = credential.strip().partition(":")
+        leaf = self.store.leaf(leaf_id)
+        expected = leaf.token_hash if leaf else hash_token(secrets.token_hex(16))
+        if not hmac.compare_digest(expected, hash_token(token)) or leaf is None:
+            raise Unauthorized("invalid leaf id or session token")
+        return leaf
+
+    def branch_for(self, leaf: Leaf, branch_id: str) -> Branch:
+        """The branch a leaf asks about, refusing (403) any branch that is not its own."""
+        if branch_id != leaf.branch_id:
+            raise Forbidden("this leaf does not belong to that branch")
+        branch = self.store.branch(branch_id)
+        if branch is None:
+            raise NotFound(f"no branch {branch_id}")
+        return branch
+
+    def require_branch(self, branch_id: str) -> Branch:
+        branch = self.store.branch(branch_id)
+        if branch is None:
+            raise NotFound(f"no branch {branch_id}")
+        return branch
+
+    # -- run control -------------------------------------------------------------------
+
+    def set_run_status(self, branch_id: str, action: str) -> Branch:
+        """Start, pause or stop a branch's run and tell every leaf.
+
+        Starting after a stop begins a new run (run_number + 1, round 1); starting after
+        a pause resumes the same round. Stopping abandons the open round.
+        """
+        if action not in RUN_ACTIONS:
+            raise BadRequest(f"run action must be one of {', '.join(RUN_ACTIONS)}, got {action!r}")
+        with self._lock:
+            branch = self.require_branch(branch_id)
+            now = time.time()
+            with self.store.transaction() as db:
+                if action == "start" and branch.run_status == "stop":
+                    run_number = branch.run_number + 1
+                    db.execute(
+                        "UPDATE branches SET run_status='start', run_number=?, round=1, round_opened_at=?, updated_at=? WHERE id=?",
+                        (run_number, now, now, branch_id),
+                    )
+                    db.execute("INSERT INTO rounds VALUES (?, ?, 1, 'open', NULL, NULL, ?, NULL)", (branch_id, run_number, now))
+                elif action == "stop" and branch.run_status != "stop":
+                    db.execute(
+                        "UPDATE rounds SET status='abandoned', closed_at=? WHERE branch_id=? AND run_number=? AND round=? AND status='open'",
+                        (now, branch_id, branch.run_number, branch.round),
+                    )
+                    db.execute(
+                        "UPDATE uploads SET status='discarded' WHERE branch_id=? AND run_number=? AND round=? AND status='accepted'",
+                        (branch_id, branch.run_number, branch.round),
+                    )
+                    db.execute("UPDATE branches SET run_status='stop', updated_at=? WHERE id=?", (now, branch_id))
+                elif action != branch.run_status:
+                    db.execute("UPDATE branches SET run_status=?, updated_at=? WHERE id=?", (action, now, branch_id))
+            branch = self.require_branch(branch_id)
+        self._notify(branch, run_status_message(action, run_number=branch.run_number))
+        return branch
+
+    # -- uploads and rounds ------------------------------------------------------------
+
+    def check_can_upload(self, leaf: Leaf) -> Branch:
+        branch = self.require_branch(leaf.branch_id)
+        if branch.run_status != "start":
+            raise RunBlocked(f"run is blocked: the branch's run is '{branch.run_status}', uploads need 'start'")
+        return branch
+
+    def find_idempotent(self, leaf: Leaf, key: str | None, digest: str) -> str | None:
+        """The file_id an earlier upload with this Idempotency-Key got, if any."""
+        if not key:
+            return None
+        earlier = self.store.upload_by_key(leaf.id, key)
+        if earlier is None:
+            return None
+        if earlier.digest != digest:
+            raise UploadRejected(
+                "Idempotency-Key was already used by this leaf for a different archive; use a new key per archive"
+            )
+        return earlier.file_id
+
+    def accept_upload(self, leaf: Leaf, staged: StagedUpload, metadata: str | None, idempotency_key: str | None) -> str:
+        """Add a validated update to the branch's open round; close the round if it is full."""
+        signature = json.dumps([[list(s.shape), s.dtype] for s in staged.info.signature])
+        with self._lock:
+            existing = self.find_idempotent(leaf, idempotency_key, staged.digest)
+            if existing is not None:
+                staged.path.unlink(missing_ok=True)
+                return existing
+            branch = self.check_can_upload(leaf)
+            round_ = self.store.round(branch.id, branch.run_number, branch.round)
+            assert round_ is not None
+            accepted = self.store.accepted_uploads(branch.id, branch.run_number, branch.round)
+            others = [u for u in accepted if u.leaf_id != leaf.id]
+            self._check_signature(round_, others, signature)
+            file_id = str(uuid.uuid4())
+            target = self.settings.uploads_dir / f"{file_id}.npz"
+            staged.path.replace(target)
+            replaced = [u for u in accepted if u.leaf_id == leaf.id]
+            with self.store.transaction() as db:
+                for earlier in replaced:
+                    db.execute("UPDATE uploads SET status='superseded' WHERE file_id=?", (earlier.file_id,))
+                db.execute(
+                    "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?)",
+                    (file_id, leaf.id, branch.id, branch.run_number, branch.round, staged.info.weighting,
+                     staged.size, staged.digest, metadata, idempotency_key or None, time.time()),
+                )
+                db.execute(
+                    "UPDATE rounds SET signature=? WHERE branch_id=? AND run_number=? AND round=?",
+                    (signature, branch.id, branch.run_number, branch.round),
+                )
+            for earlier in replaced:
+                (self.settings.uploads_dir / f"{earlier.file_id}.npz").unlink(missing_ok=True)
+            log.info("round %s/%s of branch %s: update %s from leaf %s", branch.run_number, branch.round, branch.id, file_id, leaf.name)
+            self._close_round_if_due(branch.id, time.time())
+        return file_id
+
+    @staticmethod
+    def _check_signature(round_: Round, others: list[Upload], signature: str) -> None:
+        """Refuse an update whose layers disagree with the round's (set by the run's first
+        round and carried forward); only the first update of a run may set them."""
+        if round_.signature is None or round_.signature == signature:
+            return
+        if round_.round == 1 and not others:
+            return
+        expected, got = json.loads(round_.signature), json.loads(signature)
+        if len(expected) != len(got):
+            raise UploadRejected(f"update has {len(got)} layers but this round's updates have {len(expected)}")
+        for index, (want, have) in enumerate(zip(expected, got)):
+            if want != have:
+                raise UploadRejected(
+                    f"layer_{index} is shape {tuple(have[0])} dtype {have[1]} but this round's updates "
+                    f"have shape {tuple(want[0])} dtype {want[1]}"
+                )
+
+    def _close_round_if_due(self, branch_id: str, now: float) -> bool:
+        """Close the open round when min_updates leaves are in, or at the deadline with a quorum."""
+        with self._lock:
+            branch = self.require_branch(branch_id)
+            if branch.run_status == "stop" or branch.round == 0:
+                return False
+            leaves = {u.leaf_id for u in self.store.accepted_uploads(branch.id, branch.run_number, branch.round)}
+            full = len(leaves) >= branch.min_updates
+            overdue = (
+                branch.round_deadline_s is not None
+                and now - branch.round_opened_at >= branch.round_deadline_s
+                and len(leaves) >= (branch.quorum or 1)
+            )
+            if not (full or overdue):
+                return False
+            aggregation_id = str(uuid.uuid4())
+            with self.store.transaction() as db:
+                db.execute(
+                    "UPDATE rounds SET status='aggregating', aggregation_id=?, closed_at=? WHERE branch_id=? AND run_number=? AND round=?",
+                    (aggregation_id, now, branch.id, branch.run_number, branch.round),
+                )
+                current = self.store.round(branch.id, branch.run_number, branch.round)
+                db.execute(
+                    "INSERT INTO rounds VALUES (?, ?, ?, 'open', ?, NULL, ?, NULL)",
+                    (branch.id, branch.run_number, branch.round + 1, current.signature if current else None, now),
+                )
+                db.execute(
+                    "UPDATE branches SET round=?, round_opened_at=?, updated_at=? WHERE id=?",
+                    (branch.round + 1, now, now, branch.id),
+                )
+            log.info("round %s/%s of branch %s closed with %d leaves%s", branch.run_number, branch.round, branch.id,
+                     len(leaves), "" if full else " (deadline reached with quorum)")
+            self._submit_aggregation(branch.id, branch.run_number, branch.round)
+            return True
+
+    def close_overdue_rounds(self) -> None:
+        """Close every round whose deadline has passed and that has its quorum."""
+        now = time.time()
+        for branch in self.store.branches():
+            if branch.run_status == "start" and branch.round_deadline_s is not None:
+                self._close_round_if_due(branch.id, now)
+
+    def resume_pending_aggregations(self) -> None:
+        """After a restart, aggregate every round that was closed but not yet aggregated."""
+        for round_ in self.store.rounds_with_status("aggregating"):
+            self._submit_aggregation(round_.branch_id, round_.run_number, round_.round)
+
+    def _submit_aggregation(self, branch_id: str, run_number: int, round_number: int) -> None:
+        key = f"{branch_id}/{run_number}/{round_number}"
+        self._jobs[key] = self._aggregator.submit(self._aggregate, branch_id, run_number, round_number)
+
+    def wait_for_aggregations(self, timeout: float | None = None) -> None:
+        """Block until every submitted aggregation has finished (for tests and shutdown)."""
+        for future in list(self._jobs.values()):
+            future.result(timeout=timeout)
+
+    def _aggregate(self, branch_id: str, run_number: int, round_number: int) -> None:
+        round_ = self.store.round(branch_id, run_number, round_number)
+        if round_ is None or round_.status != "aggregating" or round_.aggregation_id is None:
+            return
+        uploads = self.store.accepted_uploads(branch_id, run_number, round_number)
+        started = time.perf_counter()
+        out = self.settings.aggregates_dir / f"{round_.aggregation_id}.npz"
+        try:
+            fedavg([WeightedUpdate(self.settings.uploads_dir / f"{u.file_id}.npz", u.weighting) for u in uploads], out)
+        except Exception:
+            log.exception("aggregation of round %s/%s of branch %s failed", run_number, round_number, branch_id)
+            with self.store.transaction() as db:
+                db.execute(
+                    "UPDATE rounds SET status='failed' WHERE branch_id=? AND run_number=? AND round=?",
+                    (branch_id, run_number, round_number),
+                )
+            return
+        with self._lock:
+            with self.store.transaction() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO aggregates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (round_.aggregation_id, branch_id, run_number, round_number, len(uploads), out.stat().st_size, time.time()),
+                )
+                db.execute(
+                    "UPDATE rounds SET status='aggregated' WHERE branch_id=? AND run_number=? AND round=?",
+                    (branch_id, run_number, round_number),
+                )
+        log.info("aggregated round %s/%s of branch %s from %d updates in %.2f s", run_number, round_number,
+                 branch_id, len(uploads), time.perf_counter() - started)
+        branch = self.require_branch(branch_id)
+        self._notify(branch, aggregation_message(round_.aggregation_id, run_number=run_number, round=round_number))
+
+    def _notify(self, branch: Branch, text: str) -> None:
+        leaf_ids = [leaf.id for leaf in self.store.leaves_of_branch(branch.id)]
+        self.notifier.publish(branch.tree_id, branch.id, leaf_ids, text)
+
+    # -- downloads ---------------------------------------------------------------------
+
+    def aggregate_for(self, leaf: Leaf, file_id: str) -> Path:
+        """The aggregate archive a leaf may download, refusing others' branches."""
+        if not file_id or "/" in file_id or "\\" in file_id or ".." in file_id:
+            raise BadRequest("file_id must be a bare name")
+        aggregate = self.store.aggregate(file_id)
+        if aggregate is None:
+            raise NotFound(f"no aggregate with id {file_id}")
+        if aggregate.branch_id != leaf.branch_id:
+            raise Forbidden("that aggregate belongs to another branch")
+        return self.settings.aggregates_dir / f"{file_id}.npz"
+
+    def sign_download(self, file_id: str, branch_id: str, now: float | None = None) -> dict[str, str]:
+        """Query parameters of a pre-signed, expiring, branch-scoped download URL."""
+        expires = str(int((now or time.time()) + self.settings.download_url_ttl_s))
+        return {"branch_id": branch_id, "expires": expires, "signature": self._signature(file_id, branch_id, expires)}
+
+    def verify_download(self, file_id: str, branch_id: str, expires: str, signature: str) -> Path:
+        """The archive a pre-signed URL names, if its signature holds and it has not expired."""
+        if not hmac.compare_digest(self._signature(file_id, branch_id, expires), signature):
+            raise Forbidden("download URL signature is invalid")
+        if not expires.isdigit() or int(expires) < time.time():
+            raise Forbidden("download URL has expired; ask for a new one")
+        aggregate = self.store.aggregate(file_id)
+        if aggregate is None or aggregate.branch_id != branch_id:
+            raise NotFound(f"no aggregate with id {file_id}")
+        path = self.settings.aggregates_dir / f"{file_id}.npz"
+        if not path.exists():
+            raise Gone(f"aggregate {file_id} is no longer stored")
+        return path
+
+    def _signature(self, file_id: str, branch_id: str, expires: str) -> str:
+        message = f"{file_id}\n{branch_id}\n{expires}".encode()
+        return base64.urlsafe_b64encode(hmac.new(self._signing_key, message, hashlib.sha256).digest()).decode().rstrip("=")
+
+    # -- metrics, config, WebSocket tickets --------------------------------------------
+
+    def record_metrics(self, leaf: Leaf, body: Any) -> None:
+        """Store a leaf's performance metrics after checking every field names the leaf's own."""
+        if not isinstance(body, dict):
+            raise BadRequest("metrics body must be a JSON object")
+        missing = [k for k in ("mode", "aggregation_id", "leaf_id", "branch_id", "tree_id", "data") if k not in body]
+        if missing:
+            raise BadRequest(f"metrics body is missing {', '.join(missing)}")
+        if body["mode"] not in METRIC_MODES:
+            raise BadRequest(f"mode must be one of {', '.join(METRIC_MODES)}, got {body['mode']!r}")
+        if (body["leaf_id"], body["branch_id"], body["tree_id"]) != (leaf.id, leaf.branch_id, leaf.tree_id):
+            raise Forbidden("metrics must name the sending leaf, its branch and its tree")
+        data = body["data"]
+        try:
+            parsed = json.loads(data) if isinstance(data, str) else None
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"metrics 'data' is not valid JSON: {exc.msg}") from None
+        if not isinstance(parsed, dict):
+            raise BadRequest("metrics 'data' must be a JSON string holding an object")
+        aggregation_id = str(body["aggregation_id"])
+        if body["mode"] != "non-federated":
+            aggregate = self.store.aggregate(aggregation_id)
+            if aggregate is None or aggregate.branch_id != leaf.branch_id:
+                raise NotFound(f"no aggregation {aggregation_id} in this branch")
+        self.store.add_metrics(leaf, aggregation_id, body["mode"], data)
+
+    def branch_config(self, branch: Branch) -> dict[str, Any]:
+        iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))  # noqa: E731
+        return {
+            "branch": {
+                "id": branch.id, "name": branch.name, "tree_id": branch.tree_id,
+                "run_status": branch.run_status, "run_number": branch.run_number, "round": branch.round,
+                "min_updates": branch.min_updates, "quorum": branch.quorum, "round_deadline_s": branch.round_deadline_s,
+            },
+            "service": {"aggregation": "fedavg", "payload_kinds": ["federated_learning"],
+                        "max_upload_bytes": self.settings.max_upload_bytes},
+            "model_config": {},
+            "created_at": iso(branch.created_at),
+            "updated_at": iso(branch.updated_at),
+        }
+
+    def issue_ticket(self, leaf: Leaf) -> dict[str, str]:
+        """A single-use, short-lived WebSocket ticket for this leaf."""
+        ticket_id, request_id = secrets.token_urlsafe(24), str(uuid.uuid4())
+        expires = time.time() + self.settings.ws_ticket_ttl_s
+        with self._lock:
+            now = time.time()
+            self._tickets = {k: v for k, v in self._tickets.items() if v[2] > now}
+            self._tickets[ticket_id] = (leaf.id, request_id, expires)
+        expires_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(expires)) + f".{int(expires % 1 * 1000):03d}Z"
+        return {"ticket_id": ticket_id, "request_id": request_id, "expires_at": expires_at}
+
+    def redeem_ticket(self, ticket_id: str, request_id: str) -> Leaf:
+        """Use up a ticket, returning its leaf; a used, unknown or expired ticket is refused."""
+        with self._lock:
+            entry = self._tickets.pop(ticket_id, None)
+        if entry is None or not hmac.compare_digest(entry[1], request_id):
+            raise Unauthorized("unknown or already used WebSocket ticket")
+        if entry[2] < time.time():
+            raise Unauthorized("WebSocket ticket has expired")
+        leaf = self.store.leaf(entry[0])
+        if leaf is None:
+            raise Unauthorized("the ticket's leaf no longer exists")
+        return leaf
+
+    # -- inspection (admin) ------------------------------------------------------------
+
+    def branch_status(self, branch_id: str) -> dict[str, Any]:
+        branch = self.require_branch(branch_id)
+        rounds = []
+        for r in self.store.rounds_of_branch(branch_id):
+            uploads = self.store.accepted_uploads(branch_id, r.run_number, r.round)
+            rounds.append({"run_number": r.run_number, "round": r.round, "status": r.status,
+                           "aggregation_id": r.aggregation_id, "leaves": sorted({u.leaf_id for u in uploads}),
+                           "updates": len(uploads)})
+        return {"branch": self.branch_config(branch)["branch"], "rounds": rounds,
+                "metrics": self.store.metrics_of_branch(branch_id)}
+
+
+def _load_or_create_key(path: Path) -> bytes:
+    """The key that signs download URLs, kept owner-only in the data dir across restarts."""
+    if path.exists():
+        return path.read_bytes()
+    key = secrets.token_bytes(32)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(key)
+    tmp.chmod(0o600)
+    shutil.move(tmp, path)
+    return key

@@ -1,0 +1,246 @@
+"""SQLite persistence of the platform's state: trees, branches, leaves, rounds, uploads,
+aggregates, metrics and the notification outbox.
+
+Every write is a short transaction, so a server killed at any moment restarts with
+every accepted upload still counted.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS trees (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, owner_id TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS branches (
+    id TEXT PRIMARY KEY, tree_id TEXT NOT NULL REFERENCES trees(id), name TEXT NOT NULL,
+    min_updates INTEGER NOT NULL, quorum INTEGER, round_deadline_s REAL,
+    run_status TEXT NOT NULL, run_number INTEGER NOT NULL, round INTEGER NOT NULL,
+    round_opened_at REAL NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leaves (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, tree_id TEXT NOT NULL, branch_id TEXT NOT NULL,
+    owner_id TEXT NOT NULL, token_hash TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    branch_id TEXT NOT NULL, run_number INTEGER NOT NULL, round INTEGER NOT NULL,
+    status TEXT NOT NULL, signature TEXT, aggregation_id TEXT,
+    opened_at REAL NOT NULL, closed_at REAL,
+    PRIMARY KEY (branch_id, run_number, round)
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    file_id TEXT PRIMARY KEY, leaf_id TEXT NOT NULL, branch_id TEXT NOT NULL,
+    run_number INTEGER NOT NULL, round INTEGER NOT NULL, status TEXT NOT NULL,
+    weighting REAL NOT NULL, size INTEGER NOT NULL, digest TEXT NOT NULL,
+    metadata TEXT, idempotency_key TEXT, created_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS uploads_idempotency
+    ON uploads (leaf_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS uploads_round ON uploads (branch_id, run_number, round, status);
+CREATE TABLE IF NOT EXISTS aggregates (
+    id TEXT PRIMARY KEY, branch_id TEXT NOT NULL, run_number INTEGER NOT NULL,
+    round INTEGER NOT NULL, updates INTEGER NOT NULL, size INTEGER NOT NULL, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, leaf_id TEXT NOT NULL, branch_id TEXT NOT NULL,
+    tree_id TEXT NOT NULL, aggregation_id TEXT NOT NULL, mode TEXT NOT NULL, data TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, tree_id TEXT NOT NULL, branch_id TEXT NOT NULL,
+    body TEXT NOT NULL, created_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Branch:
+    id: str
+    tree_id: str
+    name: str
+    min_updates: int
+    quorum: int | None
+    round_deadline_s: float | None
+    run_status: str
+    run_number: int
+    round: int
+    round_opened_at: float
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Leaf:
+    id: str
+    name: str
+    tree_id: str
+    branch_id: str
+    owner_id: str
+    token_hash: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Upload:
+    file_id: str
+    leaf_id: str
+    branch_id: str
+    run_number: int
+    round: int
+    status: str
+    weighting: float
+    size: int
+    digest: str
+    metadata: str | None
+    idempotency_key: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Round:
+    branch_id: str
+    run_number: int
+    round: int
+    status: str
+    signature: str | None
+    aggregation_id: str | None
+    opened_at: float
+    closed_at: float | None
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    id: str
+    branch_id: str
+    run_number: int
+    round: int
+    updates: int
+    size: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    id: int
+    tree_id: str
+    branch_id: str
+    body: str
+
+
+class Store:
+    """A thread-safe handle on the server's SQLite database."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write: everything inside commits together or not at all."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _one(self, cls: type, sql: str, *args: Any) -> Any:
+        with self._lock:
+            row = self._conn.execute(sql, args).fetchone()
+        return None if row is None else cls(**dict(row))
+
+    def _all(self, cls: type, sql: str, *args: Any) -> list[Any]:
+        with self._lock:
+            rows = self._conn.execute(sql, args).fetchall()
+        return [cls(**dict(row)) for row in rows]
+
+    def leaf(self, leaf_id: str) -> Leaf | None:
+        return self._one(Leaf, "SELECT * FROM leaves WHERE id = ?", leaf_id)
+
+    def leaves_of_branch(self, branch_id: str) -> list[Leaf]:
+        return self._all(Leaf, "SELECT * FROM leaves WHERE branch_id = ? ORDER BY created_at, name", branch_id)
+
+    def branch(self, branch_id: str) -> Branch | None:
+        return self._one(Branch, "SELECT * FROM branches WHERE id = ?", branch_id)
+
+    def branches(self) -> list[Branch]:
+        return self._all(Branch, "SELECT * FROM branches ORDER BY created_at")
+
+    def round(self, branch_id: str, run_number: int, round_number: int) -> Round | None:
+        return self._one(
+            Round,
+            "SELECT * FROM rounds WHERE branch_id = ? AND run_number = ? AND round = ?",
+            branch_id, run_number, round_number,
+        )
+
+    def rounds_with_status(self, status: str) -> list[Round]:
+        return self._all(Round, "SELECT * FROM rounds WHERE status = ? ORDER BY opened_at", status)
+
+    def rounds_of_branch(self, branch_id: str) -> list[Round]:
+        return self._all(Round, "SELECT * FROM rounds WHERE branch_id = ? ORDER BY run_number, round", branch_id)
+
+    def upload(self, file_id: str) -> Upload | None:
+        return self._one(Upload, "SELECT * FROM uploads WHERE file_id = ?", file_id)
+
+    def upload_by_key(self, leaf_id: str, key: str) -> Upload | None:
+        return self._one(Upload, "SELECT * FROM uploads WHERE leaf_id = ? AND idempotency_key = ?", leaf_id, key)
+
+    def accepted_uploads(self, branch_id: str, run_number: int, round_number: int) -> list[Upload]:
+        return self._all(
+            Upload,
+            "SELECT * FROM uploads WHERE branch_id = ? AND run_number = ? AND round = ? AND status = 'accepted' "
+            "ORDER BY created_at, file_id",
+            branch_id, run_number, round_number,
+        )
+
+    def aggregate(self, aggregation_id: str) -> Aggregate | None:
+        return self._one(Aggregate, "SELECT * FROM aggregates WHERE id = ?", aggregation_id)
+
+    def metrics_of_branch(self, branch_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT leaf_id, aggregation_id, mode, data, created_at FROM metrics WHERE branch_id = ? ORDER BY id",
+                (branch_id,),
+            ).fetchall()
+        return [dict(row) | {"data": json.loads(row["data"])} for row in rows]
+
+    def add_metrics(self, leaf: Leaf, aggregation_id: str, mode: str, data: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO metrics (leaf_id, branch_id, tree_id, aggregation_id, mode, data, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (leaf.id, leaf.branch_id, leaf.tree_id, aggregation_id, mode, data, time.time()),
+            )
+
+    def outbox(self, limit: int = 100) -> list[OutboxMessage]:
+        return self._all(OutboxMessage, "SELECT id, tree_id, branch_id, body FROM outbox ORDER BY id LIMIT ?", limit)
+
+    def add_outbox(self, tree_id: str, branch_id: str, body: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO outbox (tree_id, branch_id, body, created_at) VALUES (?, ?, ?, ?)",
+                (tree_id, branch_id, body, time.time()),
+            )
+
+    def remove_outbox(self, message_id: int) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
