@@ -38,6 +38,9 @@ def serve(
     rabbitmq_admin_url: str | None = None,
     ws_ping_interval: float = 30.0,
     max_upload_bytes: int = 4 * 1024**3,
+    max_decompressed_bytes: int = 8 * 1024**3,
+    download_url_ttl: float = 300.0,
+    ws_ticket_ttl: float = 30.0,
     log_level: str = "info",
 ) -> None:
     """Serve the platform's API on HOST:PORT, keeping its state in DATA_DIR.
@@ -53,11 +56,20 @@ def serve(
         RabbitMQ management API for provisioning leaves; derived from amqp_url if omitted.
     ws_ping_interval
         Seconds between the server's WebSocket pings (the protocol says 30).
+    max_upload_bytes
+        Largest archive accepted, in bytes (413 above it).
+    max_decompressed_bytes
+        Largest decompressed archive accepted (a zip bomb is refused before it inflates).
+    download_url_ttl
+        Seconds a pre-signed download URL stays valid.
+    ws_ticket_ttl
+        Seconds a WebSocket ticket stays valid (it is also single-use).
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings(
         data_dir=data_dir.resolve(), amqp_url=amqp_url, rabbitmq_admin_url=rabbitmq_admin_url,
-        max_upload_bytes=max_upload_bytes,
+        max_upload_bytes=max_upload_bytes, max_decompressed_bytes=max_decompressed_bytes,
+        download_url_ttl_s=download_url_ttl, ws_ticket_ttl_s=ws_ticket_ttl,
     )
     settings.make_dirs()
     token = secrets.token_urlsafe(32)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bk_blocks.archive import UpdateInfo
 
 from .aggregation import WeightedUpdate, fedavg
@@ -280,8 +282,8 @@ class Platform:
         for index, (want, have) in enumerate(zip(expected, got)):
             if want != have:
                 raise UploadRejected(
-                    f"layer_{index} is shape {tuple(have[0])} dtype {have[1]} but this round's updates "
-                    f"have shape {tuple(want[0])} dtype {want[1]}"
+                    f"layer_{index} is shape {tuple(have[0])} dtype {np.dtype(have[1]).name} but this round's "
+                    f"updates have shape {tuple(want[0])} dtype {np.dtype(want[1]).name}"
                 )
 
     def _close_round_if_due(self, branch_id: str, now: float) -> bool:

@@ -1,0 +1,99 @@
+"""Shared fixtures: real bk_server processes, with and without RabbitMQ, and update archives."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bk_blocks.archive import write_update
+
+from .bkserver import BkServer, broker_available, in_ci
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> None:
+    """A RabbitMQ broker on 127.0.0.1; a failure in CI, a loud skip elsewhere."""
+    if broker_available():
+        return
+    message = "RabbitMQ is not running on 127.0.0.1:5672 with its management API on 15672"
+    if in_ci():
+        pytest.fail(f"{message} (CI=true: a missing broker is a failure; .ci/run starts it)")
+    warnings.warn(f"SKIPPING broker tests: {message}. Run `make broker` or .ci/run.", stacklevel=1)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., BkServer]]:
+    """Start bk_server processes for one test; all are stopped (and broker state removed) after it."""
+    started: list[BkServer] = []
+
+    def start(amqp: bool = False, **options: object) -> BkServer:
+        data_dir = tmp_path_factory.mktemp("bk") / "data"
+        server = BkServer(data_dir, amqp=amqp, options=dict(options)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+        if server.amqp:
+            server.cleanup_broker()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., BkServer]) -> BkServer:
+    """A server notifying over WebSocket only."""
+    return make_server()
+
+
+@pytest.fixture
+def amqp_server(rabbitmq: None, make_server: Callable[..., BkServer]) -> BkServer:
+    """A server that also provisions leaves on RabbitMQ and publishes there."""
+    return make_server(amqp=True)
+
+
+@pytest.fixture
+def model() -> Callable[[int], list[np.ndarray]]:
+    """A small model whose parameters depend on a seed: float32, float16, int64 and bool layers."""
+
+    def make(seed: int) -> list[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return [
+            rng.normal(size=(16, 8)).astype(np.float32),
+            rng.normal(size=(8,)).astype(np.float16),
+            np.array([seed * 10, 7], dtype=np.int64),
+            np.array([seed % 2 == 0, True]),
+        ]
+
+    return make
+
+
+@pytest.fixture
+def update_file(tmp_path: Path, model: Callable[[int], list[np.ndarray]]) -> Callable[..., Path]:
+    """Write an update archive for a seed and weighting; returns its path."""
+    counter = iter(range(1_000_000))
+
+    def make(seed: int = 0, weighting: float = 100.0, layers: list[np.ndarray] | None = None, **kwargs: object) -> Path:
+        return write_update(tmp_path / f"update-{next(counter)}.npz", weighting,
+                            layers if layers is not None else model(seed), **kwargs)
+
+    return make
+
+
+def fedavg_reference(updates: list[tuple[float, list[np.ndarray]]]) -> list[np.ndarray]:
+    """FedAvg computed directly in numpy (float64), cast back like the protocol says."""
+    total = sum(w for w, _ in updates)
+    result = []
+    for index, layer in enumerate(updates[0][1]):
+        mean = sum(w / total * u[index].astype(np.float64) for w, u in updates)
+        if layer.dtype.kind == "b":
+            result.append(mean >= 0.5)
+        elif layer.dtype.kind in "iu":
+            result.append(np.rint(mean).astype(layer.dtype))
+        else:
+            result.append(mean.astype(layer.dtype))
+    return result
