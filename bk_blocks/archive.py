@@ -14,6 +14,7 @@ import re
 import struct
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,8 @@ class MemberSpec:
     data_bytes: int
     stored: bool
     data_offset: int | None
+    header_bytes: int
+    crc: int
 
     @property
     def count(self) -> int:
@@ -168,7 +171,8 @@ class NpzReader:
     """Read an `.npz` without pickle: member headers first, then data in bounded chunks.
 
     Stored (uncompressed) members are read straight from the file at their offset, with
-    no zip-layer copies; deflated members are streamed through `zipfile`.
+    no zip-layer copies; deflated members are streamed through `zipfile`. CRC-32s are
+    checked unless `verify_crc` is off (for archives already validated once).
     """
 
     def __init__(
@@ -176,8 +180,10 @@ class NpzReader:
         path: str | os.PathLike[str],
         *,
         max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES,
+        verify_crc: bool = True,
     ) -> None:
         self.path = Path(path)
+        self._verify_crc = verify_crc
         try:
             self._zip = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
@@ -236,7 +242,7 @@ class NpzReader:
             )
         stored = info.compress_type == zipfile.ZIP_STORED
         offset = _stored_data_offset(raw, info) + header_len if stored else None
-        return MemberSpec(name, shape, dtype, fortran_order, data_bytes, stored, offset)
+        return MemberSpec(name, shape, dtype, fortran_order, data_bytes, stored, offset, header_len, info.CRC)
 
     def read_array(self, name: str) -> np.ndarray:
         """Read one whole member as an array (for small members and whole-layer reads)."""
@@ -266,15 +272,21 @@ class NpzReader:
             yield from self._iter_deflated(spec, buffer)
 
     def _iter_stored(self, spec: MemberSpec, buffer: bytearray) -> Iterator[np.ndarray]:
+        """Read a stored member at its offset, checking its CRC-32 as zipfile would."""
         assert spec.data_offset is not None
         view = memoryview(buffer)
         with open(self.path, "rb", buffering=0) as raw:
-            raw.seek(spec.data_offset)
+            raw.seek(spec.data_offset - spec.header_bytes)
+            crc = zlib.crc32(raw.read(spec.header_bytes))
             remaining = spec.data_bytes
             while remaining:
                 want = min(remaining, len(buffer))
                 got = _read_exactly(raw, view[:want], spec.name)
                 remaining -= got
+                if self._verify_crc:
+                    crc = zlib.crc32(view[:got], crc)
+                if not remaining and self._verify_crc and crc != spec.crc:
+                    raise NotAnArchiveError(f"member {spec.name!r} is corrupt (CRC-32 mismatch)")
                 yield np.frombuffer(buffer, dtype=spec.dtype, count=got // spec.dtype.itemsize)
 
     def _iter_deflated(self, spec: MemberSpec, buffer: bytearray) -> Iterator[np.ndarray]:

@@ -75,7 +75,7 @@ class MultipartParser:
         """Advance the state machine once; False when more bytes are needed."""
         buffer = self._buffer
         if self._state == "preamble":
-            index = buffer.find(self._dash_boundary)
+            index = buffer.find(self._dash_boundary, 0, MAX_PREAMBLE_BYTES + len(self._dash_boundary))
             if index < 0:
                 if len(buffer) > MAX_PREAMBLE_BYTES:
                     raise MultipartError("no multipart boundary found in the body")
@@ -96,7 +96,7 @@ class MultipartParser:
             self._state = "headers"
             return True
         if self._state == "headers":
-            index = buffer.find(b"\r\n\r\n")
+            index = buffer.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES + 4)
             if index < 0:
                 if len(buffer) > MAX_HEADER_BYTES:
                     raise MultipartError("multipart part headers too long")

@@ -41,7 +41,9 @@ def test_float32_layers_equal_the_float64_reference_across_many_small_chunks(tmp
     shapes = [(1001,), (37, 13), (5,)]
     weightings = [1, 250, 7.5, 40]
     layer_lists = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in weightings]
-    result = aggregate(tmp_path, make_updates(tmp_path, weightings, layer_lists), chunk_bytes=56)
+    # 60 bytes: 7 float64 accumulator slots but 15 float32 elements per read, so reads
+    # and accumulator windows never line up and layers span dozens of chunks.
+    result = aggregate(tmp_path, make_updates(tmp_path, weightings, layer_lists), chunk_bytes=60)
     for got, want in zip(result, reference(weightings, layer_lists)):
         assert got.dtype == np.float32 and got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=2e-7, atol=0)
@@ -69,6 +71,16 @@ def test_integer_layers_keep_their_dtype_and_round_half_to_even(tmp_path, dtype)
     np.testing.assert_array_equal(got, np.array([2, 2, 0, -2, -2, 10], dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_integer_layers_at_their_dtype_limits_do_not_wrap_around(tmp_path, dtype):
+    info = np.iinfo(dtype)
+    layer = np.array([info.max, info.min], dtype=dtype)
+    [got] = aggregate(tmp_path, make_updates(tmp_path, [1, 1], [[layer], [layer.copy()]]))
+    assert got.dtype == dtype
+    assert got[0] > info.max - 2**11  # within float64 precision of the max, not wrapped to the min
+    assert got[1] == info.min
+
+
 def test_integer_layers_follow_the_weights(tmp_path):
     a, b = np.array([0, 100], dtype=np.int64), np.array([10, 0], dtype=np.int64)
     [got] = aggregate(tmp_path, make_updates(tmp_path, [1, 3], [[a], [b]]))
@@ -92,7 +104,7 @@ def test_mix_of_stored_and_compressed_updates_is_averaged(tmp_path):
     weightings = [2, 5, 3]
     layer_lists = [[rng.normal(size=(17, 19)).astype(np.float32), rng.normal(size=333)] for _ in weightings]
     updates = make_updates(tmp_path, weightings, layer_lists, compress=[True, False, True])
-    result = aggregate(tmp_path, updates, chunk_bytes=40)
+    result = aggregate(tmp_path, updates, chunk_bytes=44)
     for got, want in zip(result, reference(weightings, layer_lists)):
         assert got.dtype == want.dtype
         np.testing.assert_allclose(got, want, rtol=2e-7 if want.dtype == np.float32 else 1e-12)

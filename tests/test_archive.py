@@ -254,6 +254,16 @@ def test_truncated_archive_is_refused(tmp_path, keep):
         inspect_update(path)
 
 
+def test_flipped_byte_in_a_large_stored_layer_is_refused_by_its_crc(tmp_path):
+    path = write_update(tmp_path / "u.npz", 1, [np.ones(10_000)])
+    data = bytearray(path.read_bytes())
+    offset = data.index(np.ones(1).tobytes() * 8) + 4000
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(NotAnArchiveError, match="CRC-32 mismatch"):
+        inspect_update(path)
+
+
 # --- payload kind (3.x) ----------------------------------------------------------------
 
 
