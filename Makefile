@@ -1,0 +1,40 @@
+# prefect-branchkey: set-up, tests, demo and benchmarks.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+OFFICIAL := .venvs
+
+.PHONY: setup official-clients broker test demo bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# The official branchkey clients, each in its own venv (they pin requests/numpy of their own).
+official-clients: $(OFFICIAL)/branchkey-2.7/.installed $(OFFICIAL)/branchkey-3.0/.installed
+
+$(OFFICIAL)/branchkey-%/.installed:
+	$(PYTHON) -m venv $(OFFICIAL)/branchkey-$*
+	$(OFFICIAL)/branchkey-$*/bin/pip install --quiet 'branchkey==$*.*'
+	touch $@
+
+# RabbitMQ with its management plugin, on 127.0.0.1 (Debian's rabbitmq-server; needs root).
+broker:
+	service rabbitmq-server start >/dev/null 2>&1 || rabbitmq-server -detached
+	timeout 120 sh -c 'until rabbitmqctl -q await_startup >/dev/null 2>&1; do sleep 1; done'
+	rabbitmq-plugins -q enable rabbitmq_management >/dev/null
+	timeout 60 sh -c 'until curl -sf -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null; do sleep 1; done'
+
+test: setup official-clients
+	PREFECT_HOME=$$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false \
+		$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python bench/aggregate.py
+
+clean:
+	rm -rf $(VENV) $(OFFICIAL) .pytest_cache
