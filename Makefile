@@ -15,11 +15,20 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The official branchkey clients, each in its own venv (they pin requests/numpy of their own).
+# 2.7.1 is the release the protocol document describes (AMQP on 5672); later 2.7.x default
+# to AMQPS on 5671 and need rbmq_port=5672, rbmq_ssl=False against a local broker.
+OFFICIAL_2 := 2.7.1
+OFFICIAL_3 := 3.0.1
 official-clients: $(OFFICIAL)/branchkey-2.7/.installed $(OFFICIAL)/branchkey-3.0/.installed
 
-$(OFFICIAL)/branchkey-%/.installed:
-	$(PYTHON) -m venv $(OFFICIAL)/branchkey-$*
-	$(OFFICIAL)/branchkey-$*/bin/pip install --quiet 'branchkey==$*.*'
+$(OFFICIAL)/branchkey-2.7/.installed:
+	$(PYTHON) -m venv $(OFFICIAL)/branchkey-2.7
+	$(OFFICIAL)/branchkey-2.7/bin/pip install --quiet 'branchkey==$(OFFICIAL_2)'
+	touch $@
+
+$(OFFICIAL)/branchkey-3.0/.installed:
+	$(PYTHON) -m venv $(OFFICIAL)/branchkey-3.0
+	$(OFFICIAL)/branchkey-3.0/bin/pip install --quiet 'branchkey==$(OFFICIAL_3)'
 	touch $@
 
 # RabbitMQ with its management plugin, on 127.0.0.1 (Debian's rabbitmq-server; needs root).
