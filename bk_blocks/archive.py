@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO
 
 import numpy as np
 
@@ -189,9 +189,10 @@ class NpzReader:
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise NotAnArchiveError(f"not an .npz archive (not a readable zip file): {exc}") from exc
         try:
+            self._fd = os.open(self.path, os.O_RDONLY)
             self.members = self._inspect(max_decompressed_bytes)
         except BaseException:
-            self._zip.close()
+            self.close()
             raise
 
     def __enter__(self) -> "NpzReader":
@@ -202,6 +203,9 @@ class NpzReader:
 
     def close(self) -> None:
         self._zip.close()
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _inspect(self, max_decompressed_bytes: int) -> dict[str, MemberSpec]:
         infos = self._zip.infolist()
@@ -214,12 +218,11 @@ class NpzReader:
                 f"{max_decompressed_bytes} bytes"
             )
         members: dict[str, MemberSpec] = {}
-        with open(self.path, "rb") as raw:
-            for info in infos:
-                name = self._member_name(info)
-                if name in members:
-                    raise NotAnArchiveError(f"member {name!r} appears twice")
-                members[name] = self._member_spec(info, name, raw)
+        for info in infos:
+            name = self._member_name(info)
+            if name in members:
+                raise NotAnArchiveError(f"member {name!r} appears twice")
+            members[name] = self._member_spec(info, name)
         return members
 
     @staticmethod
@@ -230,7 +233,7 @@ class NpzReader:
             raise NotAnArchiveError(f"member {info.filename!r} is encrypted")
         return info.filename[: -len(".npy")]
 
-    def _member_spec(self, info: zipfile.ZipInfo, name: str, raw: BinaryIO) -> MemberSpec:
+    def _member_spec(self, info: zipfile.ZipInfo, name: str) -> MemberSpec:
         with self._zip.open(info) as stream:
             shape, fortran_order, dtype, header_len = _read_npy_header(stream, name)
         count = int(np.prod(shape, dtype=np.int64))
@@ -241,7 +244,7 @@ class NpzReader:
                 f"header describes {data_bytes}"
             )
         stored = info.compress_type == zipfile.ZIP_STORED
-        offset = _stored_data_offset(raw, info) + header_len if stored else None
+        offset = _stored_data_offset(self._fd, info) + header_len if stored else None
         return MemberSpec(name, shape, dtype, fortran_order, data_bytes, stored, offset, header_len, info.CRC)
 
     def read_array(self, name: str) -> np.ndarray:
@@ -261,44 +264,77 @@ class NpzReader:
         Each chunk is a view into a reused buffer: use it before asking for the next.
         """
         spec = self.members[name]
-        if spec.data_bytes == 0:
-            return
-        itemsize = spec.dtype.itemsize
-        per_chunk = max(1, chunk_bytes // itemsize)
-        buffer = bytearray(min(per_chunk, spec.count) * itemsize)
+        per_chunk = max(1, chunk_bytes // spec.dtype.itemsize)
+        buffer = np.empty(min(per_chunk, spec.count) * spec.dtype.itemsize, dtype=np.uint8)
+        with self.cursor(name) as cursor:
+            while cursor.remaining:
+                yield cursor.read(buffer, min(per_chunk, cursor.remaining))
+
+    def cursor(self, name: str) -> "MemberCursor":
+        """A sequential reader of one member's elements into buffers the caller owns."""
+        return MemberCursor(self, self.members[name])
+
+
+class MemberCursor:
+    """Reads a member's elements in order into a caller's buffer, so many members can be
+    read side by side through one shared buffer (what streaming FedAvg does).
+
+    Stored members are read with positional reads on the archive's descriptor (and their
+    CRC-32 checked unless the reader was opened with `verify_crc=False`); deflated members
+    go through `zipfile`, which checks their CRC itself.
+    """
+
+    def __init__(self, reader: NpzReader, spec: MemberSpec) -> None:
+        self.spec = spec
+        self.remaining = spec.count
+        self._name = spec.name
+        self._stream: IO[bytes] | None = None
         if spec.stored:
-            yield from self._iter_stored(spec, buffer)
+            assert spec.data_offset is not None
+            self._fd = reader._fd
+            self._offset = spec.data_offset
+            self._crc: int | None = None
+            if reader._verify_crc:
+                self._crc = zlib.crc32(os.pread(self._fd, spec.header_bytes, spec.data_offset - spec.header_bytes))
         else:
-            yield from self._iter_deflated(spec, buffer)
+            self._stream = reader._zip.open(spec.name + ".npy")
+            _read_npy_header(self._stream, spec.name)
 
-    def _iter_stored(self, spec: MemberSpec, buffer: bytearray) -> Iterator[np.ndarray]:
-        """Read a stored member at its offset, checking its CRC-32 as zipfile would."""
-        assert spec.data_offset is not None
-        view = memoryview(buffer)
-        with open(self.path, "rb", buffering=0) as raw:
-            raw.seek(spec.data_offset - spec.header_bytes)
-            crc = zlib.crc32(raw.read(spec.header_bytes))
-            remaining = spec.data_bytes
-            while remaining:
-                want = min(remaining, len(buffer))
-                got = _read_exactly(raw, view[:want], spec.name)
-                remaining -= got
-                if self._verify_crc:
-                    crc = zlib.crc32(view[:got], crc)
-                if not remaining and self._verify_crc and crc != spec.crc:
-                    raise NotAnArchiveError(f"member {spec.name!r} is corrupt (CRC-32 mismatch)")
-                yield np.frombuffer(buffer, dtype=spec.dtype, count=got // spec.dtype.itemsize)
+    def __enter__(self) -> "MemberCursor":
+        return self
 
-    def _iter_deflated(self, spec: MemberSpec, buffer: bytearray) -> Iterator[np.ndarray]:
-        view = memoryview(buffer)
-        with self._zip.open(spec.name + ".npy") as stream:
-            _read_npy_header(stream, spec.name)
-            remaining = spec.data_bytes
-            while remaining:
-                want = min(remaining, len(buffer))
-                got = _read_exactly(stream, view[:want], spec.name)
-                remaining -= got
-                yield np.frombuffer(buffer, dtype=spec.dtype, count=got // spec.dtype.itemsize)
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
+    def read(self, buffer: np.ndarray, count: int) -> np.ndarray:
+        """Read the next `count` elements into `buffer` (bytes) and return them as a view."""
+        if count > self.remaining:
+            raise LayerError(f"{self._name} has only {self.remaining} elements left, {count} asked")
+        nbytes = count * self.spec.dtype.itemsize
+        view = memoryview(buffer).cast("B")[:nbytes]
+        if self._stream is not None:
+            _read_exactly(self._stream, view, self._name)
+        else:
+            self._pread(view)
+        self.remaining -= count
+        return np.frombuffer(view, dtype=self.spec.dtype, count=count)
+
+    def _pread(self, view: memoryview) -> None:
+        filled = 0
+        while filled < len(view):
+            got = os.preadv(self._fd, [view[filled:]], self._offset + filled)
+            if not got:
+                raise NotAnArchiveError(f"member {self._name!r} ends before its data does (truncated)")
+            filled += got
+        self._offset += filled
+        if self._crc is not None:
+            self._crc = zlib.crc32(view, self._crc)
+            if not self.remaining - len(view) // self.spec.dtype.itemsize and self._crc != self.spec.crc:
+                raise NotAnArchiveError(f"member {self._name!r} is corrupt (CRC-32 mismatch)")
 
 
 def _read_exactly(stream: IO[bytes], view: memoryview, name: str) -> int:
@@ -336,10 +372,9 @@ def _read_npy_header(stream: IO[bytes], name: str) -> tuple[tuple[int, ...], boo
     return tuple(int(n) for n in shape), bool(fortran_order), dtype, header_len
 
 
-def _stored_data_offset(raw: BinaryIO, info: zipfile.ZipInfo) -> int:
+def _stored_data_offset(fd: int, info: zipfile.ZipInfo) -> int:
     """Offset of a stored member's first byte: after its local header, name and extra field."""
-    raw.seek(info.header_offset)
-    header = raw.read(_ZIP_LOCAL_HEADER.size)
+    header = os.pread(fd, _ZIP_LOCAL_HEADER.size, info.header_offset)
     if len(header) != _ZIP_LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
         raise NotAnArchiveError(f"member {info.filename!r} has a corrupt local header")
     fields = _ZIP_LOCAL_HEADER.unpack(header)

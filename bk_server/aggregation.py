@@ -2,10 +2,11 @@
 
 Plain FedAvg (Flower's `aggregate`, for one) loads every update and scales each one,
 so memory grows with the number of leaves. Here the weightings are normalised first
-(so float16 layers with large sample counts cannot overflow), every update is read
-in the same element range at once, and one float64 chunk accumulates the range before
-it is written out in the layer's own dtype. Peak memory is a few chunks, whatever the
-number of leaves or the size of the model.
+(so float16 layers with large sample counts cannot overflow), and the layer is built
+window by window: each update's elements of the window are read, one update after the
+other, through one shared buffer into one float64 accumulator, which is then written
+out in the layer's own dtype. Peak memory is a few windows, whatever the number of
+leaves or the size of the model.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 
 from bk_blocks.archive import (
     DEFAULT_CHUNK_BYTES,
-    LayerError,
+    MemberCursor,
     MemberSpec,
     NpzReader,
 )
@@ -112,25 +113,27 @@ def _write_layer(
     coefficients: np.ndarray,
     chunk_bytes: int,
 ) -> None:
+    """Average one layer window by window: every update is read through one shared buffer."""
     dtype = spec.dtype.newbyteorder("=")
-    per_chunk = max(1, chunk_bytes // 8)
-    acc = np.empty(min(per_chunk, max(spec.count, 1)), dtype=np.float64)
-    scaled = np.empty_like(acc)
+    window = max(1, min(chunk_bytes // 8, spec.count))
+    acc = np.empty(window, dtype=np.float64)
+    scaled = np.empty(window, dtype=np.float64)
+    raw = np.empty(window * spec.dtype.itemsize, dtype=np.uint8)
+    result = np.empty(window, dtype=dtype)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": spec.fortran_order, "shape": spec.shape}
-    with out.open(name + ".npy", "w", force_zip64=True) as member:
+    with ExitStack() as stack, out.open(name + ".npy", "w", force_zip64=True) as member:
         _write_npy_header(member, header)
-        streams = [
-            _ElementStream(reader, reader.members[name], spec.fortran_order, chunk_bytes) for reader in readers
-        ]
+        cursors = [stack.enter_context(_cursor(reader, name, spec.fortran_order)) for reader in readers]
         remaining = spec.count
         while remaining:
-            n = min(remaining, acc.size)
-            window, tmp = acc[:n], scaled[:n]
-            np.multiply(streams[0].take(n), coefficients[0], out=window)
-            for stream, coefficient in zip(streams[1:], coefficients[1:]):
-                np.multiply(stream.take(n), coefficient, out=tmp)
-                window += tmp
-            member.write(_to_dtype(window, dtype).tobytes())
+            n = min(remaining, window)
+            total, tmp, out_values = acc[:n], scaled[:n], result[:n]
+            np.multiply(cursors[0].read(raw, n), coefficients[0], out=total)
+            for cursor, coefficient in zip(cursors[1:], coefficients[1:]):
+                np.multiply(cursor.read(raw, n), coefficient, out=tmp)
+                total += tmp
+            _cast_into(total, out_values)
+            member.write(memoryview(out_values).cast("B"))
             remaining -= n
 
 
@@ -142,51 +145,45 @@ def _write_npy_header(member: object, header: dict) -> None:
         np.lib.format.write_array_header_2_0(member, header)
 
 
-def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Cast averaged float64 values back to a layer's dtype, rounding integers and bools."""
-    if dtype.kind == "f":
-        return values.astype(dtype)
-    if dtype.kind == "b":
-        return values >= 0.5
-    info = np.iinfo(dtype)
-    upper = np.float64(info.max)
-    if int(upper) > info.max:
-        upper = np.nextafter(upper, 0)
-    return np.clip(np.rint(values), info.min, upper).astype(dtype)
+def _cast_into(values: np.ndarray, out: np.ndarray) -> None:
+    """Cast averaged float64 values into a layer's dtype, rounding integers and bools."""
+    kind = out.dtype.kind
+    if kind == "f":
+        np.copyto(out, values, casting="same_kind")
+    elif kind == "b":
+        np.greater_equal(values, 0.5, out=out)
+    else:
+        info = np.iinfo(out.dtype)
+        upper = np.float64(info.max)
+        if int(upper) > info.max:
+            upper = np.nextafter(upper, 0)
+        np.rint(values, out=values)
+        np.clip(values, info.min, upper, out=values)
+        np.copyto(out, values, casting="unsafe")
 
 
-class _ElementStream:
-    """Hands out a member's elements in order, `n` at a time, in a given memory order."""
+def _cursor(reader: NpzReader, name: str, fortran_order: bool) -> MemberCursor | _ReorderedLayer:
+    """A cursor over a member's elements in the aggregate's memory order."""
+    spec = reader.members[name]
+    if spec.fortran_order == fortran_order:
+        return reader.cursor(name)
+    return _ReorderedLayer(np.ravel(reader.read_array(name), order="F" if fortran_order else "C"))
 
-    def __init__(self, reader: NpzReader, spec: MemberSpec, fortran_order: bool, chunk_bytes: int) -> None:
-        if spec.fortran_order == fortran_order:
-            self._chunks: Iterator[np.ndarray] = reader.iter_chunks(spec.name, chunk_bytes)
-        else:
-            order = "F" if fortran_order else "C"
-            self._chunks = iter([np.ravel(reader.read_array(spec.name), order=order)])
-        self._current = np.empty(0, dtype=spec.dtype)
+
+class _ReorderedLayer:
+    """A whole layer held in memory, for the rare update stored in the other memory order."""
+
+    def __init__(self, flat: np.ndarray) -> None:
+        self._flat = flat
         self._position = 0
-        self._gather = np.empty(0, dtype=spec.dtype)
 
-    def take(self, n: int) -> np.ndarray:
-        """Return the next `n` elements (a view valid until the next call)."""
-        available = self._current.size - self._position
-        if available >= n:
-            out = self._current[self._position : self._position + n]
-            self._position += n
-            return out
-        if self._gather.size < n:
-            self._gather = np.empty(n, dtype=self._current.dtype)
-        filled = 0
-        while filled < n:
-            if self._position >= self._current.size:
-                try:
-                    self._current = next(self._chunks)
-                except StopIteration:
-                    raise LayerError("update ended before its layer did") from None
-                self._position = 0
-            step = min(n - filled, self._current.size - self._position)
-            self._gather[filled : filled + step] = self._current[self._position : self._position + step]
-            self._position += step
-            filled += step
-        return self._gather[:n]
+    def __enter__(self) -> "_ReorderedLayer":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._flat = self._flat[:0]
+
+    def read(self, buffer: np.ndarray, count: int) -> np.ndarray:
+        chunk = self._flat[self._position : self._position + count]
+        self._position += count
+        return chunk
