@@ -57,7 +57,7 @@ class BkServer:
         command = [sys.executable, "-m", "bk_server.cli", "serve", "--data-dir", str(self.data_dir),
                    "--port", str(self.port), "--log-level", "warning"]
         if self.amqp:
-            command += ["--amqp-url", AMQP_URL, "--rabbitmq-admin-url", f"http://guest:guest@127.0.0.1:15672"]
+            command += ["--amqp-url", AMQP_URL, "--rabbitmq-admin-url", "http://guest:guest@127.0.0.1:15672"]
         for key, value in self.options.items():
             command += [f"--{key.replace('_', '-')}", str(value)]
         log = open(self.data_dir.parent / f"bk-server-{self.port}.log", "ab")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bk_blocks import BranchKeyCredentials
 from bk_blocks.archive import write_update
 
 from .bkserver import BkServer, broker_available, in_ci
@@ -97,3 +98,20 @@ def fedavg_reference(updates: list[tuple[float, list[np.ndarray]]]) -> list[np.n
         else:
             result.append(mean.astype(layer.dtype))
     return result
+
+
+def credentials_for(server: BkServer, leaf: dict[str, str], transport: str = "websocket",
+                    host: str | None = None) -> BranchKeyCredentials:
+    """The Block for one leaf of a test federation, pointed at `host` (default: the server)."""
+    return BranchKeyCredentials.from_platform_json(
+        leaf, host=host or server.url, notification_transport=transport, amqp_host="127.0.0.1",
+        connect_timeout_s=5, read_timeout_s=60,
+    )
+
+
+@pytest.fixture(params=["websocket", "amqp"])
+def transport_server(request: pytest.FixtureRequest, make_server: Callable[..., BkServer]) -> tuple[str, BkServer]:
+    """A server and the notification transport to use with it: each test runs once per transport."""
+    if request.param == "amqp":
+        request.getfixturevalue("rabbitmq")
+    return request.param, make_server(amqp=request.param == "amqp")

@@ -1,0 +1,370 @@
+"""`BranchKeyClient`: the leaf side of the BranchKey v1 protocol, over one pooled session.
+
+Uploads stream from disk (the body is never held in memory) with the 3.x integrity
+headers; downloads stream to a temporary file that is renamed into place only when
+complete; every failure is a typed error saying whether a retry can help.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
+
+import numpy as np
+import requests
+
+from .archive import ArchiveError, inspect_aggregate, inspect_update, write_update
+from .errors import (
+    ArchiveRejectedError,
+    AuthenticationError,
+    NotFoundError,
+    RequestRefusedError,
+    RunNotStartedError,
+    TransientError,
+    UnsafeFileIdError,
+)
+from .notifications import AggregationNotice, AmqpListener, NotificationListener, WebSocketListener, ticket_fetcher
+
+if TYPE_CHECKING:
+    from .credentials import BranchKeyCredentials
+
+log = logging.getLogger(__name__)
+
+MetricsMode = Literal["test", "train", "non-federated"]
+_SAFE_FILE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+_HASH_BLOCK = 1024 * 1024
+_TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+def _client_version() -> str:
+    try:
+        return version("prefect-branchkey")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class RunDetails:
+    """The branch's run: `start`, `pause` or `stop`, and its number."""
+
+    run_status: str
+    run_number: int
+
+
+def check_file_id(file_id: str) -> str:
+    """A file id usable as a path component: a bare name, no separators, no `..`."""
+    if not isinstance(file_id, str) or not _SAFE_FILE_ID.match(file_id) or ".." in file_id:
+        raise UnsafeFileIdError(f"refusing unsafe file id {file_id!r}: it must be a bare name")
+    return file_id
+
+
+def file_digest(path: Path) -> str:
+    """`sha256=<base64>` of a file, read in blocks (one streaming pass)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            sha.update(block)
+    return "sha256=" + base64.b64encode(sha.digest()).decode()
+
+
+class _MultipartBody(io.RawIOBase):
+    """A multipart/form-data body read from disk as it is sent, with a known length."""
+
+    def __init__(self, path: Path, fields: dict[str, str]) -> None:
+        self.boundary = uuid.uuid4().hex
+        head = "".join(
+            f'--{self.boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+            for name, value in fields.items()
+        )
+        head += (f'--{self.boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+                 "Content-Type: application/octet-stream\r\n\r\n")
+        self._parts: list[io.BufferedIOBase | io.BytesIO] = [
+            io.BytesIO(head.encode()), open(path, "rb"), io.BytesIO(f"\r\n--{self.boundary}--\r\n".encode())
+        ]
+        self._length = len(head.encode()) + path.stat().st_size + len(f"\r\n--{self.boundary}--\r\n")
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        size = 1 << 20 if size is None or size < 0 else size
+        while self._parts:
+            data = self._parts[0].read(size)
+            if data:
+                return data
+            self._parts.pop(0).close()
+        return b""
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.close()
+        self._parts = []
+        super().close()
+
+
+class BranchKeyClient:
+    """The leaf's connection to the platform: HTTP calls plus one notification listener."""
+
+    def __init__(self, credentials: "BranchKeyCredentials", *, logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
+        self.credentials = credentials
+        self.log = logger or log
+        self._session = requests.Session()
+        self._session.headers.clear()
+        self._timeout = (credentials.connect_timeout_s, credentials.read_timeout_s)
+        self._listener: NotificationListener | None = None
+        self._listener_lock = threading.Lock()
+        self._run: RunDetails | None = None
+
+    def __repr__(self) -> str:
+        c = self.credentials
+        return f"BranchKeyClient(leaf={c.leaf_name!r}, branch_id={c.branch_id!r}, host={c.host!r})"
+
+    def __enter__(self) -> "BranchKeyClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the notification listener and release pooled connections."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        self._session.close()
+
+    # -- HTTP plumbing -----------------------------------------------------------------
+
+    def _headers(self, accept: str = "application/json") -> dict[str, str]:
+        c = self.credentials
+        return {"Authorization": f"Bearer {c.leaf_id}:{c.session_token.get_secret_value()}",
+                "accept": accept, "LEAF": "true"}
+
+    def _request(self, method: str, path: str, *, expected: int, what: str, **kwargs: Any) -> requests.Response:
+        url = self.credentials.host + path
+        kwargs.setdefault("headers", self._headers())
+        try:
+            response = self._session.request(method, url, timeout=self._timeout, verify=self.credentials.verify_tls,
+                                             proxies=self.credentials.proxies, **kwargs)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise TransientError(f"{what} failed: {type(exc).__name__} talking to {self.credentials.host}") from None
+        except requests.RequestException as exc:
+            raise TransientError(f"{what} failed: {type(exc).__name__}") from None
+        if response.status_code != expected:
+            raise self._error(response, what)
+        return response
+
+    @staticmethod
+    def _error(response: requests.Response, what: str) -> Exception:
+        status = response.status_code
+        try:
+            body = response.json()
+            message = (body.get("error") or json.dumps(body)) if isinstance(body, dict) else str(body)
+        except ValueError:
+            message = response.text[:300] or response.reason
+        text = f"{what} refused ({status}): {message}"
+        if status in _TRANSIENT_STATUS or status >= 500:
+            return TransientError(text)
+        if status in (401, 403):
+            return AuthenticationError(text, status)
+        if "run is blocked" in message:
+            return RunNotStartedError(text, status_code=status)
+        if status == 404:
+            return NotFoundError(text, status)
+        return RequestRefusedError(text, status)
+
+    # -- the protocol's calls ----------------------------------------------------------
+
+    def run_details(self) -> RunDetails:
+        """The branch's run status and number, fetched now."""
+        response = self._request("GET", f"/api/v1/run/{self.credentials.branch_id}", expected=200, what="run details")
+        data = response.json()["data"]
+        self._run = RunDetails(str(data["run_status"]), int(data["run_number"]))
+        return self._run
+
+    @property
+    def run_status(self) -> str:
+        """The run status, kept current by `run_status` notices once listening."""
+        if self._listener is not None and self._listener.run_status is not None:
+            return self._listener.run_status
+        return (self._run or self.run_details()).run_status
+
+    @property
+    def run_number(self) -> int:
+        """The run number, refetched after a `start` notice (which may begin a new run)."""
+        return (self._run or self.run_details()).run_number
+
+    def branch_config(self) -> dict[str, Any]:
+        """The branch's configuration (3.x call)."""
+        response = self._request("GET", f"/api/v1/config/branch/{self.credentials.branch_id}", expected=200,
+                                 what="branch config")
+        return response.json()["data"]
+
+    def write_update(self, path: str | os.PathLike[str], weighting: float, layers: Sequence[np.ndarray],
+                     *, compress: bool = False) -> Path:
+        """Write an update archive (uncompressed unless asked: compression saves little on weights)."""
+        try:
+            return write_update(path, weighting, layers, compress=compress)
+        except ArchiveError as exc:
+            raise ArchiveRejectedError(f"cannot write update: {exc}") from None
+
+    def upload(self, path: str | os.PathLike[str], idempotency_key: str | None = None,
+               metadata: dict[str, Any] | None = None) -> str:
+        """Validate an update archive, then stream it to the platform; return its file id.
+
+        With an `idempotency_key`, a retried upload of the same archive returns the same
+        file id and counts once.
+        """
+        path = Path(path)
+        try:
+            info = inspect_update(path)
+        except ArchiveError as exc:
+            raise ArchiveRejectedError(f"{path.name} is not a valid update: {exc}") from None
+        except OSError as exc:
+            raise ArchiveRejectedError(f"cannot read {path}: {exc.strerror}") from None
+        size, digest = path.stat().st_size, file_digest(path)
+        meta = {"client_version": f"prefect-branchkey/{_client_version()}", "file_size": size,
+                "file_digest": digest, "kind": info.kind, **(metadata or {})}
+        body = _MultipartBody(path, {"data": json.dumps({"leaf_name": self.credentials.leaf_name,
+                                                         "metadata": json.dumps(meta)})})
+        headers = self._headers() | {"Content-Type": body.content_type, "x-bk-file-size": str(size),
+                                     "x-bk-file-digest": digest}
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        try:
+            response = self._request("POST", "/api/v1/file/upload", expected=201, what="upload",
+                                     headers=headers, data=body)
+        except RequestRefusedError as exc:
+            if isinstance(exc, (AuthenticationError, RunNotStartedError, NotFoundError)):
+                raise
+            raise ArchiveRejectedError(str(exc), exc.status_code) from None
+        finally:
+            body.close()
+        file_id = response.json()["data"]["file_id"]
+        self.log.info("uploaded %s (%d bytes, weighting %g) as %s", path.name, size, info.weighting, file_id)
+        return file_id
+
+    def download(self, file_id: str, dest_dir: str | os.PathLike[str]) -> Path:
+        """Download an aggregate to `dest_dir/<file_id>.npz`, atomically: never a partial file."""
+        check_file_id(file_id)
+        dest_dir = Path(dest_dir)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        response = self._request("GET", f"/api/v1/file/download/{file_id}", expected=200, what="download link",
+                                 headers=self._headers(accept="*/*"))
+        url = response.json()["data"]["download_url"]
+        target = dest_dir / f"{file_id}.npz"
+        fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=f".{file_id}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                received = self._fetch(url, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            inspect_aggregate(tmp_name)
+            os.replace(tmp_name, target)
+        except ArchiveError as exc:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise TransientError(f"downloaded aggregate {file_id} is damaged ({exc}); download it again") from None
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        self.log.info("downloaded aggregate %s (%d bytes)", file_id, received)
+        return target
+
+    def _fetch(self, url: str, handle: io.BufferedWriter) -> int:
+        """Step two of a download: the pre-signed URL, with no auth headers, streamed to `handle`."""
+        where = urlsplit(url)._replace(query="").geturl()
+        try:
+            with self._session.get(url, stream=True, timeout=self._timeout, verify=self.credentials.verify_tls,
+                                   proxies=self.credentials.proxies) as response:
+                if response.status_code != 200:
+                    raise self._error(response, f"download from {where}")
+                expected = int(response.headers.get("Content-Length", "-1"))
+                received = 0
+                for block in response.iter_content(chunk_size=_HASH_BLOCK):
+                    handle.write(block)
+                    received += len(block)
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            raise TransientError(f"download interrupted: {type(exc).__name__}") from None
+        if received == 0:
+            raise TransientError("download returned an empty body")
+        if expected >= 0 and received != expected:
+            raise TransientError(f"download ended after {received} of {expected} bytes")
+        return received
+
+    def send_metrics(self, aggregation_id: str, metrics: dict[str, Any], mode: MetricsMode = "test") -> None:
+        """Report metrics for an aggregation, as the official clients do (JSON text, no Content-Type)."""
+        if mode not in ("test", "train", "non-federated"):
+            raise ValueError(f"mode must be 'test', 'train' or 'non-federated', got {mode!r}")
+        try:
+            data = json.dumps(metrics, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metrics must be JSON-serialisable with finite numbers: {exc}") from None
+        c = self.credentials
+        payload = json.dumps({"mode": mode, "aggregation_id": aggregation_id, "leaf_id": c.leaf_id,
+                              "branch_id": c.branch_id, "tree_id": c.tree_id, "data": data})
+        self._request("POST", "/api/v1/performance/analysis", expected=201, what="metrics", data=payload)
+        self.log.info("sent %s metrics for aggregation %s", mode, aggregation_id)
+
+    # -- notifications -----------------------------------------------------------------
+
+    def listen(self, ready_timeout: float = 10.0) -> NotificationListener:
+        """Start the notification listener (once) and wait until it is connected and caught up."""
+        with self._listener_lock:
+            if self._listener is None:
+                self._listener = self._make_listener().start()
+        if not self._listener.wait_ready(ready_timeout):
+            self.log.warning("notifications over %s not connected after %.0f s; still trying",
+                             self._listener.transport, ready_timeout)
+        return self._listener
+
+    def _make_listener(self) -> NotificationListener:
+        c = self.credentials
+        on_run_status = self._on_run_status
+        if c.notification_transport == "amqp":
+            return AmqpListener(host=c.amqp_hostname, port=c.amqp_port, tree_id=c.tree_id, leaf_id=c.leaf_id,
+                                session_token=c.session_token.get_secret_value(), use_tls=c.amqp_tls,
+                                on_run_status=on_run_status)
+        ws_base = "wss" + c.host[len("https"):] if c.host.startswith("https") else "ws" + c.host[len("http"):]
+        fetch = ticket_fetcher(requests.Session(), f"{c.host}/api/v1/ws/ticket", self._headers(), self._timeout,
+                               c.verify_tls, c.proxies)
+        return WebSocketListener(ticket=fetch, ws_base=ws_base, on_run_status=on_run_status)
+
+    def _on_run_status(self, status: str) -> None:
+        """Keep the cached run current; a `start` may mean a new run, so its number is refetched."""
+        number = self._run.run_number if self._run else 0
+        self._run = None if status == "start" else RunDetails(status, number)
+
+    def mark(self) -> int:
+        """A position in the notice stream; take it before uploading (starts listening)."""
+        return self.listen().mark()
+
+    def wait_for_aggregation(self, timeout: float, *, after: int | None = None,
+                             exclude: Iterable[str] = ()) -> AggregationNotice:
+        """Wait for the aggregation that follows an upload: the first notice after `after` (a mark).
+
+        Raises `NotificationTimeout` (transient) when none arrives in `timeout` seconds.
+        """
+        if not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        return self.listen().wait_for_aggregation(timeout, after=after, exclude=exclude)

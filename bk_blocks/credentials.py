@@ -1,0 +1,94 @@
+"""`BranchKeyCredentials`: a leaf's platform credentials and connection settings as a Prefect Block."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from prefect.blocks.abstract import CredentialsBlock
+from pydantic import Field, SecretStr, field_validator
+
+from .client import BranchKeyClient
+
+PLATFORM_JSON_KEYS = ("id", "name", "session_token", "tree_id", "branch_id", "owner_id")
+
+
+class BranchKeyCredentials(CredentialsBlock):
+    """Credentials of one BranchKey leaf (a training site) and how to reach the platform.
+
+    Create it in the Prefect UI, or from the credentials JSON the platform issues with
+    `BranchKeyCredentials.from_platform_json(path)`; `get_client()` returns a
+    `BranchKeyClient` for uploads, downloads, metrics and notifications.
+
+    Example:
+        Load saved credentials and check the run:
+        ```python
+        from bk_blocks import BranchKeyCredentials
+
+        credentials = BranchKeyCredentials.load("BLOCK_NAME")
+        with credentials.get_client() as client:
+            print(client.run_details())
+        ```
+    """
+
+    _block_type_name = "BranchKey Credentials"
+    _block_type_slug = "branchkey-credentials"
+    _logo_url = "https://branchkey.com/branding/bk-logo-medium.png"
+    _documentation_url = "https://github.com/branchkey/prefect-branchkey#readme"
+    _description = "Credentials of a BranchKey leaf and the settings to reach the BranchKey federated learning platform."
+
+    leaf_id: str = Field(description="The leaf's id (the `id` of the platform's credentials JSON).", title="Leaf ID")
+    leaf_name: str = Field(description="The leaf's name (the `name` of the credentials JSON).")
+    session_token: SecretStr = Field(description="The leaf's session token; a secret, never logged.")
+    tree_id: str = Field(description="The tree (federation) the leaf belongs to.", title="Tree ID")
+    branch_id: str = Field(description="The branch (model being trained) the leaf belongs to.", title="Branch ID")
+    owner_id: str = Field(description="The id of the user who owns the leaf.", title="Owner ID")
+    host: str = Field(default="https://app.branchkey.com", description="Base URL of the BranchKey platform API.")
+    verify_tls: bool = Field(default=True, description="Verify the platform's TLS certificates (leave on).")
+    proxies: dict[str, str] | None = Field(
+        default=None, description="Proxies for HTTP(S) requests, as for `requests`: {'https': 'http://proxy:8080'}."
+    )
+    connect_timeout_s: float = Field(default=10.0, gt=0, description="Seconds to wait for a connection to open.")
+    read_timeout_s: float = Field(default=120.0, gt=0, description="Seconds to wait for data on an open connection.")
+    notification_transport: Literal["amqp", "websocket"] = Field(
+        default="websocket",
+        description="How aggregation notices arrive: 'websocket' (3.x clients) or 'amqp' (RabbitMQ, 2.x clients).",
+    )
+    amqp_host: str | None = Field(
+        default=None, description="RabbitMQ host; by default the API's host name (without its port)."
+    )
+    amqp_port: int = Field(default=5672, ge=1, le=65535, description="RabbitMQ port.")
+    amqp_tls: bool = Field(default=False, description="Connect to RabbitMQ over TLS (AMQPS).")
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_a_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"host must be an http(s) URL like https://app.branchkey.com, got {value!r}")
+        return value.rstrip("/")
+
+    @classmethod
+    def from_platform_json(cls, source: str | os.PathLike[str] | dict[str, Any], **settings: Any) -> "BranchKeyCredentials":
+        """Build the Block from the platform's credentials JSON (a path or the parsed dict), as is.
+
+        Extra keyword arguments set the connection fields (host, notification_transport, ...).
+        """
+        data = source if isinstance(source, dict) else json.loads(Path(source).read_text())
+        missing = [key for key in PLATFORM_JSON_KEYS if not data.get(key)]
+        if missing:
+            raise ValueError(f"credentials JSON is missing {', '.join(missing)}")
+        return cls(leaf_id=data["id"], leaf_name=data["name"], session_token=data["session_token"],
+                   tree_id=data["tree_id"], branch_id=data["branch_id"], owner_id=data["owner_id"], **settings)
+
+    def get_client(self) -> BranchKeyClient:
+        """A `BranchKeyClient` for this leaf (use it as a context manager), logging to the run logger."""
+        return BranchKeyClient(self, logger=self.logger)
+
+    @property
+    def amqp_hostname(self) -> str:
+        """The RabbitMQ host: the override, else the API's host name."""
+        return self.amqp_host or urlsplit(self.host).hostname or "localhost"

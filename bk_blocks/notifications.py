@@ -1,0 +1,336 @@
+"""Platform notifications behind one interface, over AMQP (2.x) or WebSocket (3.x).
+
+A listener runs in a background thread, reconnects with backoff when the broker or the
+socket goes away, and never exits the process. Aggregation notices are kept in order
+with a sequence number; `wait_for_aggregation(after=mark)` returns the first notice that
+arrived after a mark taken before the upload, so a notice left over from an earlier
+round is never mistaken for the answer. Over AMQP a notice is acknowledged only once it
+has been handed over (returned, or passed over as stale), so a crash before that leaves
+it in the leaf's durable queue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+import requests
+from websockets.exceptions import InvalidStatus, WebSocketException
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
+
+from .errors import NotificationTimeout
+
+log = logging.getLogger(__name__)
+
+AGGREGATION_STATUS = "aggregation_status"
+RUN_STATUS = "run_status"
+_BACKLOG_SETTLE_S = 0.3
+
+
+@dataclass(frozen=True)
+class AggregationNotice:
+    """An `aggregation_status` notice: the aggregate's id plus any extra body fields."""
+
+    aggregation_id: str
+    sequence: int
+    received_at: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    notice: AggregationNotice
+    ack: Callable[[], None]
+
+
+def _no_ack() -> None:
+    return None
+
+
+class NotificationListener:
+    """What both transports share: parsing, ordering, waiting, run status, acks."""
+
+    transport = "none"
+
+    def __init__(self, *, on_run_status: Callable[[str], None] | None = None, max_backoff_s: float = 30.0) -> None:
+        self._on_run_status = on_run_status
+        self._max_backoff = max_backoff_s
+        self._lock = threading.Condition()
+        self._pending: list[_Pending] = []
+        self._handed_over: set[str] = set()
+        self._sequence = 0
+        self._connected = threading.Event()
+        self._settled = threading.Event()
+        self._stopping = threading.Event()
+        self._handler: Callable[[AggregationNotice], None] | None = None
+        self._thread = threading.Thread(target=self._run, name=f"bk-{self.transport}-listener", daemon=True)
+        self.run_status: str | None = None
+        self.connections = 0
+
+    def start(self) -> "NotificationListener":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._interrupt()
+        self._thread.join(timeout=10)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until connected and any backlog delivered on connecting has arrived."""
+        return self._settled.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def mark(self) -> int:
+        """A position in the notice stream: take it before uploading, pass it as `after`."""
+        with self._lock:
+            return self._sequence
+
+    def set_handler(self, handler: Callable[[AggregationNotice], None] | None) -> None:
+        """Hand every new aggregation notice to `handler` (then acknowledge it) instead of keeping it."""
+        with self._lock:
+            self._handler = handler
+
+    def wait_for_aggregation(
+        self, timeout: float, *, after: int | None = None, exclude: Iterable[str] = ()
+    ) -> AggregationNotice:
+        """The first aggregation notice received after `after` (a `mark()`), not in `exclude`.
+
+        With `after=None` the most recent pending notice is returned (what a leaf resuming
+        after a crash wants: the latest aggregation it has not handled). Notices passed
+        over are acknowledged and dropped.
+        """
+        excluded = set(exclude)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                chosen = self._choose(after, excluded)
+                if chosen is not None:
+                    return chosen
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise NotificationTimeout(
+                        f"no aggregation notice within {timeout:.0f} s over {self.transport}"
+                        + ("" if self.connected else " (not connected: still trying)")
+                    )
+                self._lock.wait(remaining)
+
+    def _choose(self, after: int | None, excluded: set[str]) -> AggregationNotice | None:
+        """Pick the notice to return from the pending ones; ack and drop the stale ones."""
+        if after is None:
+            candidates = [p for p in self._pending if p.notice.aggregation_id not in excluded]
+            chosen = candidates[-1] if candidates else None
+        else:
+            chosen = next((p for p in self._pending if p.notice.sequence > after
+                           and p.notice.aggregation_id not in excluded), None)
+        if chosen is None:
+            stale = [p for p in self._pending if after is not None and p.notice.sequence <= after]
+        else:
+            stale = [p for p in self._pending if p.notice.sequence <= chosen.notice.sequence]
+        for entry in stale:
+            self._pending.remove(entry)
+            self._handed_over.add(entry.notice.aggregation_id)
+            entry.ack()
+        return chosen.notice if chosen is not None else None
+
+    def _receive(self, text: str | bytes, ack: Callable[[], None]) -> None:
+        """Parse one message; keep aggregation notices, apply run status, ignore the rest."""
+        try:
+            message = json.loads(text)
+            kind, body = message["message_type"], message.get("body") or {}
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a notification that is not valid JSON with a message_type")
+            ack()
+            return
+        if kind == RUN_STATUS and isinstance(body.get("run_status"), str):
+            self.run_status = body["run_status"]
+            log.info("run status is now %s", self.run_status)
+            if self._on_run_status is not None:
+                self._on_run_status(self.run_status)
+            ack()
+        elif kind == AGGREGATION_STATUS and isinstance(body.get("aggregation_id"), str):
+            self._keep(body, ack)
+        else:
+            log.warning("ignoring notification of unknown type %r", kind)
+            ack()
+
+    def _keep(self, body: dict[str, Any], ack: Callable[[], None]) -> None:
+        aggregation_id = body["aggregation_id"]
+        with self._lock:
+            if aggregation_id in self._handed_over or any(
+                p.notice.aggregation_id == aggregation_id for p in self._pending
+            ):
+                ack()
+                return
+            self._sequence += 1
+            notice = AggregationNotice(aggregation_id, self._sequence, time.time(),
+                                       {k: v for k, v in body.items() if k != "aggregation_id"})
+            log.info("aggregation %s announced over %s", aggregation_id, self.transport)
+            if self._handler is not None:
+                self._handler(notice)
+                self._handed_over.add(aggregation_id)
+                ack()
+            else:
+                self._pending.append(_Pending(notice, ack))
+            self._lock.notify_all()
+
+    def _forget_unacked(self) -> None:
+        """After a lost connection the broker redelivers what was not acked: drop our copies."""
+        with self._lock:
+            self._pending = [p for p in self._pending if p.ack is _no_ack]
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stopping.is_set():
+            try:
+                self._session()
+                backoff = 0.5
+            except Exception as exc:  # noqa: BLE001 - a listener must survive any transport failure
+                if self._stopping.is_set():
+                    break
+                log.warning("%s notifications interrupted (%s: %s); reconnecting in %.1f s",
+                            self.transport, type(exc).__name__, exc, backoff)
+            finally:
+                self._connected.clear()
+            self._stopping.wait(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
+
+    def _settle_after_connect(self) -> None:
+        self.connections += 1
+        self._connected.set()
+        if not self._settled.is_set():
+            threading.Timer(_BACKLOG_SETTLE_S, self._settled.set).start()
+
+    def _session(self) -> None:
+        raise NotImplementedError
+
+    def _interrupt(self) -> None:
+        raise NotImplementedError
+
+
+class AmqpListener(NotificationListener):
+    """2.x transport: the leaf's durable queue on its tree's vhost, consumed with manual acks."""
+
+    transport = "amqp"
+
+    def __init__(self, *, host: str, port: int, tree_id: str, leaf_id: str, session_token: str,
+                 use_tls: bool = False, **kwargs: Any) -> None:
+        self._parameters = pika.ConnectionParameters(
+            host=host, port=port, virtual_host=tree_id,
+            credentials=pika.PlainCredentials(leaf_id, session_token),
+            heartbeat=30, blocked_connection_timeout=60, connection_attempts=1, socket_timeout=10,
+            ssl_options=pika.SSLOptions(ssl.create_default_context(), host) if use_tls else None,
+            client_properties={"connection_name": f"leaf-{leaf_id}"},
+        )
+        self._queue = leaf_id
+        self._connection: pika.BlockingConnection | None = None
+        super().__init__(**kwargs)
+
+    def _session(self) -> None:
+        connection = pika.BlockingConnection(self._parameters)
+        self._connection = connection
+        try:
+            channel = connection.channel()
+            channel.basic_qos(prefetch_count=1000)
+            self._forget_unacked()
+
+            def on_message(ch: Any, method: Any, _properties: Any, body: bytes) -> None:
+                self._receive(body, _amqp_ack(connection, ch, method.delivery_tag))
+
+            channel.basic_consume(self._queue, on_message, auto_ack=False)
+            self._settle_after_connect()
+            log.info("listening for notifications on AMQP queue of leaf %s", self._queue)
+            while not self._stopping.is_set() and connection.is_open:
+                connection.process_data_events(time_limit=0.5)
+        finally:
+            self._connection = None
+            try:
+                if connection.is_open:
+                    connection.close()
+            except (pika.exceptions.AMQPError, OSError):
+                pass
+
+    def _interrupt(self) -> None:
+        return None
+
+
+def _amqp_ack(connection: pika.BlockingConnection, channel: Any, tag: int) -> Callable[[], None]:
+    """An ack callable safe to call from any thread, and harmless once the channel is gone
+    (the broker then redelivers the message, which the listener de-duplicates)."""
+
+    def ack_in_connection_thread() -> None:
+        if channel.is_open:
+            channel.basic_ack(tag)
+
+    def ack() -> None:
+        try:
+            connection.add_callback_threadsafe(ack_in_connection_thread)
+        except (pika.exceptions.AMQPError, OSError):
+            log.debug("notice %s not acked: its connection is gone; it will be redelivered", tag)
+
+    return ack
+
+
+class WebSocketListener(NotificationListener):
+    """3.x transport: a single-use ticket, then one WebSocket; a fresh ticket per reconnect."""
+
+    transport = "websocket"
+
+    def __init__(self, *, ticket: Callable[[], dict[str, str]], ws_base: str, open_timeout: float = 10.0,
+                 **kwargs: Any) -> None:
+        self._ticket = ticket
+        self._ws_base = ws_base.rstrip("/")
+        self._open_timeout = open_timeout
+        self._socket: ClientConnection | None = None
+        super().__init__(**kwargs)
+
+    def _session(self) -> None:
+        data = self._ticket()
+        url = f"{self._ws_base}/api/v1/ws?ticket={data['ticket_id']}&request_id={data['request_id']}"
+        try:
+            socket = ws_connect(url, open_timeout=self._open_timeout, ping_interval=None, close_timeout=5)
+        except InvalidStatus as exc:
+            raise ConnectionError(f"WebSocket refused with HTTP {exc.response.status_code}") from None
+        self._socket = socket
+        try:
+            self._settle_after_connect()
+            log.info("listening for notifications on the WebSocket")
+            for text in socket:
+                self._receive(text, _no_ack)
+        except WebSocketException as exc:
+            raise ConnectionError(f"WebSocket closed: {exc}") from None
+        finally:
+            self._socket = None
+            socket.close()
+        if not self._stopping.is_set():
+            raise ConnectionError("WebSocket closed by the server")
+
+    def _interrupt(self) -> None:
+        socket = self._socket
+        if socket is not None:
+            socket.close()
+
+
+def ticket_fetcher(session: requests.Session, url: str, headers: dict[str, str], timeout: tuple[float, float],
+                   verify: bool, proxies: dict[str, str] | None) -> Callable[[], dict[str, str]]:
+    """A function that asks the platform for a fresh WebSocket ticket."""
+
+    def fetch() -> dict[str, str]:
+        response = session.post(url, headers=headers, timeout=timeout, verify=verify, proxies=proxies)
+        if response.status_code != 200:
+            raise ConnectionError(f"WebSocket ticket refused with HTTP {response.status_code}")
+        return response.json()["data"]
+
+    return fetch
