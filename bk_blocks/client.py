@@ -82,8 +82,12 @@ def file_digest(path: Path) -> str:
     return "sha256=" + base64.b64encode(sha.digest()).decode()
 
 
-class _MultipartBody(io.RawIOBase):
-    """A multipart/form-data body read from disk as it is sent, with a known length."""
+class _MultipartBody:
+    """A multipart/form-data body read from disk as it is sent, with a known length.
+
+    Deliberately not an `io` object: `requests` would call `tell()` on one, fail, and fall
+    back to chunked encoding instead of sending this body's Content-Length.
+    """
 
     def __init__(self, path: Path, fields: dict[str, str]) -> None:
         self.boundary = uuid.uuid4().hex
@@ -105,9 +109,6 @@ class _MultipartBody(io.RawIOBase):
     def content_type(self) -> str:
         return f"multipart/form-data; boundary={self.boundary}"
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, size: int = -1) -> bytes:
         size = 1 << 20 if size is None or size < 0 else size
         while self._parts:
@@ -121,7 +122,6 @@ class _MultipartBody(io.RawIOBase):
         for part in self._parts:
             part.close()
         self._parts = []
-        super().close()
 
 
 class BranchKeyClient:
