@@ -487,9 +487,11 @@ class Platform:
         rounds = []
         for r in self.store.rounds_of_branch(branch_id):
             uploads = self.store.accepted_uploads(branch_id, r.run_number, r.round)
+            aggregate = self.store.aggregate(r.aggregation_id) if r.aggregation_id else None
             rounds.append({"run_number": r.run_number, "round": r.round, "status": r.status,
                            "aggregation_id": r.aggregation_id, "leaves": sorted({u.leaf_id for u in uploads}),
-                           "updates": len(uploads)})
+                           "updates": len(uploads), "opened_at": r.opened_at, "closed_at": r.closed_at,
+                           "aggregated_at": aggregate.created_at if aggregate else None})
         return {"branch": self.branch_config(branch)["branch"], "rounds": rounds,
                 "metrics": self.store.metrics_of_branch(branch_id)}
 

@@ -16,6 +16,16 @@ from .bkserver import BkServer, broker_available, in_ci
 
 
 @pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """One temporary Prefect server for the whole session (it takes ~22 s to start here)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
 def rabbitmq() -> None:
     """A RabbitMQ broker on 127.0.0.1; a failure in CI, a loud skip elsewhere."""
     if broker_available():
