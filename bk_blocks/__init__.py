@@ -10,6 +10,7 @@ from .errors import (
     NotificationTimeout,
     RequestRefusedError,
     RunNotStartedError,
+    RunStoppedError,
     TransientError,
     UnsafeFileIdError,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "RequestRefusedError",
     "RunDetails",
     "RunNotStartedError",
+    "RunStoppedError",
     "TransientError",
     "UnsafeFileIdError",
 ]

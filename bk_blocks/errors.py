@@ -50,3 +50,7 @@ class UnsafeFileIdError(BranchKeyError, ValueError):
 
 class NotificationTimeout(TransientError):
     """No matching notification arrived within the time allowed."""
+
+
+class RunStoppedError(BranchKeyError):
+    """The branch's run was stopped while the leaf waited: this round will not aggregate."""

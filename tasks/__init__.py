@@ -1,0 +1,23 @@
+"""One retrying Prefect task per platform step (retry policy: `tasks.retries`)."""
+
+from .aggregation import wait_for_aggregation
+from .clients import close_shared_client, close_shared_clients, resolve_credentials, shared_client
+from .download import download_aggregate
+from .metrics import send_metrics
+from .retries import retry_only_transient
+from .run import wait_for_run
+from .upload import UploadReceipt, upload_weights
+
+__all__ = [
+    "UploadReceipt",
+    "close_shared_client",
+    "close_shared_clients",
+    "download_aggregate",
+    "resolve_credentials",
+    "retry_only_transient",
+    "send_metrics",
+    "shared_client",
+    "upload_weights",
+    "wait_for_aggregation",
+    "wait_for_run",
+]

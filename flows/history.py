@@ -1,0 +1,109 @@
+"""The round history: a Parquet dataset with one row per leaf per round.
+
+Each row is its own file, written atomically under a name fixed by (run, round, leaf):
+appending never rewrites an earlier file, a crash mid-write leaves only a temporary
+file that readers ignore, and recording the same round again replaces its row.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+METRICS = pa.map_(pa.string(), pa.float64())
+SCHEMA = pa.schema([
+    ("branch_id", pa.string()), ("leaf_id", pa.string()), ("leaf_name", pa.string()),
+    ("run_number", pa.int64()), ("round", pa.int64()), ("status", pa.string()),
+    ("file_id", pa.string()), ("aggregation_id", pa.string()), ("weighting", pa.float64()),
+    ("train_metrics", METRICS), ("eval_metrics", METRICS),
+    ("train_s", pa.float64()), ("upload_s", pa.float64()), ("wait_s", pa.float64()),
+    ("download_s", pa.float64()), ("evaluate_s", pa.float64()), ("round_s", pa.float64()),
+    ("bytes_up", pa.int64()), ("bytes_down", pa.int64()),
+    ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
+    ("flow_run_id", pa.string()),
+])
+
+
+@dataclass
+class RoundRecord:
+    """One leaf's round, as it goes into the history and into the round's result."""
+
+    branch_id: str
+    leaf_id: str
+    leaf_name: str
+    run_number: int
+    round: int
+    status: str
+    file_id: str | None = None
+    aggregation_id: str | None = None
+    weighting: float | None = None
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    train_s: float | None = None
+    upload_s: float | None = None
+    wait_s: float | None = None
+    download_s: float | None = None
+    evaluate_s: float | None = None
+    round_s: float | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    flow_run_id: str | None = None
+
+
+def history_dir(work_dir: Path) -> Path:
+    return Path(work_dir) / "history"
+
+
+def append_record(work_dir: Path, record: RoundRecord) -> Path:
+    """Write one round's row as its own Parquet file, atomically; return its path."""
+    directory = history_dir(work_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"run-{record.run_number:04d}-round-{record.round:06d}-{record.leaf_id}.parquet"
+    row = asdict(record)
+    row["train_metrics"] = list(row["train_metrics"].items())
+    row["eval_metrics"] = list(row["eval_metrics"].items())
+    table = pa.Table.from_pylist([row], schema=SCHEMA)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_history(work_dir: Path) -> pa.Table:
+    """Every recorded round of the work dir, ordered by run and round (empty table if none)."""
+    directory = history_dir(work_dir)
+    files = sorted(directory.glob("*.parquet")) if directory.exists() else []
+    if not files:
+        return SCHEMA.empty_table()
+    table = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet").to_table()
+    return table.sort_by([("run_number", "ascending"), ("round", "ascending"), ("leaf_name", "ascending")])
+
+
+def history_rows(work_dir: Path) -> list[dict[str, Any]]:
+    """The history as plain dicts, metrics as dicts."""
+    rows = read_history(work_dir).to_pylist()
+    for row in rows:
+        row["train_metrics"] = dict(row["train_metrics"] or [])
+        row["eval_metrics"] = dict(row["eval_metrics"] or [])
+    return rows
+
+
+def utc_from_timestamp(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, tz=timezone.utc)

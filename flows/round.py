@@ -1,0 +1,205 @@
+"""One federated round for one leaf, resumable at every step.
+
+wait for run -> train -> write archive -> upload -> wait for aggregation -> download ->
+evaluate -> send metrics -> record history. After each step the leaf's state is saved
+in its work directory; a rerun continues from the step that did not finish.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from bk_blocks import BranchKeyCredentials, RunStoppedError
+from bk_blocks.archive import read_aggregate, write_update
+from tasks import (
+    close_shared_client,
+    download_aggregate,
+    resolve_credentials,
+    send_metrics,
+    upload_weights,
+    wait_for_aggregation,
+    wait_for_run,
+)
+
+from .history import RoundRecord, append_record, history_rows, utc_from_timestamp
+from .observability import emit_round_event, publish_artifacts
+from .participant import Participant, check_result, load_participant
+from .state import LeafState, load_state, save_state
+
+_marks: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a round may wait for the platform, in seconds."""
+
+    run_s: float = 6 * 3600
+    aggregation_s: float = 3600
+    run_poll_s: float = 10
+
+
+@dataclass
+class RoundResult:
+    """What a round ended as: `completed`, `declined` (the participant sat it out) or `stopped`."""
+
+    status: str
+    run_number: int
+    round: int
+    record: RoundRecord | None = None
+    global_model: str | None = None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def run_round(
+    credentials: BranchKeyCredentials,
+    participant: Participant,
+    work_dir: Path,
+    timeouts: Timeouts = Timeouts(),
+) -> RoundResult:
+    """Run (or resume) the leaf's current round; state is saved after every step."""
+    work_dir = Path(work_dir)
+    state = load_state(work_dir, credentials.leaf_id)
+    if state.phase == "idle":
+        details = wait_for_run(credentials, state.round, timeouts.run_poll_s, timeouts.run_s)
+        if details.run_status == "stop":
+            return RoundResult("stopped", details.run_number, state.round)
+        state.start_round(details.run_number)
+        if not participant.participate(state.round):
+            get_run_logger().info("participant declined round %d", state.round)
+            save_state(work_dir, state)
+            return RoundResult("declined", state.run_number, state.round)
+        _train(credentials, participant, work_dir, state)
+    try:
+        return _finish(credentials, participant, work_dir, state, timeouts)
+    except RunStoppedError:
+        state.clear_round()
+        save_state(work_dir, state)
+        return RoundResult("stopped", state.run_number, state.round)
+    except Exception as exc:
+        emit_round_event(_record(credentials, state, "failed"), failed=True, error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _finish(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path, state: LeafState,
+            timeouts: Timeouts) -> RoundResult:
+    if state.phase == "trained":
+        _upload(credentials, work_dir, state)
+    if state.phase == "uploaded":
+        _await_aggregation(credentials, work_dir, state, timeouts)
+    if state.phase == "aggregated":
+        _download(credentials, work_dir, state)
+    return _evaluate_and_record(credentials, participant, work_dir, state)
+
+
+def _timed(state: LeafState, step: str, started: float) -> None:
+    state.durations[step] = state.durations.get(step, 0.0) + time.perf_counter() - started
+
+
+def _train(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path, state: LeafState) -> None:
+    state.started_at = time.time()
+    started = time.perf_counter()
+    global_model = read_aggregate(state.global_model) if state.global_model else None
+    result = check_result(participant.train(global_model, state.round))
+    archive = write_update(work_dir / "updates" / f"run{state.run_number}-round{state.round}.npz",
+                           result.weighting, result.parameters)
+    _timed(state, "train_s", started)
+    state.archive, state.weighting, state.train_metrics = str(archive), result.weighting, dict(result.metrics)
+    state.phase = "trained"
+    save_state(work_dir, state)
+
+
+def _upload(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState) -> None:
+    started = time.perf_counter()
+    receipt = upload_weights(credentials, Path(state.archive or ""), state.round, state.run_number)
+    _timed(state, "upload_s", started)
+    _marks[receipt.file_id] = receipt.notice_mark
+    state.file_id, state.idempotency_key, state.bytes_up = receipt.file_id, receipt.idempotency_key, receipt.size
+    state.phase = "uploaded"
+    save_state(work_dir, state)
+
+
+def _await_aggregation(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState, timeouts: Timeouts) -> None:
+    started = time.perf_counter()
+    aggregation_id = wait_for_aggregation(
+        credentials, state.round, after=_marks.get(state.file_id or ""), exclude=list(state.consumed_aggregations),
+        timeout_s=timeouts.aggregation_s,
+    )
+    _timed(state, "wait_s", started)
+    state.aggregation_id, state.phase = aggregation_id, "aggregated"
+    save_state(work_dir, state)
+
+
+def _download(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState) -> None:
+    started = time.perf_counter()
+    path = download_aggregate(credentials, state.aggregation_id or "", work_dir / "models", state.round)
+    _timed(state, "download_s", started)
+    state.global_model, state.bytes_down = str(path), path.stat().st_size
+    state.consumed_aggregations = [*state.consumed_aggregations, state.aggregation_id or ""][-1000:]
+    state.phase = "downloaded"
+    save_state(work_dir, state)
+
+
+def _evaluate_and_record(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
+                         state: LeafState) -> RoundResult:
+    started = time.perf_counter()
+    eval_metrics = participant.evaluate(read_aggregate(state.global_model or ""), state.round)
+    _timed(state, "evaluate_s", started)
+    aggregation_id = state.aggregation_id or ""
+    if state.train_metrics:
+        send_metrics(credentials, aggregation_id, state.train_metrics, state.round, mode="train")
+    if eval_metrics:
+        send_metrics(credentials, aggregation_id, eval_metrics, state.round, mode="test")
+    record = _record(credentials, state, "completed", eval_metrics)
+    append_record(work_dir, record)
+    publish_artifacts(credentials.leaf_name, history_rows(work_dir))
+    emit_round_event(record)
+    result = RoundResult("completed", state.run_number, state.round, record, state.global_model, eval_metrics)
+    state.round += 1
+    state.clear_round()
+    save_state(work_dir, state)
+    return result
+
+
+def _record(credentials: BranchKeyCredentials, state: LeafState, status: str,
+            eval_metrics: dict[str, float] | None = None) -> RoundRecord:
+    durations = state.durations
+    finished = time.time()
+    return RoundRecord(
+        branch_id=credentials.branch_id, leaf_id=credentials.leaf_id, leaf_name=credentials.leaf_name,
+        run_number=state.run_number, round=state.round, status=status, file_id=state.file_id,
+        aggregation_id=state.aggregation_id, weighting=state.weighting, train_metrics=dict(state.train_metrics),
+        eval_metrics=dict(eval_metrics or {}), train_s=durations.get("train_s"), upload_s=durations.get("upload_s"),
+        wait_s=durations.get("wait_s"), download_s=durations.get("download_s"),
+        evaluate_s=durations.get("evaluate_s"),
+        round_s=finished - state.started_at if state.started_at else None, bytes_up=state.bytes_up,
+        bytes_down=state.bytes_down, started_at=utc_from_timestamp(state.started_at),
+        finished_at=utc_from_timestamp(finished), flow_run_id=flow_run.get_id(),
+    )
+
+
+@flow(name="federated-round")
+def federated_round(
+    credentials: BranchKeyCredentials | str,
+    participant: str,
+    work_dir: str,
+    participant_options: dict[str, Any] | None = None,
+    aggregation_timeout_s: float = 3600,
+    run_timeout_s: float = 6 * 3600,
+) -> RoundResult:
+    """One federated round for one leaf (or the rest of an interrupted one).
+
+    `participant` is `"package.module:Class"`, built with `participant_options`;
+    `work_dir` holds the leaf's state, models and history between runs.
+    """
+    block = resolve_credentials(credentials)
+    try:
+        return run_round(block, load_participant(participant, participant_options), Path(work_dir),
+                         Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s))
+    finally:
+        close_shared_client(block)

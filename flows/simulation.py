@@ -1,0 +1,61 @@
+"""Simulate a federation: N leaves training concurrently against a BranchKey server,
+each leaf its own `federated-training` flow run (visible in the UI under this one)."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+
+from bk_blocks import BranchKeyCredentials
+
+from .round import RoundResult
+from .training import federated_training
+
+
+def leaf_credentials(credentials_dir: Path, host: str, transport: str) -> list[BranchKeyCredentials]:
+    """One Block per credentials JSON in the directory (sorted by file name)."""
+    paths = sorted(Path(credentials_dir).glob("*.json"))
+    if not paths:
+        raise FileNotFoundError(f"no leaf credentials (*.json) in {credentials_dir}")
+    return [BranchKeyCredentials.from_platform_json(path, host=host, notification_transport=transport)
+            for path in paths]
+
+
+@flow(name="federated-simulation")
+def federated_simulation(
+    host: str,
+    credentials_dir: str,
+    work_root: str,
+    participant: str = "flows.examples.digits:DigitsSoftmax",
+    participant_options: dict[str, Any] | None = None,
+    rounds: int = 5,
+    transport: Literal["websocket", "amqp"] = "websocket",
+    amqp_host: str | None = None,
+    aggregation_timeout_s: float = 600,
+) -> dict[str, list[RoundResult]]:
+    """Run every leaf of `credentials_dir` for `rounds` rounds; leaf i gets `leaf_index=i, leaves=N`
+    added to the participant options (for splitting a data set across leaves)."""
+    logger = get_run_logger()
+    blocks = leaf_credentials(Path(credentials_dir), host, transport)
+    if amqp_host:
+        blocks = [b.model_copy(update={"amqp_host": amqp_host}) for b in blocks]
+    logger.info("simulating %d leaves for %d rounds over %s", len(blocks), rounds, transport)
+
+    def train(index: int, block: BranchKeyCredentials) -> list[RoundResult]:
+        options = {**(participant_options or {}), "leaf_index": index, "leaves": len(blocks)}
+        return federated_training.with_options(flow_run_name=block.leaf_name)(
+            block, participant, str(Path(work_root) / block.leaf_name), rounds=rounds,
+            participant_options=options, aggregation_timeout_s=aggregation_timeout_s,
+        )
+
+    with ThreadPoolExecutor(max_workers=len(blocks), thread_name_prefix="leaf") as pool:
+        futures = {b.leaf_name: pool.submit(contextvars.copy_context().run, train, i, b) for i, b in enumerate(blocks)}
+        results = {name: future.result() for name, future in futures.items()}
+    for name, rounds_done in results.items():
+        logger.info("%s: %s", name, json.dumps([(r.round, r.status, r.eval_metrics) for r in rounds_done]))
+    return results

@@ -1,0 +1,92 @@
+"""A leaf's resumable state in its work directory: which round, which step, which model.
+
+Written atomically after every step, so a flow run killed at any moment is rerun from
+the step it stopped at: an accepted upload is never sent as a new update, a downloaded
+aggregate is never lost. A schedule of one-round flow runs and one long run share it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PHASES = ("idle", "trained", "uploaded", "aggregated", "downloaded")
+
+
+class StateError(ValueError):
+    """The work directory's state file is unreadable or belongs to another leaf."""
+
+
+@dataclass
+class LeafState:
+    """Where a leaf is: the round in progress, its step, and what each step produced."""
+
+    leaf_id: str
+    run_number: int = 0
+    round: int = 1
+    phase: str = "idle"
+    global_model: str | None = None
+    consumed_aggregations: list[str] = field(default_factory=list)
+    archive: str | None = None
+    weighting: float | None = None
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    file_id: str | None = None
+    idempotency_key: str | None = None
+    bytes_up: int = 0
+    aggregation_id: str | None = None
+    bytes_down: int = 0
+    durations: dict[str, float] = field(default_factory=dict)
+    started_at: float | None = None
+
+    def start_round(self, run_number: int) -> None:
+        """Begin the round's bookkeeping; a new run starts over from round 1 and no model."""
+        if run_number != self.run_number:
+            self.run_number, self.round, self.global_model = run_number, 1, None
+            self.consumed_aggregations = []
+        self.clear_round()
+
+    def clear_round(self) -> None:
+        self.phase, self.archive, self.weighting, self.train_metrics = "idle", None, None, {}
+        self.file_id, self.idempotency_key, self.bytes_up = None, None, 0
+        self.aggregation_id, self.bytes_down, self.durations, self.started_at = None, 0, {}, None
+
+
+def state_path(work_dir: Path) -> Path:
+    return Path(work_dir) / "state.json"
+
+
+def load_state(work_dir: Path, leaf_id: str) -> LeafState:
+    """The leaf's state, or a fresh one; refuses a work dir that belongs to another leaf."""
+    path = state_path(work_dir)
+    if not path.exists():
+        return LeafState(leaf_id=leaf_id)
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+        state = LeafState(**data)
+    except (ValueError, TypeError) as exc:
+        raise StateError(f"{path} is not a valid leaf state: {exc}") from None
+    if state.leaf_id != leaf_id:
+        raise StateError(f"{path} belongs to leaf {state.leaf_id}, not {leaf_id}: use one work dir per leaf")
+    if state.phase not in PHASES:
+        raise StateError(f"{path} has unknown phase {state.phase!r}")
+    return state
+
+
+def save_state(work_dir: Path, state: LeafState) -> None:
+    """Write the state atomically (temporary file, fsync, rename)."""
+    path = state_path(work_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(asdict(state), handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,27 @@
+"""The metrics task: a round's train or test metrics to the platform."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from bk_blocks import BranchKeyCredentials
+from bk_blocks.client import MetricsMode
+
+from .clients import shared_client
+from .retries import RETRY_OPTIONS
+
+
+@task(name="send_metrics", task_run_name="send-{mode}-metrics-round-{round_number}", cache_policy=NO_CACHE,
+      **RETRY_OPTIONS)
+def send_metrics(
+    credentials: BranchKeyCredentials | str,
+    aggregation_id: str,
+    metrics: dict[str, Any],
+    round_number: int,
+    mode: MetricsMode = "test",
+) -> None:
+    """Report metrics for the round's aggregation (`test`, `train` or `non-federated`)."""
+    shared_client(credentials, get_run_logger()).send_metrics(aggregation_id, metrics, mode)

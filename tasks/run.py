@@ -1,0 +1,49 @@
+"""The wait-for-run task: block while the branch's run is paused, end cleanly when it stops."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from bk_blocks import BranchKeyClient, BranchKeyCredentials, RunDetails, RunNotStartedError
+
+from .clients import shared_client
+from .retries import RETRY_OPTIONS
+
+
+@task(name="wait_for_run", task_run_name="wait-for-run-round-{round_number}", cache_policy=NO_CACHE, **RETRY_OPTIONS)
+def wait_for_run(
+    credentials: BranchKeyCredentials | str,
+    round_number: int = 0,
+    poll_interval_s: float = 10.0,
+    timeout_s: float = 6 * 3600,
+) -> RunDetails:
+    """Return the run once it is `start` (or `stop`, so the caller can end cleanly).
+
+    While the run is `pause`, check every `poll_interval_s` (sooner when a run_status
+    notice arrives); fail with `RunNotStartedError` after `timeout_s`.
+    """
+    logger = get_run_logger()
+    client = shared_client(credentials, logger)
+    client.listen()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        details = client.run_details()
+        if details.run_status in ("start", "stop"):
+            logger.info("run %d is %s", details.run_number, details.run_status)
+            return details
+        if time.monotonic() >= deadline:
+            raise RunNotStartedError(f"run still '{details.run_status}' after {timeout_s:.0f} s",
+                                     run_status=details.run_status)
+        logger.info("run %d is %s; checking again within %.0f s", details.run_number, details.run_status,
+                    poll_interval_s)
+        _sleep_until_status_changes(client, details.run_status, min(poll_interval_s, deadline - time.monotonic()))
+
+
+def _sleep_until_status_changes(client: BranchKeyClient, status: str, seconds: float) -> None:
+    """Sleep up to `seconds`, waking early when a run_status notice changes the status."""
+    end = time.monotonic() + max(seconds, 0)
+    while time.monotonic() < end and client.run_status == status:
+        time.sleep(0.2)

@@ -1,0 +1,60 @@
+"""The upload task: an update archive to the platform, retried safely.
+
+A retried upload carries an idempotency key derived from the leaf, the run, the round
+and the archive's digest, so however often it is retried (or a killed flow is rerun)
+the platform counts the update once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from bk_blocks import BranchKeyCredentials
+
+from .clients import resolve_credentials, shared_client
+from .retries import RETRY_OPTIONS
+
+
+@dataclass(frozen=True)
+class UploadReceipt:
+    """What the platform gave back for an upload, and where to look for its aggregation."""
+
+    file_id: str
+    idempotency_key: str
+    sha256: str
+    size: int
+    notice_mark: int
+
+
+def archive_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def idempotency_key(leaf_id: str, run_number: int, round_number: int, sha256: str) -> str:
+    """The same archive for the same leaf, run and round always gets the same key."""
+    return f"{leaf_id}.run{run_number}.round{round_number}.{sha256[:40]}"
+
+
+@task(name="upload_weights", task_run_name="upload-round-{round_number}", cache_policy=NO_CACHE, **RETRY_OPTIONS)
+def upload_weights(
+    credentials: BranchKeyCredentials | str, archive: Path, round_number: int, run_number: int
+) -> UploadReceipt:
+    """Upload an update archive for a round; return the platform's file id."""
+    logger = get_run_logger()
+    block = resolve_credentials(credentials)
+    client = shared_client(block, logger)
+    sha256 = archive_sha256(Path(archive))
+    key = idempotency_key(block.leaf_id, run_number, round_number, sha256)
+    mark = client.mark()
+    file_id = client.upload(archive, idempotency_key=key)
+    logger.info("round %d: update %s accepted as %s", round_number, Path(archive).name, file_id)
+    return UploadReceipt(file_id, key, sha256, Path(archive).stat().st_size, mark)
