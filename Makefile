@@ -42,6 +42,10 @@ test: setup official-clients
 	PREFECT_HOME=$$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The demo federation: a local bk-server, three leaves, five rounds (see flows/demo.py).
+demo: setup
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m flows.demo
+
 bench: setup
 	$(BIN)/python bench/aggregate.py
 

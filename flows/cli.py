@@ -1,0 +1,67 @@
+"""`bk`: the leaf-side command line (`bk history` prints a work dir's round history)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from cyclopts import App
+from rich.console import Console
+from rich.table import Table
+
+from .history import history_rows
+
+app = App(name="bk", help="prefect-branchkey, leaf side.")
+COLUMNS = ("run_number", "round", "status", "leaf_name", "aggregation_id", "weighting", "round_s", "wait_s",
+           "bytes_up", "bytes_down", "finished_at")
+
+
+def _flatten(row: dict[str, Any]) -> dict[str, Any]:
+    flat = {column: row[column] for column in COLUMNS}
+    flat.update({f"eval_{k}": v for k, v in sorted(row["eval_metrics"].items())})
+    flat.update({f"train_{k}": v for k, v in sorted(row["train_metrics"].items())})
+    flat["finished_at"] = row["finished_at"].isoformat() if row["finished_at"] else None
+    return flat
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command
+def history(*, work_dir: Path = Path("."), format: Literal["table", "csv", "json"] = "table") -> None:
+    """Print the round history recorded in WORK_DIR (a leaf's work directory).
+
+    Parameters
+    ----------
+    work_dir
+        The leaf's work directory (the flows' `work_dir`).
+    format
+        table (for people), csv or json (for tools).
+    """
+    rows = [_flatten(row) for row in history_rows(work_dir)]
+    columns = list(dict.fromkeys(key for row in rows for key in row)) or list(COLUMNS)
+    if format == "json":
+        print(json.dumps(rows, indent=2))
+    elif format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        shown = [c for c in columns if c not in ("leaf_name", "bytes_up", "bytes_down", "finished_at")]
+        table = Table(title=f"BranchKey round history: {work_dir}")
+        for column in shown:
+            table.add_column(column.replace("_", " "), no_wrap=True)
+        for row in rows:
+            row = row | {"aggregation_id": (row["aggregation_id"] or "-")[:8]}
+            table.add_row(*(_text(row.get(column)) for column in shown))
+        Console(width=max(120, Console().width)).print(table)
+
+
+def main() -> None:
+    app()
