@@ -27,7 +27,7 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-from .errors import NotificationTimeout
+from .errors import AuthenticationError, NotificationTimeout
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class NotificationListener:
         self._thread = threading.Thread(target=self._run, name=f"bk-{self.transport}-listener", daemon=True)
         self.run_status: str | None = None
         self.connections = 0
+        self.failure: AuthenticationError | None = None
 
     def start(self) -> "NotificationListener":
         self._thread.start()
@@ -116,6 +117,8 @@ class NotificationListener:
         deadline = time.monotonic() + timeout
         with self._lock:
             while True:
+                if self.failure is not None:
+                    raise self.failure
                 chosen = self._choose(after, excluded)
                 if chosen is not None:
                     return chosen
@@ -197,6 +200,13 @@ class NotificationListener:
             try:
                 self._session()
                 backoff = 0.5
+            except AuthenticationError as exc:
+                log.error("%s notifications refused: %s; not retrying", self.transport, exc)
+                with self._lock:
+                    self.failure = exc
+                    self._lock.notify_all()
+                self._settled.set()
+                break
             except Exception as exc:  # noqa: BLE001 - a listener must survive any transport failure
                 if self._stopping.is_set():
                     break
@@ -239,7 +249,10 @@ class AmqpListener(NotificationListener):
         super().__init__(**kwargs)
 
     def _session(self) -> None:
-        connection = pika.BlockingConnection(self._parameters)
+        try:
+            connection = pika.BlockingConnection(self._parameters)
+        except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
+            raise AuthenticationError(f"RabbitMQ refused the leaf's credentials ({type(exc).__name__})") from None
         self._connection = connection
         try:
             channel = connection.channel()
@@ -329,6 +342,8 @@ def ticket_fetcher(session: requests.Session, url: str, headers: dict[str, str],
 
     def fetch() -> dict[str, str]:
         response = session.post(url, headers=headers, timeout=timeout, verify=verify, proxies=proxies)
+        if response.status_code in (401, 403):
+            raise AuthenticationError(f"WebSocket ticket refused ({response.status_code})", response.status_code)
         if response.status_code != 200:
             raise ConnectionError(f"WebSocket ticket refused with HTTP {response.status_code}")
         return response.json()["data"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bk_blocks import BranchKeyCredentials
-from bk_blocks.archive import write_update
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
-from .bkserver import BkServer, broker_available, in_ci
+from bk_blocks import BranchKeyCredentials  # noqa: E402
+from bk_blocks.archive import write_update  # noqa: E402
+
+from .bkserver import BkServer, broker_available, in_ci  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
-"""A loopback HTTP proxy in front of bk_server that injects faults on demand:
-answer 503, drop the connection, or cut a download short, a set number of times."""
+"""A loopback HTTP proxy in front of bk_server that injects faults on demand, a set number
+of times: answer 503 (`503`), drop the connection before forwarding (`drop`) or after the
+server answered (`drop-after`: the request took effect, the reply is lost), or cut a
+response short (`truncate`)."""
 
 from __future__ import annotations
 
@@ -87,6 +89,10 @@ class FaultyProxy:
                                             timeout=120, allow_redirects=False)
                 out_headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
                 content = response.content
+                if fault == "drop-after":
+                    self.close_connection = True
+                    self.connection.close()
+                    return
                 if fault == "truncate":
                     self._reply(response.status_code, out_headers, content[: len(content) // 2], length=len(content))
                     self.close_connection = True
