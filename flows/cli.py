@@ -65,3 +65,7 @@ def history(*, work_dir: Path = Path("."), format: Literal["table", "csv", "json
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

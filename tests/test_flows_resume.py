@@ -1,0 +1,108 @@
+"""Resuming: a leaf killed mid-round continues where it stopped; the platform counts its update once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flows.examples.digits import DigitsSoftmax
+from flows.history import history_rows
+from flows.round import run_round
+from flows.state import load_state
+from tasks import close_shared_clients
+
+from .bkserver import BkServer
+from .conftest import credentials_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _prefect(prefect_api: str) -> Iterator[None]:
+    yield
+    close_shared_clients()
+
+
+def start_leaf(server: BkServer, leaf: dict, work_dir: Path, tmp_path: Path, prefect_api: str) -> subprocess.Popen:
+    creds = tmp_path / "leaf.json"
+    creds.write_text(json.dumps(leaf))
+    env = os.environ | {"PREFECT_API_URL": prefect_api}
+    return subprocess.Popen([sys.executable, "-m", "tests.leaf_process", str(creds), server.url, "amqp", str(work_dir)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_phase(work_dir: Path, leaf_id: str, phase: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (work_dir / "state.json").exists() and load_state(work_dir, leaf_id).phase == phase:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"leaf exited early: {process.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    raise TimeoutError(f"leaf never reached phase {phase}")
+
+
+def test_leaf_killed_between_upload_and_aggregation_resumes_with_one_update(
+    amqp_server: BkServer, tmp_path: Path, prefect_api: str
+) -> None:
+    federation = amqp_server.federation(leaves=2)
+    killed, other = federation.leaves
+    work_dir = tmp_path / "killed-leaf"
+    process = start_leaf(amqp_server, killed, work_dir, tmp_path, prefect_api)
+    wait_for_phase(work_dir, killed["id"], "uploaded", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
+
+    other_credentials = credentials_for(amqp_server, other, "amqp")
+    run_round(other_credentials, DigitsSoftmax(leaf_index=1, leaves=2), tmp_path / "other-leaf")
+
+    result = run_round(credentials_for(amqp_server, killed, "amqp"), DigitsSoftmax(leaf_index=0, leaves=2), work_dir)
+    assert result.status == "completed" and result.round == 1
+    round_one = amqp_server.status(federation.branch_id)["rounds"][0]
+    assert round_one["updates"] == 2 and round_one["leaves"] == sorted([killed["id"], other["id"]])
+    assert history_rows(work_dir)[0]["aggregation_id"] == round_one["aggregation_id"]
+    assert load_state(work_dir, killed["id"]).round == 2
+
+
+def test_upload_accepted_just_before_a_crash_is_not_counted_twice(amqp_server: BkServer, tmp_path: Path,
+                                                                  prefect_api: str) -> None:
+    """The crash falls after the platform accepted the upload but before the state said so."""
+    federation = amqp_server.federation(leaves=2)
+    leaf = federation.leaves[0]
+    work_dir = tmp_path / "leaf"
+    process = start_leaf(amqp_server, leaf, work_dir, tmp_path, prefect_api)
+    wait_for_phase(work_dir, leaf["id"], "uploaded", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
+    state = load_state(work_dir, leaf["id"])
+    state.phase = "trained"
+    (work_dir / "state.json").write_text(json.dumps(state.__dict__))
+
+    def second_leaf() -> None:
+        run_round(credentials_for(amqp_server, federation.leaves[1], "amqp"), DigitsSoftmax(leaf_index=1, leaves=2),
+                  tmp_path / "other")
+
+    helper = threading.Thread(target=second_leaf)
+    helper.start()
+    result = run_round(credentials_for(amqp_server, leaf, "amqp"), DigitsSoftmax(leaf_index=0, leaves=2), work_dir)
+    helper.join(60)
+    assert result.status == "completed"
+    assert amqp_server.status(federation.branch_id)["rounds"][0]["updates"] == 2
+
+
+def test_rerun_after_a_completed_round_starts_the_next_one(server: BkServer, tmp_path: Path) -> None:
+    federation = server.federation(leaves=1)
+    credentials = credentials_for(server, federation.leaves[0])
+    first = run_round(credentials, DigitsSoftmax(leaf_index=0, leaves=1), tmp_path / "leaf")
+    second = run_round(credentials, DigitsSoftmax(leaf_index=0, leaves=1), tmp_path / "leaf")
+    assert (first.round, second.round) == (1, 2)
+    assert [r["round"] for r in history_rows(tmp_path / "leaf")] == [1, 2]
