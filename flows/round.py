@@ -7,12 +7,14 @@ in its work directory; a rerun continues from the step that did not finish.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
 from bk_blocks import BranchKeyCredentials, RunStoppedError
@@ -71,7 +73,7 @@ def run_round(
             return RoundResult("stopped", details.run_number, state.round)
         state.start_round(details.run_number)
         if not participant.participate(state.round):
-            get_run_logger().info("participant declined round %d", state.round)
+            _logger().info("participant declined round %d", state.round)
             save_state(work_dir, state)
             return RoundResult("declined", state.run_number, state.round)
         _train(credentials, participant, work_dir, state)
@@ -95,6 +97,14 @@ def _finish(credentials: BranchKeyCredentials, participant: Participant, work_di
     if state.phase == "aggregated":
         _download(credentials, work_dir, state)
     return _evaluate_and_record(credentials, participant, work_dir, state)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The run logger inside a flow run, this module's logger outside one."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 def _timed(state: LeafState, step: str, started: float) -> None:
