@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import struct
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
+
+from .files import atomic_write
 
 PAYLOAD_KIND_KEY = "__bk_payload_kind__"
 FEDERATED_LEARNING = "federated_learning"
@@ -153,17 +154,8 @@ def write_aggregate(
 
 
 def _write_npz_atomically(path: Path, arrays: dict[str, np.ndarray], *, compress: bool) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            (np.savez_compressed if compress else np.savez)(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        (np.savez_compressed if compress else np.savez)(handle, **arrays)
     return path
 
 

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
@@ -38,7 +37,14 @@ from .errors import (
     TransientError,
     UnsafeFileIdError,
 )
-from .notifications import AggregationNotice, AmqpListener, NotificationListener, WebSocketListener, ticket_fetcher
+from .files import atomic_write
+from .notifications import (
+    AggregationNotice,
+    AmqpListener,
+    NotificationListener,
+    WebSocketListener,
+    ticket_fetcher,
+)
 
 if TYPE_CHECKING:
     from .credentials import BranchKeyCredentials
@@ -274,20 +280,13 @@ class BranchKeyClient:
                                  headers=self._headers(accept="*/*"))
         url = response.json()["data"]["download_url"]
         target = dest_dir / f"{file_id}.npz"
-        fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=f".{file_id}.", suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as handle:
+            with atomic_write(target) as handle:
                 received = self._fetch(url, handle)
                 handle.flush()
-                os.fsync(handle.fileno())
-            inspect_aggregate(tmp_name)
-            os.replace(tmp_name, target)
+                inspect_aggregate(handle.name)
         except ArchiveError as exc:
-            Path(tmp_name).unlink(missing_ok=True)
             raise TransientError(f"downloaded aggregate {file_id} is damaged ({exc}); download it again") from None
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
         self.log.info("downloaded aggregate %s (%d bytes)", file_id, received)
         return target
 

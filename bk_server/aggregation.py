@@ -12,7 +12,6 @@ leaves or the size of the model.
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -27,6 +26,7 @@ from bk_blocks.archive import (
     MemberSpec,
     NpzReader,
 )
+from bk_blocks.files import atomic_write
 
 
 class AggregationError(RuntimeError):
@@ -65,24 +65,14 @@ def fedavg(
     not checked again here.
     """
     coefficients = normalised_weights([update.weighting for update in updates])
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with ExitStack() as stack:
-            readers = [stack.enter_context(NpzReader(update.path, verify_crc=False)) for update in updates]
-            layer_specs = _agreed_layers(readers)
-            with zipfile.ZipFile(tmp_name, "w", zipfile.ZIP_STORED, allowZip64=True) as out:
-                for index, spec in enumerate(layer_specs):
-                    _write_layer(out, f"layer_{index}", spec, readers, coefficients, chunk_bytes)
-        with open(tmp_name, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return out_path
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        readers = [stack.enter_context(NpzReader(update.path, verify_crc=False)) for update in updates]
+        layer_specs = _agreed_layers(readers)
+        with atomic_write(out_path) as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as out:
+            for index, spec in enumerate(layer_specs):
+                _write_layer(out, f"layer_{index}", spec, readers, coefficients, chunk_bytes)
+    return Path(out_path)
 
 
 def _agreed_layers(readers: Sequence[NpzReader]) -> list[MemberSpec]:

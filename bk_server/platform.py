@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import secrets
-import shutil
 import threading
 import time
 import uuid
@@ -25,9 +24,18 @@ from typing import Any
 import numpy as np
 
 from bk_blocks.archive import UpdateInfo
+from bk_blocks.files import atomic_write
 
 from .aggregation import WeightedUpdate, fedavg
-from .errors import BadRequest, Forbidden, Gone, NotFound, RunBlocked, Unauthorized, UploadRejected
+from .errors import (
+    BadRequest,
+    Forbidden,
+    Gone,
+    NotFound,
+    RunBlocked,
+    Unauthorized,
+    UploadRejected,
+)
 from .notifications import Notifier, aggregation_message, run_status_message
 from .settings import ServerSettings
 from .store import Branch, Leaf, Round, Store, Upload
@@ -501,8 +509,6 @@ def _load_or_create_key(path: Path) -> bytes:
     if path.exists():
         return path.read_bytes()
     key = secrets.token_bytes(32)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(key)
-    tmp.chmod(0o600)
-    shutil.move(tmp, path)
+    with atomic_write(path) as handle:
+        handle.write(key)
     return key

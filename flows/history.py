@@ -7,8 +7,6 @@ file that readers ignore, and recording the same round again replaces its row.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +15,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+from bk_blocks.files import atomic_write
 
 METRICS = pa.map_(pa.string(), pa.float64())
 SCHEMA = pa.schema([
@@ -73,16 +73,8 @@ def append_record(work_dir: Path, record: RoundRecord) -> Path:
     row["train_metrics"] = list(row["train_metrics"].items())
     row["eval_metrics"] = list(row["eval_metrics"].items())
     table = pa.Table.from_pylist([row], schema=SCHEMA)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        pq.write_table(table, handle)
     return path
 
 

@@ -8,11 +8,11 @@ aggregate is never lost. A schedule of one-round flow runs and one long run shar
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bk_blocks.files import atomic_write
 
 PHASES = ("idle", "trained", "uploaded", "aggregated", "downloaded")
 
@@ -78,15 +78,5 @@ def load_state(work_dir: Path, leaf_id: str) -> LeafState:
 
 def save_state(work_dir: Path, state: LeafState) -> None:
     """Write the state atomically (temporary file, fsync, rename)."""
-    path = state_path(work_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(asdict(state), handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(state_path(work_dir), "w") as handle:
+        json.dump(asdict(state), handle, indent=2)

@@ -1,7 +1,12 @@
 """One retrying Prefect task per platform step (retry policy: `tasks.retries`)."""
 
 from .aggregation import wait_for_aggregation
-from .clients import close_shared_client, close_shared_clients, resolve_credentials, shared_client
+from .clients import (
+    close_shared_client,
+    close_shared_clients,
+    resolve_credentials,
+    shared_client,
+)
 from .download import download_aggregate
 from .metrics import send_metrics
 from .retries import retry_only_transient

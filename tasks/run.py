@@ -7,7 +7,12 @@ import time
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from bk_blocks import BranchKeyClient, BranchKeyCredentials, RunDetails, RunNotStartedError
+from bk_blocks import (
+    BranchKeyClient,
+    BranchKeyCredentials,
+    RunDetails,
+    RunNotStartedError,
+)
 
 from .clients import shared_client
 from .retries import RETRY_OPTIONS

@@ -1,0 +1,622 @@
+"""Benchmark the per-round orchestration overhead of the Prefect flows: round wall time minus training.
+
+A federation of 3 leaves (``--leaves``) with ``min_updates`` = all leaves runs R rounds (default 5)
+against a real `bk-server serve` process this script starts on a free loopback port. Each leaf runs
+in its own thread and calls `flows.training.federated_training`, a real Prefect flow (one flow run
+per leaf, its steps real Prefect tasks), with a benchmark participant defined here: ``train()``
+sleeps a fixed time (default 0.2 s, ``--train-s``), nudges 1 in 4096 elements of preallocated random
+float32 layers and returns them; ``evaluate()`` returns ``{}`` at once. So everything in a round
+except that sleep is orchestration: archive I/O, Prefect task runs, uploads, waiting for the other
+leaves and the server's FedAvg, the notice, the download, metrics, state and history bookkeeping.
+
+One federation per (transport, model size): ``websocket`` on a WebSocket-only server, and ``amqp``
+on a second server started with ``--amqp-url`` (skipped when no RabbitMQ answers on
+127.0.0.1:5672/15672). Default sizes 1 and 100 MB (``--sizes``).
+
+The figures come from the leaves' round history (`flows.history.history_rows`), one sample per
+leaf per round, round 1 excluded as the warm-up (listener start-up, first task runs, first files):
+
+- ``overhead`` = ``round_s - train_s`` (p50 and max). ``train_s`` is the flow's own train step:
+  reading the previous global model, ``train()`` and writing the update archive; ``train I/O`` is
+  the part of it that is not ``train()`` (archive read and write), i.e. overhead hidden in train_s;
+- ``upload``, ``wait``, ``download``: the p50 of those steps. ``wait`` includes waiting for the
+  slowest leaf's upload and the server's aggregation; ``wait min`` is the p50 over rounds of the
+  shortest wait of the round (the leaf whose upload closed it: FedAvg + notice + task overhead; it
+  can be below ``fedavg``, as the server starts aggregating as soon as it has the closing upload,
+  while that leaf is still finishing its upload task and saving its state);
+- ``fedavg``: the server's ``aggregated_at - closed_at`` of each measured round (admin API; the
+  aggregation queue and FedAvg over the round's uploads), p50;
+- ``rest`` = ``overhead - upload - wait - download``: evaluation (which loads the aggregate),
+  sending the train metrics, saving state;
+- ``gap``: from a round's ``finished_at`` to the next round's ``started_at``, p50. It is outside
+  ``round_s`` but is per-round orchestration too: writing the history row, publishing the history
+  and summary artifacts, the round event, the progress artifact, and the ``wait_for_run`` task.
+  It grows with the number of rounds already recorded (the history table artifact is rebuilt from
+  every history file each round), so compare it only between runs of the same ``--rounds``.
+
+Prefect: a temporary Prefect server (`prefect_test_harness`, SQLite) unless ``PREFECT_API_URL`` is
+set, always with a temporary ``PREFECT_HOME`` and ``PREFECT_SERVER_ANALYTICS_ENABLED=false``. Run
+logs go to the API at Prefect's default level; the console shows warnings only (set
+``PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL`` to change that).
+
+Everything runs on one machine over loopback (leaves, bk-server, Prefect server and RabbitMQ share
+the CPUs) with a warm page cache: upper bounds on throughput, not network figures. MB is 10**6
+bytes. Progress goes to stderr.
+
+Run from the project root:
+
+    .venv/bin/python bench/orchestration.py --quick    # sizes 1, 10 MB; 3 rounds: a smoke run
+    .venv/bin/python bench/orchestration.py            # sizes 1, 100 MB; 5 rounds: a few minutes
+    .venv/bin/python bench/orchestration.py --sizes 50 --rounds 10 --train-s 1 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+from flows.participant import Participant, TrainResult
+
+MB = 10**6
+GB = 10**9
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+RABBIT_ADMIN = "http://127.0.0.1:15672"
+RABBIT_AUTH = ("guest", "guest")
+WEBSOCKET, AMQP = "websocket", "amqp"
+SERVER_START_TIMEOUT_S = 30.0
+AGGREGATION_TIMEOUT_S = 600.0
+PREFECT_STARTUP_TIMEOUT_S = 90
+PREFECT_SETTLE_S = 3.0
+WARMUP_ROUNDS = 1
+# train() nudges one element in this many, so successive updates differ at almost no cost.
+PERTURB_STRIDE = 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark participant (loaded by the flows as "<this module>:SleepParticipant").
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_shapes(size_mb: float, layers: int) -> list[tuple[int, ...]]:
+    """Shapes of a float32 model of `size_mb` MB in `layers` layers: 1000-column matrices, a vector last."""
+    total = max(layers, round(size_mb * MB / 4))
+    per_layer = total // layers
+    shapes: list[tuple[int, ...]] = []
+    used = 0
+    for _ in range(layers - 1):
+        cols = min(1000, per_layer)
+        rows = max(1, per_layer // cols)
+        shapes.append((rows, cols))
+        used += rows * cols
+    shapes.append((total - used,))
+    return shapes
+
+
+class SleepParticipant(Participant):
+    """Trains by sleeping a known time; its model is preallocated random float32 layers."""
+
+    def __init__(self, size_mb: float = 1.0, layers: int = 4, train_s: float = 0.2, seed: int = 0,
+                 leaf_index: int = 0, leaves: int = 1) -> None:
+        rng = np.random.default_rng(seed + leaf_index)
+        self.layers = [rng.standard_normal(shape, dtype=np.float32) for shape in layer_shapes(size_mb, layers)]
+        self.train_s = float(train_s)
+        self.weighting = float(1 + leaf_index)
+
+    def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
+        started = time.perf_counter()
+        time.sleep(self.train_s)
+        for layer in self.layers:
+            layer.reshape(-1)[::PERTURB_STRIDE] += np.float32(1e-3)
+        return TrainResult(self.weighting, self.layers, {"participant_s": time.perf_counter() - started})
+
+    def evaluate(self, global_model: list[np.ndarray], round_number: int) -> dict[str, float]:
+        return {}
+
+
+def participant_path() -> str:
+    """How the flows name the participant: this module (``__main__`` when run as a script)."""
+    return f"{SleepParticipant.__module__}:{SleepParticipant.__qualname__}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Results.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One leaf's measured round, in seconds (from its history row)."""
+
+    transport: str
+    size_mb: float
+    leaf: str
+    round: int
+    aggregation_id: str
+    bytes_up: int
+    round_s: float
+    train_s: float
+    participant_s: float
+    upload_s: float
+    wait_s: float
+    download_s: float
+    evaluate_s: float
+    gap_s: float | None
+
+    @property
+    def overhead_s(self) -> float:
+        return self.round_s - self.train_s
+
+    @property
+    def rest_s(self) -> float:
+        return self.overhead_s - self.upload_s - self.wait_s - self.download_s
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: one transport and model size, in seconds."""
+
+    transport: str
+    size_mb: float
+    archive_mb: float
+    samples: int
+    train_p50: float
+    train_io_p50: float
+    overhead_p50: float
+    overhead_max: float
+    upload_p50: float
+    wait_p50: float
+    wait_min_p50: float
+    fedavg_p50: float | None
+    download_p50: float
+    rest_p50: float
+    gap_p50: float | None
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile with linear interpolation between closest ranks (numpy's default)."""
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def summarise(transport: str, size_mb: float, samples: Sequence[Sample], fedavg_s: Sequence[float]) -> Row:
+    """The row of one (transport, size) from its samples and the server's aggregation times."""
+    by_round: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_round.setdefault(sample.round, []).append(sample)
+    gaps = [s.gap_s for s in samples if s.gap_s is not None]
+    return Row(
+        transport=transport, size_mb=size_mb, archive_mb=round(percentile([s.bytes_up for s in samples], 50) / MB, 1),
+        samples=len(samples),
+        train_p50=percentile([s.train_s for s in samples], 50),
+        train_io_p50=percentile([s.train_s - s.participant_s for s in samples], 50),
+        overhead_p50=percentile([s.overhead_s for s in samples], 50),
+        overhead_max=max(s.overhead_s for s in samples),
+        upload_p50=percentile([s.upload_s for s in samples], 50),
+        wait_p50=percentile([s.wait_s for s in samples], 50),
+        wait_min_p50=percentile([min(s.wait_s for s in group) for group in by_round.values()], 50),
+        fedavg_p50=percentile(fedavg_s, 50) if fedavg_s else None,
+        download_p50=percentile([s.download_s for s in samples], 50),
+        rest_p50=percentile([s.rest_s for s in samples], 50),
+        gap_p50=percentile(gaps, 50) if gaps else None,
+    )
+
+
+def samples_from_history(transport: str, size_mb: float, leaf: str, rows: Sequence[dict[str, Any]],
+                         rounds: int) -> list[Sample]:
+    """The measured rounds of one leaf's history rows (checked complete and in order)."""
+    got = [(r["run_number"], r["round"], r["status"]) for r in rows]
+    want = [(1, n, "completed") for n in range(1, rounds + 1)]
+    if got != want:
+        raise RuntimeError(f"{leaf}: history holds {got}, expected {want}")
+    samples = []
+    for previous, row in zip([None, *rows[:-1]], rows):
+        if row["round"] <= WARMUP_ROUNDS:
+            continue
+        gap = (row["started_at"] - previous["finished_at"]).total_seconds() if previous else None
+        samples.append(Sample(
+            transport=transport, size_mb=size_mb, leaf=leaf, round=row["round"],
+            aggregation_id=row["aggregation_id"], bytes_up=row["bytes_up"], round_s=row["round_s"],
+            train_s=row["train_s"], participant_s=row["train_metrics"]["participant_s"], upload_s=row["upload_s"],
+            wait_s=row["wait_s"], download_s=row["download_s"], evaluate_s=row["evaluate_s"], gap_s=gap,
+        ))
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# bk-server and RabbitMQ.
+# ---------------------------------------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    """Report progress on stderr, so stdout holds only the table (or JSON)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def broker_available() -> bool:
+    """Whether RabbitMQ answers on 5672 and its management API on 15672."""
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            pass
+        return requests.get(f"{RABBIT_ADMIN}/api/overview", auth=RABBIT_AUTH, timeout=2).ok
+    except (OSError, requests.RequestException):
+        return False
+
+
+@dataclass
+class Server:
+    """One `bk-server serve` subprocess on a free port, with its admin API."""
+
+    data_dir: Path
+    amqp_url: str | None = None
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+    federations: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir.parent / f"{self.data_dir.name}.log"
+
+    def start(self) -> Server:
+        """Start the server and wait until /healthz answers."""
+        command = [sys.executable, "-m", "bk_server.cli", "serve", "--data-dir", str(self.data_dir),
+                   "--port", str(self.port), "--log-level", "warning"]
+        if self.amqp_url:
+            command += ["--amqp-url", self.amqp_url]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bk-server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).ok:
+                    return self
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError(f"bk-server did not answer /healthz within {SERVER_START_TIMEOUT_S:.0f} s")
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL if it lingers)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Call the admin API with the token the server wrote into its data dir."""
+        token = json.loads((self.data_dir / "admin.json").read_text())["admin_token"]
+        response = requests.request(method, f"{self.url}/admin/v1{path}", json=body, timeout=60,
+                                    headers={"Authorization": f"Bearer {token}"})
+        if response.status_code >= 400:
+            raise RuntimeError(f"admin {method} {path} refused ({response.status_code}): {response.text[:300]}")
+        return response.json()["data"]
+
+    def federation(self, name: str, leaves: int) -> dict[str, Any]:
+        """A federation whose rounds close when every leaf has uploaded (its run is started)."""
+        data = self.admin("POST", "/federations", {"leaves": leaves, "min_updates": leaves, "tree": name,
+                                                   "branch": name})
+        self.federations.append(data)
+        return data
+
+    def rounds(self, branch_id: str) -> list[dict[str, Any]]:
+        return self.admin("GET", f"/branches/{branch_id}")["rounds"]
+
+    def cleanup_broker(self) -> None:
+        """Remove the vhosts and users this server provisioned on RabbitMQ for its federations."""
+        if not self.amqp_url:
+            return
+        for federation in self.federations:
+            paths = [f"vhosts/{federation['tree_id']}", *(f"users/{leaf['id']}" for leaf in federation["leaves"])]
+            for path in paths:
+                try:
+                    response = requests.delete(f"{RABBIT_ADMIN}/api/{path}", auth=RABBIT_AUTH, timeout=10)
+                except requests.RequestException as exc:
+                    progress(f"warning: could not remove {path} from RabbitMQ: {exc}")
+                    continue
+                if response.status_code not in (204, 404):
+                    progress(f"warning: RabbitMQ refused to remove {path}: {response.status_code}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefect and the federation runs.
+# ---------------------------------------------------------------------------------------------
+
+
+def configure_prefect_environment(root: Path) -> None:
+    """Settings that must be in the environment before Prefect is first imported."""
+    home = root / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+
+@contextmanager
+def prefect_api() -> Iterator[str]:
+    """PREFECT_API_URL if it is set, else a temporary Prefect server for the duration."""
+    given = os.environ.get("PREFECT_API_URL")
+    if given:
+        yield given
+        return
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    progress("starting a temporary Prefect server")
+    started = time.perf_counter()
+    with prefect_test_harness(server_startup_timeout=PREFECT_STARTUP_TIMEOUT_S):
+        progress(f"  up in {time.perf_counter() - started:.1f} s")
+        yield str(PREFECT_API_URL.value())
+        # Let the server record the last task-run events: stopped mid-flush it logs tracebacks.
+        time.sleep(PREFECT_SETTLE_S)
+
+
+def run_leaves(server: Server, federation: dict[str, Any], transport: str, size_mb: float, work: Path,
+               args: argparse.Namespace) -> None:
+    """Every leaf's `federated_training` flow run, concurrently in threads, for all rounds."""
+    from bk_blocks import BranchKeyCredentials
+    from flows.training import federated_training
+
+    blocks = [BranchKeyCredentials.from_platform_json(leaf, host=server.url, notification_transport=transport,
+                                                      amqp_host="127.0.0.1", read_timeout_s=600.0)
+              for leaf in federation["leaves"]]
+    options = {"size_mb": size_mb, "layers": args.layers, "train_s": args.train_s, "seed": args.seed}
+
+    def train(index: int, block: BranchKeyCredentials) -> list[Any]:
+        return federated_training.with_options(flow_run_name=f"bench-{block.leaf_name}")(
+            block, participant_path(), str(work / block.leaf_name), rounds=args.rounds,
+            participant_options={**options, "leaf_index": index, "leaves": len(blocks)},
+            aggregation_timeout_s=AGGREGATION_TIMEOUT_S, run_timeout_s=AGGREGATION_TIMEOUT_S,
+        )
+
+    with ThreadPoolExecutor(max_workers=len(blocks), thread_name_prefix="leaf") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, train, i, b) for i, b in enumerate(blocks)]
+        results = [future.result() for future in futures]
+    for block, leaf_results in zip(blocks, results):
+        statuses = [r.status for r in leaf_results]
+        if statuses != ["completed"] * args.rounds:
+            raise RuntimeError(f"{block.leaf_name}: rounds ended as {statuses}")
+
+
+def check_consistency(samples: Sequence[Sample], server_rounds: Sequence[dict[str, Any]]) -> list[str]:
+    """Problems with the run: leaves that took different aggregations, or ones the server does not list."""
+    problems = []
+    stored = {(r["run_number"], r["round"]): r["aggregation_id"] for r in server_rounds if r["status"] == "aggregated"}
+    for sample in samples:
+        expected = stored.get((1, sample.round))
+        if sample.aggregation_id != expected:
+            problems.append(f"{sample.transport} {sample.size_mb:g} MB: {sample.leaf} round {sample.round} took "
+                            f"aggregation {sample.aggregation_id}, the server aggregated {expected}")
+    return problems
+
+
+def bench_one(server: Server, transport: str, size_mb: float, root: Path,
+              args: argparse.Namespace) -> tuple[Row, list[Sample], list[str]]:
+    """One federation of one model size over one transport: run it, read the histories, summarise."""
+    name = f"{transport}-{size_mb:g}mb"
+    progress(f"[{name}] {args.leaves} leaves x {args.rounds} rounds (round 1 is the warm-up)")
+    federation = server.federation(name, args.leaves)
+    work = root / name
+    started = time.perf_counter()
+    run_leaves(server, federation, transport, size_mb, work, args)
+    progress(f"[{name}]   done in {time.perf_counter() - started:.1f} s")
+    from flows.history import history_rows
+
+    samples = [sample for leaf in federation["leaves"]
+               for sample in samples_from_history(transport, size_mb, leaf["name"], history_rows(work / leaf["name"]),
+                                                  args.rounds)]
+    server_rounds = server.rounds(federation["branch_id"])
+    fedavg_s = [r["aggregated_at"] - r["closed_at"] for r in server_rounds
+                if r["run_number"] == 1 and r["round"] > WARMUP_ROUNDS and r["aggregated_at"] is not None
+                and r["closed_at"] is not None]
+    notes = check_consistency(samples, server_rounds)
+    shutil.rmtree(work, ignore_errors=True)
+    return summarise(transport, size_mb, samples, fedavg_s), samples, notes
+
+
+def bench_transport(transport: str, root: Path, args: argparse.Namespace) -> tuple[list[Row], list[Sample], list[str]]:
+    """Every model size over one transport, on a server of its own."""
+    server = Server(root / f"bk-{transport}", amqp_url=AMQP_URL if transport == AMQP else None)
+    rows: list[Row] = []
+    samples: list[Sample] = []
+    notes: list[str] = []
+    try:
+        progress(f"starting bk-server ({transport}) on port {server.port}")
+        server.start()
+        for size_mb in args.sizes:
+            row, size_samples, size_notes = bench_one(server, transport, size_mb, root, args)
+            rows.append(row)
+            samples += size_samples
+            notes += size_notes
+    finally:
+        server.stop()
+        server.cleanup_broker()
+    return rows, samples, notes
+
+
+def run_benchmark(root: Path, args: argparse.Namespace) -> tuple[list[Row], list[Sample], list[str], str]:
+    """Start Prefect, bench every transport; return rows, samples, notes and the Prefect API used."""
+    transports = list(args.transports)
+    notes: list[str] = []
+    if AMQP in transports and not broker_available():
+        transports.remove(AMQP)
+        notes.append("amqp skipped: no RabbitMQ with its management API on 127.0.0.1:5672/15672")
+        progress(notes[-1])
+    rows: list[Row] = []
+    samples: list[Sample] = []
+    with prefect_api() as api:
+        for transport in transports:
+            transport_rows, transport_samples, transport_notes = bench_transport(transport, root, args)
+            rows += transport_rows
+            samples += transport_samples
+            notes += transport_notes
+    return rows, samples, notes, api
+
+
+# ---------------------------------------------------------------------------------------------
+# Output.
+# ---------------------------------------------------------------------------------------------
+
+
+def machine_header(args: argparse.Namespace, api: str, external_api: bool) -> str:
+    """Header lines: the machine, the versions and how the figures were taken."""
+    import prefect
+
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+    where = f"PREFECT_API_URL={api}" if external_api else "a temporary Prefect server (prefect_test_harness, SQLite)"
+    measured = args.rounds - WARMUP_ROUNDS
+    return (
+        f"# {platform.machine()}, {os.cpu_count()} CPUs, {ram_gb:.1f} GB RAM; Python {platform.python_version()}, "
+        f"Prefect {prefect.__version__}, numpy {np.__version__}; flows against {where}\n"
+        "# loopback (leaves, bk-server, Prefect server and RabbitMQ share the CPUs), warm page cache; "
+        "MB = 10**6 bytes; times in s\n"
+        f"# {args.leaves} leaves (threads, one federated-training flow run each), min_updates={args.leaves}, "
+        f"{args.rounds} rounds, round 1 warm-up excluded: n = {args.leaves} x {measured} samples; "
+        f"float32 model in {args.layers} layers; train() sleeps {args.train_s:g} s\n"
+        "# overhead = round_s - train_s (p50, max); train I/O = train_s - train() (global model read + archive "
+        "write);\n"
+        "#   wait includes the slowest leaf and FedAvg; wait min = the round's shortest wait; fedavg = server "
+        "aggregated_at - closed_at;\n"
+        "#   rest = overhead - upload - wait - download; gap = next round's started_at - finished_at "
+        "(history, artifacts, event, wait_for_run): outside round_s"
+    )
+
+
+def format_table(headings: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """Rows as a fixed-width plain-text table, the first column left-aligned, the rest right-aligned."""
+    widths = [max(len(line[i]) for line in [headings, *cells]) for i in range(len(headings))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(headings), rule, *(line(values) for values in cells)])
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def results_table(rows: Sequence[Row]) -> str:
+    headings = ["transport", "MB", "archive MB", "n", "train", "train I/O", "overhead p50", "overhead max",
+                "upload", "wait", "wait min", "fedavg", "download", "rest", "gap"]
+    cells = [[r.transport, f"{r.size_mb:g}", f"{r.archive_mb:.1f}", str(r.samples), seconds(r.train_p50),
+              seconds(r.train_io_p50), seconds(r.overhead_p50), seconds(r.overhead_max), seconds(r.upload_p50),
+              seconds(r.wait_p50), seconds(r.wait_min_p50), seconds(r.fedavg_p50), seconds(r.download_p50),
+              seconds(r.rest_p50), seconds(r.gap_p50)] for r in rows]
+    return format_table(headings, cells)
+
+
+def parse_sizes(text: str) -> list[float]:
+    """Parse a comma-separated list of positive model sizes in MB, e.g. `1,100`."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive sizes in MB like 1,100, got {text!r}")
+    return values
+
+
+def parse_transports(text: str) -> list[str]:
+    """Parse a comma-separated list of transports out of `websocket,amqp`."""
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values or any(v not in (WEBSOCKET, AMQP) for v in values):
+        raise argparse.ArgumentTypeError(f"expected transports out of websocket,amqp, got {text!r}")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options; `--quick` fills in small sizes and fewer rounds unless they are given."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=parse_sizes, default=None,
+                        help="float32 model sizes in MB (default 1,100; --quick: 1,10)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds per federation, the first a warm-up (default 5; --quick: 3)")
+    parser.add_argument("--leaves", type=int, default=3, help="leaves per federation, all needed per round (default 3)")
+    parser.add_argument("--train-s", type=float, default=0.2, help="seconds train() sleeps (default 0.2)")
+    parser.add_argument("--layers", type=int, default=4, help="layers of the model (default 4)")
+    parser.add_argument("--transports", type=parse_transports, default=[WEBSOCKET, AMQP],
+                        help="notification transports (default websocket,amqp; amqp skipped without a broker)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where to create the temporary directory (default /tmp)")
+    parser.add_argument("--seed", type=int, default=0, help="RNG seed for the models")
+    parser.add_argument("--quick", action="store_true", help="smoke run: sizes 1 and 10 MB, 3 rounds")
+    parser.add_argument("--json", action="store_true", help="print rows and samples as JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = [1.0, 10.0] if args.quick else [1.0, 100.0]
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 5
+    if args.rounds <= WARMUP_ROUNDS:
+        parser.error(f"--rounds must be more than the {WARMUP_ROUNDS} warm-up round")
+    if args.leaves < 1 or args.layers < 1 or args.train_s < 0:
+        parser.error("--leaves and --layers must be positive, --train-s not negative")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmark and print the table (or JSON)."""
+    args = parse_args(argv)
+    base = args.workdir if args.workdir is not None else Path(tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="bk-bench-orchestration-", dir=base))
+    external_api = bool(os.environ.get("PREFECT_API_URL"))
+    try:
+        configure_prefect_environment(root)
+        rows, samples, notes, api = run_benchmark(root, args)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    header = machine_header(args, api, external_api)
+    if args.json:
+        print(json.dumps({"machine": header, "rows": [asdict(r) for r in rows],
+                          "samples": [asdict(s) for s in samples], "notes": notes}, indent=2))
+        return
+    print(header)
+    print()
+    print(results_table(rows))
+    for note in notes:
+        print(f"# {note}")
+
+
+if __name__ == "__main__":
+    main()
