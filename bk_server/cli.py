@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-import httpx
 import uvicorn
 from cyclopts import App, Parameter
 
 from .app import create_app, write_admin_file
+from .process import AdminCallError, admin_call
 from .settings import ServerSettings
 
 app = App(name="bk-server", help="A local BranchKey-compatible platform for development, tests and demos.")
@@ -22,10 +22,6 @@ federation_app = App(name="federation", help="Create federations (a tree, a bran
 run_app = App(name="run", help="Start, pause or stop a branch's run.")
 app.command(federation_app)
 app.command(run_app)
-
-
-class AdminCallError(RuntimeError):
-    """The admin API could not be reached or refused the call."""
 
 
 @app.command
@@ -93,20 +89,6 @@ def _admin_target(data_dir: Path | None, server: str | None, admin_token: str | 
     return (server or info["url"]).rstrip("/"), admin_token or info["admin_token"]
 
 
-def _admin_call(method: str, url: str, token: str, body: dict | None = None) -> dict:
-    try:
-        response = httpx.request(method, url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
-    except httpx.HTTPError as exc:
-        raise AdminCallError(f"cannot reach the server at {url}: {exc}") from exc
-    if response.status_code >= 400:
-        try:
-            message = response.json().get("error", response.text)
-        except ValueError:
-            message = response.text
-        raise AdminCallError(f"server refused ({response.status_code}): {message}")
-    return response.json()["data"]
-
-
 def write_credentials(out: Path, leaves: list[dict[str, str]]) -> list[Path]:
     """One official-format credentials JSON per leaf, readable only by the owner."""
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +131,7 @@ def federation_create(
     url, token = _admin_target(data_dir, server, admin_token)
     body = {"leaves": leaves, "min_updates": min_updates, "tree": tree, "branch": branch,
             "quorum": quorum, "round_deadline_s": round_deadline}
-    data = _admin_call("POST", f"{url}/admin/v1/federations", token, body)
+    data = admin_call(url, token, "POST", "/federations", body)
     paths = write_credentials(out, data["leaves"])
     print(json.dumps({"tree_id": data["tree_id"], "branch_id": data["branch_id"],
                       "credentials": [str(p) for p in paths]}, indent=2))
@@ -166,14 +148,14 @@ def run_control(
 ) -> None:
     """Start, pause or stop BRANCH's run; every leaf is notified."""
     url, token = _admin_target(data_dir, server, admin_token)
-    print(json.dumps(_admin_call("POST", f"{url}/admin/v1/branches/{branch}/run/{action}", token)))
+    print(json.dumps(admin_call(url, token, "POST", f"/branches/{branch}/run/{action}")))
 
 
 @app.command
 def status(*, branch: str, data_dir: Path | None = None, server: str | None = None, admin_token: str | None = None) -> None:
     """Print a branch's run, rounds and metrics as JSON."""
     url, token = _admin_target(data_dir, server, admin_token)
-    print(json.dumps(_admin_call("GET", f"{url}/admin/v1/branches/{branch}", token), indent=2))
+    print(json.dumps(admin_call(url, token, "GET", f"/branches/{branch}"), indent=2))
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
 
     def start(amqp: bool = False, **options: object) -> BkServer:
         data_dir = tmp_path_factory.mktemp("bk") / "data"
-        server = BkServer(data_dir, amqp=amqp, options=dict(options)).start()
+        server = BkServer(data_dir, amqp=amqp, options=options).start()
         started.append(server)
         return server
 
