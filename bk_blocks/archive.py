@@ -9,6 +9,7 @@ chunk, so a hostile or huge archive never has to fit in memory.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
@@ -181,7 +182,7 @@ class NpzReader:
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise NotAnArchiveError(f"not an .npz archive (not a readable zip file): {exc}") from exc
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            self._fd = self._zip.fp.fileno()
             self.members = self._inspect(max_decompressed_bytes)
         except BaseException:
             self.close()
@@ -195,9 +196,6 @@ class NpzReader:
 
     def close(self) -> None:
         self._zip.close()
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-            self._fd = None
 
     def _inspect(self, max_decompressed_bytes: int) -> dict[str, MemberSpec]:
         infos = self._zip.infolist()
@@ -226,9 +224,14 @@ class NpzReader:
         return info.filename[: -len(".npy")]
 
     def _member_spec(self, info: zipfile.ZipInfo, name: str) -> MemberSpec:
-        with self._zip.open(info) as stream:
-            shape, fortran_order, dtype, header_len = _read_npy_header(stream, name)
-        count = int(np.prod(shape, dtype=np.int64))
+        try:
+            with self._zip.open(info) as stream:
+                shape, fortran_order, dtype, header_len = _read_npy_header(stream, name)
+        except (NotImplementedError, zlib.error, zipfile.BadZipFile, EOFError) as exc:
+            raise NotAnArchiveError(f"member {name!r} cannot be read: {exc}") from None
+        if any(n < 0 for n in shape):
+            raise NotAnArchiveError(f"member {name!r} has a negative dimension in shape {shape}")
+        count = math.prod(shape)
         data_bytes = count * dtype.itemsize
         if header_len + data_bytes != info.file_size:
             raise NotAnArchiveError(
@@ -236,6 +239,8 @@ class NpzReader:
                 f"header describes {data_bytes}"
             )
         stored = info.compress_type == zipfile.ZIP_STORED
+        if stored and info.compress_size != info.file_size:
+            raise NotAnArchiveError(f"stored member {name!r} claims {info.file_size} bytes in {info.compress_size}")
         offset = _stored_data_offset(self._fd, info) + header_len if stored else None
         return MemberSpec(name, shape, dtype, fortran_order, data_bytes, stored, offset, header_len, info.CRC)
 
@@ -338,7 +343,7 @@ def _read_exactly(stream: IO[bytes], view: memoryview, name: str) -> int:
             if not got:
                 raise NotAnArchiveError(f"member {name!r} ends before its data does (truncated)")
             filled += got
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error, NotImplementedError) as exc:
         raise NotAnArchiveError(f"member {name!r} is corrupt: {exc}") from exc
     return filled
 
@@ -354,7 +359,7 @@ def _read_npy_header(stream: IO[bytes], name: str) -> tuple[tuple[int, ...], boo
             shape, fortran_order, dtype = fmt.read_array_header_2_0(stream, max_header_size=_MAX_NPY_HEADER)
         else:
             raise NotAnArchiveError(f"member {name!r} has unsupported .npy version {version}")
-    except (ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (ValueError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as exc:
         if isinstance(exc, ArchiveError):
             raise
         raise NotAnArchiveError(f"member {name!r} is not a valid .npy array: {exc}") from exc
@@ -429,12 +434,11 @@ def _layer_specs(reader: NpzReader, *, allow: frozenset[str]) -> tuple[MemberSpe
     return specs
 
 
-def _check_finite(reader: NpzReader, specs: Sequence[MemberSpec]) -> None:
+def _check_values(reader: NpzReader, specs: Sequence[MemberSpec]) -> None:
+    """Read every layer once: CRCs and lengths for all, NaN and infinity for float layers."""
     for spec in specs:
-        if spec.dtype.kind != "f":
-            continue
         for chunk in reader.iter_chunks(spec.name):
-            if not np.isfinite(chunk).all():
+            if spec.dtype.kind == "f" and not np.isfinite(chunk).all():
                 raise LayerError(f"{spec.name} holds NaN or infinity")
 
 
@@ -446,8 +450,8 @@ def inspect_update(
 ) -> UpdateInfo:
     """Validate an update archive and describe it; raise a specific `ArchiveError` if bad.
 
-    With `check_values` every float layer is scanned (chunk by chunk) for NaN and
-    infinity; the structure is always checked.
+    With `check_values` every layer is read once, chunk by chunk (CRCs, truncation, and
+    NaN or infinity in float layers); the structure is always checked.
     """
     with NpzReader(path, max_decompressed_bytes=max_decompressed_bytes) as reader:
         kind = _payload_kind(reader)
@@ -456,7 +460,7 @@ def inspect_update(
         weighting = _read_weighting(reader)
         specs = _layer_specs(reader, allow=frozenset({"weighting", PAYLOAD_KIND_KEY}))
         if check_values:
-            _check_finite(reader, specs)
+            _check_values(reader, specs)
         return UpdateInfo(Path(path), kind, weighting, specs)
 
 
@@ -477,7 +481,7 @@ def read_aggregate(
     """Validate and load an aggregate archive (layers only) as a list of arrays."""
     with NpzReader(path, max_decompressed_bytes=max_decompressed_bytes) as reader:
         specs = _layer_specs(reader, allow=frozenset())
-        _check_finite(reader, specs)
+        _check_values(reader, specs)
         return [reader.read_array(spec.name) for spec in specs]
 
 

@@ -141,6 +141,7 @@ class BranchKeyClient:
         self._timeout = (credentials.connect_timeout_s, credentials.read_timeout_s)
         self._listener: NotificationListener | None = None
         self._listener_lock = threading.Lock()
+        self._ticket_session = requests.Session()
         self._run: RunDetails | None = None
 
     def __repr__(self) -> str:
@@ -159,6 +160,7 @@ class BranchKeyClient:
             self._listener.close()
             self._listener = None
         self._session.close()
+        self._ticket_session.close()
 
     # -- HTTP plumbing -----------------------------------------------------------------
 
@@ -207,6 +209,8 @@ class BranchKeyClient:
         response = self._request("GET", f"/api/v1/run/{self.credentials.branch_id}", expected=200, what="run details")
         data = response.json()["data"]
         self._run = RunDetails(str(data["run_status"]), int(data["run_number"]))
+        if self._listener is not None:
+            self._listener.run_status = self._run.run_status
         return self._run
 
     @property
@@ -345,8 +349,8 @@ class BranchKeyClient:
                                 session_token=c.session_token.get_secret_value(), use_tls=c.amqp_tls,
                                 on_run_status=on_run_status)
         ws_base = "wss" + c.host[len("https"):] if c.host.startswith("https") else "ws" + c.host[len("http"):]
-        fetch = ticket_fetcher(requests.Session(), f"{c.host}/api/v1/ws/ticket", self._headers(), self._timeout,
-                               c.verify_tls, c.proxies)
+        fetch = ticket_fetcher(self._ticket_session, f"{c.host}/api/v1/ws/ticket", self._headers(),
+                               self._timeout, c.verify_tls, c.proxies)
         return WebSocketListener(ticket=fetch, ws_base=ws_base, on_run_status=on_run_status)
 
     def _on_run_status(self, status: str) -> None:
@@ -358,12 +362,19 @@ class BranchKeyClient:
         """A position in the notice stream; take it before uploading (starts listening)."""
         return self.listen().mark()
 
-    def wait_for_aggregation(self, timeout: float, *, after: int | None = None,
-                             exclude: Iterable[str] = ()) -> AggregationNotice:
+    def wait_for_aggregation(self, timeout: float, *, after: int | None = None, exclude: Iterable[str] = (),
+                             auto_ack: bool = True) -> AggregationNotice:
         """Wait for the aggregation that follows an upload: the first notice after `after` (a mark).
 
         Raises `NotificationTimeout` (transient) when none arrives in `timeout` seconds.
+        With `auto_ack=False`, call `acknowledge()` once the aggregation id is stored, so
+        that a crash before then gets the notice again (AMQP).
         """
         if not math.isfinite(timeout) or timeout <= 0:
             raise ValueError("timeout must be a positive number of seconds")
-        return self.listen().wait_for_aggregation(timeout, after=after, exclude=exclude)
+        return self.listen().wait_for_aggregation(timeout, after=after, exclude=exclude, auto_ack=auto_ack)
+
+    def acknowledge(self, aggregation_id: str) -> None:
+        """Acknowledge a notice taken with `auto_ack=False`."""
+        if self._listener is not None:
+            self._listener.acknowledge(aggregation_id)

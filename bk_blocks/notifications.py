@@ -67,6 +67,7 @@ class NotificationListener:
         self._lock = threading.Condition()
         self._pending: list[_Pending] = []
         self._handed_over: set[str] = set()
+        self._awaiting_ack: dict[str, Callable[[], None]] = {}
         self._sequence = 0
         self._connected = threading.Event()
         self._settled = threading.Event()
@@ -105,13 +106,14 @@ class NotificationListener:
             self._handler = handler
 
     def wait_for_aggregation(
-        self, timeout: float, *, after: int | None = None, exclude: Iterable[str] = ()
+        self, timeout: float, *, after: int | None = None, exclude: Iterable[str] = (), auto_ack: bool = True
     ) -> AggregationNotice:
         """The first aggregation notice received after `after` (a `mark()`), not in `exclude`.
 
         With `after=None` the most recent pending notice is returned (what a leaf resuming
         after a crash wants: the latest aggregation it has not handled). Notices passed
-        over are acknowledged and dropped.
+        over are acknowledged and dropped. With `auto_ack=False` the returned notice stays
+        unacknowledged (over AMQP: redelivered after a crash) until `acknowledge()`.
         """
         excluded = set(exclude)
         deadline = time.monotonic() + timeout
@@ -119,7 +121,7 @@ class NotificationListener:
             while True:
                 if self.failure is not None:
                     raise self.failure
-                chosen = self._choose(after, excluded)
+                chosen = self._choose(after, excluded, auto_ack)
                 if chosen is not None:
                     return chosen
                 remaining = deadline - time.monotonic()
@@ -130,7 +132,15 @@ class NotificationListener:
                     )
                 self._lock.wait(remaining)
 
-    def _choose(self, after: int | None, excluded: set[str]) -> AggregationNotice | None:
+    def acknowledge(self, aggregation_id: str) -> None:
+        """Acknowledge a notice returned with `auto_ack=False`, once its result is safely stored."""
+        with self._lock:
+            ack = self._awaiting_ack.pop(aggregation_id, None)
+            self._handed_over.add(aggregation_id)
+        if ack is not None:
+            ack()
+
+    def _choose(self, after: int | None, excluded: set[str], auto_ack: bool) -> AggregationNotice | None:
         """Pick the notice to return from the pending ones; ack and drop the stale ones."""
         if after is None:
             candidates = [p for p in self._pending if p.notice.aggregation_id not in excluded]
@@ -141,7 +151,13 @@ class NotificationListener:
         if chosen is None:
             stale = [p for p in self._pending if after is not None and p.notice.sequence <= after]
         else:
-            stale = [p for p in self._pending if p.notice.sequence <= chosen.notice.sequence]
+            stale = [p for p in self._pending if p.notice.sequence < chosen.notice.sequence]
+            self._pending.remove(chosen)
+            if auto_ack:
+                self._handed_over.add(chosen.notice.aggregation_id)
+                chosen.ack()
+            else:
+                self._awaiting_ack[chosen.notice.aggregation_id] = chosen.ack
         for entry in stale:
             self._pending.remove(entry)
             self._handed_over.add(entry.notice.aggregation_id)
@@ -154,10 +170,11 @@ class NotificationListener:
             message = json.loads(text)
             kind, body = message["message_type"], message.get("body") or {}
         except (ValueError, KeyError, TypeError):
-            log.warning("ignoring a notification that is not valid JSON with a message_type")
+            kind, body = None, None
+        if not isinstance(body, dict):
+            log.warning("ignoring a notification that is not JSON with a message_type and an object body")
             ack()
-            return
-        if kind == RUN_STATUS and isinstance(body.get("run_status"), str):
+        elif kind == RUN_STATUS and isinstance(body.get("run_status"), str):
             self.run_status = body["run_status"]
             log.info("run status is now %s", self.run_status)
             if self._on_run_status is not None:
@@ -170,13 +187,19 @@ class NotificationListener:
             ack()
 
     def _keep(self, body: dict[str, Any], ack: Callable[[], None]) -> None:
+        """Keep a new notice in order; a redelivered one keeps its place and takes the new ack."""
         aggregation_id = body["aggregation_id"]
         with self._lock:
-            if aggregation_id in self._handed_over or any(
-                p.notice.aggregation_id == aggregation_id for p in self._pending
-            ):
+            if aggregation_id in self._handed_over:
                 ack()
                 return
+            if aggregation_id in self._awaiting_ack:
+                self._awaiting_ack[aggregation_id] = ack
+                return
+            for entry in self._pending:
+                if entry.notice.aggregation_id == aggregation_id:
+                    entry.ack = ack
+                    return
             self._sequence += 1
             notice = AggregationNotice(aggregation_id, self._sequence, time.time(),
                                        {k: v for k, v in body.items() if k != "aggregation_id"})
@@ -188,11 +211,6 @@ class NotificationListener:
             else:
                 self._pending.append(_Pending(notice, ack))
             self._lock.notify_all()
-
-    def _forget_unacked(self) -> None:
-        """After a lost connection the broker redelivers what was not acked: drop our copies."""
-        with self._lock:
-            self._pending = [p for p in self._pending if p.ack is _no_ack]
 
     def _run(self) -> None:
         backoff = 0.5
@@ -252,12 +270,13 @@ class AmqpListener(NotificationListener):
         try:
             connection = pika.BlockingConnection(self._parameters)
         except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
+            if self.connections:
+                raise ConnectionError(f"RabbitMQ refused the leaf for now ({type(exc).__name__})") from None
             raise AuthenticationError(f"RabbitMQ refused the leaf's credentials ({type(exc).__name__})") from None
         self._connection = connection
         try:
             channel = connection.channel()
             channel.basic_qos(prefetch_count=1000)
-            self._forget_unacked()
 
             def on_message(ch: Any, method: Any, _properties: Any, body: bytes) -> None:
                 self._receive(body, _amqp_ack(connection, ch, method.delivery_tag))
@@ -313,7 +332,8 @@ class WebSocketListener(NotificationListener):
         data = self._ticket()
         url = f"{self._ws_base}/api/v1/ws?ticket={data['ticket_id']}&request_id={data['request_id']}"
         try:
-            socket = ws_connect(url, open_timeout=self._open_timeout, ping_interval=None, close_timeout=5)
+            socket = ws_connect(url, open_timeout=self._open_timeout, ping_interval=20, ping_timeout=20,
+                                close_timeout=5)
         except InvalidStatus as exc:
             raise ConnectionError(f"WebSocket refused with HTTP {exc.response.status_code}") from None
         self._socket = socket
@@ -338,7 +358,7 @@ class WebSocketListener(NotificationListener):
 
 def ticket_fetcher(session: requests.Session, url: str, headers: dict[str, str], timeout: tuple[float, float],
                    verify: bool, proxies: dict[str, str] | None) -> Callable[[], dict[str, str]]:
-    """A function that asks the platform for a fresh WebSocket ticket."""
+    """A function that asks the platform for a fresh WebSocket ticket (the listener thread's own session)."""
 
     def fetch() -> dict[str, str]:
         response = session.post(url, headers=headers, timeout=timeout, verify=verify, proxies=proxies)

@@ -42,12 +42,14 @@ class WeightedUpdate:
 
 
 def normalised_weights(weightings: Sequence[float]) -> np.ndarray:
-    """Turn raw weightings into coefficients summing to one, computed in float64."""
+    """Turn raw weightings into coefficients summing to one, in float64 (scaled by the largest
+    first, so that huge weightings cannot overflow their sum)."""
     weights = np.asarray(weightings, dtype=np.float64)
     if weights.size == 0:
         raise AggregationError("cannot aggregate a round with no updates")
     if not np.isfinite(weights).all() or (weights <= 0).any():
         raise AggregationError("every weighting must be finite and > 0")
+    weights = weights / weights.max()
     return weights / weights.sum()
 
 

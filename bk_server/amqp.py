@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 import pika
 import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
 
 from .platform import BrokerProvisioner, LeafCredentials
 from .store import OutboxMessage, Store
@@ -91,7 +91,7 @@ class AmqpPublisher:
         self._max_backoff = max_backoff_s
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._connections: dict[str, tuple[pika.BlockingConnection, object]] = {}
+        self._connections: dict[str, tuple[pika.BlockingConnection, BlockingChannel]] = {}
         self._thread = threading.Thread(target=self._run, name="amqp-publisher", daemon=True)
 
     def start(self) -> None:
@@ -106,17 +106,14 @@ class AmqpPublisher:
         self._store.add_outbox(tree_id, branch_id, text)
         self._wake.set()
 
-    def pending(self) -> int:
-        return len(self._store.outbox(limit=1_000_000))
-
     def _run(self) -> None:
         backoff = 0.5
         while not self._stopping.is_set():
             try:
+                self._wake.clear()
                 self._drain()
                 backoff = 0.5
                 self._wake.wait(timeout=1.0)
-                self._wake.clear()
                 self._service_heartbeats()
             except (pika.exceptions.AMQPError, OSError) as exc:
                 log.warning("RabbitMQ unavailable (%s); retrying in %.1f s", exc.__class__.__name__, backoff)
@@ -135,7 +132,13 @@ class AmqpPublisher:
                 self._store.remove_outbox(message.id)
 
     def _publish_one(self, message: OutboxMessage) -> None:
-        channel = self._channel(message.tree_id)
+        """Publish with a confirm; a message the broker can never take (no vhost or exchange) is dropped."""
+        try:
+            channel = self._channel(message.tree_id)
+        except pika.exceptions.ProbableAccessDeniedError:
+            log.error("dropping notification for branch %s: vhost %s refuses the publisher", message.branch_id,
+                      message.tree_id)
+            return
         try:
             channel.basic_publish(
                 exchange=message.branch_id,
@@ -144,15 +147,16 @@ class AmqpPublisher:
                 properties=pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json"),
             )
         except pika.exceptions.ChannelClosedByBroker as exc:
-            self._connections.pop(message.tree_id, None)
-            if exc.reply_code == 404:
-                log.error("dropping notification for branch %s: its exchange does not exist", message.branch_id)
+            self._close(message.tree_id)
+            if exc.reply_code in (403, 404):
+                log.error("dropping notification for branch %s: the broker refuses its exchange (%s)",
+                          message.branch_id, exc.reply_code)
                 return
             raise
 
-    def _channel(self, vhost: str):  # type: ignore[no-untyped-def]
+    def _channel(self, vhost: str) -> BlockingChannel:
         entry = self._connections.get(vhost)
-        if entry is not None and entry[0].is_open and entry[1].is_open:  # type: ignore[attr-defined]
+        if entry is not None and entry[0].is_open and entry[1].is_open:
             return entry[1]
         if entry is not None and entry[0].is_open:
             connection = entry[0]
@@ -173,25 +177,21 @@ class AmqpPublisher:
             if connection.is_open:
                 connection.process_data_events(time_limit=0)
 
+    def _close(self, vhost: str) -> None:
+        entry = self._connections.pop(vhost, None)
+        if entry is None:
+            return
+        try:
+            if entry[0].is_open:
+                entry[0].close()
+        except (pika.exceptions.AMQPError, OSError):
+            log.debug("publisher connection to vhost %s was already gone", vhost)
+
     def _close_all(self) -> None:
-        for connection, _ in self._connections.values():
-            try:
-                if connection.is_open:
-                    connection.close()
-            except (pika.exceptions.AMQPError, OSError):
-                pass
-        self._connections.clear()
+        for vhost in list(self._connections):
+            self._close(vhost)
 
 
 def publisher_user(amqp_url: str) -> str:
+    """The broker user the server publishes as (it needs rights on every tree's vhost)."""
     return urlsplit(amqp_url).username or "guest"
-
-
-def wait_until_drained(publisher: AmqpPublisher, timeout: float) -> bool:
-    """Wait for the outbox to empty (tests and shutdown); False on timeout."""
-    deadline = time.monotonic() + timeout
-    while publisher.pending():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True

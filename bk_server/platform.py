@@ -16,17 +16,17 @@ import secrets
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bk_blocks.archive import UpdateInfo
+from bk_blocks.archive import ArchiveError, UpdateInfo
 from bk_blocks.files import atomic_write
 
-from .aggregation import WeightedUpdate, fedavg
+from .aggregation import AggregationError, WeightedUpdate, fedavg
 from .errors import (
     BadRequest,
     Forbidden,
@@ -43,6 +43,7 @@ from .store import Branch, Leaf, Round, Store, Upload
 log = logging.getLogger(__name__)
 
 RUN_ACTIONS = ("start", "pause", "stop")
+AGGREGATION_ATTEMPTS = 3
 METRIC_MODES = ("test", "train", "non-federated")
 
 
@@ -103,7 +104,6 @@ class Platform:
         self._lock = threading.RLock()
         self._aggregator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedavg")
         self._tickets: dict[str, tuple[str, str, float]] = {}
-        self._jobs: dict[str, Future[None]] = {}
 
     def close(self) -> None:
         self._aggregator.shutdown(wait=True, cancel_futures=False)
@@ -188,12 +188,16 @@ class Platform:
         """Start, pause or stop a branch's run and tell every leaf.
 
         Starting after a stop begins a new run (run_number + 1, round 1); starting after
-        a pause resumes the same round. Stopping abandons the open round.
+        a pause resumes the same round. Stopping abandons the open round and discards its
+        updates. A stopped run cannot be paused (so a later start is always a new run).
         """
         if action not in RUN_ACTIONS:
             raise BadRequest(f"run action must be one of {', '.join(RUN_ACTIONS)}, got {action!r}")
+        discarded: list[Upload] = []
         with self._lock:
             branch = self.require_branch(branch_id)
+            if action == "pause" and branch.run_status == "stop":
+                raise BadRequest("a stopped run cannot be paused; start a new run instead")
             now = time.time()
             with self.store.transaction() as db:
                 if action == "start" and branch.run_status == "stop":
@@ -204,20 +208,28 @@ class Platform:
                     )
                     db.execute("INSERT INTO rounds VALUES (?, ?, 1, 'open', NULL, NULL, ?, NULL)", (branch_id, run_number, now))
                 elif action == "stop" and branch.run_status != "stop":
+                    discarded = self.store.accepted_uploads(branch_id, branch.run_number, branch.round)
                     db.execute(
                         "UPDATE rounds SET status='abandoned', closed_at=? WHERE branch_id=? AND run_number=? AND round=? AND status='open'",
                         (now, branch_id, branch.run_number, branch.round),
                     )
                     db.execute(
-                        "UPDATE uploads SET status='discarded' WHERE branch_id=? AND run_number=? AND round=? AND status='accepted'",
+                        "UPDATE uploads SET status='discarded', idempotency_key=NULL "
+                        "WHERE branch_id=? AND run_number=? AND round=? AND status='accepted'",
                         (branch_id, branch.run_number, branch.round),
                     )
                     db.execute("UPDATE branches SET run_status='stop', updated_at=? WHERE id=?", (now, branch_id))
                 elif action != branch.run_status:
                     db.execute("UPDATE branches SET run_status=?, updated_at=? WHERE id=?", (action, now, branch_id))
             branch = self.require_branch(branch_id)
-        self._notify(branch, run_status_message(action, run_number=branch.run_number))
+            self._notify(branch, run_status_message(action, run_number=branch.run_number))
+        self._remove_uploads(discarded)
         return branch
+
+    def _remove_uploads(self, uploads: list[Upload]) -> None:
+        """Delete the archives of uploads that no longer count (replaced or discarded)."""
+        for upload in uploads:
+            (self.settings.uploads_dir / f"{upload.file_id}.npz").unlink(missing_ok=True)
 
     # -- uploads and rounds ------------------------------------------------------------
 
@@ -247,34 +259,45 @@ class Platform:
             existing = self.find_idempotent(leaf, idempotency_key, staged.digest)
             if existing is not None:
                 staged.path.unlink(missing_ok=True)
+                self._close_round_if_due(leaf.branch_id, time.time())
                 return existing
             branch = self.check_can_upload(leaf)
-            round_ = self.store.round(branch.id, branch.run_number, branch.round)
-            assert round_ is not None
+            round_ = self._open_round(branch)
             accepted = self.store.accepted_uploads(branch.id, branch.run_number, branch.round)
             others = [u for u in accepted if u.leaf_id != leaf.id]
             self._check_signature(round_, others, signature)
             file_id = str(uuid.uuid4())
             target = self.settings.uploads_dir / f"{file_id}.npz"
-            staged.path.replace(target)
             replaced = [u for u in accepted if u.leaf_id == leaf.id]
-            with self.store.transaction() as db:
-                for earlier in replaced:
-                    db.execute("UPDATE uploads SET status='superseded' WHERE file_id=?", (earlier.file_id,))
-                db.execute(
-                    "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?)",
-                    (file_id, leaf.id, branch.id, branch.run_number, branch.round, staged.info.weighting,
-                     staged.size, staged.digest, metadata, idempotency_key or None, time.time()),
-                )
-                db.execute(
-                    "UPDATE rounds SET signature=? WHERE branch_id=? AND run_number=? AND round=?",
-                    (signature, branch.id, branch.run_number, branch.round),
-                )
-            for earlier in replaced:
-                (self.settings.uploads_dir / f"{earlier.file_id}.npz").unlink(missing_ok=True)
+            staged.path.replace(target)
+            try:
+                with self.store.transaction() as db:
+                    for earlier in replaced:
+                        db.execute("UPDATE uploads SET status='superseded', idempotency_key=NULL WHERE file_id=?",
+                                   (earlier.file_id,))
+                    db.execute(
+                        "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?)",
+                        (file_id, leaf.id, branch.id, branch.run_number, branch.round, staged.info.weighting,
+                         staged.size, staged.digest, metadata, idempotency_key or None, time.time()),
+                    )
+                    db.execute(
+                        "UPDATE rounds SET signature=? WHERE branch_id=? AND run_number=? AND round=?",
+                        (signature, branch.id, branch.run_number, branch.round),
+                    )
+            except BaseException:
+                target.unlink(missing_ok=True)
+                raise
+            self._remove_uploads(replaced)
             log.info("round %s/%s of branch %s: update %s from leaf %s", branch.run_number, branch.round, branch.id, file_id, leaf.name)
             self._close_round_if_due(branch.id, time.time())
         return file_id
+
+    def _open_round(self, branch: Branch) -> Round:
+        """The branch's current round row (created with the run, so always there)."""
+        round_ = self.store.round(branch.id, branch.run_number, branch.round)
+        if round_ is None:
+            raise NotFound(f"round {branch.round} of run {branch.run_number} is missing from the database")
+        return round_
 
     @staticmethod
     def _check_signature(round_: Round, others: list[Upload], signature: str) -> None:
@@ -336,19 +359,17 @@ class Platform:
             if branch.run_status == "start" and branch.round_deadline_s is not None:
                 self._close_round_if_due(branch.id, now)
 
-    def resume_pending_aggregations(self) -> None:
-        """After a restart, aggregate every round that was closed but not yet aggregated."""
+    def resume_after_restart(self) -> None:
+        """After a restart: aggregate rounds closed but not aggregated, close rounds already full."""
         for round_ in self.store.rounds_with_status("aggregating"):
             self._submit_aggregation(round_.branch_id, round_.run_number, round_.round)
+        now = time.time()
+        for branch in self.store.branches():
+            if branch.run_status == "start":
+                self._close_round_if_due(branch.id, now)
 
     def _submit_aggregation(self, branch_id: str, run_number: int, round_number: int) -> None:
-        key = f"{branch_id}/{run_number}/{round_number}"
-        self._jobs[key] = self._aggregator.submit(self._aggregate, branch_id, run_number, round_number)
-
-    def wait_for_aggregations(self, timeout: float | None = None) -> None:
-        """Block until every submitted aggregation has finished (for tests and shutdown)."""
-        for future in list(self._jobs.values()):
-            future.result(timeout=timeout)
+        self._aggregator.submit(self._aggregate, branch_id, run_number, round_number)
 
     def _aggregate(self, branch_id: str, run_number: int, round_number: int) -> None:
         round_ = self.store.round(branch_id, run_number, round_number)
@@ -357,10 +378,22 @@ class Platform:
         uploads = self.store.accepted_uploads(branch_id, run_number, round_number)
         started = time.perf_counter()
         out = self.settings.aggregates_dir / f"{round_.aggregation_id}.npz"
-        try:
-            fedavg([WeightedUpdate(self.settings.uploads_dir / f"{u.file_id}.npz", u.weighting) for u in uploads], out)
-        except Exception:
-            log.exception("aggregation of round %s/%s of branch %s failed", run_number, round_number, branch_id)
+        inputs = [WeightedUpdate(self.settings.uploads_dir / f"{u.file_id}.npz", u.weighting) for u in uploads]
+        for attempt in range(1, AGGREGATION_ATTEMPTS + 1):
+            try:
+                fedavg(inputs, out)
+                break
+            except OSError as exc:
+                log.warning("aggregation of round %s/%s of branch %s hit %s (attempt %d of %d)", run_number,
+                            round_number, branch_id, exc, attempt, AGGREGATION_ATTEMPTS)
+                time.sleep(attempt)
+            except (AggregationError, ArchiveError):
+                log.exception("aggregation of round %s/%s of branch %s failed", run_number, round_number, branch_id)
+                break
+        else:
+            log.error("aggregation of round %s/%s of branch %s failed %d times", run_number, round_number,
+                      branch_id, AGGREGATION_ATTEMPTS)
+        if not out.exists():
             with self.store.transaction() as db:
                 db.execute(
                     "UPDATE rounds SET status='failed' WHERE branch_id=? AND run_number=? AND round=?",

@@ -202,7 +202,8 @@ class Store:
         return self._one(Upload, "SELECT * FROM uploads WHERE file_id = ?", file_id)
 
     def upload_by_key(self, leaf_id: str, key: str) -> Upload | None:
-        return self._one(Upload, "SELECT * FROM uploads WHERE leaf_id = ? AND idempotency_key = ?", leaf_id, key)
+        return self._one(Upload, "SELECT * FROM uploads WHERE leaf_id = ? AND idempotency_key = ? AND status = 'accepted'",
+                         leaf_id, key)
 
     def accepted_uploads(self, branch_id: str, run_number: int, round_number: int) -> list[Upload]:
         return self._all(

@@ -16,10 +16,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio.to_thread
+
 from .errors import BadRequest, PayloadTooLarge
 from .multipart import MultipartError, MultipartParser, boundary_of, part_name
 
 MAX_DATA_PART_BYTES = 1024 * 1024
+# Body bytes handed to a worker thread at a time: disk writes, hashing and fsync stay off the event loop.
+FEED_BYTES = 1024 * 1024
 
 
 class _FileSink:
@@ -105,8 +109,13 @@ async def receive_upload(
 
     parser = MultipartParser(boundary, open_part)
     try:
+        pending = bytearray()
         async for chunk in body:
-            parser.feed(chunk)
+            pending += chunk
+            if len(pending) >= FEED_BYTES:
+                await anyio.to_thread.run_sync(parser.feed, bytes(pending))
+                pending.clear()
+        await anyio.to_thread.run_sync(parser.feed, bytes(pending))
         parser.close()
         file_sink = sinks.get("file")
         if not isinstance(file_sink, _FileSink):

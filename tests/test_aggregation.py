@@ -169,3 +169,7 @@ def test_normalised_weights_sum_to_one_in_proportion():
     assert weights.dtype == np.float64
     assert weights.sum() == pytest.approx(1.0, abs=1e-15)
     np.testing.assert_allclose(weights[:3] / weights[0], [1, 2, 3.5])
+
+
+def test_huge_weightings_do_not_overflow_into_zero_coefficients():
+    assert np.allclose(normalised_weights([1e308, 1e308]), [0.5, 0.5])

@@ -345,3 +345,40 @@ def test_write_update_leaves_no_temporary_file_after_success(tmp_path):
     write_update(tmp_path / "u.npz", 2, LAYERS)  # replacing an existing file too
     assert [p.name for p in tmp_path.iterdir()] == ["u.npz"]
     assert read_update(tmp_path / "u.npz")[0] == 2.0
+
+
+def test_flipped_byte_in_a_stored_integer_layer_is_refused(tmp_path):
+    path = write_update(tmp_path / "u.npz", 1, [np.ones(2, np.float32), np.full(10_000, 7, np.int64)])
+    data = bytearray(path.read_bytes())
+    offset = data.index(np.full(8, 7, np.int64).tobytes()) + 4000
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(NotAnArchiveError, match="CRC-32 mismatch"):
+        inspect_update(path)
+
+
+@pytest.mark.parametrize("shape", [(-1, 4), (2**32, 2**32)])
+def test_impossible_shape_is_refused(tmp_path, shape):
+    path = tmp_path / "u.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("weighting.npy", npy_bytes(np.array([1.0])))
+        archive.writestr("layer_0.npy", npy_header("<f4", shape))
+    with pytest.raises(NotAnArchiveError):
+        inspect_update(path)
+
+
+def test_unsupported_compression_is_refused_as_not_an_archive(tmp_path):
+    path = tmp_path / "u.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("weighting.npy", npy_bytes(np.array([1.0])))
+        archive.writestr("layer_0.npy", npy_bytes(np.ones(3)))
+    data = bytearray(path.read_bytes())
+    for signature in (b"PK\x03\x04", b"PK\x01\x02"):
+        start = 0
+        while (index := data.find(signature, start)) >= 0:
+            method_at = index + (8 if signature == b"PK\x03\x04" else 10)
+            data[method_at:method_at + 2] = (99).to_bytes(2, "little")
+            start = index + 4
+    path.write_bytes(bytes(data))
+    with pytest.raises(NotAnArchiveError):
+        inspect_update(path)

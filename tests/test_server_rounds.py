@@ -7,7 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
+
 from bk_blocks.archive import read_aggregate, read_update, write_update
+from bk_server.process import AdminCallError
 
 from .bkserver import BkServer
 from .conftest import fedavg_reference
@@ -168,3 +171,31 @@ def test_api_answers_while_a_round_aggregates(server: BkServer, tmp_path: Path) 
             break
         answered_during_aggregation |= status == "aggregating"
     assert answered_during_aggregation
+
+
+def test_a_stopped_run_cannot_be_paused(server: BkServer) -> None:
+    federation = server.federation(leaves=1)
+    server.run(federation.branch_id, "stop")
+    with pytest.raises(AdminCallError, match="cannot be paused"):
+        server.run(federation.branch_id, "pause")
+
+
+def test_idempotency_key_of_a_discarded_upload_counts_again_in_the_new_run(
+    server: BkServer, update_file: Callable[..., Path]
+) -> None:
+    federation = server.federation(leaves=2)
+    path = update_file()
+    first = file_id_of(upload(server, federation.leaves[0], path, extra_headers={"Idempotency-Key": "k"}))
+    server.run(federation.branch_id, "stop")
+    server.run(federation.branch_id, "start")
+    again = file_id_of(upload(server, federation.leaves[0], path, extra_headers={"Idempotency-Key": "k"}))
+    assert again != first
+    assert server.status(federation.branch_id)["rounds"][-1]["updates"] == 1
+
+
+def test_retry_with_a_key_gets_its_file_id_even_while_paused(server: BkServer, update_file: Callable[..., Path]) -> None:
+    federation = server.federation(leaves=2)
+    path = update_file()
+    first = file_id_of(upload(server, federation.leaves[0], path, extra_headers={"Idempotency-Key": "k"}))
+    server.run(federation.branch_id, "pause")
+    assert file_id_of(upload(server, federation.leaves[0], path, extra_headers={"Idempotency-Key": "k"})) == first
