@@ -8,7 +8,6 @@ complete; every failure is a typed error saying whether a retry can help.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import logging
@@ -37,7 +36,7 @@ from .errors import (
     TransientError,
     UnsafeFileIdError,
 )
-from .files import atomic_write
+from .files import atomic_write, sha256_file
 from .notifications import (
     AggregationNotice,
     AmqpListener,
@@ -79,13 +78,9 @@ def check_file_id(file_id: str) -> str:
     return file_id
 
 
-def file_digest(path: Path) -> str:
-    """`sha256=<base64>` of a file, read in blocks (one streaming pass)."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_HASH_BLOCK):
-            sha.update(block)
-    return "sha256=" + base64.b64encode(sha.digest()).decode()
+def digest_header(sha256: bytes) -> str:
+    """The 3.x `x-bk-file-digest` value: `sha256=<base64 of the raw digest>`."""
+    return "sha256=" + base64.b64encode(sha256).decode()
 
 
 class _MultipartBody:
@@ -240,11 +235,11 @@ class BranchKeyClient:
             raise ArchiveRejectedError(f"cannot write update: {exc}") from None
 
     def upload(self, path: str | os.PathLike[str], idempotency_key: str | None = None,
-               metadata: dict[str, Any] | None = None) -> str:
+               metadata: dict[str, Any] | None = None, sha256: bytes | None = None) -> str:
         """Validate an update archive, then stream it to the platform; return its file id.
 
         With an `idempotency_key`, a retried upload of the same archive returns the same
-        file id and counts once.
+        file id and counts once. Pass `sha256` if the caller already hashed the file.
         """
         path = Path(path)
         try:
@@ -253,7 +248,7 @@ class BranchKeyClient:
             raise ArchiveRejectedError(f"{path.name} is not a valid update: {exc}") from None
         except OSError as exc:
             raise ArchiveRejectedError(f"cannot read {path}: {exc.strerror}") from None
-        size, digest = path.stat().st_size, file_digest(path)
+        size, digest = path.stat().st_size, digest_header(sha256 or sha256_file(path))
         meta = {"client_version": f"prefect-branchkey/{_client_version()}", "file_size": size,
                 "file_digest": digest, "kind": info.kind, **(metadata or {})}
         body = _MultipartBody(path, {"data": json.dumps({"leaf_name": self.credentials.leaf_name,

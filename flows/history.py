@@ -78,19 +78,21 @@ def append_record(work_dir: Path, record: RoundRecord) -> Path:
     return path
 
 
-def read_history(work_dir: Path) -> pa.Table:
-    """Every recorded round of the work dir, ordered by run and round (empty table if none)."""
+def read_history(work_dir: Path, last: int | None = None) -> pa.Table:
+    """The recorded rounds of the work dir (the `last` ones, or all), by run and round."""
     directory = history_dir(work_dir)
     files = sorted(directory.glob("*.parquet")) if directory.exists() else []
+    if last is not None:
+        files = files[-last:]
     if not files:
         return SCHEMA.empty_table()
     table = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet").to_table()
     return table.sort_by([("run_number", "ascending"), ("round", "ascending"), ("leaf_name", "ascending")])
 
 
-def history_rows(work_dir: Path) -> list[dict[str, Any]]:
-    """The history as plain dicts, metrics as dicts."""
-    rows = read_history(work_dir).to_pylist()
+def history_rows(work_dir: Path, last: int | None = None) -> list[dict[str, Any]]:
+    """The history (the `last` rounds, or all) as plain dicts, metrics as dicts."""
+    rows = read_history(work_dir, last).to_pylist()
     for row in rows:
         row["train_metrics"] = dict(row["train_metrics"] or [])
         row["eval_metrics"] = dict(row["eval_metrics"] or [])

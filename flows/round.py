@@ -17,13 +17,14 @@ from prefect import flow, get_run_logger
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
-from bk_blocks import BranchKeyCredentials, RunStoppedError
+from bk_blocks import BranchKeyCredentials, RunNotStartedError, RunStoppedError
 from bk_blocks.archive import read_aggregate, write_update
 from tasks import (
     close_shared_client,
     download_aggregate,
     resolve_credentials,
     send_metrics,
+    shared_client,
     upload_weights,
     wait_for_aggregation,
     wait_for_run,
@@ -34,7 +35,10 @@ from .observability import emit_round_event, publish_artifacts
 from .participant import Participant, check_result, load_participant
 from .state import LeafState, load_state, save_state
 
-_marks: dict[str, int] = {}
+# Rounds shown in the history artifact: the latest ones (the Parquet history keeps them all).
+ARTIFACT_ROWS = 50
+# Notification marks taken before each round's upload, in this process: (leaf, run, round) -> mark.
+_marks: dict[tuple[str, int, int], int] = {}
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ def run_round(
 def _finish(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path, state: LeafState,
             timeouts: Timeouts) -> RoundResult:
     if state.phase == "trained":
-        _upload(credentials, work_dir, state)
+        _upload(credentials, work_dir, state, timeouts)
     if state.phase == "uploaded":
         _await_aggregation(credentials, work_dir, state, timeouts)
     if state.phase == "aggregated":
@@ -105,6 +109,10 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger(__name__)
+
+
+def _round_key(credentials: BranchKeyCredentials, state: LeafState) -> tuple[str, int, int]:
+    return credentials.leaf_id, state.run_number, state.round
 
 
 def _timed(state: LeafState, step: str, started: float) -> None:
@@ -124,11 +132,19 @@ def _train(credentials: BranchKeyCredentials, participant: Participant, work_dir
     save_state(work_dir, state)
 
 
-def _upload(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState) -> None:
+def _upload(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState, timeouts: Timeouts) -> None:
+    """Upload the round's archive; a pause waits, a stop (or a new run) ends the round."""
     started = time.perf_counter()
-    receipt = upload_weights(credentials, Path(state.archive or ""), state.round, state.run_number)
+    _marks[_round_key(credentials, state)] = shared_client(credentials).mark()
+    while True:
+        try:
+            receipt = upload_weights(credentials, Path(state.archive or ""), state.round, state.run_number)
+            break
+        except RunNotStartedError:
+            details = wait_for_run(credentials, state.round, timeouts.run_poll_s, timeouts.run_s)
+            if details.run_status == "stop" or details.run_number != state.run_number:
+                raise RunStoppedError(f"run {state.run_number} ended before round {state.round} was uploaded") from None
     _timed(state, "upload_s", started)
-    _marks[receipt.file_id] = receipt.notice_mark
     state.file_id, state.idempotency_key, state.bytes_up = receipt.file_id, receipt.idempotency_key, receipt.size
     state.phase = "uploaded"
     save_state(work_dir, state)
@@ -137,12 +153,13 @@ def _upload(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState)
 def _await_aggregation(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState, timeouts: Timeouts) -> None:
     started = time.perf_counter()
     aggregation_id = wait_for_aggregation(
-        credentials, state.round, after=_marks.get(state.file_id or ""), exclude=list(state.consumed_aggregations),
-        timeout_s=timeouts.aggregation_s,
+        credentials, state.round, state.run_number, after=_marks.pop(_round_key(credentials, state), None),
+        exclude=list(state.consumed_aggregations), timeout_s=timeouts.aggregation_s,
     )
     _timed(state, "wait_s", started)
     state.aggregation_id, state.phase = aggregation_id, "aggregated"
     save_state(work_dir, state)
+    shared_client(credentials).acknowledge(aggregation_id)
 
 
 def _download(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState) -> None:
@@ -157,17 +174,21 @@ def _download(credentials: BranchKeyCredentials, work_dir: Path, state: LeafStat
 
 def _evaluate_and_record(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
                          state: LeafState) -> RoundResult:
-    started = time.perf_counter()
-    eval_metrics = participant.evaluate(read_aggregate(state.global_model or ""), state.round)
-    _timed(state, "evaluate_s", started)
-    aggregation_id = state.aggregation_id or ""
-    if state.train_metrics:
-        send_metrics(credentials, aggregation_id, state.train_metrics, state.round, mode="train")
-    if eval_metrics:
-        send_metrics(credentials, aggregation_id, eval_metrics, state.round, mode="test")
+    if not state.metrics_sent:
+        started = time.perf_counter()
+        state.eval_metrics = participant.evaluate(read_aggregate(state.global_model or ""), state.round)
+        _timed(state, "evaluate_s", started)
+        aggregation_id = state.aggregation_id or ""
+        if state.train_metrics:
+            send_metrics(credentials, aggregation_id, state.train_metrics, state.round, mode="train")
+        if state.eval_metrics:
+            send_metrics(credentials, aggregation_id, state.eval_metrics, state.round, mode="test")
+        state.metrics_sent = True
+        save_state(work_dir, state)
+    eval_metrics = dict(state.eval_metrics)
     record = _record(credentials, state, "completed", eval_metrics)
     append_record(work_dir, record)
-    publish_artifacts(credentials.leaf_name, history_rows(work_dir))
+    publish_artifacts(credentials.leaf_name, history_rows(work_dir, last=ARTIFACT_ROWS))
     emit_round_event(record)
     result = RoundResult("completed", state.run_number, state.round, record, state.global_model, eval_metrics)
     state.round += 1

@@ -39,6 +39,8 @@ class LeafState:
     bytes_up: int = 0
     aggregation_id: str | None = None
     bytes_down: int = 0
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    metrics_sent: bool = False
     durations: dict[str, float] = field(default_factory=dict)
     started_at: float | None = None
 
@@ -53,6 +55,7 @@ class LeafState:
         self.phase, self.archive, self.weighting, self.train_metrics = "idle", None, None, {}
         self.file_id, self.idempotency_key, self.bytes_up = None, None, 0
         self.aggregation_id, self.bytes_down, self.durations, self.started_at = None, 0, {}, None
+        self.eval_metrics, self.metrics_sent = {}, False
 
 
 def state_path(work_dir: Path) -> Path:

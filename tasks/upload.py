@@ -7,7 +7,6 @@ the platform counts the update once.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from bk_blocks import BranchKeyCredentials
+from bk_blocks.files import sha256_file
 
 from .clients import resolve_credentials, shared_client
 from .retries import RETRY_OPTIONS
@@ -22,21 +22,12 @@ from .retries import RETRY_OPTIONS
 
 @dataclass(frozen=True)
 class UploadReceipt:
-    """What the platform gave back for an upload, and where to look for its aggregation."""
+    """What the platform gave back for an upload."""
 
     file_id: str
     idempotency_key: str
     sha256: str
     size: int
-    notice_mark: int
-
-
-def archive_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def idempotency_key(leaf_id: str, run_number: int, round_number: int, sha256: str) -> str:
@@ -48,13 +39,15 @@ def idempotency_key(leaf_id: str, run_number: int, round_number: int, sha256: st
 def upload_weights(
     credentials: BranchKeyCredentials | str, archive: Path, round_number: int, run_number: int
 ) -> UploadReceipt:
-    """Upload an update archive for a round; return the platform's file id."""
+    """Upload an update archive for a round; return the platform's file id.
+
+    Take the notification mark (`shared_client(...).mark()`) before the first attempt:
+    the aggregation answering this upload is the first one announced after it.
+    """
     logger = get_run_logger()
     block = resolve_credentials(credentials)
-    client = shared_client(block, logger)
-    sha256 = archive_sha256(Path(archive))
-    key = idempotency_key(block.leaf_id, run_number, round_number, sha256)
-    mark = client.mark()
-    file_id = client.upload(archive, idempotency_key=key)
+    sha256 = sha256_file(archive)
+    key = idempotency_key(block.leaf_id, run_number, round_number, sha256.hex())
+    file_id = shared_client(block, logger).upload(archive, idempotency_key=key, sha256=sha256)
     logger.info("round %d: update %s accepted as %s", round_number, Path(archive).name, file_id)
-    return UploadReceipt(file_id, key, sha256, Path(archive).stat().st_size, mark)
+    return UploadReceipt(file_id, key, sha256.hex(), Path(archive).stat().st_size)

@@ -162,3 +162,35 @@ def test_session_token_never_appears_in_logs_reprs_or_errors(
     assert caplog.records, "the client logs what it does"
     assert token not in caplog.text and token[::-1] not in caplog.text
     assert not [text for text in texts if token in text or token[::-1] in text]
+
+
+def test_malformed_notice_does_not_block_later_ones(amqp_server: BkServer, update_file: Callable[..., Path]) -> None:
+    import pika
+
+    federation = amqp_server.federation(leaves=1)
+    params = pika.URLParameters(f"amqp://guest:guest@127.0.0.1:5672/{federation.tree_id}")
+    with pika.BlockingConnection(params) as connection:
+        channel = connection.channel()
+        for body in (b'{"message_type": "run_status", "body": "x"}', b"not json", b'{"message_type": "other"}'):
+            channel.basic_publish(exchange=federation.branch_id, routing_key="", body=body)
+    with credentials_for(amqp_server, federation.leaves[0], "amqp").get_client() as client:
+        mark = client.mark()
+        client.upload(update_file())
+        notice = client.wait_for_aggregation(30, after=mark)
+    assert notice.aggregation_id == amqp_server.wait_for_round(federation.branch_id, 1)["aggregation_id"]
+
+
+def test_notice_taken_without_ack_comes_back_after_a_crash(amqp_server: BkServer,
+                                                           update_file: Callable[..., Path]) -> None:
+    federation = amqp_server.federation(leaves=1)
+    credentials = credentials_for(amqp_server, federation.leaves[0], "amqp")
+    with credentials.get_client() as client:
+        mark = client.mark()
+        client.upload(update_file())
+        taken = client.wait_for_aggregation(30, after=mark, auto_ack=False).aggregation_id
+    with credentials.get_client() as client:
+        assert client.wait_for_aggregation(30, auto_ack=False).aggregation_id == taken
+        client.acknowledge(taken)
+    with credentials.get_client() as client:
+        with pytest.raises(TransientError):
+            client.wait_for_aggregation(2)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from prefect import flow
 
 from bk_blocks import ArchiveRejectedError, AuthenticationError, RunStoppedError
-from tasks import close_shared_clients, upload_weights, wait_for_aggregation, wait_for_run
+from tasks import close_shared_clients, shared_client, upload_weights, wait_for_aggregation, wait_for_run
 
 from .bkserver import BkServer
 from .conftest import credentials_for
@@ -81,19 +83,22 @@ def test_rejected_archive_is_not_retried(server: BkServer, proxy: FaultyProxy, u
     assert uploads(proxy) == 2
 
 
-def test_upload_task_run_is_named_after_its_round(server: BkServer, update_file: Callable[..., Path]) -> None:
-    credentials = credentials_for(server, server.federation(leaves=2).leaves[0])
+def test_upload_task_run_is_named_after_its_round(server: BkServer, update_file: Callable[..., Path],
+                                                  prefect_api: str) -> None:
+    credentials = credentials_for(server, server.federation(leaves=2).leaves[0], AMQP)
 
     @flow
     def one_upload() -> str:
         future = upload_weights.submit(credentials, update_file(), 7, 1)
         future.result()
-        from prefect import get_client
+        return str(future.task_run_id)
 
-        with get_client(sync_client=True) as client:
-            return client.read_task_run(future.task_run_id).name
-
-    assert one_upload() == "upload-round-7"
+    task_run_id = one_upload()
+    deadline = time.monotonic() + 30
+    while (response := httpx.get(f"{prefect_api}/task_runs/{task_run_id}", timeout=10)).status_code == 404:
+        assert time.monotonic() < deadline, "the task run never reached the API"
+        time.sleep(0.2)
+    assert response.json()["name"] == "upload-round-7"
 
 
 def test_wait_for_run_waits_while_paused_and_returns_at_start(server: BkServer) -> None:
@@ -127,7 +132,19 @@ def test_polling_task_never_returns_a_cached_answer(server: BkServer) -> None:
 def test_waiting_for_aggregation_ends_when_the_run_stops(server: BkServer, update_file: Callable[..., Path]) -> None:
     federation = server.federation(leaves=2)
     credentials = credentials_for(server, federation.leaves[0])
-    receipt = upload_weights(credentials, update_file(), 1, 1)
+    mark = shared_client(credentials).mark()
+    upload_weights(credentials, update_file(), 1, 1)
     threading.Timer(1.0, server.run, args=(federation.branch_id, "stop")).start()
     with pytest.raises(RunStoppedError):
-        wait_for_aggregation(credentials, 1, after=receipt.notice_mark, timeout_s=60, run_check_interval_s=0.5)
+        wait_for_aggregation(credentials, 1, 1, after=mark, timeout_s=60, run_check_interval_s=0.5)
+
+
+def test_waiting_for_aggregation_ends_when_a_new_run_begins(server: BkServer, update_file: Callable[..., Path]) -> None:
+    federation = server.federation(leaves=2)
+    credentials = credentials_for(server, federation.leaves[0], AMQP)
+    mark = shared_client(credentials).mark()
+    upload_weights(credentials, update_file(), 1, 1)
+    server.run(federation.branch_id, "stop")
+    server.run(federation.branch_id, "start")
+    with pytest.raises(RunStoppedError, match="now run 2"):
+        wait_for_aggregation(credentials, 1, 1, after=mark, timeout_s=60, run_check_interval_s=0.5)
