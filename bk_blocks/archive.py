@@ -97,8 +97,6 @@ class LayerSignature:
     def of(cls, spec: MemberSpec) -> "LayerSignature":
         return cls(spec.shape, spec.dtype.newbyteorder("=").str)
 
-    def describe(self) -> str:
-        return f"shape {self.shape} dtype {np.dtype(self.dtype).name}"
 
 
 @dataclass(frozen=True)
@@ -143,14 +141,6 @@ def write_update(
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise LayerError(f"layer_{index} holds NaN or infinity")
         arrays[f"layer_{index}"] = array
-    return _write_npz_atomically(Path(path), arrays, compress=compress)
-
-
-def write_aggregate(
-    path: str | os.PathLike[str], layers: Sequence[np.ndarray], *, compress: bool = False
-) -> Path:
-    """Write an aggregate archive (layers only, no weighting) atomically."""
-    arrays = {f"layer_{index}": np.asarray(layer) for index, layer in enumerate(layers)}
     return _write_npz_atomically(Path(path), arrays, compress=compress)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -44,13 +44,13 @@ from .notifications import (
     WebSocketListener,
     ticket_fetcher,
 )
+from .protocol import METRIC_MODES, MetricsMode
 
 if TYPE_CHECKING:
     from .credentials import BranchKeyCredentials
 
 log = logging.getLogger(__name__)
 
-MetricsMode = Literal["test", "train", "non-federated"]
 _SAFE_FILE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _HASH_BLOCK = 1024 * 1024
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -312,8 +312,8 @@ class BranchKeyClient:
 
     def send_metrics(self, aggregation_id: str, metrics: dict[str, Any], mode: MetricsMode = "test") -> None:
         """Report metrics for an aggregation, as the official clients do (JSON text, no Content-Type)."""
-        if mode not in ("test", "train", "non-federated"):
-            raise ValueError(f"mode must be 'test', 'train' or 'non-federated', got {mode!r}")
+        if mode not in METRIC_MODES:
+            raise ValueError(f"mode must be one of {', '.join(METRIC_MODES)}, got {mode!r}")
         try:
             data = json.dumps(metrics, allow_nan=False)
         except (TypeError, ValueError) as exc:

@@ -28,11 +28,10 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from .errors import AuthenticationError, NotificationTimeout
+from .protocol import AGGREGATION_STATUS, RUN_STATUS
 
 log = logging.getLogger(__name__)
 
-AGGREGATION_STATUS = "aggregation_status"
-RUN_STATUS = "run_status"
 _BACKLOG_SETTLE_S = 0.3
 
 

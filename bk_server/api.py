@@ -12,7 +12,12 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse
 
-from bk_blocks.archive import FEDERATED_ANALYTICS, ArchiveError, UpdateInfo, inspect_update
+from bk_blocks.archive import (
+    FEDERATED_ANALYTICS,
+    ArchiveError,
+    UpdateInfo,
+    inspect_update,
+)
 
 from .errors import BadRequest, PayloadTooLarge, PlatformError, UploadRejected
 from .platform import Platform, StagedUpload

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
 import sqlite3
 from collections.abc import AsyncIterator
@@ -16,6 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bk_blocks.files import atomic_write
 
 from . import admin_api, api
 from .amqp import AmqpPublisher, RabbitProvisioner, admin_url_from_amqp, publisher_user
@@ -30,10 +31,8 @@ log = logging.getLogger(__name__)
 
 def write_admin_file(path: Path, url: str, token: str) -> None:
     """Record how to reach this server's admin API, readable only by its owner."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
+    with atomic_write(path, "w") as handle:
         json.dump({"url": url, "admin_token": token}, handle)
-    path.chmod(0o600)
 
 
 def create_app(settings: ServerSettings, admin_token: str | None = None) -> FastAPI:

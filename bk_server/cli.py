@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Annotated, Literal
 
 import uvicorn
 from cyclopts import App, Parameter
+
+from bk_blocks.files import atomic_write
 
 from .app import create_app, write_admin_file
 from .process import AdminCallError, admin_call
@@ -95,10 +96,8 @@ def write_credentials(out: Path, leaves: list[dict[str, str]]) -> list[Path]:
     paths = []
     for leaf in leaves:
         path = out / f"{leaf['name']}.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
+        with atomic_write(path, "w") as handle:
             json.dump(leaf, handle, indent=2)
-        path.chmod(0o600)
         paths.append(path)
     return paths
 

@@ -14,10 +14,10 @@ import threading
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from bk_blocks.protocol import AGGREGATION_STATUS, RUN_STATUS
+
 log = logging.getLogger(__name__)
 
-AGGREGATION_STATUS = "aggregation_status"
-RUN_STATUS = "run_status"
 
 
 def aggregation_message(aggregation_id: str, **extra: Any) -> str:
@@ -51,10 +51,6 @@ class WebSocketHub:
             queues.discard(queue)
             if not queues:
                 self._queues.pop(leaf_id, None)
-
-    def connected(self, leaf_id: str) -> int:
-        with self._lock:
-            return len(self._queues.get(leaf_id, ()))
 
     def publish(self, leaf_ids: Iterable[str], text: str) -> None:
         with self._lock:

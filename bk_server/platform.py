@@ -19,12 +19,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from bk_blocks.archive import ArchiveError, UpdateInfo
 from bk_blocks.files import atomic_write
+from bk_blocks.protocol import METRIC_MODES, RUN_STATUSES
 
 from .aggregation import AggregationError, WeightedUpdate, fedavg
 from .errors import (
@@ -42,12 +43,11 @@ from .store import Branch, Leaf, Round, Store, Upload
 
 log = logging.getLogger(__name__)
 
-RUN_ACTIONS = ("start", "pause", "stop")
 AGGREGATION_ATTEMPTS = 3
-METRIC_MODES = ("test", "train", "non-federated")
 
 
 def hash_token(token: str) -> str:
+    """Session tokens are kept only as SHA-256 hashes."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -79,11 +79,10 @@ class StagedUpload:
     info: UpdateInfo
 
 
-class BrokerProvisioner:
+class BrokerProvisioner(Protocol):
     """What the platform needs from the broker side when leaves are created."""
 
-    def provision(self, tree_id: str, branch_id: str, leaves: list[LeafCredentials]) -> None:
-        raise NotImplementedError
+    def provision(self, tree_id: str, branch_id: str, leaves: list[LeafCredentials]) -> None: ...
 
 
 class Platform:
@@ -171,12 +170,10 @@ class Platform:
         """The branch a leaf asks about, refusing (403) any branch that is not its own."""
         if branch_id != leaf.branch_id:
             raise Forbidden("this leaf does not belong to that branch")
-        branch = self.store.branch(branch_id)
-        if branch is None:
-            raise NotFound(f"no branch {branch_id}")
-        return branch
+        return self.require_branch(branch_id)
 
     def require_branch(self, branch_id: str) -> Branch:
+        """The branch, or 404."""
         branch = self.store.branch(branch_id)
         if branch is None:
             raise NotFound(f"no branch {branch_id}")
@@ -191,8 +188,8 @@ class Platform:
         a pause resumes the same round. Stopping abandons the open round and discards its
         updates. A stopped run cannot be paused (so a later start is always a new run).
         """
-        if action not in RUN_ACTIONS:
-            raise BadRequest(f"run action must be one of {', '.join(RUN_ACTIONS)}, got {action!r}")
+        if action not in RUN_STATUSES:
+            raise BadRequest(f"run action must be one of {', '.join(RUN_STATUSES)}, got {action!r}")
         discarded: list[Upload] = []
         with self._lock:
             branch = self.require_branch(branch_id)
@@ -234,6 +231,7 @@ class Platform:
     # -- uploads and rounds ------------------------------------------------------------
 
     def check_can_upload(self, leaf: Leaf) -> Branch:
+        """The leaf's branch if its run takes uploads (`start`), else 409 `run is blocked`."""
         branch = self.require_branch(leaf.branch_id)
         if branch.run_status != "start":
             raise RunBlocked(f"run is blocked: the branch's run is '{branch.run_status}', uploads need 'start'")
@@ -483,6 +481,7 @@ class Platform:
         self.store.add_metrics(leaf, aggregation_id, body["mode"], data)
 
     def branch_config(self, branch: Branch) -> dict[str, Any]:
+        """The 3.x branch config document: branch, service, model_config and timestamps."""
         iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))  # noqa: E731
         return {
             "branch": {

@@ -198,9 +198,6 @@ class Store:
     def rounds_of_branch(self, branch_id: str) -> list[Round]:
         return self._all(Round, "SELECT * FROM rounds WHERE branch_id = ? ORDER BY run_number, round", branch_id)
 
-    def upload(self, file_id: str) -> Upload | None:
-        return self._one(Upload, "SELECT * FROM uploads WHERE file_id = ?", file_id)
-
     def upload_by_key(self, leaf_id: str, key: str) -> Upload | None:
         return self._one(Upload, "SELECT * FROM uploads WHERE leaf_id = ? AND idempotency_key = ? AND status = 'accepted'",
                          leaf_id, key)

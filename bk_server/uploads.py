@@ -13,7 +13,7 @@ import json
 import os
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio.to_thread
@@ -51,6 +51,8 @@ class _FileSink:
 
 
 class _MemorySink:
+    """Keeps a small form field (`data`) in memory, up to a limit."""
+
     def __init__(self, name: str, limit: int) -> None:
         self.name = name
         self.data = bytearray()
@@ -66,6 +68,8 @@ class _MemorySink:
 
 
 class _DiscardSink:
+    """Drops a part nobody asked for (a duplicate or unnamed part)."""
+
     def write(self, data: bytes) -> None:
         pass
 
@@ -80,9 +84,7 @@ class ReceivedUpload:
     path: Path
     size: int
     digest: str
-    leaf_name: str | None = None
     metadata: str | None = None
-    extra_fields: dict[str, str] = field(default_factory=dict)
 
     @property
     def digest_header_value(self) -> str:
@@ -142,14 +144,13 @@ def _discard(sinks: dict[str, _FileSink | _MemorySink], target: Path) -> None:
 
 
 def _read_data_field(received: ReceivedUpload, raw: bytes) -> None:
-    """Take `leaf_name` and the free-text `metadata` (JSON in 3.x, Python-looking text in 2.x)."""
+    """Take the free-text `metadata` (JSON in 3.x, Python-looking text in 2.x) of the `data` field."""
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BadRequest("form field 'data' must be a JSON object like {\"leaf_name\": ..., \"metadata\": ...}") from None
     if not isinstance(data, dict):
         raise BadRequest("form field 'data' must be a JSON object")
-    received.leaf_name = str(data["leaf_name"]) if data.get("leaf_name") is not None else None
     metadata = data.get("metadata")
     received.metadata = metadata if isinstance(metadata, str) or metadata is None else json.dumps(metadata)
 

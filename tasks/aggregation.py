@@ -8,7 +8,12 @@ from collections.abc import Sequence
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from bk_blocks import BranchKeyClient, BranchKeyCredentials, NotificationTimeout, RunStoppedError
+from bk_blocks import (
+    BranchKeyClient,
+    BranchKeyCredentials,
+    NotificationTimeout,
+    RunStoppedError,
+)
 
 from .clients import shared_client
 from .retries import RETRY_OPTIONS

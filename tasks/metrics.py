@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from bk_blocks import BranchKeyCredentials
-from bk_blocks.client import MetricsMode
+from bk_blocks.protocol import MetricsMode
 
 from .clients import shared_client
 from .retries import RETRY_OPTIONS
