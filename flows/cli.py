@@ -60,7 +60,7 @@ def history(*, work_dir: Path = Path("."), format: Literal["table", "csv", "json
         for row in rows:
             row = row | {"aggregation_id": (row["aggregation_id"] or "-")[:8]}
             table.add_row(*(_text(row.get(column)) for column in shown))
-        Console(width=max(120, Console().width)).print(table)
+        Console(width=max(170, Console().width)).print(table)
 
 
 def main() -> None:
