@@ -34,7 +34,11 @@ SCHEMA = pa.schema([
 
 @dataclass
 class RoundRecord:
-    """One leaf's round, as it goes into the history and into the round's result."""
+    """One leaf's round, as it goes into the history and into the round's result.
+
+    Durations are seconds; `round_s` runs from the start of training to the metrics
+    being sent (writing this row, the artifacts and the event come after it).
+    """
 
     branch_id: str
     leaf_id: str
