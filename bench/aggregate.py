@@ -26,29 +26,33 @@ Run from the project root:
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import platform
-import resource
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import reduce
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
+from harness import (
+    GB,
+    MB,
+    add_common_options,
+    answer_child,
+    format_table,
+    machine_summary,
+    measure,
+    progress,
+    run_child,
+    run_measurement,
+    temporary_root,
+)
 
 from bk_blocks.archive import DEFAULT_CHUNK_BYTES, write_update
 from bk_server.aggregation import WeightedUpdate, fedavg, normalised_weights
 
-MB = 10**6
-GB = 10**9
 STORED, DEFLATED = "stored", "deflated"
 FEDAVG_STORED, FEDAVG_DEFLATED = "fedavg-stored", "fedavg-deflated"
 IN_MEMORY, NAIVE, FLOOR = "in-memory", "naive-flower", "read-floor"
@@ -57,9 +61,6 @@ RTOL = 1e-5
 # Absolute tolerance as a fraction of a layer's largest magnitude: the naive baseline sums in
 # float32, so near-zero elements carry an absolute error of a few float32 ulps of the sum's scale.
 ATOL_SCALE = 1e-6
-INHERITED_PEAK_WARNING = 64 * MB
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -184,34 +185,6 @@ def read_floor(paths: Sequence[Path], chunk_bytes: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (`ru_maxrss`, a high-water mark), in bytes."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def current_rss_bytes() -> int | None:
-    """This process's current resident set size in bytes, where /proc says it (else None)."""
-    try:
-        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def measure(call: Callable[[], T]) -> tuple[T, dict[str, float]]:
-    """Run `call` once; return its result, wall seconds and the peak RSS increase it caused."""
-    gc.collect()
-    current = current_rss_bytes()
-    before = peak_rss_bytes()
-    start = time.perf_counter()
-    result = call()
-    seconds = time.perf_counter() - start
-    after = peak_rss_bytes()
-    inherited = before - current if current is not None else 0
-    return result, {"seconds": seconds, "peak_increase": after - before, "inherited_peak": inherited}
-
-
 def measure_method(spec: dict[str, Any]) -> dict[str, float]:
     """Prepare one method's inputs, measure the method, and save its result (untimed) if asked."""
     method, chunk_bytes = spec["method"], int(spec["chunk_bytes"])
@@ -260,38 +233,24 @@ def check_results(reference_path: Path, results: dict[str, str]) -> dict[str, st
     return verdicts
 
 
-def child_main(spec_json: str) -> None:
-    """Do one job described by a JSON spec and print its JSON result on stdout."""
-    spec = json.loads(spec_json)
-    task = spec["task"]
-    if task == "make":
-        shapes = [tuple(shape) for shape in spec["shapes"]]
-        make_updates(Path(spec["dataset"]), int(spec["n"]), shapes, bool(spec["compress"]), int(spec["seed"]))
-        answer: dict[str, Any] = {}
-    elif task == "measure":
-        answer = measure_method(spec)
-    elif task == "check":
-        answer = check_results(Path(spec["reference"]), spec["results"])
-    else:
-        raise ValueError(f"unknown task {task!r}")
-    print(json.dumps(answer), flush=True)
+def make_task(spec: dict[str, Any]) -> dict[str, Any]:
+    """Child task `make`: write one (N, compression) dataset."""
+    shapes = [tuple(shape) for shape in spec["shapes"]]
+    make_updates(Path(spec["dataset"]), int(spec["n"]), shapes, bool(spec["compress"]), int(spec["seed"]))
+    return {}
+
+
+def check_task(spec: dict[str, Any]) -> dict[str, str]:
+    """Child task `check`: the verdict of each saved result against the naive one."""
+    return check_results(Path(spec["reference"]), spec["results"])
+
+
+CHILD_TASKS = {"make": make_task, "measure": measure_method, "check": check_task}
 
 
 # ---------------------------------------------------------------------------------------------
 # Parent side: orchestration (kept small: a child's ru_maxrss starts at its parent's peak).
 # ---------------------------------------------------------------------------------------------
-
-
-def run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one job in a fresh interpreter and return its JSON answer."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
-    completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def progress(message: str) -> None:
-    """Report progress on stderr, so stdout holds only the table (or JSON)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def make_dataset(root: Path, n: int, kind: str, args: argparse.Namespace) -> Path:
@@ -300,6 +259,7 @@ def make_dataset(root: Path, n: int, kind: str, args: argparse.Namespace) -> Pat
     progress(f"[N={n}] writing {n} {kind} updates of {args.model_mb:g} MB")
     started = time.perf_counter()
     run_child(
+        __file__,
         {
             "task": "make",
             "dataset": str(directory),
@@ -316,20 +276,17 @@ def make_dataset(root: Path, n: int, kind: str, args: argparse.Namespace) -> Pat
 def measure_row(method: str, n: int, dataset: Path, out: Path | None, args: argparse.Namespace) -> Row:
     """Measure one method for one N in a child process and turn its answer into a table row."""
     progress(f"[N={n}] {method}")
-    stats = run_child(
+    stats = run_measurement(
+        __file__,
         {
             "task": "measure",
             "method": method,
             "dataset": str(dataset),
             "out": str(out) if out else None,
             "chunk_bytes": int(args.chunk_mb * MB),
-        }
+        },
+        prefix=f"[N={n}]   ",
     )
-    if stats["inherited_peak"] > INHERITED_PEAK_WARNING:
-        progress(
-            f"[N={n}]   warning: the child's peak RSS was already {stats['inherited_peak'] / MB:.0f} MB "
-            "above its current RSS before the call; its increase may be understated"
-        )
     input_gb = n * model_bytes(args) / GB
     return Row(
         method=method,
@@ -369,6 +326,7 @@ def bench_leaves(root: Path, n: int, args: argparse.Namespace) -> list[Row]:
     rows.append(measure_row(NAIVE, n, stored, reference, args))
     progress(f"[N={n}] checking results against {NAIVE}")
     verdicts = run_child(
+        __file__,
         {"task": "check", "reference": str(reference), "results": {m: str(p) for m, p in results.items()}}
     )
     shutil.rmtree(work)
@@ -380,11 +338,9 @@ def bench_leaves(root: Path, n: int, args: argparse.Namespace) -> list[Row]:
 
 def machine_header(args: argparse.Namespace) -> str:
     """Header lines: the machine, the library versions and how the figures were taken."""
-    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
     shapes = ", ".join("x".join(map(str, shape)) for shape in model_shapes(args.model_mb, args.layers))
     return (
-        f"# {platform.machine()}, {os.cpu_count()} CPUs, {ram_gb:.1f} GB RAM; "
-        f"Python {platform.python_version()}, numpy {np.__version__}\n"
+        f"{machine_summary('numpy')}\n"
         f"# float32 model of {model_bytes(args) / MB:.1f} MB in layers {shapes}; "
         f"chunk {int(args.chunk_mb * MB)} bytes\n"
         "# warm page cache (files just written, nothing dropped); input GB = N x model size (decompressed);\n"
@@ -394,7 +350,7 @@ def machine_header(args: argparse.Namespace) -> str:
     )
 
 
-def format_table(rows: Sequence[Row]) -> str:
+def results_table(rows: Sequence[Row]) -> str:
     """The rows as a fixed-width plain-text table."""
     headings = ["method", "N", "model MB", "input GB", "wall s", "GB/s", "peak RSS +MB", "check"]
     cells = [
@@ -402,14 +358,7 @@ def format_table(rows: Sequence[Row]) -> str:
          f"{row.gb_per_s:.2f}", f"{row.peak_rss_mb:.1f}", row.check]
         for row in rows
     ]
-    widths = [max(len(line[i]) for line in [headings, *cells]) for i in range(len(headings))]
-
-    def line(values: Sequence[str]) -> str:
-        padded = (v.ljust(w) if i in (0, 7) else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
-        return "  ".join(padded).rstrip()
-
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join([line(headings), rule, *(line(values) for values in cells)])
+    return format_table(headings, cells, left=(0, 7))
 
 
 def parse_leaves(text: str) -> list[int]:
@@ -439,13 +388,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--chunk-mb", type=float, default=DEFAULT_CHUNK_BYTES / MB, help="chunk size, MB (default: fedavg's)"
     )
-    parser.add_argument(
-        "--workdir", type=Path, default=None, help="where to create the temporary directory (default /tmp)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="RNG seed for the updates")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 10 MB model, N in {2, 10}")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
+    add_common_options(parser, seed_of="updates", quick_help="smoke run: 10 MB model, N in {2, 10}",
+                       json_help="print the rows as JSON instead of a table", children=True)
     args = parser.parse_args(argv)
     if args.model_mb is None:
         args.model_mb = 10.0 if args.quick else 100.0
@@ -460,20 +404,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run the benchmark for every N and print the table (or JSON)."""
     args = parse_args(argv)
     if args.one is not None:
-        child_main(args.one)
+        answer_child(args.one, CHILD_TASKS)
         return
-    base = args.workdir if args.workdir is not None else Path(tempfile.gettempdir())
-    base.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="bk-bench-aggregate-", dir=base))
-    try:
+    with temporary_root(args.workdir, "bk-bench-aggregate-") as root:
         rows = [row for n in args.leaves for row in bench_leaves(root, n, args)]
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     if args.json:
         print(json.dumps([asdict(row) for row in rows], indent=2))
     else:
         print(machine_header(args))
-        print(format_table(rows))
+        print(results_table(rows))
 
 
 if __name__ == "__main__":

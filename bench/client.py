@@ -44,41 +44,41 @@ Run from the project root:
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import platform
-import resource
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import requests
+from harness import (
+    AMQP,
+    AMQP_URL,
+    MB,
+    WEBSOCKET,
+    BenchServer,
+    add_common_options,
+    answer_child,
+    broker_available,
+    format_table,
+    layer_shapes,
+    machine_summary,
+    measure,
+    percentile,
+    progress,
+    run_child,
+    run_measurement,
+    size_list,
+    temporary_root,
+)
 
-MB = 10**6
-GB = 10**9
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-RABBIT_ADMIN = "http://127.0.0.1:15672"
-RABBIT_AUTH = ("guest", "guest")
-WEBSOCKET, AMQP = "websocket", "amqp"
 BK_BLOCKS, REQUESTS = "bk_blocks", "requests"
 # What the official 2.x client sends as metadata (Python-looking text, not JSON).
 V2_METADATA = "{'key1':'value1', 'key2':'value2'}"
 NOTICE_TIMEOUT_S = 60.0
-ROUND_TIMEOUT_S = 300.0
-SERVER_START_TIMEOUT_S = 30.0
-INHERITED_PEAK_WARNING = 64 * MB
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -111,21 +111,6 @@ class LatencyRow:
 # ---------------------------------------------------------------------------------------------
 
 
-def layer_shapes(size_mb: float, layers: int) -> list[tuple[int, ...]]:
-    """Shapes of a float32 model of `size_mb` MB in `layers` layers: 1000-column matrices, a vector last."""
-    total = max(layers, round(size_mb * MB / 4))
-    per_layer = total // layers
-    shapes: list[tuple[int, ...]] = []
-    used = 0
-    for _ in range(layers - 1):
-        cols = min(1000, per_layer)
-        rows = max(1, per_layer // cols)
-        shapes.append((rows, cols))
-        used += rows * cols
-    shapes.append((total - used,))
-    return shapes
-
-
 def write_archive(path: Path, size_mb: float, layers: int, seed: int) -> int:
     """Write a random float32 update of `size_mb` MB with `write_update`; return its size in bytes."""
     from bk_blocks.archive import write_update
@@ -134,34 +119,6 @@ def write_archive(path: Path, size_mb: float, layers: int, seed: int) -> int:
     arrays = [rng.standard_normal(shape, dtype=np.float32) for shape in layer_shapes(size_mb, layers)]
     write_update(path, float(rng.integers(100, 10_000)), arrays)
     return path.stat().st_size
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (`ru_maxrss`, a high-water mark), in bytes."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def current_rss_bytes() -> int | None:
-    """This process's current resident set size in bytes, where /proc says it (else None)."""
-    try:
-        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def measure(call: Callable[[], T]) -> tuple[T, dict[str, float]]:
-    """Run `call` once; return its result, wall seconds and the peak RSS increase it caused."""
-    gc.collect()
-    current = current_rss_bytes()
-    before = peak_rss_bytes()
-    start = time.perf_counter()
-    result = call()
-    seconds = time.perf_counter() - start
-    after = peak_rss_bytes()
-    inherited = before - current if current is not None else 0
-    return result, {"seconds": seconds, "peak_increase": after - before, "inherited_peak": inherited}
 
 
 def make_client(spec: dict[str, Any]) -> Any:
@@ -242,20 +199,18 @@ def latency_run(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return rounds
 
 
-def child_main(spec_json: str) -> None:
-    """Do one job described by a JSON spec and print its JSON result on stdout."""
-    spec = json.loads(spec_json)
-    task = spec["task"]
-    if task == "make":
-        answer: Any = {"bytes": write_archive(Path(spec["path"]), spec["size_mb"], spec["layers"], spec["seed"])}
-    elif task == "transfer":
-        result, answer = measure(transfer_call(spec))
-        answer["result"] = str(result)
-    elif task == "latency":
-        answer = latency_run(spec)
-    else:
-        raise ValueError(f"unknown task {task!r}")
-    print(json.dumps(answer), flush=True)
+def make_task(spec: dict[str, Any]) -> dict[str, int]:
+    """Child task `make`: write the archive; answer its size in bytes."""
+    return {"bytes": write_archive(Path(spec["path"]), spec["size_mb"], spec["layers"], spec["seed"])}
+
+
+def transfer_task(spec: dict[str, Any]) -> dict[str, Any]:
+    """Child task `transfer`: the measured call's figures and its result (file id or downloaded path)."""
+    result, stats = measure(transfer_call(spec))
+    return {**stats, "result": str(result)}
+
+
+CHILD_TASKS = {"make": make_task, "transfer": transfer_task, "latency": latency_run}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,157 +218,19 @@ def child_main(spec_json: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def progress(message: str) -> None:
-    """Report progress on stderr, so stdout holds only the tables (or JSON)."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def broker_available() -> bool:
-    """Whether RabbitMQ answers on 5672 and its management API on 15672."""
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            pass
-        return requests.get(f"{RABBIT_ADMIN}/api/overview", auth=RABBIT_AUTH, timeout=2).ok
-    except (OSError, requests.RequestException):
-        return False
-
-
-@dataclass
-class Server:
-    """One `bk-server serve` subprocess on a free port, with its admin API."""
-
-    data_dir: Path
-    amqp_url: str | None = None
-    max_upload_bytes: int = 4 * 1024**3
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
-    leaves: list[dict[str, str]] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir.parent / f"{self.data_dir.name}.log"
-
-    def start(self) -> Server:
-        """Start the server and wait until /healthz answers."""
-        command = [sys.executable, "-m", "bk_server.cli", "serve", "--data-dir", str(self.data_dir),
-                   "--port", str(self.port), "--log-level", "warning",
-                   "--max-upload-bytes", str(self.max_upload_bytes),
-                   "--max-decompressed-bytes", str(2 * self.max_upload_bytes)]
-        if self.amqp_url:
-            command += ["--amqp-url", self.amqp_url]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"bk-server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(f"{self.url}/healthz", timeout=1).ok:
-                    return self
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise RuntimeError(f"bk-server did not answer /healthz within {SERVER_START_TIMEOUT_S:.0f} s")
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL if it lingers)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.process = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """Call the admin API with the token the server wrote into its data dir."""
-        token = json.loads((self.data_dir / "admin.json").read_text())["admin_token"]
-        response = requests.request(method, f"{self.url}/admin/v1{path}", json=body, timeout=60,
-                                    headers={"Authorization": f"Bearer {token}"})
-        if response.status_code >= 400:
-            raise RuntimeError(f"admin {method} {path} refused ({response.status_code}): {response.text[:300]}")
-        return response.json()["data"]
-
-    def one_leaf_federation(self, name: str) -> dict[str, str]:
-        """A federation of one leaf whose every upload closes a round; return the leaf's credentials."""
-        data = self.admin("POST", "/federations", {"leaves": 1, "min_updates": 1, "tree": name, "branch": name})
-        leaf = data["leaves"][0]
-        self.leaves.append(leaf)
-        return leaf
-
-    def rounds(self, branch_id: str) -> list[dict[str, Any]]:
-        return self.admin("GET", f"/branches/{branch_id}")["rounds"]
-
-    def wait_for_round(self, branch_id: str, round_number: int) -> dict[str, Any]:
-        """Poll the admin API until a round is aggregated; return it."""
-        deadline = time.monotonic() + ROUND_TIMEOUT_S
-        while time.monotonic() < deadline:
-            for r in self.rounds(branch_id):
-                if r["round"] == round_number and r["status"] == "aggregated":
-                    return r
-                if r["round"] == round_number and r["status"] == "failed":
-                    raise RuntimeError(f"aggregation of round {round_number} failed:\n{self.log_tail()}")
-            time.sleep(0.05)
-        raise TimeoutError(f"round {round_number} of {branch_id} not aggregated within {ROUND_TIMEOUT_S:.0f} s")
-
-    def cleanup_broker(self) -> None:
-        """Remove the vhosts and users this server provisioned on RabbitMQ for its federations."""
-        if not self.amqp_url:
-            return
-        for leaf in self.leaves:
-            for path in (f"vhosts/{leaf['tree_id']}", f"users/{leaf['id']}"):
-                try:
-                    response = requests.delete(f"{RABBIT_ADMIN}/api/{path}", auth=RABBIT_AUTH, timeout=10)
-                except requests.RequestException as exc:
-                    progress(f"warning: could not remove {path} from RabbitMQ: {exc}")
-                    continue
-                if response.status_code not in (204, 404):
-                    progress(f"warning: RabbitMQ refused to remove {path}: {response.status_code}")
-
-
-def run_child(spec: dict[str, Any]) -> Any:
-    """Run one job in a fresh interpreter and return its JSON answer."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
-    completed = subprocess.run(command, check=False, stdout=subprocess.PIPE, text=True)
-    if completed.returncode != 0:
-        raise RuntimeError(f"child {spec['task']} failed with exit code {completed.returncode}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
 def timed_transfer(label: str, spec: dict[str, Any]) -> dict[str, Any]:
     """One timed upload or download in a child; warn when its baseline may understate the peak."""
     progress(f"  {label}")
-    stats = run_child({"task": "transfer", **spec})
-    if stats["inherited_peak"] > INHERITED_PEAK_WARNING:
-        progress(f"  warning: the child's peak RSS was already {stats['inherited_peak'] / MB:.0f} MB above its "
-                 "current RSS before the call; its increase may be understated")
-    return stats
+    return run_measurement(__file__, {"task": "transfer", **spec}, prefix="  ")
 
 
-def bench_size(server: Server, size_mb: float, work: Path, args: argparse.Namespace) -> list[TransferRow]:
+def bench_size(server: BenchServer, size_mb: float, work: Path, args: argparse.Namespace) -> list[TransferRow]:
     """Both clients for one archive size: upload, wait for the round's aggregate, download it."""
     progress(f"[{size_mb:g} MB] writing the archive")
     archive = work / f"update-{size_mb:g}MB.npz"
-    nbytes = run_child({"task": "make", "path": str(archive), "size_mb": size_mb, "layers": args.layers,
-                        "seed": args.seed})["bytes"]
-    leaf = server.one_leaf_federation(f"transfer-{size_mb:g}mb")
+    nbytes = run_child(__file__, {"task": "make", "path": str(archive), "size_mb": size_mb, "layers": args.layers,
+                                  "seed": args.seed})["bytes"]
+    leaf = server.federation(f"transfer-{size_mb:g}mb", leaves=1)["leaves"][0]
     downloads = work / "downloads"
     rows = []
     for round_number, client in enumerate((BK_BLOCKS, REQUESTS), start=1):
@@ -437,17 +254,12 @@ def bench_size(server: Server, size_mb: float, work: Path, args: argparse.Namesp
     return rows
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile with linear interpolation between closest ranks (numpy's default)."""
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
-
-
-def bench_latency(server: Server, transport: str, work: Path, args: argparse.Namespace) -> LatencyRow:
+def bench_latency(server: BenchServer, transport: str, work: Path, args: argparse.Namespace) -> LatencyRow:
     """K rounds over one transport; latency from the server's `aggregated_at` to the local return."""
     progress(f"[latency] {transport}: 1 warm-up + {args.rounds} rounds")
-    leaf = server.one_leaf_federation(f"latency-{transport}")
-    rounds = run_child({"task": "latency", "transport": transport, "host": server.url, "leaf": leaf,
-                        "workdir": str(work), "rounds": args.rounds, "warmup": 1})
+    leaf = server.federation(f"latency-{transport}", leaves=1)["leaves"][0]
+    rounds = run_child(__file__, {"task": "latency", "transport": transport, "host": server.url, "leaf": leaf,
+                                  "workdir": str(work), "rounds": args.rounds, "warmup": 1})
     stored = {r["aggregation_id"]: r["aggregated_at"] for r in server.rounds(leaf["branch_id"])
               if r["aggregation_id"] and r["aggregated_at"] is not None}
     measured = [r for r in rounds if not r["warmup"]]
@@ -467,7 +279,7 @@ def run_benchmark(root: Path, args: argparse.Namespace) -> tuple[list[TransferRo
     limit = max(4 * 1024**3, int(2 * max(args.sizes) * MB))
     transfer: list[TransferRow] = []
     latency: list[LatencyRow] = []
-    server = Server(root / "bk-ws", max_upload_bytes=limit)
+    server = BenchServer(root / "bk-ws", options={"max_upload_bytes": limit, "max_decompressed_bytes": 2 * limit})
     try:
         progress(f"starting bk-server (WebSocket only) on port {server.port}")
         server.start()
@@ -480,7 +292,7 @@ def run_benchmark(root: Path, args: argparse.Namespace) -> tuple[list[TransferRo
         notes.append("amqp skipped: no RabbitMQ with its management API on 127.0.0.1:5672/15672")
         progress(notes[-1])
         return transfer, latency, notes
-    amqp_server = Server(root / "bk-amqp", amqp_url=AMQP_URL)
+    amqp_server = BenchServer(root / "bk-amqp", amqp_url=AMQP_URL)
     try:
         progress(f"starting bk-server (--amqp-url) on port {amqp_server.port}")
         amqp_server.start()
@@ -491,25 +303,10 @@ def run_benchmark(root: Path, args: argparse.Namespace) -> tuple[list[TransferRo
     return transfer, latency, notes
 
 
-def library_versions() -> str:
-    """Versions of the libraries the figures depend on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    parts = []
-    for name in ("requests", "urllib3", "websockets", "pika", "uvicorn"):
-        try:
-            parts.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            pass
-    return ", ".join(parts)
-
-
 def machine_header(args: argparse.Namespace) -> str:
     """Header lines: the machine, the library versions and how the figures were taken."""
-    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
     return (
-        f"# {platform.machine()}, {os.cpu_count()} CPUs, {ram_gb:.1f} GB RAM; Python {platform.python_version()}, "
-        f"{library_versions()}\n"
+        f"{machine_summary('requests', 'urllib3', 'websockets', 'pika', 'uvicorn')}\n"
         "# loopback (client and bk-server on 127.0.0.1, sharing the CPUs), warm page cache (archives just written);"
         " MB = 10**6 bytes\n"
         f"# transfer: float32 archives in {args.layers} layers, one-leaf federations with min_updates=1; "
@@ -520,17 +317,6 @@ def machine_header(args: argparse.Namespace) -> str:
         f"# latency: local time.time() when wait_for_aggregation returned - the round's aggregated_at "
         f"(admin API), after 1 warm-up round; recv = the listener's receive time instead"
     )
-
-
-def format_table(headings: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
-    """Rows as a fixed-width plain-text table, the first column left-aligned, the rest right-aligned."""
-    widths = [max(len(line[i]) for line in [headings, *cells]) for i in range(len(headings))]
-
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
-
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join([line(headings), rule, *(line(values) for values in cells)])
 
 
 def transfer_table(rows: Sequence[TransferRow]) -> str:
@@ -548,31 +334,16 @@ def latency_table(rows: Sequence[LatencyRow]) -> str:
     return format_table(headings, cells)
 
 
-def parse_sizes(text: str) -> list[float]:
-    """Parse a comma-separated list of positive archive sizes in MB, e.g. `10,100,500`."""
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive sizes in MB like 10,100,500, got {text!r}")
-    return values
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options; `--quick` fills in small sizes and fewer rounds unless they are given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=parse_sizes, default=None,
+    parser.add_argument("--sizes", type=size_list("10,100,500"), default=None,
                         help="archive sizes in MB (default 10,100,500; --quick: 10,50)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="latency rounds K per transport (default 30; --quick: 10)")
     parser.add_argument("--layers", type=int, default=2, help="layers of the transfer archives (default 2)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where to create the temporary directory (default /tmp)")
-    parser.add_argument("--seed", type=int, default=0, help="RNG seed for the archives")
-    parser.add_argument("--quick", action="store_true", help="smoke run: sizes 10 and 50 MB, 10 rounds")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of tables")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
+    add_common_options(parser, seed_of="archives", quick_help="smoke run: sizes 10 and 50 MB, 10 rounds",
+                       json_help="print the rows as JSON instead of tables", children=True)
     args = parser.parse_args(argv)
     if args.sizes is None:
         args.sizes = [10.0, 50.0] if args.quick else [10.0, 100.0, 500.0]
@@ -587,15 +358,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run both benchmarks and print the tables (or JSON)."""
     args = parse_args(argv)
     if args.one is not None:
-        child_main(args.one)
+        answer_child(args.one, CHILD_TASKS)
         return
-    base = args.workdir if args.workdir is not None else Path(tempfile.gettempdir())
-    base.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="bk-bench-client-", dir=base))
-    try:
+    with temporary_root(args.workdir, "bk-bench-client-") as root:
         transfer, latency, notes = run_benchmark(root, args)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     if args.json:
         print(json.dumps({"machine": machine_header(args), "transfer": [asdict(r) for r in transfer],
                           "latency": [asdict(r) for r in latency], "notes": notes}, indent=2))

@@ -56,33 +56,35 @@ import argparse
 import contextvars
 import json
 import os
-import platform
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import requests
+from harness import (
+    AMQP,
+    AMQP_URL,
+    MB,
+    WEBSOCKET,
+    BenchServer,
+    add_common_options,
+    broker_available,
+    format_table,
+    layer_shapes,
+    machine_summary,
+    percentile,
+    progress,
+    size_list,
+    temporary_root,
+)
 
 from flows.participant import Participant, TrainResult
 
-MB = 10**6
-GB = 10**9
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-RABBIT_ADMIN = "http://127.0.0.1:15672"
-RABBIT_AUTH = ("guest", "guest")
-WEBSOCKET, AMQP = "websocket", "amqp"
-SERVER_START_TIMEOUT_S = 30.0
 AGGREGATION_TIMEOUT_S = 600.0
 PREFECT_STARTUP_TIMEOUT_S = 90
 PREFECT_SETTLE_S = 3.0
@@ -94,21 +96,6 @@ PERTURB_STRIDE = 4096
 # ---------------------------------------------------------------------------------------------
 # The benchmark participant (loaded by the flows as "<this module>:SleepParticipant").
 # ---------------------------------------------------------------------------------------------
-
-
-def layer_shapes(size_mb: float, layers: int) -> list[tuple[int, ...]]:
-    """Shapes of a float32 model of `size_mb` MB in `layers` layers: 1000-column matrices, a vector last."""
-    total = max(layers, round(size_mb * MB / 4))
-    per_layer = total // layers
-    shapes: list[tuple[int, ...]] = []
-    used = 0
-    for _ in range(layers - 1):
-        cols = min(1000, per_layer)
-        rows = max(1, per_layer // cols)
-        shapes.append((rows, cols))
-        used += rows * cols
-    shapes.append((total - used,))
-    return shapes
 
 
 class SleepParticipant(Participant):
@@ -191,11 +178,6 @@ class Row:
     gap_p50: float | None
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile with linear interpolation between closest ranks (numpy's default)."""
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
-
-
 def summarise(transport: str, size_mb: float, samples: Sequence[Sample], fedavg_s: Sequence[float]) -> Row:
     """The row of one (transport, size) from its samples and the server's aggregation times."""
     by_round: dict[int, list[Sample]] = {}
@@ -241,122 +223,6 @@ def samples_from_history(transport: str, size_mb: float, leaf: str, rows: Sequen
 
 
 # ---------------------------------------------------------------------------------------------
-# bk-server and RabbitMQ.
-# ---------------------------------------------------------------------------------------------
-
-
-def progress(message: str) -> None:
-    """Report progress on stderr, so stdout holds only the table (or JSON)."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def broker_available() -> bool:
-    """Whether RabbitMQ answers on 5672 and its management API on 15672."""
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            pass
-        return requests.get(f"{RABBIT_ADMIN}/api/overview", auth=RABBIT_AUTH, timeout=2).ok
-    except (OSError, requests.RequestException):
-        return False
-
-
-@dataclass
-class Server:
-    """One `bk-server serve` subprocess on a free port, with its admin API."""
-
-    data_dir: Path
-    amqp_url: str | None = None
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
-    federations: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir.parent / f"{self.data_dir.name}.log"
-
-    def start(self) -> Server:
-        """Start the server and wait until /healthz answers."""
-        command = [sys.executable, "-m", "bk_server.cli", "serve", "--data-dir", str(self.data_dir),
-                   "--port", str(self.port), "--log-level", "warning"]
-        if self.amqp_url:
-            command += ["--amqp-url", self.amqp_url]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"bk-server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(f"{self.url}/healthz", timeout=1).ok:
-                    return self
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise RuntimeError(f"bk-server did not answer /healthz within {SERVER_START_TIMEOUT_S:.0f} s")
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL if it lingers)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.process = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """Call the admin API with the token the server wrote into its data dir."""
-        token = json.loads((self.data_dir / "admin.json").read_text())["admin_token"]
-        response = requests.request(method, f"{self.url}/admin/v1{path}", json=body, timeout=60,
-                                    headers={"Authorization": f"Bearer {token}"})
-        if response.status_code >= 400:
-            raise RuntimeError(f"admin {method} {path} refused ({response.status_code}): {response.text[:300]}")
-        return response.json()["data"]
-
-    def federation(self, name: str, leaves: int) -> dict[str, Any]:
-        """A federation whose rounds close when every leaf has uploaded (its run is started)."""
-        data = self.admin("POST", "/federations", {"leaves": leaves, "min_updates": leaves, "tree": name,
-                                                   "branch": name})
-        self.federations.append(data)
-        return data
-
-    def rounds(self, branch_id: str) -> list[dict[str, Any]]:
-        return self.admin("GET", f"/branches/{branch_id}")["rounds"]
-
-    def cleanup_broker(self) -> None:
-        """Remove the vhosts and users this server provisioned on RabbitMQ for its federations."""
-        if not self.amqp_url:
-            return
-        for federation in self.federations:
-            paths = [f"vhosts/{federation['tree_id']}", *(f"users/{leaf['id']}" for leaf in federation["leaves"])]
-            for path in paths:
-                try:
-                    response = requests.delete(f"{RABBIT_ADMIN}/api/{path}", auth=RABBIT_AUTH, timeout=10)
-                except requests.RequestException as exc:
-                    progress(f"warning: could not remove {path} from RabbitMQ: {exc}")
-                    continue
-                if response.status_code not in (204, 404):
-                    progress(f"warning: RabbitMQ refused to remove {path}: {response.status_code}")
-
-
-# ---------------------------------------------------------------------------------------------
 # Prefect and the federation runs.
 # ---------------------------------------------------------------------------------------------
 
@@ -390,7 +256,7 @@ def prefect_api() -> Iterator[str]:
         time.sleep(PREFECT_SETTLE_S)
 
 
-def run_leaves(server: Server, federation: dict[str, Any], transport: str, size_mb: float, work: Path,
+def run_leaves(server: BenchServer, federation: dict[str, Any], transport: str, size_mb: float, work: Path,
                args: argparse.Namespace) -> None:
     """Every leaf's `federated_training` flow run, concurrently in threads, for all rounds."""
     from bk_blocks import BranchKeyCredentials
@@ -429,7 +295,7 @@ def check_consistency(samples: Sequence[Sample], server_rounds: Sequence[dict[st
     return problems
 
 
-def bench_one(server: Server, transport: str, size_mb: float, root: Path,
+def bench_one(server: BenchServer, transport: str, size_mb: float, root: Path,
               args: argparse.Namespace) -> tuple[Row, list[Sample], list[str]]:
     """One federation of one model size over one transport: run it, read the histories, summarise."""
     name = f"{transport}-{size_mb:g}mb"
@@ -455,7 +321,7 @@ def bench_one(server: Server, transport: str, size_mb: float, root: Path,
 
 def bench_transport(transport: str, root: Path, args: argparse.Namespace) -> tuple[list[Row], list[Sample], list[str]]:
     """Every model size over one transport, on a server of its own."""
-    server = Server(root / f"bk-{transport}", amqp_url=AMQP_URL if transport == AMQP else None)
+    server = BenchServer(root / f"bk-{transport}", amqp_url=AMQP_URL if transport == AMQP else None)
     rows: list[Row] = []
     samples: list[Sample] = []
     notes: list[str] = []
@@ -499,14 +365,10 @@ def run_benchmark(root: Path, args: argparse.Namespace) -> tuple[list[Row], list
 
 def machine_header(args: argparse.Namespace, api: str, external_api: bool) -> str:
     """Header lines: the machine, the versions and how the figures were taken."""
-    import prefect
-
-    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
     where = f"PREFECT_API_URL={api}" if external_api else "a temporary Prefect server (prefect_test_harness, SQLite)"
     measured = args.rounds - WARMUP_ROUNDS
     return (
-        f"# {platform.machine()}, {os.cpu_count()} CPUs, {ram_gb:.1f} GB RAM; Python {platform.python_version()}, "
-        f"Prefect {prefect.__version__}, numpy {np.__version__}; flows against {where}\n"
+        f"{machine_summary('Prefect', 'numpy')}; flows against {where}\n"
         "# loopback (leaves, bk-server, Prefect server and RabbitMQ share the CPUs), warm page cache; "
         "MB = 10**6 bytes; times in s\n"
         f"# {args.leaves} leaves (threads, one federated-training flow run each), min_updates={args.leaves}, "
@@ -519,17 +381,6 @@ def machine_header(args: argparse.Namespace, api: str, external_api: bool) -> st
         "#   rest = overhead - upload - wait - download; gap = next round's started_at - finished_at "
         "(history, artifacts, event, wait_for_run): outside round_s"
     )
-
-
-def format_table(headings: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
-    """Rows as a fixed-width plain-text table, the first column left-aligned, the rest right-aligned."""
-    widths = [max(len(line[i]) for line in [headings, *cells]) for i in range(len(headings))]
-
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
-
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join([line(headings), rule, *(line(values) for values in cells)])
 
 
 def seconds(value: float | None) -> str:
@@ -546,17 +397,6 @@ def results_table(rows: Sequence[Row]) -> str:
     return format_table(headings, cells)
 
 
-def parse_sizes(text: str) -> list[float]:
-    """Parse a comma-separated list of positive model sizes in MB, e.g. `1,100`."""
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive sizes in MB like 1,100, got {text!r}")
-    return values
-
-
 def parse_transports(text: str) -> list[str]:
     """Parse a comma-separated list of transports out of `websocket,amqp`."""
     values = [part.strip() for part in text.split(",") if part.strip()]
@@ -568,7 +408,7 @@ def parse_transports(text: str) -> list[str]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options; `--quick` fills in small sizes and fewer rounds unless they are given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=parse_sizes, default=None,
+    parser.add_argument("--sizes", type=size_list("1,100"), default=None,
                         help="float32 model sizes in MB (default 1,100; --quick: 1,10)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="rounds per federation, the first a warm-up (default 5; --quick: 3)")
@@ -577,11 +417,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4, help="layers of the model (default 4)")
     parser.add_argument("--transports", type=parse_transports, default=[WEBSOCKET, AMQP],
                         help="notification transports (default websocket,amqp; amqp skipped without a broker)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where to create the temporary directory (default /tmp)")
-    parser.add_argument("--seed", type=int, default=0, help="RNG seed for the models")
-    parser.add_argument("--quick", action="store_true", help="smoke run: sizes 1 and 10 MB, 3 rounds")
-    parser.add_argument("--json", action="store_true", help="print rows and samples as JSON instead of a table")
+    add_common_options(parser, seed_of="models", quick_help="smoke run: sizes 1 and 10 MB, 3 rounds",
+                       json_help="print rows and samples as JSON instead of a table")
     args = parser.parse_args(argv)
     if args.sizes is None:
         args.sizes = [1.0, 10.0] if args.quick else [1.0, 100.0]
@@ -597,15 +434,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the benchmark and print the table (or JSON)."""
     args = parse_args(argv)
-    base = args.workdir if args.workdir is not None else Path(tempfile.gettempdir())
-    base.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="bk-bench-orchestration-", dir=base))
     external_api = bool(os.environ.get("PREFECT_API_URL"))
-    try:
+    with temporary_root(args.workdir, "bk-bench-orchestration-") as root:
         configure_prefect_environment(root)
         rows, samples, notes, api = run_benchmark(root, args)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     header = machine_header(args, api, external_api)
     if args.json:
         print(json.dumps({"machine": header, "rows": [asdict(r) for r in rows],

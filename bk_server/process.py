@@ -29,6 +29,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def broker_available(host: str = "127.0.0.1") -> bool:
+    """Whether RabbitMQ answers on 5672 and its management API (guest) on 15672."""
+    try:
+        with socket.create_connection((host, 5672), timeout=1):
+            pass
+        return httpx.get(f"http://{host}:15672/api/overview", auth=("guest", "guest"), timeout=2).is_success
+    except (OSError, httpx.HTTPError):
+        return False
+
+
 def admin_call(base_url: str, token: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """Call `/admin/v1<path>` and return its `data`, or raise AdminCallError with the server's message."""
     url = f"{base_url.rstrip('/')}/admin/v1{path}"

@@ -10,25 +10,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 from pathlib import Path
 
-import httpx
 
 from bk_server.cli import write_credentials
-from bk_server.process import LocalServer
+from bk_server.process import LocalServer, broker_available
 
 from .cli import history
 from .simulation import federated_simulation
-
-
-def _broker_running() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            pass
-        return httpx.get("http://127.0.0.1:15672/api/overview", auth=("guest", "guest"), timeout=2).is_success
-    except (OSError, httpx.HTTPError):
-        return False
 
 
 def main() -> None:
@@ -38,7 +27,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--transport", choices=("auto", "amqp", "websocket"), default="auto")
     args = parser.parse_args()
-    transport = args.transport if args.transport != "auto" else ("amqp" if _broker_running() else "websocket")
+    transport = args.transport if args.transport != "auto" else ("amqp" if broker_available() else "websocket")
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
     amqp_url = "amqp://guest:guest@127.0.0.1:5672/" if transport == "amqp" else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import requests
 
-from bk_server.process import LocalServer, free_port
+from bk_server.process import LocalServer, broker_available, free_port
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RABBIT_ADMIN = "http://127.0.0.1:15672"
@@ -79,15 +78,6 @@ class BkServer(LocalServer):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
         raise RuntimeError("VmHWM not found")
-
-
-def broker_available() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            pass
-        return requests.get(f"{RABBIT_ADMIN}/api/overview", auth=("guest", "guest"), timeout=2).ok
-    except (OSError, requests.RequestException):
-        return False
 
 
 def in_ci() -> bool:
