@@ -62,7 +62,6 @@ from harness import (
     BenchServer,
     add_common_options,
     answer_child,
-    broker_available,
     format_table,
     layer_shapes,
     machine_summary,
@@ -74,6 +73,8 @@ from harness import (
     size_list,
     temporary_root,
 )
+
+from bk_server.process import broker_available
 
 BK_BLOCKS, REQUESTS = "bk_blocks", "requests"
 # What the official 2.x client sends as metadata (Python-looking text, not JSON).

@@ -73,7 +73,6 @@ from harness import (
     WEBSOCKET,
     BenchServer,
     add_common_options,
-    broker_available,
     format_table,
     layer_shapes,
     machine_summary,
@@ -83,6 +82,7 @@ from harness import (
     temporary_root,
 )
 
+from bk_server.process import broker_available
 from flows.participant import Participant, TrainResult
 
 AGGREGATION_TIMEOUT_S = 600.0
