@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SAFE_FILE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
-_HASH_BLOCK = 1024 * 1024
+_STREAM_BLOCK = 1024 * 1024
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
@@ -299,7 +299,7 @@ class BranchKeyClient:
                     raise self._error(response, f"download from {where}")
                 expected = int(response.headers.get("Content-Length", "-1"))
                 received = 0
-                for block in response.iter_content(chunk_size=_HASH_BLOCK):
+                for block in response.iter_content(chunk_size=_STREAM_BLOCK):
                     handle.write(block)
                     received += len(block)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:

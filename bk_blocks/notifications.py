@@ -5,8 +5,9 @@ socket goes away, and never exits the process. Aggregation notices are kept in o
 with a sequence number; `wait_for_aggregation(after=mark)` returns the first notice that
 arrived after a mark taken before the upload, so a notice left over from an earlier
 round is never mistaken for the answer. Over AMQP a notice is acknowledged only once it
-has been handed over (returned, or passed over as stale), so a crash before that leaves
-it in the leaf's durable queue.
+has been handed over (passed over as stale, returned, or with `auto_ack=False` once the
+caller calls `acknowledge()`), so a crash before that leaves it in the leaf's durable
+queue; a redelivered notice keeps its place in the order.
 """
 
 from __future__ import annotations
