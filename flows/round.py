@@ -71,7 +71,8 @@ def run_round(
     """Run (or resume) the leaf's current round; state is saved after every step."""
     work_dir = Path(work_dir)
     state = load_state(work_dir, credentials.leaf_id)
-    if state.phase == "idle":
+    resumed = state.phase != "idle"
+    if not resumed:
         details = wait_for_run(credentials, state.round, timeouts.run_poll_s, timeouts.run_s)
         if details.run_status == "stop":
             return RoundResult("stopped", details.run_number, state.round)
@@ -82,7 +83,7 @@ def run_round(
             return RoundResult("declined", state.run_number, state.round)
         _train(credentials, participant, work_dir, state)
     try:
-        return _finish(credentials, participant, work_dir, state, timeouts)
+        return _finish(credentials, participant, work_dir, state, timeouts, resumed)
     except RunStoppedError:
         state.clear_round()
         save_state(work_dir, state)
@@ -93,9 +94,9 @@ def run_round(
 
 
 def _finish(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path, state: LeafState,
-            timeouts: Timeouts) -> RoundResult:
+            timeouts: Timeouts, resumed: bool) -> RoundResult:
     if state.phase == "trained":
-        _upload(credentials, work_dir, state, timeouts)
+        _upload(credentials, work_dir, state, timeouts, mark=not resumed)
     if state.phase == "uploaded":
         _await_aggregation(credentials, work_dir, state, timeouts)
     if state.phase == "aggregated":
@@ -132,10 +133,17 @@ def _train(credentials: BranchKeyCredentials, participant: Participant, work_dir
     save_state(work_dir, state)
 
 
-def _upload(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState, timeouts: Timeouts) -> None:
-    """Upload the round's archive; a pause waits, a stop (or a new run) ends the round."""
+def _upload(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState, timeouts: Timeouts,
+            mark: bool) -> None:
+    """Upload the round's archive; a pause waits, a stop (or a new run) ends the round.
+
+    A fresh round marks the notice stream first, so only a later notice answers it. A
+    resumed round does not: its upload may already have been accepted before the crash
+    and its aggregation announced, so the latest notice not yet consumed answers it.
+    """
     started = time.perf_counter()
-    _marks[_round_key(credentials, state)] = shared_client(credentials).mark()
+    if mark:
+        _marks[_round_key(credentials, state)] = shared_client(credentials).mark()
     while True:
         try:
             receipt = upload_weights(credentials, Path(state.archive or ""), state.round, state.run_number)

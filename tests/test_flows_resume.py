@@ -16,7 +16,7 @@ import pytest
 
 from flows.examples.digits import DigitsSoftmax
 from flows.history import history_rows
-from flows.round import run_round
+from flows.round import Timeouts, run_round
 from flows.state import load_state
 from tasks import close_shared_clients
 
@@ -106,3 +106,24 @@ def test_rerun_after_a_completed_round_starts_the_next_one(server: BkServer, tmp
     second = run_round(credentials, DigitsSoftmax(leaf_index=0, leaves=1), tmp_path / "leaf")
     assert (first.round, second.round) == (1, 2)
     assert [r["round"] for r in history_rows(tmp_path / "leaf")] == [1, 2]
+
+
+def test_round_closed_while_the_leaf_was_down_is_picked_up_on_resume(amqp_server: BkServer, tmp_path: Path,
+                                                                     prefect_api: str) -> None:
+    """The crash falls after the platform accepted the upload, and the round closes before the rerun."""
+    federation = amqp_server.federation(leaves=2)
+    leaf, other = federation.leaves
+    work_dir = tmp_path / "leaf"
+    process = start_leaf(amqp_server, leaf, work_dir, tmp_path, prefect_api)
+    wait_for_phase(work_dir, leaf["id"], "uploaded", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
+    state = load_state(work_dir, leaf["id"])
+    state.phase = "trained"
+    (work_dir / "state.json").write_text(json.dumps(state.__dict__))
+    run_round(credentials_for(amqp_server, other, "amqp"), DigitsSoftmax(leaf_index=1, leaves=2), tmp_path / "other")
+    result = run_round(credentials_for(amqp_server, leaf, "amqp"), DigitsSoftmax(leaf_index=0, leaves=2), work_dir,
+                       Timeouts(aggregation_s=20))
+    round_one = amqp_server.status(federation.branch_id)["rounds"][0]
+    assert result.status == "completed" and result.record.aggregation_id == round_one["aggregation_id"]
+    assert round_one["updates"] == 2
