@@ -34,6 +34,7 @@ $(OFFICIAL)/branchkey-3.0/.installed:
 # RabbitMQ with its management plugin, on 127.0.0.1 (Debian's rabbitmq-server; needs root).
 broker:
 	service rabbitmq-server start >/dev/null 2>&1 || rabbitmq-server -detached
+	timeout 120 sh -c 'until rabbitmqctl -q start_app >/dev/null 2>&1; do sleep 1; done'
 	timeout 120 sh -c 'until rabbitmqctl -q await_startup >/dev/null 2>&1; do sleep 1; done'
 	rabbitmq-plugins -q enable rabbitmq_management >/dev/null
 	timeout 60 sh -c 'until curl -sf -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null; do sleep 1; done'
