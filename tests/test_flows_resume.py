@@ -17,7 +17,7 @@ import pytest
 from flows.examples.digits import DigitsSoftmax
 from flows.history import history_rows
 from flows.round import Timeouts, run_round
-from flows.state import load_state
+from flows.state import load_state, save_state
 from tasks import close_shared_clients
 
 from .bkserver import BkServer
@@ -51,16 +51,30 @@ def wait_for_phase(work_dir: Path, leaf_id: str, phase: str, process: subprocess
     raise TimeoutError(f"leaf never reached phase {phase}")
 
 
+def kill_leaf_after_upload(server: BkServer, leaf: dict, work_dir: Path, tmp_path: Path, prefect_api: str) -> None:
+    """Run the leaf's round in its own process and SIGKILL it once its upload is accepted and saved."""
+    process = start_leaf(server, leaf, work_dir, tmp_path, prefect_api)
+    wait_for_phase(work_dir, leaf["id"], "uploaded", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
+
+
+def crash_after_accepted_upload(server: BkServer, leaf: dict, work_dir: Path, tmp_path: Path,
+                                prefect_api: str) -> None:
+    """As if the process died after the platform accepted the upload but before the state said so."""
+    kill_leaf_after_upload(server, leaf, work_dir, tmp_path, prefect_api)
+    state = load_state(work_dir, leaf["id"])
+    state.phase = "trained"
+    save_state(work_dir, state)
+
+
 def test_leaf_killed_between_upload_and_aggregation_resumes_with_one_update(
     amqp_server: BkServer, tmp_path: Path, prefect_api: str
 ) -> None:
     federation = amqp_server.federation(leaves=2)
     killed, other = federation.leaves
     work_dir = tmp_path / "killed-leaf"
-    process = start_leaf(amqp_server, killed, work_dir, tmp_path, prefect_api)
-    wait_for_phase(work_dir, killed["id"], "uploaded", process)
-    process.send_signal(signal.SIGKILL)
-    process.wait(30)
+    kill_leaf_after_upload(amqp_server, killed, work_dir, tmp_path, prefect_api)
 
     other_credentials = credentials_for(amqp_server, other, "amqp")
     run_round(other_credentials, DigitsSoftmax(leaf_index=1, leaves=2), tmp_path / "other-leaf")
@@ -79,13 +93,7 @@ def test_upload_accepted_just_before_a_crash_is_not_counted_twice(amqp_server: B
     federation = amqp_server.federation(leaves=2)
     leaf = federation.leaves[0]
     work_dir = tmp_path / "leaf"
-    process = start_leaf(amqp_server, leaf, work_dir, tmp_path, prefect_api)
-    wait_for_phase(work_dir, leaf["id"], "uploaded", process)
-    process.send_signal(signal.SIGKILL)
-    process.wait(30)
-    state = load_state(work_dir, leaf["id"])
-    state.phase = "trained"
-    (work_dir / "state.json").write_text(json.dumps(state.__dict__))
+    crash_after_accepted_upload(amqp_server, leaf, work_dir, tmp_path, prefect_api)
 
     def second_leaf() -> None:
         run_round(credentials_for(amqp_server, federation.leaves[1], "amqp"), DigitsSoftmax(leaf_index=1, leaves=2),
@@ -114,13 +122,7 @@ def test_round_closed_while_the_leaf_was_down_is_picked_up_on_resume(amqp_server
     federation = amqp_server.federation(leaves=2)
     leaf, other = federation.leaves
     work_dir = tmp_path / "leaf"
-    process = start_leaf(amqp_server, leaf, work_dir, tmp_path, prefect_api)
-    wait_for_phase(work_dir, leaf["id"], "uploaded", process)
-    process.send_signal(signal.SIGKILL)
-    process.wait(30)
-    state = load_state(work_dir, leaf["id"])
-    state.phase = "trained"
-    (work_dir / "state.json").write_text(json.dumps(state.__dict__))
+    crash_after_accepted_upload(amqp_server, leaf, work_dir, tmp_path, prefect_api)
     run_round(credentials_for(amqp_server, other, "amqp"), DigitsSoftmax(leaf_index=1, leaves=2), tmp_path / "other")
     result = run_round(credentials_for(amqp_server, leaf, "amqp"), DigitsSoftmax(leaf_index=0, leaves=2), work_dir,
                        Timeouts(aggregation_s=20))
