@@ -18,11 +18,6 @@ class ShapeMismatchError(ValueError):
     """Parameters that do not fit the model they are loaded into."""
 
 
-def copy_parameters(parameters: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """An independent copy of a numpy parameter list (C-contiguous, dtypes kept)."""
-    return [np.array(p, copy=True, order="C") for p in parameters]
-
-
 def assign_parameters(target: list[np.ndarray], parameters: Sequence[np.ndarray]) -> None:
     """Copy `parameters` into `target` in place, refusing any count, shape or dtype mismatch."""
     if len(target) != len(parameters):
