@@ -12,9 +12,12 @@ from cyclopts import App
 from rich.console import Console
 from rich.table import Table
 
+from deployments.cli import app as edge_app
+
 from .history import history_rows
 
 app = App(name="bk", help="prefect-branchkey, leaf side.")
+app.command(edge_app)
 COLUMNS = ("run_number", "round", "status", "leaf_name", "aggregation_id", "weighting", "round_s", "wait_s",
            "bytes_up", "bytes_down", "finished_at")
 

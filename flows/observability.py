@@ -1,19 +1,28 @@
-"""What a leaf shows in Prefect: history table and summary artifacts, progress, round events.
+"""What a leaf and a federation show in Prefect: history tables, summaries with charts,
+flow run names and tags, round events.
 
-Artifact keys are stable per leaf, so the UI keeps one artifact per leaf with a version
-per round. Events `branchkey.round.completed` / `branchkey.round.failed` name the leaf
-and its branch as resources and carry the metrics, for Automations.
+Artifact keys are stable per leaf (and per federation), so the UI keeps one artifact
+with a version per round. Flow runs are named by leaf and round and tagged
+`leaf:<name>` and `branch:<id>`, for the UI's filters. Events
+`branchkey.round.completed` / `branchkey.round.failed` name the leaf and its branch as
+resources and carry the metrics, for Automations.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from statistics import fmean
 from typing import Any
 
+from prefect import get_client
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
+from prefect.runtime import flow_run
 
+from bk_blocks import BranchKeyCredentials
+
+from .charts import line_chart_svg, markdown_image
 from .history import RoundRecord
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -21,10 +30,30 @@ TABLE_COLUMNS = ("run_number", "round", "status", "aggregation_id", "weighting",
                  "bytes_up", "bytes_down")
 
 
-def artifact_key(kind: str, leaf_name: str) -> str:
-    """A stable artifact key (lowercase letters, digits, dashes) for a leaf."""
-    slug = re.sub(r"[^a-z0-9]+", "-", leaf_name.lower()).strip("-") or "leaf"
+def artifact_key(kind: str, name: str) -> str:
+    """A stable artifact key (lowercase letters, digits, dashes) for a leaf or a federation."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "leaf"
     return f"branchkey-{kind}-{slug}"
+
+
+def run_tags(credentials: BranchKeyCredentials) -> list[str]:
+    """The tags of a leaf's flow runs: by leaf and by branch, so the UI's filters find them."""
+    return ["branchkey", f"leaf:{credentials.leaf_name}", f"branch:{credentials.branch_id}"]
+
+
+def label_flow_run(name: str, tags: Sequence[str]) -> None:
+    """Rename the current flow run and add tags (a deployment's runs start with generated names)."""
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(run_id)
+        client.update_flow_run(run_id, name=name, tags=sorted(set(current.tags) | set(tags)))
+
+
+def primary_metric(names: Sequence[str]) -> str | None:
+    """The metric charts follow: accuracy if the participant reports it, else the first by name."""
+    return "accuracy" if "accuracy" in names else (sorted(names)[0] if names else None)
 
 
 def sparkline(values: Sequence[float]) -> str:
@@ -68,6 +97,11 @@ def summary_markdown(leaf_name: str, rows: Sequence[dict[str, Any]]) -> str:
                 continue
             previous = f"{series[-2]:.4f}" if len(series) > 1 else "-"
             lines.append(f"| {source} {name} | {series[-1]:.4f} | {previous} | {sparkline(series)} |")
+    for name in sorted(latest["eval_metrics"]):
+        points = [(r["round"], r["eval_metrics"][name]) for r in completed
+                  if name in r["eval_metrics"] and r["run_number"] == latest["run_number"]]
+        chart = line_chart_svg(f"{leaf_name}: global model {name} per round", {name: points})
+        lines += ["", markdown_image(f"{name} per round", chart)]
     return "\n".join(lines)
 
 
@@ -77,6 +111,63 @@ def publish_artifacts(leaf_name: str, rows: Sequence[dict[str, Any]]) -> None:
                           description=f"BranchKey round history of {leaf_name}")
     create_markdown_artifact(markdown=summary_markdown(leaf_name, rows), key=artifact_key("summary", leaf_name),
                              description=f"Latest federated round of {leaf_name}")
+
+
+def federation_table(histories: Mapping[str, Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per round with every leaf's evaluation metrics side by side, and their means."""
+    rounds: dict[tuple[int, int], dict[str, Any]] = {}
+    values: dict[tuple[int, int], dict[str, list[float]]] = {}
+    for leaf in sorted(histories):
+        for row in histories[leaf]:
+            if row["status"] != "completed":
+                continue
+            key = (row["run_number"], row["round"])
+            entry = rounds.setdefault(key, {"run_number": key[0], "round": key[1], "leaves": 0,
+                                            "aggregation_id": row["aggregation_id"]})
+            entry["leaves"] += 1
+            for name, value in sorted(row["eval_metrics"].items()):
+                entry[f"{leaf} {name}"] = round(value, 4)
+                values.setdefault(key, {}).setdefault(name, []).append(value)
+    for key, entry in rounds.items():
+        entry.update({f"mean {name}": round(fmean(v), 4) for name, v in sorted(values.get(key, {}).items())})
+    return [rounds[key] for key in sorted(rounds)]
+
+
+def federation_summary(title: str, histories: Mapping[str, Sequence[dict[str, Any]]]) -> str:
+    """The federation's latest round per leaf and a chart of the primary metric, every leaf a line."""
+    table = federation_table(histories)
+    if not table:
+        return f"# {title}\n\nNo completed round yet."
+    latest = table[-1]
+    run = latest["run_number"]
+    names = sorted({name for rows in histories.values() for r in rows for name in r["eval_metrics"]})
+    metric = primary_metric(names)
+    lines = [f"# {title}", "", f"Round {latest['round']} of run {run}: {latest['leaves']} of {len(histories)} "
+             f"leaves reported, aggregation `{latest['aggregation_id']}`.", ""]
+    if metric is None:
+        return "\n".join(lines)
+    lines += [f"| leaf | {metric} (latest) | first round | trend |", "|---|---|---|---|"]
+    series: dict[str, list[tuple[int, float]]] = {}
+    for leaf in sorted(histories):
+        points = [(r["round"], r["eval_metrics"][metric]) for r in histories[leaf]
+                  if r["status"] == "completed" and r["run_number"] == run and metric in r["eval_metrics"]]
+        if points:
+            series[leaf] = points
+            trend = sparkline([v for _, v in points])
+            lines.append(f"| {leaf} | {points[-1][1]:.4f} | {points[0][1]:.4f} | {trend} |")
+    if series:
+        chart = line_chart_svg(f"global model {metric} per round, by leaf", series)
+        lines += ["", markdown_image(f"{metric} per round by leaf", chart)]
+    return "\n".join(lines)
+
+
+def publish_federation_artifacts(name: str, histories: Mapping[str, Sequence[dict[str, Any]]]) -> None:
+    """Update the federation's side-by-side history table and its summary (a new version of each)."""
+    create_table_artifact(table=federation_table(histories), key=artifact_key("federation", name),
+                          description=f"BranchKey federation {name}: every leaf's evaluation per round")
+    create_markdown_artifact(markdown=federation_summary(f"Federation {name}", histories),
+                             key=artifact_key("federation-summary", name),
+                             description=f"BranchKey federation {name}: latest round and trend")
 
 
 def emit_round_event(record: RoundRecord, *, failed: bool = False, error: str | None = None) -> None:

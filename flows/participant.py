@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,23 @@ def load_participant(path: str, options: dict[str, Any] | str | None = None) -> 
     if not (isinstance(cls, type) and issubclass(cls, Participant)):
         raise ParticipantError(f"{path!r} is not a Participant subclass")
     return cls(**(options or {}))
+
+
+_instances: dict[tuple[str, str, str], Participant] = {}
+_instances_lock = threading.Lock()
+
+
+def participant_for(leaf_id: str, path: str, options: dict[str, Any] | str | None = None) -> Participant:
+    """The process's participant for this leaf, path and options, built on first use.
+
+    A training run's rounds are separate flow runs; they share one instance, so a
+    participant keeps its local state (data, optimizer, random generator) across rounds.
+    """
+    key = (leaf_id, path, options if isinstance(options, str) else json.dumps(options or {}, sort_keys=True))
+    with _instances_lock:
+        if key not in _instances:
+            _instances[key] = load_participant(path, options)
+        return _instances[key]
 
 
 def check_result(result: Any) -> TrainResult:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
@@ -22,6 +22,7 @@ from bk_blocks.archive import read_aggregate, write_update
 from tasks import (
     close_shared_client,
     download_aggregate,
+    has_shared_client,
     resolve_credentials,
     send_metrics,
     shared_client,
@@ -31,9 +32,9 @@ from tasks import (
 )
 
 from .history import RoundRecord, append_record, history_rows, utc_from_timestamp
-from .observability import emit_round_event, publish_artifacts
-from .participant import Participant, check_result, load_participant
-from .state import LeafState, load_state, save_state
+from .observability import emit_round_event, label_flow_run, publish_artifacts, run_tags
+from .participant import Participant, check_result, participant_for
+from .state import LeafState, hold_work_dir, load_state, resolve_work_dir, save_state
 
 # Rounds shown in the history artifact: the latest ones (the Parquet history keeps them all).
 ARTIFACT_ROWS = 50
@@ -222,6 +223,11 @@ def _record(credentials: BranchKeyCredentials, state: LeafState, status: str,
     )
 
 
+def round_name(credentials: BranchKeyCredentials, round_number: int) -> str:
+    """A round's flow run name: the leaf and the round, as the UI lists it."""
+    return f"{credentials.leaf_name}-round-{round_number}"
+
+
 @flow(name="federated-round")
 def federated_round(
     credentials: BranchKeyCredentials | str,
@@ -234,11 +240,23 @@ def federated_round(
     """One federated round for one leaf (or the rest of an interrupted one).
 
     `participant` is `"package.module:Class"`, built with `participant_options`;
-    `work_dir` holds the leaf's state, models and history between runs.
+    `work_dir` holds the leaf's state, models and history between runs (`~` and
+    `$VARIABLES` are expanded on the machine that runs the round). The run is named
+    `<leaf>-round-<n>` and tagged by leaf and branch.
     """
     block = resolve_credentials(credentials)
+    directory = resolve_work_dir(work_dir)
+    model = participant_for(block.leaf_id, participant, participant_options)
+    owns_client = not has_shared_client(block)
     try:
-        return run_round(block, load_participant(participant, participant_options), Path(work_dir),
-                         Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s))
+        with hold_work_dir(directory), tags(*run_tags(block)):
+            expected = load_state(directory, block.leaf_id).round
+            label_flow_run(round_name(block, expected), run_tags(block))
+            result = run_round(block, model, directory,
+                               Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s))
     finally:
-        close_shared_client(block)
+        if owns_client:
+            close_shared_client(block)
+    if result.round != expected:
+        label_flow_run(round_name(block, result.round), [])
+    return result

@@ -1,11 +1,12 @@
 """Simulate a federation: N leaves training concurrently against a BranchKey server,
-each leaf its own `federated-training` flow run (visible in the UI under this one)."""
+each leaf its own `federated-training` flow run (visible in the UI under this one), and
+the federation's side-by-side history published as artifacts while the rounds go by."""
 
 from __future__ import annotations
 
 import contextvars
 import json
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,8 +14,13 @@ from prefect import flow, get_run_logger
 
 from bk_blocks import BranchKeyCredentials
 
+from .history import history_rows
+from .observability import publish_federation_artifacts
 from .round import RoundResult
 from .training import federated_training
+
+# How often the federation artifacts are brought up to date while the leaves train, in seconds.
+FEDERATION_REFRESH_S = 1.0
 
 
 def leaf_credentials(credentials_dir: Path, host: str, transport: str) -> list[BranchKeyCredentials]:
@@ -46,16 +52,31 @@ def federated_simulation(
         blocks = [b.model_copy(update={"amqp_host": amqp_host}) for b in blocks]
     logger.info("simulating %d leaves for %d rounds over %s", len(blocks), rounds, transport)
 
+    work_dirs = {b.leaf_name: Path(work_root) / b.leaf_name for b in blocks}
+
     def train(index: int, block: BranchKeyCredentials) -> list[RoundResult]:
         options = {**(participant_options or {}), "leaf_index": index, "leaves": len(blocks)}
-        return federated_training.with_options(flow_run_name=block.leaf_name)(
-            block, participant, str(Path(work_root) / block.leaf_name), rounds=rounds,
-            participant_options=options, aggregation_timeout_s=aggregation_timeout_s,
-        )
+        return federated_training(block, participant, str(work_dirs[block.leaf_name]), rounds=rounds,
+                                  participant_options=options, aggregation_timeout_s=aggregation_timeout_s)
 
     with ThreadPoolExecutor(max_workers=len(blocks), thread_name_prefix="leaf") as pool:
         futures = {b.leaf_name: pool.submit(contextvars.copy_context().run, train, i, b) for i, b in enumerate(blocks)}
+        _publish_while_running(blocks[0].branch_id, work_dirs, list(futures.values()))
         results = {name: future.result() for name, future in futures.items()}
     for name, rounds_done in results.items():
         logger.info("%s: %s", name, json.dumps([(r.round, r.status, r.eval_metrics) for r in rounds_done]))
     return results
+
+
+def _publish_while_running(branch_id: str, work_dirs: dict[str, Path], futures: list[Future]) -> None:
+    """Republish the federation artifacts whenever a leaf records a round, until every leaf is done."""
+    seen = -1
+    while True:
+        done, running = wait(futures, timeout=FEDERATION_REFRESH_S, return_when=FIRST_EXCEPTION)
+        histories = {name: history_rows(path) for name, path in work_dirs.items()}
+        recorded = sum(len(rows) for rows in histories.values())
+        if recorded != seen:
+            publish_federation_artifacts(branch_id, histories)
+            seen = recorded
+        if not running or any(f.exception() for f in done):
+            return

@@ -7,10 +7,17 @@ aggregate is never lost. A schedule of one-round flow runs and one long run shar
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prefect.runtime import flow_run
 
 from bk_blocks.files import atomic_write
 
@@ -19,6 +26,19 @@ PHASES = ("idle", "trained", "uploaded", "aggregated", "downloaded")
 
 class StateError(ValueError):
     """The work directory's state file is unreadable or belongs to another leaf."""
+
+
+class WorkDirError(ValueError):
+    """A work directory parameter that cannot be used on this machine."""
+
+
+class LeafBusyError(RuntimeError):
+    """Another process is running a round of this leaf in the same work directory."""
+
+
+# Work dirs this process holds the lock of, with how many nested holds (a training run and its rounds).
+_held: dict[Path, tuple[int, int]] = {}
+_held_lock = threading.Lock()
 
 
 @dataclass
@@ -83,3 +103,54 @@ def save_state(work_dir: Path, state: LeafState) -> None:
     """Write the state atomically (temporary file, fsync, rename)."""
     with atomic_write(state_path(work_dir), "w") as handle:
         json.dump(asdict(state), handle, indent=2)
+
+
+def resolve_work_dir(work_dir: str | os.PathLike[str]) -> Path:
+    """The work dir with `~` and `$VARIABLES` expanded on this machine (a deployment names
+    `$BRANCHKEY_WORK_ROOT/leaf-a`, each worker sets where that is)."""
+    expanded = os.path.expandvars(os.path.expanduser(os.fspath(work_dir)))
+    if "$" in expanded:
+        raise WorkDirError(f"work_dir {os.fspath(work_dir)!r} names an environment variable that is not set "
+                           f"on this machine (expanded: {expanded!r})")
+    if not expanded.strip():
+        raise WorkDirError("work_dir is empty")
+    return Path(expanded).absolute()
+
+
+@contextmanager
+def hold_work_dir(work_dir: Path) -> Iterator[None]:
+    """Hold the leaf's work dir for this process, so two rounds of one leaf never overlap.
+
+    An exclusive `flock` on `work_dir/.lock`: a second process (another worker's run, a
+    manual run) fails at once with LeafBusyError naming the holder; nested holds in this
+    process (a training run and its round subflows) are allowed.
+    """
+    key = Path(work_dir).absolute()
+    with _held_lock:
+        if key in _held:
+            fd, count = _held[key]
+            _held[key] = (fd, count + 1)
+        else:
+            key.mkdir(parents=True, exist_ok=True)
+            fd = os.open(key / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise LeafBusyError(f"work dir {key} is in use by another run of this leaf ({holder}); "
+                                    "a leaf runs one round at a time") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}, flow run {flow_run.get_id() or '-'}\n".encode(), 0)
+            _held[key] = (fd, 1)
+    try:
+        yield
+    finally:
+        with _held_lock:
+            fd, count = _held[key]
+            if count > 1:
+                _held[key] = (fd, count - 1)
+            else:
+                del _held[key]
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)

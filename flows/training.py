@@ -7,7 +7,6 @@ run and a schedule of one-round flow runs reach the same place.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -16,9 +15,10 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from bk_blocks import BranchKeyCredentials
 from tasks import close_shared_client, resolve_credentials
 
-from .participant import load_participant
-from .round import RoundResult, Timeouts, run_round
-from .state import load_state
+from .observability import label_flow_run, run_tags
+from .participant import participant_for
+from .round import RoundResult, federated_round
+from .state import hold_work_dir, load_state, resolve_work_dir
 
 
 def target_reached(result: RoundResult, target_metric: str | None, target_value: float | None) -> bool:
@@ -34,42 +34,61 @@ def federated_training(
     credentials: BranchKeyCredentials | str,
     participant: str,
     work_dir: str,
-    rounds: int = 10,
+    rounds: int | None = 10,
     participant_options: dict[str, Any] | None = None,
     target_metric: str | None = None,
     target_value: float | None = None,
     aggregation_timeout_s: float = 3600,
     run_timeout_s: float = 6 * 3600,
+    rounds_per_run: int | None = None,
+    run_poll_s: float = 10,
 ) -> list[RoundResult]:
-    """Run this leaf's rounds up to round `rounds` (counted in the work dir across flow runs).
-
-    Stops early when `target_metric` (an evaluation metric, higher is better) reaches
-    `target_value`, or when the platform stops the run.
+    """Run this leaf's rounds, each a `federated-round` subflow run, until one of:
+    round `rounds` is done (counted in the work dir across flow runs; None: no limit),
+    `rounds_per_run` rounds completed in this flow run (a nightly retraining), the
+    evaluation metric `target_metric` reached `target_value` (higher is better), or
+    the platform stopped the run.
     """
     logger = get_run_logger()
     block = resolve_credentials(credentials)
-    model = load_participant(participant, participant_options)
-    timeouts = Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s)
-    first = load_state(Path(work_dir), block.leaf_id).round
-    progress = create_progress_artifact(progress=0.0, description=f"{block.leaf_name}: rounds {first}..{rounds}")
+    directory = resolve_work_dir(work_dir)
+    participant_for(block.leaf_id, participant, participant_options)
+    label_flow_run(f"{block.leaf_name}-training", run_tags(block))
     results: list[RoundResult] = []
     try:
-        while load_state(Path(work_dir), block.leaf_id).round <= rounds:
-            result = run_round(block, model, Path(work_dir), timeouts)
-            results.append(result)
-            if result.status == "stopped":
-                logger.info("the platform stopped the run; ending at round %d", result.round)
-                break
-            if result.status == "declined":
-                time.sleep(timeouts.run_poll_s)
-                continue
-            done = result.round - first + 1
-            update_progress_artifact(progress, progress=100.0 * done / max(1, rounds - first + 1))
-            if target_reached(result, target_metric, target_value):
-                logger.info("%s reached %s >= %s in round %d", block.leaf_name, target_metric, target_value,
-                            result.round)
-                break
+        with hold_work_dir(directory):
+            first = load_state(directory, block.leaf_id).round
+            goal = _goal(first, rounds, rounds_per_run)
+            progress = create_progress_artifact(progress=0.0, description=f"{block.leaf_name}: rounds {first}..{goal}")
+            while _more_rounds(load_state(directory, block.leaf_id).round, rounds, results, rounds_per_run):
+                result = federated_round(block, participant, str(directory), participant_options,
+                                         aggregation_timeout_s, run_timeout_s)
+                results.append(result)
+                if result.status == "stopped":
+                    logger.info("the platform stopped the run; ending at round %d", result.round)
+                    break
+                if result.status == "declined":
+                    time.sleep(run_poll_s)
+                    continue
+                done = sum(r.status == "completed" for r in results)
+                update_progress_artifact(progress, progress=100.0 * done / max(1, goal - first + 1))
+                if target_reached(result, target_metric, target_value):
+                    logger.info("%s reached %s >= %s in round %d", block.leaf_name, target_metric, target_value,
+                                result.round)
+                    break
+            update_progress_artifact(progress, progress=100.0)
     finally:
         close_shared_client(block)
-    update_progress_artifact(progress, progress=100.0)
     return results
+
+
+def _goal(first: int, rounds: int | None, rounds_per_run: int | None) -> int:
+    """The last round this flow run means to reach (for its progress bar)."""
+    candidates = [n for n in (rounds, first + rounds_per_run - 1 if rounds_per_run else None) if n is not None]
+    return min(candidates) if candidates else first
+
+
+def _more_rounds(next_round: int, rounds: int | None, results: list[RoundResult], rounds_per_run: int | None) -> bool:
+    if rounds is not None and next_round > rounds:
+        return False
+    return rounds_per_run is None or sum(r.status == "completed" for r in results) < rounds_per_run

@@ -4,6 +4,7 @@ from .aggregation import wait_for_aggregation
 from .clients import (
     close_shared_client,
     close_shared_clients,
+    has_shared_client,
     resolve_credentials,
     shared_client,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "close_shared_client",
     "close_shared_clients",
     "download_aggregate",
+    "has_shared_client",
     "resolve_credentials",
     "retry_only_transient",
     "send_metrics",

@@ -37,6 +37,12 @@ def shared_client(
     return client
 
 
+def has_shared_client(credentials: BranchKeyCredentials) -> bool:
+    """Whether this process already has a client for the leaf (an enclosing flow run opened it)."""
+    with _lock:
+        return (credentials.leaf_id, credentials.host, credentials.notification_transport) in _clients
+
+
 def close_shared_client(credentials: BranchKeyCredentials) -> None:
     """Close this leaf's shared client, if there is one (at the end of its flow run)."""
     with _lock:

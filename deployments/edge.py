@@ -1,0 +1,101 @@
+"""Prepare a Prefect server for edge leaves: the Block type, the process work pool, one
+work queue per leaf (one run at a time), and one credentials Block per leaf.
+
+Every step is idempotent: rerunning it brings the server to the same state, so a leaf
+can be added by running it again with one more credentials file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectNotFound
+from prefect.workers.process import ProcessWorker
+
+from bk_blocks import BranchKeyCredentials
+
+DEFAULT_POOL = "branchkey-edge"
+BLOCK_NAME = re.compile(r"^[a-z0-9-]+$")
+
+
+class EdgeSetupError(ValueError):
+    """A leaf cannot be set up as asked (bad Block name, unreadable credentials file)."""
+
+
+@dataclass(frozen=True)
+class LeafSpec:
+    """One leaf to set up: the Block (and queue) name and the platform's credentials JSON."""
+
+    name: str
+    credentials_file: Path
+
+    @classmethod
+    def parse(cls, text: str) -> "LeafSpec":
+        """`NAME=PATH` (`leaf-1=creds/leaf-1.json`), or just `PATH`: the Block is named after the file."""
+        name, sep, path = text.partition("=")
+        if not sep:
+            name, path = Path(text).stem, text
+        name = name.strip()
+        if not BLOCK_NAME.match(name):
+            raise EdgeSetupError(f"leaf name {name!r} must be lowercase letters, digits and dashes (a Block name)")
+        return cls(name, Path(path))
+
+
+def register_block_types() -> None:
+    """Register `BranchKeyCredentials` with the server (as `prefect block register -m bk_blocks`)."""
+    BranchKeyCredentials.register_type_and_schema()
+
+
+def ensure_work_pool(pool: str = DEFAULT_POOL) -> bool:
+    """Create the process work pool unless it exists; True if it was created."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+            return False
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template,
+                                                   description="BranchKey leaves on edge machines"))
+            return True
+
+
+def ensure_leaf_queue(leaf: str, pool: str = DEFAULT_POOL) -> None:
+    """The leaf's work queue in the pool, limited to one flow run at a time."""
+    with get_client(sync_client=True) as client:
+        try:
+            queue = client.read_work_queue_by_name(leaf, work_pool_name=pool)
+        except ObjectNotFound:
+            client.create_work_queue(leaf, work_pool_name=pool, concurrency_limit=1,
+                                     description=f"Flow runs of BranchKey leaf {leaf}: one at a time")
+            return
+        if queue.concurrency_limit != 1:
+            client.update_work_queue(queue.id, concurrency_limit=1)
+
+
+def save_leaf_credentials(spec: LeafSpec, host: str, transport: Literal["websocket", "amqp"] = "websocket",
+                          **settings: Any) -> BranchKeyCredentials:
+    """Save the leaf's credentials JSON as a `BranchKeyCredentials` Block named `spec.name` (overwriting)."""
+    try:
+        block = BranchKeyCredentials.from_platform_json(spec.credentials_file, host=host,
+                                                        notification_transport=transport, **settings)
+    except (OSError, ValueError) as exc:
+        raise EdgeSetupError(f"cannot read leaf credentials {spec.credentials_file}: {exc}") from None
+    block.save(spec.name, overwrite=True)
+    return block
+
+
+def set_up_edge(leaves: list[LeafSpec], host: str, transport: Literal["websocket", "amqp"] = "websocket",
+                pool: str = DEFAULT_POOL, **settings: Any) -> list[BranchKeyCredentials]:
+    """Everything a Prefect server needs before `prefect deploy --all`, for these leaves."""
+    register_block_types()
+    ensure_work_pool(pool)
+    blocks = []
+    for spec in leaves:
+        ensure_leaf_queue(spec.name, pool)
+        blocks.append(save_leaf_credentials(spec, host, transport, **settings))
+    return blocks

@@ -1,0 +1,34 @@
+"""One leaf on one machine without a work pool or worker: `bk edge serve`.
+
+`serve` keeps a process that both registers the leaf's two deployments (continuous
+rounds on an interval, retraining on a cron) and runs their flow runs itself, one at a
+time (`limit=1`): the same two-overlapping-rounds guarantee as the pool's per-leaf queue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+from flows.round import federated_round
+from flows.training import federated_training
+
+
+def serve_leaf(leaf: str, participant: str, work_dir: str, participant_options: dict[str, Any] | None = None,
+               interval_s: float = 900, cron: str | None = "0 2 * * *", rounds_per_run: int = 10) -> None:
+    """Serve `<leaf>-rounds` (a round every `interval_s`) and, if `cron` is given, `<leaf>-nightly`."""
+    parameters = {"credentials": leaf, "participant": participant, "work_dir": work_dir,
+                  "participant_options": participant_options or {}}
+    tags = ["branchkey", f"leaf:{leaf}"]
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+    deployments = [federated_round.to_deployment(
+        name=f"{leaf}-rounds", interval=interval_s, parameters=parameters, tags=tags,
+        concurrency_limit=one_at_a_time, description=f"Continuous federated rounds of {leaf}")]
+    if cron:
+        deployments.append(federated_training.to_deployment(
+            name=f"{leaf}-nightly", cron=cron, tags=tags, concurrency_limit=one_at_a_time,
+            parameters={**parameters, "rounds": None, "rounds_per_run": rounds_per_run},
+            description=f"Retraining of {leaf}, {rounds_per_run} rounds per run"))
+    serve(*deployments, limit=1)
