@@ -1,21 +1,65 @@
 """Run `bk-server serve` as a subprocess on loopback and drive its admin API.
 
 What the demo, the benchmarks and the tests use to get a real platform for a while.
+Its children never outlive it: each gets its own process group (stopping it stops what
+it started, and a terminal's Ctrl-C reaches only the parent, which then stops the
+children in order) and asks the kernel for SIGTERM should the parent die uncleanly.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux `prctl`)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn(command: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None,
+          cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start `command` in its own process group, output appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+
+
+def stop_group(process: subprocess.Popen[bytes], timeout: float = 20, hard: bool = False) -> None:
+    """SIGTERM the child's process group (unless `hard`); after `timeout` seconds (or once
+    the child has exited) SIGKILL whatever of the group is left."""
+    if not hard:
+        _signal_group(process, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    _signal_group(process, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 class AdminCallError(RuntimeError):
@@ -85,9 +129,7 @@ class LocalServer:
             command += ["--amqp-url", self.amqp_url]
         for key, value in self.options.items():
             command += [f"--{key.replace('_', '-')}", str(value)]
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.process = spawn(command, self.log_path)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -101,9 +143,8 @@ class LocalServer:
         raise RuntimeError(f"bk-server did not answer /healthz within {timeout:.0f} s; see {self.log_path}")
 
     def stop(self, hard: bool = False) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
-            self.process.wait(timeout=30)
+        if self.process is not None:
+            stop_group(self.process, hard=hard)
         self.process = None
 
     def restart(self, hard: bool = True) -> None:

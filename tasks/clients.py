@@ -9,16 +9,22 @@ from __future__ import annotations
 import logging
 import threading
 
-from bk_blocks import BranchKeyClient, BranchKeyCredentials
+from bk_blocks import BranchKeyClient, BranchKeyCredentials, BranchKeySettings
+
+# The credentials parameter that means: read BRANCHKEY_* settings on the machine that runs the flow.
+FROM_ENVIRONMENT = "$env"
 
 _clients: dict[tuple[str, str, str], BranchKeyClient] = {}
 _lock = threading.Lock()
 
 
 def resolve_credentials(credentials: BranchKeyCredentials | str) -> BranchKeyCredentials:
-    """The Block itself, or the saved Block of that name."""
+    """The Block itself, the saved Block of that name, or, for `"$env"`, the Block that the
+    `BRANCHKEY_*` environment of this machine describes (the token never leaves the machine)."""
     if isinstance(credentials, BranchKeyCredentials):
         return credentials
+    if credentials == FROM_ENVIRONMENT:
+        return BranchKeySettings().to_block()
     return BranchKeyCredentials.load(credentials)
 
 

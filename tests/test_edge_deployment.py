@@ -1,0 +1,254 @@
+"""End to end, as a user deploys it: `prefect server start`, bk_server with RabbitMQ,
+`bk edge setup`, `prefect deploy --all` of the project's prefect.yaml, one process worker
+per leaf, triggered retraining runs, then the rounds' interval schedule firing.
+
+One federation is run once for the module; each test checks one thing it must show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from bk_blocks.archive import read_aggregate, read_update
+from bk_server.cli import write_credentials
+from bk_server.process import spawn, stop_group
+from flows.history import history_rows
+from flows.observability import artifact_key
+from flows.prefect_server import LocalPrefectServer
+
+from .bkserver import BkServer
+from .conftest import fedavg_reference
+from .flow_helpers import artifacts
+
+pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq]
+
+PROJECT = Path(__file__).resolve().parents[1]
+LEAVES = ("leaf-1", "leaf-2", "leaf-3")
+TRAINING_ROUNDS = 2
+INTERVAL_S = 20
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@dataclass
+class EdgeFederation:
+    """What the scenario left behind to check: the servers' addresses and the leaves' dirs."""
+
+    api: str
+    server: BkServer
+    work_root: Path
+    leaf_names: dict[str, str]
+
+
+def _run(command: list[str], env: dict[str, str]) -> str:
+    """Run a CLI command as a user would, failing the test with its output if it fails."""
+    result = subprocess.run(command, env=env, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def _api(api: str, method: str, path: str, body: Any = None) -> Any:
+    """Call the Prefect REST API; a 503 (SQLite busy under the workers' load) is retried, as Prefect's client does."""
+    for attempt in range(10):
+        response = httpx.request(method, f"{api}{path}", json=body, timeout=30)
+        if response.status_code != 503:
+            break
+        time.sleep(0.5 * (attempt + 1))
+    response.raise_for_status()
+    return response.json() if response.content else None
+
+
+def _flow_runs(api: str) -> list[dict[str, Any]]:
+    return _api(api, "POST", "/flow_runs/filter", {"sort": "START_TIME_ASC", "limit": 200})
+
+
+def _deployments(api: str) -> dict[str, dict[str, Any]]:
+    return {d["name"]: d for d in _api(api, "POST", "/deployments/filter", {"limit": 50})}
+
+
+def _wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _all_settled(api: str) -> bool:
+    return all(run["state_type"] in TERMINAL for run in _flow_runs(api) if run["state_type"] != "SCHEDULED")
+
+
+def _set_rounds_schedules(api: str, deployments: dict[str, dict[str, Any]], active: bool,
+                          interval_s: float | None = None) -> None:
+    """Activate (with a new interval, all anchored alike) or pause every leaf's rounds schedule."""
+    anchor = (datetime.now(timezone.utc) + timedelta(seconds=3)).isoformat()
+    for leaf in LEAVES:
+        deployment = deployments[f"{leaf}-rounds"]
+        for schedule in deployment["schedules"]:
+            body: dict[str, Any] = {"active": active}
+            if interval_s is not None:
+                body["schedule"] = {"interval": interval_s, "anchor_date": anchor, "timezone": "UTC"}
+            _api(api, "PATCH", f"/deployments/{deployment['id']}/schedules/{schedule['id']}", body)
+
+
+def _pause_every_schedule(api: str, deployments: dict[str, dict[str, Any]]) -> None:
+    for deployment in deployments.values():
+        for schedule in deployment["schedules"]:
+            _api(api, "PATCH", f"/deployments/{deployment['id']}/schedules/{schedule['id']}", {"active": False})
+    for run in _flow_runs(api):
+        if run["state_type"] == "SCHEDULED" and run["auto_scheduled"]:
+            _api(api, "DELETE", f"/flow_runs/{run['id']}")
+
+
+def _leaf_rounds(work_root: Path) -> dict[str, int]:
+    """The next round of each leaf, from its state file."""
+    return {leaf: json.loads((work_root / leaf / "state.json").read_text())["round"] for leaf in LEAVES}
+
+
+def _catch_up(api: str, env: dict[str, str], work_root: Path) -> None:
+    """Run rounds for any leaf a schedule pause left behind the others, so no leaf waits forever."""
+    for _ in range(5):
+        _wait_until(lambda: _all_settled(api), 300, "every flow run to finish")
+        rounds = _leaf_rounds(work_root)
+        behind = [leaf for leaf, n in rounds.items() if n < max(rounds.values())]
+        if not behind:
+            return
+        for leaf in behind:
+            _run(["prefect", "deployment", "run", f"federated-round/{leaf}-rounds"], env)
+    raise AssertionError(f"leaves did not reach the same round: {_leaf_rounds(work_root)}")
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids of processes whose environment carries the marker (every process the scenario started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def edge(rabbitmq: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeFederation]:
+    """Deploy the project to a real Prefect server and three workers; run the federation; tear down."""
+    root = tmp_path_factory.mktemp("edge")
+    marker = f"BRANCHKEY_E2E_RUN={uuid.uuid4().hex}"
+    name, value = marker.split("=")
+    os.environ[name] = value
+    bin_dir = str(Path(sys.executable).parent)
+    prefect = LocalPrefectServer(root / "prefect-home", settings={
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0",
+        "PREFECT_LOGGING_LEVEL": "WARNING", "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    })
+    server = BkServer(root / "bk", amqp=True)
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        prefect.start()
+        server.start()
+        env = prefect.client_env() | {"BRANCHKEY_PROJECT_DIR": str(PROJECT), "BRANCHKEY_WORK_ROOT": str(root / "leaves")}
+        federation = server.federation(leaves=3, tree="edge", branch="edge")
+        paths = write_credentials(root / "creds", federation.leaves)
+        _run(["bk", "edge", "setup", *(f"{leaf}={path}" for leaf, path in zip(LEAVES, paths)),
+              "--host", server.url, "--transport", "amqp", "--amqp-host", "127.0.0.1"], env)
+        _run(["prefect", "--no-prompt", "deploy", "--all"], env)
+        deployments = _deployments(prefect.api_url)
+        _pause_every_schedule(prefect.api_url, deployments)
+        for leaf in LEAVES:
+            workers.append(spawn(["prefect", "worker", "start", "--pool", "branchkey-edge", "--work-queue", leaf,
+                                  "--name", f"edge-{leaf}"], root / f"worker-{leaf}.log", env=env))
+        for leaf in LEAVES:
+            _run(["prefect", "deployment", "run", f"federated-training/{leaf}-nightly",
+                  "--param", f"rounds_per_run={TRAINING_ROUNDS}"], env)
+        _wait_until(lambda: sum(r["state_type"] == "COMPLETED" and r["parent_task_run_id"] is None
+                                for r in _flow_runs(prefect.api_url)) >= len(LEAVES), 300,
+                    "the triggered retraining runs")
+        _set_rounds_schedules(prefect.api_url, deployments, active=True, interval_s=INTERVAL_S)
+        _wait_until(lambda: {r["deployment_id"] for r in _flow_runs(prefect.api_url)
+                             if r["auto_scheduled"] and r["state_type"] == "COMPLETED"}
+                    >= {deployments[f"{leaf}-rounds"]["id"] for leaf in LEAVES}, 240,
+                    "the interval schedule to fire a round for every leaf")
+        _pause_every_schedule(prefect.api_url, deployments)
+        _catch_up(prefect.api_url, env, root / "leaves")
+        names = {leaf: json.loads(Path(p).read_text())["name"] for leaf, p in zip(LEAVES, paths)}
+        yield EdgeFederation(prefect.api_url, server, root / "leaves", names)
+    finally:
+        for worker in workers:
+            stop_group(worker)
+        prefect.stop()
+        server.stop()
+        server.cleanup_broker()
+        for pid in _processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+        os.environ.pop(name, None)
+
+
+def test_every_flow_run_completed(edge: EdgeFederation) -> None:
+    runs = _flow_runs(edge.api)
+    assert runs, "no flow runs recorded"
+    assert {r["state_type"] for r in runs} == {"COMPLETED"}, [(r["name"], r["state_name"]) for r in runs]
+
+
+def test_the_interval_schedule_fired_for_every_leaf(edge: EdgeFederation) -> None:
+    deployments = _deployments(edge.api)
+    fired = {r["deployment_id"] for r in _flow_runs(edge.api) if r["auto_scheduled"]}
+    assert {deployments[f"{leaf}-rounds"]["id"] for leaf in LEAVES} <= fired
+
+
+def test_each_leaf_ran_on_its_own_queue(edge: EdgeFederation) -> None:
+    runs = [r for r in _flow_runs(edge.api) if r["deployment_id"]]
+    deployments = {d["id"]: d for d in _deployments(edge.api).values()}
+    for run in runs:
+        leaf = deployments[run["deployment_id"]]["name"].rsplit("-", 1)[0]
+        assert run["work_queue_name"] == leaf, (run["name"], run["work_queue_name"])
+
+
+def test_every_round_aggregate_is_the_fedavg_of_the_leaves_uploads(edge: EdgeFederation) -> None:
+    histories = {leaf: history_rows(edge.work_root / leaf) for leaf in LEAVES}
+    rounds = [r["round"] for r in histories["leaf-1"]]
+    assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) >= TRAINING_ROUNDS + 1
+    for index, round_number in enumerate(rounds):
+        aggregation_ids = {histories[leaf][index]["aggregation_id"] for leaf in LEAVES}
+        assert len(aggregation_ids) == 1, f"round {round_number}: leaves disagree on the aggregate"
+        (aggregation_id,) = aggregation_ids
+        updates = [read_update(edge.work_root / leaf / "updates" / f"run1-round{round_number}.npz") for leaf in LEAVES]
+        expected = fedavg_reference(updates)
+        for leaf in LEAVES:
+            downloaded = read_aggregate(edge.work_root / leaf / "models" / f"{aggregation_id}.npz")
+            for got, want in zip(downloaded, expected, strict=True):
+                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_round_history_artifacts_exist_for_every_leaf(edge: EdgeFederation) -> None:
+    for leaf in LEAVES:
+        rounds = len(history_rows(edge.work_root / leaf))
+        versions = artifacts(edge.api, artifact_key("history", edge.leaf_names[leaf]))
+        assert len(versions) == rounds, f"{leaf}: one history version per round"
+        assert [row["round"] for row in json.loads(versions[0]["data"])] == list(range(1, rounds + 1))
+
+
+def test_round_runs_are_named_and_tagged_by_leaf_and_branch(edge: EdgeFederation) -> None:
+    branch_id = history_rows(edge.work_root / "leaf-1")[0]["branch_id"]
+    rounds = [r for r in _flow_runs(edge.api) if r["name"].startswith(edge.leaf_names["leaf-1"] + "-round-")]
+    assert len(rounds) == len(history_rows(edge.work_root / "leaf-1"))
+    for run in rounds:
+        assert {f"leaf:{edge.leaf_names['leaf-1']}", f"branch:{branch_id}"} <= set(run["tags"])
