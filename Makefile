@@ -43,9 +43,10 @@ test: setup official-clients
 	PREFECT_HOME=$$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The demo federation: a local bk-server, three leaves, five rounds (see flows/demo.py).
+# The demo federation: a local bk-server and Prefect server, three leaves, ten rounds (flows/demo.py).
+# DEMO_ARGS=--no-keep exits at the end instead of keeping the servers up for the UI.
 demo: setup
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m flows.demo
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m flows.demo $(DEMO_ARGS)
 
 bench: setup
 	$(BIN)/python bench/aggregate.py

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Literal
+import sys
+from typing import Literal, NoReturn
 
 from cyclopts import App
 
@@ -11,6 +12,11 @@ from .edge import DEFAULT_POOL, EdgeSetupError, LeafSpec, set_up_edge
 from .serve import serve_leaf
 
 app = App(name="edge", help="Run BranchKey leaves on edge machines (see docs/edge-workers.md).")
+
+
+def _fail(error: Exception) -> NoReturn:
+    print(f"bk edge: {error}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 @app.command
@@ -33,9 +39,13 @@ def setup(*leaves: str, host: str, transport: Literal["websocket", "amqp"] = "we
     pool
         The work pool's name (prefect.yaml names branchkey-edge).
     """
-    specs = [LeafSpec.parse(text) for text in leaves]
     settings = {"amqp_host": amqp_host} if amqp_host else {}
-    for spec, block in zip(specs, set_up_edge(specs, host, transport, pool, **settings)):
+    try:
+        specs = [LeafSpec.parse(text) for text in leaves]
+        blocks = set_up_edge(specs, host, transport, pool, **settings)
+    except EdgeSetupError as exc:
+        _fail(exc)
+    for spec, block in zip(specs, blocks):
         print(f"leaf {block.leaf_name}: Block branchkey-credentials/{spec.name}, queue {pool}/{spec.name}")
 
 
@@ -64,7 +74,7 @@ def serve(leaf: str, *, participant: str, work_dir: str, participant_options: st
     try:
         options = json.loads(participant_options)
     except json.JSONDecodeError as exc:
-        raise EdgeSetupError(f"--participant-options is not valid JSON: {exc.msg}") from None
+        _fail(EdgeSetupError(f"--participant-options is not valid JSON: {exc.msg}"))
     if not isinstance(options, dict):
-        raise EdgeSetupError("--participant-options must be a JSON object")
+        _fail(EdgeSetupError("--participant-options must be a JSON object"))
     serve_leaf(leaf, participant, work_dir, options, interval_s, cron or None, rounds_per_run)

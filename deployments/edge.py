@@ -77,25 +77,26 @@ def ensure_leaf_queue(leaf: str, pool: str = DEFAULT_POOL) -> None:
             client.update_work_queue(queue.id, concurrency_limit=1)
 
 
-def save_leaf_credentials(spec: LeafSpec, host: str, transport: Literal["websocket", "amqp"] = "websocket",
-                          **settings: Any) -> BranchKeyCredentials:
-    """Save the leaf's credentials JSON as a `BranchKeyCredentials` Block named `spec.name` (overwriting)."""
+def leaf_block(spec: LeafSpec, host: str, transport: Literal["websocket", "amqp"] = "websocket",
+               **settings: Any) -> BranchKeyCredentials:
+    """The `BranchKeyCredentials` Block of the leaf's credentials JSON, or EdgeSetupError naming the file."""
     try:
-        block = BranchKeyCredentials.from_platform_json(spec.credentials_file, host=host,
-                                                        notification_transport=transport, **settings)
+        return BranchKeyCredentials.from_platform_json(spec.credentials_file, host=host,
+                                                       notification_transport=transport, **settings)
     except (OSError, ValueError) as exc:
         raise EdgeSetupError(f"cannot read leaf credentials {spec.credentials_file}: {exc}") from None
-    block.save(spec.name, overwrite=True)
-    return block
 
 
 def set_up_edge(leaves: list[LeafSpec], host: str, transport: Literal["websocket", "amqp"] = "websocket",
                 pool: str = DEFAULT_POOL, **settings: Any) -> list[BranchKeyCredentials]:
-    """Everything a Prefect server needs before `prefect deploy --all`, for these leaves."""
+    """Everything a Prefect server needs before `prefect deploy --all`, for these leaves.
+
+    Every credentials file is read first, so a bad one changes nothing on the server.
+    """
+    blocks = [leaf_block(spec, host, transport, **settings) for spec in leaves]
     register_block_types()
     ensure_work_pool(pool)
-    blocks = []
-    for spec in leaves:
+    for spec, block in zip(leaves, blocks):
         ensure_leaf_queue(spec.name, pool)
-        blocks.append(save_leaf_credentials(spec, host, transport, **settings))
+        block.save(spec.name, overwrite=True)
     return blocks

@@ -15,6 +15,7 @@ from rich.table import Table
 from deployments.cli import app as edge_app
 
 from .history import history_rows
+from .simulation import federated_simulation
 
 app = App(name="bk", help="prefect-branchkey, leaf side.")
 app.command(edge_app)
@@ -64,6 +65,35 @@ def history(*, work_dir: Path = Path("."), format: Literal["table", "csv", "json
             row = row | {"aggregation_id": (row["aggregation_id"] or "-")[:8]}
             table.add_row(*(_text(row.get(column)) for column in shown))
         Console(width=max(170, Console().width)).print(table)
+
+
+@app.command
+def simulate(*, host: str, credentials_dir: Path, work_root: Path, rounds: int = 10,
+             transport: Literal["websocket", "amqp"] = "websocket", amqp_host: str | None = None,
+             participant: str = "flows.examples.digits:DigitsSoftmax", participant_options: str = "{}") -> None:
+    """Run every leaf of CREDENTIALS_DIR at once against HOST: a whole federation on one machine.
+
+    Parameters
+    ----------
+    host
+        The platform's API, e.g. http://127.0.0.1:8080 for a local bk-server.
+    credentials_dir
+        One credentials JSON per leaf, as the platform issued them.
+    work_root
+        Each leaf's work dir is WORK_ROOT/<leaf name>.
+    rounds
+        Rounds to run.
+    transport
+        How aggregation notices arrive.
+    amqp_host
+        RabbitMQ host, when it is not the API's host.
+    participant
+        `package.module:Class`; leaf i gets `leaf_index=i, leaves=N` added to its options.
+    participant_options
+        The participant's keyword options, a JSON object.
+    """
+    federated_simulation(host, str(credentials_dir), str(work_root), participant, json.loads(participant_options),
+                         rounds, transport, amqp_host)
 
 
 def main() -> None:

@@ -1,45 +1,211 @@
-"""The demo federation (`make demo`): a local bk_server, three leaves, five rounds of digits.
+"""The demo federation (`make demo`): a local platform, a Prefect server with its UI, and
+three leaves learning handwritten digits together for ten rounds.
 
-Starts `bk-server` on a free loopback port (with RabbitMQ if one is running, else
-WebSocket only), creates a tree with three leaves, and runs `federated-simulation`: three
-`federated-training` flow runs in parallel, visible in the Prefect UI when PREFECT_API_URL
-points at a server (`prefect server start`). Prints each leaf's history at the end.
+Starts `bk-server` (WebSocket notifications; AMQP when `BK_DEMO_TRANSPORT=amqp` and a
+RabbitMQ broker answers on 127.0.0.1) and `prefect server start`, each on a free port and
+in a directory of its own under `demo-data/`, so a rerun never clashes with an earlier one.
+The leaves run as one `federated-simulation` flow run (`bk simulate`, a process of its
+own) while a progress display follows their round history; at the end the demo prints
+the per-round accuracy and the Prefect UI pages that show it, and keeps the servers up
+until Ctrl-C (or exits at once with `--no-keep`). Ctrl-C at any moment stops everything.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
+import httpx
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from bk_server.cli import write_credentials
-from bk_server.process import LocalServer, broker_available
+from bk_server.process import LocalServer, broker_available, spawn, stop_group
 
-from .cli import history
-from .simulation import federated_simulation
+from .history import history_rows
+from .observability import artifact_key, federation_table, primary_metric, sparkline
+from .prefect_server import LocalPrefectServer
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+REFRESH_S = 0.5
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, default=Path("demo-data"), help="where the demo keeps everything")
+def choose_transport(requested: str | None) -> tuple[str, str | None]:
+    """The transport to use, and a note when AMQP was asked for but no broker answers."""
+    wanted = (requested or "websocket").strip().lower()
+    if wanted not in ("websocket", "amqp"):
+        raise SystemExit(f"BK_DEMO_TRANSPORT must be websocket or amqp, got {requested!r}")
+    if wanted == "amqp" and not broker_available():
+        return "websocket", "no RabbitMQ on 127.0.0.1:5672 (with its management API on 15672): using WebSocket"
+    return wanted, None
+
+
+def new_run_dir(base: Path) -> Path:
+    """A fresh directory for this run's servers, credentials and leaves."""
+    stamp = time.strftime("run-%Y%m%d-%H%M%S")
+    for suffix in ("", *(f"-{n}" for n in range(2, 100))):
+        path = base / f"{stamp}{suffix}"
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise SystemExit(f"cannot make a run directory under {base}")
+
+
+def leaf_histories(leaves_dir: Path, names: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """Each leaf's recorded rounds so far (empty for a leaf that has recorded none)."""
+    return {name: history_rows(leaves_dir / name) for name in names}
+
+
+def progress_view(histories: Mapping[str, Sequence[dict[str, Any]]], rounds: int) -> Table:
+    """Where the federation is: the round, leaves done with it, and each leaf's latest accuracy."""
+    done = {leaf: len(rows) for leaf, rows in histories.items()}
+    current = min(min(done.values()) + 1, rounds)
+    finished = sum(count >= current for count in done.values())
+    table = Table(title=f"Round {current} of {rounds}: {finished} of {len(done)} leaves done", title_justify="left")
+    for column in ("leaf", "rounds", "global model accuracy", "trend"):
+        table.add_column(column)
+    for leaf, rows in histories.items():
+        accuracy = [r["eval_metrics"].get("accuracy") for r in rows if "accuracy" in r["eval_metrics"]]
+        table.add_row(leaf, f"{done[leaf]}/{rounds}", f"{accuracy[-1]:.3f}" if accuracy else "-",
+                      sparkline(accuracy))
+    return table
+
+
+def follow(console: Console, simulation: subprocess.Popen[bytes], leaves_dir: Path, names: Sequence[str],
+           rounds: int) -> int:
+    """Show progress until the simulation process ends; return its exit code."""
+    if console.is_terminal:
+        with Live(progress_view(leaf_histories(leaves_dir, names), rounds), console=console,
+                  refresh_per_second=4) as live:
+            while simulation.poll() is None:
+                time.sleep(REFRESH_S)
+                live.update(progress_view(leaf_histories(leaves_dir, names), rounds))
+        return simulation.returncode
+    printed = -1
+    while simulation.poll() is None:
+        time.sleep(REFRESH_S)
+        histories = leaf_histories(leaves_dir, names)
+        complete = min(len(rows) for rows in histories.values())
+        if complete > printed:
+            printed = complete
+            mean = federation_table(histories)[complete - 1]["mean accuracy"] if complete else None
+            accuracy = f", mean global model accuracy {mean:.3f}" if mean is not None else ""
+            console.print(f"round {complete} of {rounds} done by every leaf{accuracy}")
+    return simulation.returncode
+
+
+def history_view(histories: Mapping[str, Sequence[dict[str, Any]]]) -> Table:
+    """The per-round history: every leaf's global-model accuracy side by side, and the mean."""
+    names = sorted({m for rows in histories.values() for r in rows for m in r["eval_metrics"]})
+    metric = primary_metric(names) or "accuracy"
+    table = Table(title=f"Global model {metric} per round, as each leaf measured it on its own test data",
+                  title_justify="left")
+    table.add_column("round")
+    for leaf in histories:
+        table.add_column(leaf)
+    table.add_column("mean")
+    for row in federation_table(histories):
+        cells = [row.get(f"{leaf} {metric}") for leaf in histories] + [row.get(f"mean {metric}")]
+        table.add_row(str(row["round"]), *(f"{c:.3f}" if c is not None else "-" for c in cells))
+    return table
+
+
+def latest_artifact_id(api: str, key: str) -> str | None:
+    """The id of the newest version of the artifact with this key."""
+    response = httpx.post(f"{api}/artifacts/filter", timeout=30,
+                          json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1})
+    response.raise_for_status()
+    found = response.json()
+    return found[0]["id"] if found else None
+
+
+def dashboard_urls(ui: str, api: str, branch_id: str, names: Sequence[str]) -> dict[str, str]:
+    """The Prefect UI pages that show the federation: its history table, summary, and each leaf's."""
+    keys = {"federation history (every leaf per round)": artifact_key("federation", branch_id),
+            "federation summary (accuracy chart)": artifact_key("federation-summary", branch_id)}
+    keys.update({f"{leaf} history": artifact_key("history", leaf) for leaf in names})
+    urls = {label: f"{ui}/artifacts/artifact/{artifact_id}" for label, key in keys.items()
+            if (artifact_id := latest_artifact_id(api, key))}
+    urls["flow runs (filter by the leaf:/branch: tags)"] = f"{ui}/runs"
+    return urls
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="make demo", description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path("demo-data"), help="where runs keep their files")
     parser.add_argument("--leaves", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--transport", choices=("auto", "amqp", "websocket"), default="auto")
-    args = parser.parse_args()
-    transport = args.transport if args.transport != "auto" else ("amqp" if broker_available() else "websocket")
-    shutil.rmtree(args.dir, ignore_errors=True)
-    args.dir.mkdir(parents=True)
-    amqp_url = "amqp://guest:guest@127.0.0.1:5672/" if transport == "amqp" else None
-    with LocalServer(args.dir / "server", amqp_url=amqp_url) as server:
-        data = server.create_federation(args.leaves, tree="demo", branch="digits")
-        write_credentials(args.dir / "credentials", data["leaves"])
-        print(f"bk-server on {server.url}, {args.leaves} leaves, notifications over {transport}")
-        federated_simulation(server.url, str(args.dir / "credentials"), str(args.dir / "leaves"),
-                             rounds=args.rounds, transport=transport, amqp_host="127.0.0.1")
-    for leaf_dir in sorted((args.dir / "leaves").iterdir()):
-        history(work_dir=leaf_dir)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--transport", choices=("websocket", "amqp"), default=os.environ.get("BK_DEMO_TRANSPORT"),
+                        help="notifications; default: $BK_DEMO_TRANSPORT, else websocket")
+    parser.add_argument("--no-keep", dest="keep", action="store_false", help="stop the servers at the end")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    console = Console()
+    transport, note = choose_transport(args.transport)
+    if note:
+        console.print(f"[yellow]{note}[/yellow]")
+    run_dir = new_run_dir(args.dir)
+    prefect = LocalPrefectServer(run_dir / "prefect")
+    platform = LocalServer(run_dir / "platform" / "data", amqp_url=AMQP_URL if transport == "amqp" else None)
+    simulation: subprocess.Popen[bytes] | None = None
+    started = time.monotonic()
+    try:
+        prefect.launch()
+        platform.start()
+        federation = platform.create_federation(args.leaves, tree="demo", branch="digits")
+        names = [leaf["name"] for leaf in federation["leaves"]]
+        write_credentials(run_dir / "credentials", federation["leaves"])
+        console.print(f"Demo in {run_dir}: bk-server on {platform.url} ({transport} notifications), "
+                      f"{args.leaves} leaves; starting the Prefect server on {prefect.url} ...")
+        prefect.wait_ready()
+        console.print(f"Prefect server up after {time.monotonic() - started:.0f} s; "
+                      f"{args.rounds} rounds of federated digits:")
+        simulation = spawn([sys.executable, "-m", "flows.cli", "simulate", "--host", platform.url,
+                            "--credentials-dir", str(run_dir / "credentials"), "--work-root", str(run_dir / "leaves"),
+                            "--rounds", str(args.rounds), "--transport", transport, "--amqp-host", "127.0.0.1"],
+                           run_dir / "simulation.log", env=prefect.client_env())
+        code = follow(console, simulation, run_dir / "leaves", names, args.rounds)
+        console.print(history_view(leaf_histories(run_dir / "leaves", names)))
+        if code != 0:
+            console.print(f"[red]The federation failed (exit {code}); see {run_dir / 'simulation.log'}[/red]")
+            return 1
+        console.print(f"{args.rounds} rounds in {time.monotonic() - started:.0f} s. The dashboard, in the Prefect UI:")
+        for label, url in dashboard_urls(prefect.url, prefect.api_url, federation["branch_id"], names).items():
+            console.print(f"  {label}: {url}", soft_wrap=True)
+        if args.keep:
+            console.print("The servers stay up for the UI; Ctrl-C stops them.")
+            while True:
+                time.sleep(3600)
+        return 0
+    except KeyboardInterrupt:
+        console.print("Stopping the demo ...")
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if simulation is not None:
+            stop_group(simulation)
+        platform.stop()
+        prefect.stop()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -51,14 +51,19 @@ class LocalPrefectServer:
         return {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.api_url,
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **self.settings}
 
-    def start(self, timeout: float = STARTUP_TIMEOUT_S) -> "LocalPrefectServer":
-        """Start the server and wait until `/api/health` answers."""
+    def launch(self) -> "LocalPrefectServer":
+        """Start the server process without waiting for it (it takes ~25 s to answer)."""
         self.home.mkdir(parents=True, exist_ok=True)
         env = self.client_env() | {"PREFECT_UI_API_URL": self.api_url}
         env.pop("PREFECT_API_URL")
         command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                    "--port", str(self.port)]
         self.process = spawn(command, self.log_path, env=env)
+        return self
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> "LocalPrefectServer":
+        """Wait until `/api/health` answers; stop the server and raise if it does not in time."""
+        assert self.process is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -71,6 +76,10 @@ class LocalPrefectServer:
             time.sleep(0.5)
         self.stop()
         raise PrefectServerError(f"prefect server did not answer within {timeout:.0f} s; see {self.log_path}")
+
+    def start(self, timeout: float = STARTUP_TIMEOUT_S) -> "LocalPrefectServer":
+        """Start the server and wait until it answers."""
+        return self.launch().wait_ready(timeout)
 
     def stop(self) -> None:
         if self.process is not None:

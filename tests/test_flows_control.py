@@ -90,3 +90,14 @@ def test_session_token_is_absent_from_logs_artifacts_history_and_state(
     assert token not in str(logs)
     runs = httpx.post(f"{prefect_api}/flow_runs/filter", json={"limit": 50}, timeout=30).json()
     assert token not in str(runs), "flow run parameters must not carry the token"
+
+
+def test_rounds_per_run_ends_a_run_and_the_next_run_continues(server: BkServer, tmp_path: Path) -> None:
+    federation = server.federation(leaves=1)
+    credentials = credentials_for(server, federation.leaves[0])
+    options = {"leaf_index": 0, "leaves": 1}
+    first = federated_training(credentials, "flows.examples.digits:DigitsSoftmax", str(tmp_path / "leaf"),
+                               rounds=None, rounds_per_run=2, participant_options=options)
+    second = federated_training(credentials, "flows.examples.digits:DigitsSoftmax", str(tmp_path / "leaf"),
+                                rounds=None, rounds_per_run=2, participant_options=options)
+    assert [r.round for r in first] == [1, 2] and [r.round for r in second] == [3, 4]

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from bk_server.cli import write_credentials
@@ -97,3 +98,36 @@ def test_a_completed_event_per_round_names_leaf_and_branch(simulated: tuple[BkSe
     assert event["resource"]["prefect.resource.name"] == record.leaf_name
     assert any(r["prefect.resource.id"] == f"branchkey.branch.{record.branch_id}" for r in event["related"])
     assert "accuracy" in event["payload"]["eval_metrics"]
+
+
+def test_federation_artifact_puts_every_leaf_side_by_side_per_round(simulated: tuple[BkServer, Path, dict],
+                                                                  prefect_api: str) -> None:
+    _, leaves, results = simulated
+    branch_id = next(iter(results.values()))[0].record.branch_id
+    latest = json.loads(artifacts(prefect_api, artifact_key("federation", branch_id))[0]["data"])
+    assert [row["round"] for row in latest] == list(range(1, ROUNDS + 1))
+    for row in latest:
+        assert row["leaves"] == 3
+        accuracies = [row[f"{leaf.name} accuracy"] for leaf in sorted(leaves.iterdir())]
+        assert row["mean accuracy"] == pytest.approx(sum(accuracies) / 3, abs=1e-4)
+
+
+def test_federation_summary_embeds_a_chart_the_ui_renders(simulated: tuple[BkServer, Path, dict],
+                                                          prefect_api: str) -> None:
+    _, _, results = simulated
+    branch_id = next(iter(results.values()))[0].record.branch_id
+    summary = artifacts(prefect_api, artifact_key("federation-summary", branch_id))[0]["data"]
+    assert f"Round {ROUNDS} of run 1: 3 of 3 leaves" in summary
+    assert "](data:image/svg+xml;base64," in summary, "an image as a data URI (inline <svg> is stripped)"
+
+
+def test_round_runs_are_named_by_leaf_and_round_and_tagged_by_leaf_and_branch(
+        simulated: tuple[BkServer, Path, dict], prefect_api: str) -> None:
+    _, _, results = simulated
+    record = next(iter(results.values()))[0].record
+    runs = httpx.post(f"{prefect_api}/flow_runs/filter", timeout=30, json={
+        "flow_runs": {"tags": {"all_": [f"leaf:{record.leaf_name}", f"branch:{record.branch_id}"]}}, "limit": 50,
+    }).json()
+    names = {run["name"] for run in runs}
+    assert {f"{record.leaf_name}-round-{n}" for n in range(1, ROUNDS + 1)} <= names
+    assert f"{record.leaf_name}-training" in names
