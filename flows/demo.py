@@ -92,12 +92,12 @@ def follow(console: Console, simulation: subprocess.Popen[bytes], leaves_dir: Pa
                 time.sleep(REFRESH_S)
                 live.update(progress_view(leaf_histories(leaves_dir, names), rounds))
         return simulation.returncode
-    printed = -1
+    printed = 0
     while simulation.poll() is None:
         time.sleep(REFRESH_S)
         histories = leaf_histories(leaves_dir, names)
         complete = min(len(rows) for rows in histories.values())
-        if complete > printed:
+        if complete > max(printed, 0):
             printed = complete
             mean = federation_table(histories)[complete - 1]["mean accuracy"] if complete else None
             accuracy = f", mean global model accuracy {mean:.3f}" if mean is not None else ""

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -34,6 +33,7 @@ from flows.prefect_server import LocalPrefectServer
 from .bkserver import BkServer
 from .conftest import fedavg_reference
 from .flow_helpers import artifacts
+from .process_helpers import new_marker, processes_with
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq]
 
@@ -133,27 +133,12 @@ def _catch_up(api: str, env: dict[str, str], work_root: Path) -> None:
     raise AssertionError(f"leaves did not reach the same round: {_leaf_rounds(work_root)}")
 
 
-def _processes_with(marker: str) -> list[int]:
-    """Pids of processes whose environment carries the marker (every process the scenario started)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
 @pytest.fixture(scope="module")
 def edge(rabbitmq: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeFederation]:
     """Deploy the project to a real Prefect server and three workers; run the federation; tear down."""
     root = tmp_path_factory.mktemp("edge")
-    marker = f"BRANCHKEY_E2E_RUN={uuid.uuid4().hex}"
-    name, value = marker.split("=")
-    os.environ[name] = value
+    marker = new_marker()
+    os.environ[marker[0]] = marker[1]
     bin_dir = str(Path(sys.executable).parent)
     prefect = LocalPrefectServer(root / "prefect-home", settings={
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
@@ -197,9 +182,11 @@ def edge(rabbitmq: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
         prefect.stop()
         server.stop()
         server.cleanup_broker()
-        for pid in _processes_with(marker):
+        os.environ.pop(marker[0], None)
+        leftovers = processes_with(marker)
+        for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
-        os.environ.pop(name, None)
+        assert not leftovers, f"processes left running after the teardown: {leftovers}"
 
 
 def test_every_flow_run_completed(edge: EdgeFederation) -> None:

@@ -2,8 +2,9 @@
 
 The 1,797 bundled 8x8 digit images are split across leaves non-IID: each leaf holds
 mostly the classes "assigned" to it (class % leaves), so no leaf can learn all ten
-digits alone and the federation's global model beats every local one. Needs the
-`examples` extra (scikit-learn).
+digits alone and the federation's global model beats every local one. Each leaf's test
+data is split the same way, so `evaluate` tells how the global model does on the data
+that site actually sees. Needs the `examples` extra (scikit-learn).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ class DigitsSoftmax(Participant):
         test_size = labels.size // 5
         test, train = order[:test_size], order[test_size:]
         mine = train[non_iid_split(labels[train], leaves, skew, rng)[leaf_index]]
+        mine_test = test[non_iid_split(labels[test], leaves, skew, rng)[leaf_index]]
         self.x_train, self.y_train = features[mine], labels[mine]
-        self.x_test, self.y_test = features[test], labels[test]
+        self.x_test, self.y_test = features[mine_test], labels[mine_test]
         self.epochs, self.learning_rate, self.batch_size = epochs, learning_rate, batch_size
         self._rng = np.random.default_rng(seed + 1000 * (leaf_index + 1))
 

@@ -1,0 +1,27 @@
+"""Finding the processes a test started, however deep: by a marker in their environment."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+
+def new_marker() -> tuple[str, str]:
+    """A fresh environment variable (name, value) to hand to the processes a test starts."""
+    return "BRANCHKEY_TEST_RUN", uuid.uuid4().hex
+
+
+def processes_with(marker: tuple[str, str]) -> list[int]:
+    """Pids of live processes (other than this one) whose environment carries the marker."""
+    needle = f"{marker[0]}={marker[1]}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") and (entry / "stat").read_text().split()[2] != "Z":
+                found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found

@@ -1,0 +1,140 @@
+"""The demo (`make demo`) as a newcomer runs it, and its dashboard as a browser renders it.
+
+The demo runs as a real process (its own Prefect server and bk-server); the dashboard is
+checked in Debian's headless Chromium on the Prefect UI's artifact page: the DOM after
+the page's scripts ran, not the API.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .bkserver import in_ci
+from .process_helpers import new_marker, processes_with
+
+PROJECT = Path(__file__).resolve().parents[1]
+ROUNDS = 3
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1400,1000", "--virtual-time-budget=20000"]
+
+
+class Demo:
+    """`python -m flows.demo` in a process of its own, its output read line by line."""
+
+    def __init__(self, base: Path, *args: str) -> None:
+        self.marker = new_marker()
+        env = {**os.environ, self.marker[0]: self.marker[1], "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        self.process = subprocess.Popen([sys.executable, "-m", "flows.demo", "--dir", str(base), *args], cwd=PROJECT,
+                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+
+    def read_until(self, pattern: str) -> re.Match[str]:
+        """Read output until a line matches; fail with the output so far if the demo ends first."""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if found := re.search(pattern, line):
+                return found
+        raise AssertionError(f"the demo ended (exit {self.process.wait()}) before {pattern!r}:\n{''.join(self.lines)}")
+
+    def interrupt(self) -> int:
+        """Ctrl-C, as a terminal sends it; the demo's exit code."""
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=90)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for pid in processes_with(self.marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One demo directory for the module's runs: a rerun must not clash with the run before."""
+    return tmp_path_factory.mktemp("demo")
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's Chromium (`.ci/run` installs it); a failure in CI, a loud skip elsewhere."""
+    path = shutil.which("chromium")
+    if path:
+        return path
+    if in_ci():
+        pytest.fail("chromium is not installed (CI=true: .ci/run installs Debian's chromium)")
+    pytest.skip("SKIPPING browser test: chromium is not installed (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def finished_demo(demo_dir: Path) -> Iterator[tuple[Demo, str]]:
+    """A short demo that finished its rounds and keeps its servers up; the federation history page."""
+    demo = Demo(demo_dir, "--rounds", str(ROUNDS))
+    try:
+        url = demo.read_until(r"federation history \(every leaf per round\): (\S+)").group(1)
+        demo.read_until("Ctrl-C stops them")
+        yield demo, url
+    finally:
+        demo.kill()
+
+
+def test_demo_accuracy_rises_across_rounds(finished_demo: tuple[Demo, str]) -> None:
+    demo, _ = finished_demo
+    means = [float(m.group(1)) for line in demo.lines
+             if (m := re.search(r"done by every leaf, mean global model accuracy ([0-9.]+)", line))]
+    assert len(means) == ROUNDS and means[-1] > means[0], means
+
+
+@pytest.mark.browser
+def test_dashboard_renders_the_federation_history_rows(finished_demo: tuple[Demo, str], chromium: str,
+                                                      tmp_path: Path) -> None:
+    _, url = finished_demo
+    profile = tmp_path / "chromium-profile"
+    command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
+    dom = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    subprocess.run([*command, f"--screenshot={tmp_path / 'federation-history.png'}", url], capture_output=True,
+                   timeout=120)
+    assert (tmp_path / "federation-history.png").stat().st_size > 0
+    rows = re.findall(r"<tr\b.*?</tr>", dom, flags=re.S)
+    body = [row for row in rows if "<td" in row]
+    assert len(body) == ROUNDS, f"{len(body)} table rows rendered; screenshot in {tmp_path}"
+    for round_number, row in enumerate(body, start=1):
+        cells = [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td\b.*?</td>", row, flags=re.S)]
+        assert str(round_number) in cells and any(re.fullmatch(r"0\.\d+", c) for c in cells), cells
+    assert "digits-leaf-1 accuracy" in dom and "mean accuracy" in dom
+
+
+def test_ctrl_c_after_the_demo_stops_every_server(finished_demo: tuple[Demo, str]) -> None:
+    demo, _ = finished_demo
+    assert demo.interrupt() == 130
+    assert processes_with(demo.marker) == []
+
+
+def test_ctrl_c_in_the_middle_of_a_round_leaves_nothing_running(demo_dir: Path) -> None:
+    demo = Demo(demo_dir, "--rounds", "20")
+    try:
+        demo.read_until(r"round 1 of 20 done by every leaf")
+        assert demo.interrupt() == 130
+        assert processes_with(demo.marker) == []
+    finally:
+        demo.kill()
+
+
+def test_a_rerun_gets_servers_and_files_of_its_own(demo_dir: Path) -> None:
+    runs = sorted(demo_dir.iterdir())
+    assert len(runs) == 2, "the finished demo and the interrupted one"
+    for run in runs:
+        assert (run / "prefect" / "server.log").exists() and (run / "platform" / "data" / "admin.json").exists()
+    ports = {re.search(r"on http://127.0.0.1:(\d+)", (run / "prefect" / "server.log").read_text()) for run in runs}
+    assert None not in ports
