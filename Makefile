@@ -4,7 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 OFFICIAL := .venvs
 
-.PHONY: setup official-clients broker test demo bench clean
+.PHONY: setup official-clients system-deps broker test demo bench clean
+
+# Root runs apt-get and the broker itself; anyone else through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the tests need: RabbitMQ (broker tests), Chromium (the dashboard's browser test).
+DEBIAN_PACKAGES := rabbitmq-server chromium curl
 
 setup: $(VENV)/.installed
 
@@ -31,15 +36,24 @@ $(OFFICIAL)/branchkey-3.0/.installed:
 	$(OFFICIAL)/branchkey-3.0/bin/pip install --quiet 'branchkey==$(OFFICIAL_3)'
 	touch $@
 
-# RabbitMQ with its management plugin, on 127.0.0.1 (Debian's rabbitmq-server; needs root).
-broker:
-	service rabbitmq-server start >/dev/null 2>&1 || rabbitmq-server -detached
-	timeout 120 sh -c 'until rabbitmqctl -q start_app >/dev/null 2>&1; do sleep 1; done'
-	timeout 120 sh -c 'until rabbitmqctl -q await_startup >/dev/null 2>&1; do sleep 1; done'
-	rabbitmq-plugins -q enable rabbitmq_management >/dev/null
+system-deps:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# RabbitMQ with its management plugin, on 127.0.0.1 (Debian's rabbitmq-server).
+broker: system-deps
+	$(SUDO) service rabbitmq-server start >/dev/null 2>&1 || $(SUDO) rabbitmq-server -detached
+	timeout 120 sh -c 'until $(SUDO) rabbitmqctl -q start_app >/dev/null 2>&1; do sleep 1; done'
+	timeout 120 sh -c 'until $(SUDO) rabbitmqctl -q await_startup >/dev/null 2>&1; do sleep 1; done'
+	$(SUDO) rabbitmq-plugins -q enable rabbitmq_management >/dev/null
 	timeout 60 sh -c 'until curl -sf -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null; do sleep 1; done'
 
-test: setup official-clients
+# Everything the tests need (venvs, Debian packages, the broker), then the tests.
+test: setup official-clients system-deps broker
 	PREFECT_HOME=$$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -52,4 +66,4 @@ bench: setup
 	$(BIN)/python bench/aggregate.py
 
 clean:
-	rm -rf $(VENV) $(OFFICIAL) .pytest_cache
+	rm -rf $(VENV) $(OFFICIAL) .pytest_cache demo-data

@@ -114,23 +114,32 @@ def publish_artifacts(leaf_name: str, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def federation_table(histories: Mapping[str, Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per round with every leaf's evaluation metrics side by side, and their means."""
-    rounds: dict[tuple[int, int], dict[str, Any]] = {}
-    values: dict[tuple[int, int], dict[str, list[float]]] = {}
+    """One row per round with every leaf's evaluation metrics side by side, and their means.
+
+    Columns: round, how many leaves reported, then per metric (the primary one first) each
+    leaf's value and the mean, then the run and the aggregation's id.
+    """
+    entries: dict[tuple[int, int], dict[str, Any]] = {}
     for leaf in sorted(histories):
         for row in histories[leaf]:
-            if row["status"] != "completed":
-                continue
-            key = (row["run_number"], row["round"])
-            entry = rounds.setdefault(key, {"run_number": key[0], "round": key[1], "leaves": 0,
-                                            "aggregation_id": row["aggregation_id"]})
-            entry["leaves"] += 1
-            for name, value in sorted(row["eval_metrics"].items()):
-                entry[f"{leaf} {name}"] = round(value, 4)
-                values.setdefault(key, {}).setdefault(name, []).append(value)
-    for key, entry in rounds.items():
-        entry.update({f"mean {name}": round(fmean(v), 4) for name, v in sorted(values.get(key, {}).items())})
-    return [rounds[key] for key in sorted(rounds)]
+            if row["status"] == "completed":
+                key = (row["run_number"], row["round"])
+                entry = entries.setdefault(key, {"aggregation_id": row["aggregation_id"], "values": {}})
+                entry["values"][leaf] = row["eval_metrics"]
+    names = sorted({name for entry in entries.values() for metrics in entry["values"].values() for name in metrics})
+    primary = primary_metric(names)
+    ordered = ([primary] if primary else []) + [name for name in names if name != primary]
+    table = []
+    for (run_number, round_number), entry in sorted(entries.items()):
+        row: dict[str, Any] = {"round": round_number, "leaves": len(entry["values"])}
+        for name in ordered:
+            values = {leaf: metrics[name] for leaf, metrics in entry["values"].items() if name in metrics}
+            row.update({f"{leaf} {name}": round(value, 4) for leaf, value in values.items()})
+            if values:
+                row[f"mean {name}"] = round(fmean(values.values()), 4)
+        row.update({"run_number": run_number, "aggregation_id": entry["aggregation_id"]})
+        table.append(row)
+    return table
 
 
 def federation_summary(title: str, histories: Mapping[str, Sequence[dict[str, Any]]]) -> str:

@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 from bk_blocks import BranchKeyCredentials
 
 from .history import history_rows
-from .observability import publish_federation_artifacts
+from .observability import label_flow_run, publish_federation_artifacts
 from .round import RoundResult
 from .training import federated_training
 
@@ -51,6 +51,8 @@ def federated_simulation(
     if amqp_host:
         blocks = [b.model_copy(update={"amqp_host": amqp_host}) for b in blocks]
     logger.info("simulating %d leaves for %d rounds over %s", len(blocks), rounds, transport)
+    branch_id = blocks[0].branch_id
+    label_flow_run(f"federation-{len(blocks)}-leaves-{rounds}-rounds", ["branchkey", f"branch:{branch_id}"])
 
     work_dirs = {b.leaf_name: Path(work_root) / b.leaf_name for b in blocks}
 
@@ -61,7 +63,7 @@ def federated_simulation(
 
     with ThreadPoolExecutor(max_workers=len(blocks), thread_name_prefix="leaf") as pool:
         futures = {b.leaf_name: pool.submit(contextvars.copy_context().run, train, i, b) for i, b in enumerate(blocks)}
-        _publish_while_running(blocks[0].branch_id, work_dirs, list(futures.values()))
+        _publish_while_running(branch_id, work_dirs, list(futures.values()))
         results = {name: future.result() for name, future in futures.items()}
     for name, rounds_done in results.items():
         logger.info("%s: %s", name, json.dumps([(r.round, r.status, r.eval_metrics) for r in rounds_done]))

@@ -20,7 +20,8 @@ def processes_with(marker: tuple[str, str]) -> list[int]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle in (entry / "environ").read_bytes().split(b"\0") and (entry / "stat").read_text().split()[2] != "Z":
+            zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            if not zombie and needle in (entry / "environ").read_bytes().split(b"\0"):
                 found.append(int(entry.name))
         except (OSError, IndexError):
             continue

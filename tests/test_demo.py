@@ -1,6 +1,7 @@
-"""The demo (`make demo`) as a newcomer runs it, and its dashboard as a browser renders it.
+"""The demo as a newcomer runs it (`make demo`), and its dashboard as a browser renders it.
 
-The demo runs as a real process (its own Prefect server and bk-server); the dashboard is
+The demo runs as a real process group (make, its own Prefect server and bk-server), and
+is interrupted as a terminal's Ctrl-C does it: SIGINT to the whole group. The dashboard is
 checked in Debian's headless Chromium on the Prefect UI's artifact page: the DOM after
 the page's scripts ran, not the API.
 """
@@ -12,7 +13,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,13 +29,15 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 class Demo:
-    """`python -m flows.demo` in a process of its own, its output read line by line."""
+    """`make demo` in a process group of its own, its output read line by line."""
 
-    def __init__(self, base: Path, *args: str) -> None:
+    def __init__(self, base: Path, *args: str, transport: str = "websocket") -> None:
         self.marker = new_marker()
-        env = {**os.environ, self.marker[0]: self.marker[1], "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        self.process = subprocess.Popen([sys.executable, "-m", "flows.demo", "--dir", str(base), *args], cwd=PROJECT,
-                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = {**os.environ, self.marker[0]: self.marker[1], "BK_DEMO_TRANSPORT": transport}
+        demo_args = " ".join(["--dir", str(base), *args])
+        self.process = subprocess.Popen(["make", "--no-print-directory", "demo", f"DEMO_ARGS={demo_args}"],
+                                        cwd=PROJECT, env=env, text=True, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         self.lines: list[str] = []
 
     def read_until(self, pattern: str) -> re.Match[str]:
@@ -47,14 +49,15 @@ class Demo:
                 return found
         raise AssertionError(f"the demo ended (exit {self.process.wait()}) before {pattern!r}:\n{''.join(self.lines)}")
 
-    def interrupt(self) -> int:
-        """Ctrl-C, as a terminal sends it; the demo's exit code."""
-        self.process.send_signal(signal.SIGINT)
-        return self.process.wait(timeout=90)
+    def interrupt(self) -> str:
+        """Ctrl-C, as a terminal sends it (SIGINT to the foreground group); what the demo said after it."""
+        os.killpg(self.process.pid, signal.SIGINT)
+        rest, _ = self.process.communicate(timeout=90)
+        return rest
 
     def kill(self) -> None:
         if self.process.poll() is None:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         for pid in processes_with(self.marker):
             os.kill(pid, signal.SIGKILL)
@@ -117,15 +120,16 @@ def test_dashboard_renders_the_federation_history_rows(finished_demo: tuple[Demo
 
 def test_ctrl_c_after_the_demo_stops_every_server(finished_demo: tuple[Demo, str]) -> None:
     demo, _ = finished_demo
-    assert demo.interrupt() == 130
+    assert "Stopping the demo" in demo.interrupt()
     assert processes_with(demo.marker) == []
 
 
-def test_ctrl_c_in_the_middle_of_a_round_leaves_nothing_running(demo_dir: Path) -> None:
-    demo = Demo(demo_dir, "--rounds", "20")
+def test_ctrl_c_in_the_middle_of_an_amqp_demo_leaves_nothing_running(demo_dir: Path, rabbitmq: None) -> None:
+    demo = Demo(demo_dir, "--rounds", "20", transport="amqp")
     try:
+        demo.read_until(r"\(amqp notifications\)")
         demo.read_until(r"round 1 of 20 done by every leaf")
-        assert demo.interrupt() == 130
+        assert "Stopping the demo" in demo.interrupt()
         assert processes_with(demo.marker) == []
     finally:
         demo.kill()
@@ -136,5 +140,6 @@ def test_a_rerun_gets_servers_and_files_of_its_own(demo_dir: Path) -> None:
     assert len(runs) == 2, "the finished demo and the interrupted one"
     for run in runs:
         assert (run / "prefect" / "server.log").exists() and (run / "platform" / "data" / "admin.json").exists()
-    ports = {re.search(r"on http://127.0.0.1:(\d+)", (run / "prefect" / "server.log").read_text()) for run in runs}
-    assert None not in ports
+    logs = [(run / "prefect" / "server.log").read_text() for run in runs]
+    ports = {match.group(1) for log in logs if (match := re.search(r"dashboard at http://127\.0\.0\.1:(\d+)", log))}
+    assert len(ports) == 2, "each run had a Prefect server of its own"

@@ -150,7 +150,8 @@ def edge(rabbitmq: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
     try:
         prefect.start()
         server.start()
-        env = prefect.client_env() | {"BRANCHKEY_PROJECT_DIR": str(PROJECT), "BRANCHKEY_WORK_ROOT": str(root / "leaves")}
+        env = prefect.client_env() | {"BRANCHKEY_PROJECT_DIR": str(PROJECT),
+                                      "BRANCHKEY_WORK_ROOT": str(root / "leaves")}
         federation = server.federation(leaves=3, tree="edge", branch="edge")
         paths = write_credentials(root / "creds", federation.leaves)
         _run(["bk", "edge", "setup", *(f"{leaf}={path}" for leaf, path in zip(LEAVES, paths)),
