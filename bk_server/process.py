@@ -62,6 +62,26 @@ def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None
         pass
 
 
+class ServerStartError(RuntimeError):
+    """A server process exited, or did not answer, before it was ready."""
+
+
+def wait_until_answering(process: subprocess.Popen[bytes], url: str, timeout: float, log_path: Path,
+                         what: str) -> None:
+    """Poll `url` until it answers 2xx; ServerStartError if the process exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerStartError(f"{what} exited with {process.returncode}; see {log_path}")
+        try:
+            if httpx.get(url, timeout=2).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise ServerStartError(f"{what} did not answer {url} within {timeout:.0f} s; see {log_path}")
+
+
 class AdminCallError(RuntimeError):
     """The admin API could not be reached or refused the call."""
 
@@ -130,17 +150,12 @@ class LocalServer:
         for key, value in self.options.items():
             command += [f"--{key.replace('_', '-')}", str(value)]
         self.process = spawn(command, self.log_path)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"bk-server exited with {self.process.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).is_success:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        self.stop(hard=True)
-        raise RuntimeError(f"bk-server did not answer /healthz within {timeout:.0f} s; see {self.log_path}")
+        try:
+            wait_until_answering(self.process, f"{self.url}/healthz", timeout, self.log_path, "bk-server")
+        except ServerStartError:
+            self.stop(hard=True)
+            raise
+        return self
 
     def stop(self, hard: bool = False) -> None:
         if self.process is not None:

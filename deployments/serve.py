@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import EntrypointType
 
 from flows.round import federated_round
 from flows.training import federated_training
@@ -23,12 +24,15 @@ def serve_leaf(leaf: str, participant: str, work_dir: str, participant_options: 
                   "participant_options": participant_options or {}}
     tags = ["branchkey", f"leaf:{leaf}"]
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+    # Module entrypoints (`flows.round:federated_round`), as in prefect.yaml: a file path would
+    # load flows/round.py as a top-level module, a second copy of the package's classes.
+    common = {"tags": tags, "concurrency_limit": one_at_a_time, "entrypoint_type": EntrypointType.MODULE_PATH}
     deployments = [federated_round.to_deployment(
-        name=f"{leaf}-rounds", interval=interval_s, parameters=parameters, tags=tags,
-        concurrency_limit=one_at_a_time, description=f"Continuous federated rounds of {leaf}")]
+        name=f"{leaf}-rounds", interval=interval_s, parameters=parameters,
+        description=f"Continuous federated rounds of {leaf}", **common)]
     if cron:
         deployments.append(federated_training.to_deployment(
-            name=f"{leaf}-nightly", cron=cron, tags=tags, concurrency_limit=one_at_a_time,
+            name=f"{leaf}-nightly", cron=cron,
             parameters={**parameters, "rounds": None, "rounds_per_run": rounds_per_run},
-            description=f"Retraining of {leaf}, {rounds_per_run} rounds per run"))
+            description=f"Retraining of {leaf}, {rounds_per_run} rounds per run", **common))
     serve(*deployments, limit=1)

@@ -10,14 +10,17 @@ resources and carry the metrics, for Automations.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from statistics import fmean
 from typing import Any
 
+import httpx
 from prefect import get_client
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
+from prefect.exceptions import PrefectException
 from prefect.runtime import flow_run
 
 from bk_blocks import BranchKeyCredentials
@@ -42,13 +45,20 @@ def run_tags(credentials: BranchKeyCredentials) -> list[str]:
 
 
 def label_flow_run(name: str, tags: Sequence[str]) -> None:
-    """Rename the current flow run and add tags (a deployment's runs start with generated names)."""
+    """Rename the current flow run and add tags (a deployment's runs start with generated names).
+
+    Only the UI's labels depend on it, so an API failure (after the client's own retries)
+    is logged, never raised: a round must not fail over its name.
+    """
     run_id = flow_run.get_id()
     if run_id is None:
         return
-    with get_client(sync_client=True) as client:
-        current = client.read_flow_run(run_id)
-        client.update_flow_run(run_id, name=name, tags=sorted(set(current.tags) | set(tags)))
+    try:
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(run_id)
+            client.update_flow_run(run_id, name=name, tags=sorted(set(current.tags) | set(tags)))
+    except (httpx.HTTPError, PrefectException) as exc:
+        logging.getLogger(__name__).warning("could not name flow run %s %r: %s", run_id, name, exc)
 
 
 def primary_metric(names: Sequence[str]) -> str | None:

@@ -8,21 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
 
-import httpx
-
-from bk_server.process import free_port, spawn, stop_group
+from bk_server.process import ServerStartError, free_port, spawn, stop_group, wait_until_answering
 
 # `prefect server start` takes about 25 s to answer here; give it room on a loaded machine.
 STARTUP_TIMEOUT_S = 120
-
-
-class PrefectServerError(RuntimeError):
-    """The local Prefect server did not start."""
 
 
 @dataclass
@@ -62,20 +55,14 @@ class LocalPrefectServer:
         return self
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> "LocalPrefectServer":
-        """Wait until `/api/health` answers; stop the server and raise if it does not in time."""
+        """Wait until `/api/health` answers; stop the server and raise ServerStartError if it does not."""
         assert self.process is not None, "launch() first"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise PrefectServerError(f"prefect server exited with {self.process.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.api_url}/health", timeout=2).is_success:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise PrefectServerError(f"prefect server did not answer within {timeout:.0f} s; see {self.log_path}")
+        try:
+            wait_until_answering(self.process, f"{self.api_url}/health", timeout, self.log_path, "prefect server")
+        except ServerStartError:
+            self.stop()
+            raise
+        return self
 
     def start(self, timeout: float = STARTUP_TIMEOUT_S) -> "LocalPrefectServer":
         """Start the server and wait until it answers."""

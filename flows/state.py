@@ -36,8 +36,9 @@ class LeafBusyError(RuntimeError):
     """Another process is running a round of this leaf in the same work directory."""
 
 
-# Work dirs this process holds the lock of, with how many nested holds (a training run and its rounds).
-_held: dict[Path, tuple[int, int]] = {}
+# Work dirs this process holds the lock of: the lock's fd, the holding thread, and how many nested
+# holds that thread has (a training run and its rounds).
+_held: dict[Path, tuple[int, int, int]] = {}
 _held_lock = threading.Lock()
 
 
@@ -119,17 +120,21 @@ def resolve_work_dir(work_dir: str | os.PathLike[str]) -> Path:
 
 @contextmanager
 def hold_work_dir(work_dir: Path) -> Iterator[None]:
-    """Hold the leaf's work dir for this process, so two rounds of one leaf never overlap.
+    """Hold the leaf's work dir, so two rounds of one leaf never overlap.
 
-    An exclusive `flock` on `work_dir/.lock`: a second process (another worker's run, a
-    manual run) fails at once with LeafBusyError naming the holder; nested holds in this
-    process (a training run and its round subflows) are allowed.
+    An exclusive `flock` on `work_dir/.lock`: another process (another worker's run, a
+    manual run) or another thread of this one fails at once with LeafBusyError naming the
+    holder; nested holds in one thread (a training run and its round subflows) are allowed.
     """
     key = Path(work_dir).absolute()
+    thread = threading.get_ident()
     with _held_lock:
         if key in _held:
-            fd, count = _held[key]
-            _held[key] = (fd, count + 1)
+            fd, holding_thread, count = _held[key]
+            if holding_thread != thread:
+                raise LeafBusyError(f"work dir {key} is in use by another thread of this process; "
+                                    "a leaf runs one round at a time")
+            _held[key] = (fd, thread, count + 1)
         else:
             key.mkdir(parents=True, exist_ok=True)
             fd = os.open(key / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -142,14 +147,14 @@ def hold_work_dir(work_dir: Path) -> Iterator[None]:
                                     "a leaf runs one round at a time") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()}, flow run {flow_run.get_id() or '-'}\n".encode(), 0)
-            _held[key] = (fd, 1)
+            _held[key] = (fd, thread, 1)
     try:
         yield
     finally:
         with _held_lock:
-            fd, count = _held[key]
+            fd, _, count = _held[key]
             if count > 1:
-                _held[key] = (fd, count - 1)
+                _held[key] = (fd, thread, count - 1)
             else:
                 del _held[key]
                 fcntl.flock(fd, fcntl.LOCK_UN)

@@ -240,3 +240,28 @@ def test_round_runs_are_named_and_tagged_by_leaf_and_branch(edge: EdgeFederation
     assert len(rounds) == len(history_rows(edge.work_root / "leaf-1"))
     for run in rounds:
         assert {f"leaf:{edge.leaf_names['leaf-1']}", f"branch:{branch_id}"} <= set(run["tags"])
+
+
+def test_serve_runs_one_leafs_rounds_on_its_interval_without_a_worker(server: BkServer, tmp_path: Path) -> None:
+    marker = new_marker()
+    prefect = LocalPrefectServer(tmp_path / "prefect-home", settings={
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", marker[0]: marker[1]})
+    serving: subprocess.Popen[bytes] | None = None
+    try:
+        env = prefect.start().client_env()
+        federation = server.federation(leaves=1)
+        (path,) = write_credentials(tmp_path / "creds", federation.leaves)
+        _run(["bk", "edge", "setup", f"solo={path}", "--host", server.url], env)
+        serving = spawn(["bk", "edge", "serve", "solo", "--participant", "flows.examples.digits:DigitsSoftmax",
+                         "--work-dir", str(tmp_path / "solo"), "--participant-options", '{"leaf_index": 0, "leaves": 1}',
+                         "--interval-s", "4", "--cron", ""], tmp_path / "serve.log", env=env)
+        _wait_until(lambda: sum(r["state_type"] == "COMPLETED" for r in _flow_runs(prefect.api_url)) >= 2, 180,
+                    "two scheduled rounds served")
+        assert {d for d in _deployments(prefect.api_url)} == {"solo-rounds"}
+    finally:
+        if serving is not None:
+            stop_group(serving)
+        prefect.stop()
+    assert [row["round"] for row in history_rows(tmp_path / "solo")][:2] == [1, 2]
+    assert processes_with(marker) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,23 @@ def test_nested_holds_in_one_process_are_allowed_and_released(tmp_path: Path) ->
         "from pathlib import Path; from flows.state import hold_work_dir\n"
         f"with hold_work_dir(Path({str(tmp_path)!r})): print('free')")], capture_output=True, text=True, cwd=PROJECT)
     assert check.stdout.strip() == "free", check.stderr
+
+
+def test_another_thread_cannot_hold_a_work_dir_this_thread_holds(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+
+    def second_round() -> None:
+        try:
+            with hold_work_dir(tmp_path):
+                pass
+        except LeafBusyError as exc:
+            errors.append(exc)
+
+    with hold_work_dir(tmp_path):
+        thread = threading.Thread(target=second_round)
+        thread.start()
+        thread.join()
+    assert len(errors) == 1 and "another thread" in str(errors[0])
 
 
 def test_credentials_env_builds_the_block_from_this_machines_settings(monkeypatch: pytest.MonkeyPatch,
