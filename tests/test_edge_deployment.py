@@ -254,8 +254,8 @@ def test_serve_runs_one_leafs_rounds_on_its_interval_without_a_worker(server: Bk
         (path,) = write_credentials(tmp_path / "creds", federation.leaves)
         _run(["bk", "edge", "setup", f"solo={path}", "--host", server.url], env)
         serving = spawn(["bk", "edge", "serve", "solo", "--participant", "flows.examples.digits:DigitsSoftmax",
-                         "--work-dir", str(tmp_path / "solo"), "--participant-options", '{"leaf_index": 0, "leaves": 1}',
-                         "--interval-s", "4", "--cron", ""], tmp_path / "serve.log", env=env)
+                         "--work-dir", str(tmp_path / "solo"), "--interval-s", "4", "--cron", "",
+                         "--participant-options", '{"leaf_index": 0, "leaves": 1}'], tmp_path / "serve.log", env=env)
         _wait_until(lambda: sum(r["state_type"] == "COMPLETED" for r in _flow_runs(prefect.api_url)) >= 2, 180,
                     "two scheduled rounds served")
         assert {d for d in _deployments(prefect.api_url)} == {"solo-rounds"}
