@@ -9,7 +9,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from prefect.blocks.abstract import CredentialsBlock
-from pydantic import Field, SecretStr, field_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator
 
 from .client import BranchKeyClient
 
@@ -33,6 +33,9 @@ class BranchKeyCredentials(CredentialsBlock):
             print(client.run_details())
         ```
     """
+
+    # A validation error must not echo the values it was given, the session token among them.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     _block_type_name = "BranchKey Credentials"
     _block_type_slug = "branchkey-credentials"

@@ -18,7 +18,9 @@ class BranchKeySettings(BaseSettings):
     giving the six identity values one by one.
     """
 
-    model_config = SettingsConfigDict(env_prefix="BRANCHKEY_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a validation error must not echo the values, the session token among them.
+    model_config = SettingsConfigDict(env_prefix="BRANCHKEY_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)
 
     credentials_file: Path | None = Field(default=None, description="The platform's credentials JSON.")
     leaf_id: str | None = None

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,20 @@ import httpx
 
 
 PR_SET_PDEATHSIG = 1
+# Looked up once here: the child runs between fork and exec, where loading a library is unsafe.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent dies (Linux `prctl`)."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with(parent: int) -> Callable[[], None]:
+    """What the child runs before exec: ask for SIGTERM when the parent dies, and exit at
+    once if it died already (between the fork and this call)."""
+
+    def arrange() -> None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arrange
 
 
 def spawn(command: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None,
@@ -39,7 +48,7 @@ def spawn(command: Sequence[str], log_path: Path, env: Mapping[str, str] | None 
     with open(log_path, "ab") as log:
         return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_die_with(os.getpid()))
 
 
 def stop_group(process: subprocess.Popen[bytes], timeout: float = 20, hard: bool = False) -> None:

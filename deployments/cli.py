@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Literal, NoReturn
 
 from cyclopts import App
+
+from flows.participant import ParticipantError, parse_options
 
 from .edge import DEFAULT_POOL, EdgeSetupError, LeafSpec, set_up_edge
 from .serve import serve_leaf
@@ -72,9 +73,7 @@ def serve(leaf: str, *, participant: str, work_dir: str, participant_options: st
         Rounds per retraining run.
     """
     try:
-        options = json.loads(participant_options)
-    except json.JSONDecodeError as exc:
-        _fail(EdgeSetupError(f"--participant-options is not valid JSON: {exc.msg}"))
-    if not isinstance(options, dict):
-        _fail(EdgeSetupError("--participant-options must be a JSON object"))
+        options = parse_options(participant_options)
+    except ParticipantError as exc:
+        _fail(exc)
     serve_leaf(leaf, participant, work_dir, options, interval_s, cron or None, rounds_per_run)

@@ -1,5 +1,5 @@
 """Prepare a Prefect server for edge leaves: the Block type, the process work pool, one
-work queue per leaf (one run at a time), and one credentials Block per leaf.
+work queue per leaf (so its runs go to its machine's worker), and one credentials Block per leaf.
 
 Every step is idempotent: rerunning it brings the server to the same state, so a leaf
 can be added by running it again with one more credentials file.
@@ -15,6 +15,7 @@ from typing import Any, Literal
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
 from prefect.workers.process import ProcessWorker
 
 from bk_blocks import BranchKeyCredentials
@@ -65,16 +66,17 @@ def ensure_work_pool(pool: str = DEFAULT_POOL) -> bool:
 
 
 def ensure_leaf_queue(leaf: str, pool: str = DEFAULT_POOL) -> None:
-    """The leaf's work queue in the pool, limited to one flow run at a time."""
+    """The leaf's work queue in the pool, served by the leaf's machine only.
+
+    No queue concurrency limit: a limit would hold a second run of the leaf back and run it
+    later (a backlog after every slow round or outage); the deployments' CANCEL_NEW limit
+    and the flows' work-dir lock cancel it instead.
+    """
     with get_client(sync_client=True) as client:
         try:
-            queue = client.read_work_queue_by_name(leaf, work_pool_name=pool)
+            client.read_work_queue_by_name(leaf, work_pool_name=pool)
         except ObjectNotFound:
-            client.create_work_queue(leaf, work_pool_name=pool, concurrency_limit=1,
-                                     description=f"Flow runs of BranchKey leaf {leaf}: one at a time")
-            return
-        if queue.concurrency_limit != 1:
-            client.update_work_queue(queue.id, concurrency_limit=1)
+            client.create_work_queue(leaf, work_pool_name=pool, description=f"Flow runs of BranchKey leaf {leaf}")
 
 
 def leaf_block(spec: LeafSpec, host: str, transport: Literal["websocket", "amqp"] = "websocket",
@@ -93,6 +95,9 @@ def set_up_edge(leaves: list[LeafSpec], host: str, transport: Literal["websocket
 
     Every credentials file is read first, so a bad one changes nothing on the server.
     """
+    if not PREFECT_API_URL.value():
+        raise EdgeSetupError("PREFECT_API_URL is not set: point it at the Prefect server the workers use "
+                             "(or `prefect cloud login`), else the set-up would land in a throwaway local database")
     blocks = [leaf_block(spec, host, transport, **settings) for spec in leaves]
     register_block_types()
     ensure_work_pool(pool)

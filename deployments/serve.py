@@ -1,8 +1,9 @@
 """One leaf on one machine without a work pool or worker: `bk edge serve`.
 
 `serve` keeps a process that both registers the leaf's two deployments (continuous
-rounds on an interval, retraining on a cron) and runs their flow runs itself, one at a
-time (`limit=1`): the same two-overlapping-rounds guarantee as the pool's per-leaf queue.
+rounds on an interval, retraining on a cron) and runs their flow runs itself, with the
+same guarantee as on a worker: a run that would overlap another run of the leaf is
+cancelled (each deployment's CANCEL_NEW limit, and the flows' work-dir lock across the two).
 """
 
 from __future__ import annotations
@@ -35,4 +36,4 @@ def serve_leaf(leaf: str, participant: str, work_dir: str, participant_options: 
             name=f"{leaf}-nightly", cron=cron,
             parameters={**parameters, "rounds": None, "rounds_per_run": rounds_per_run},
             description=f"Retraining of {leaf}, {rounds_per_run} rounds per run", **common))
-    serve(*deployments, limit=1)
+    serve(*deployments)

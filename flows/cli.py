@@ -15,6 +15,7 @@ from rich.table import Table
 from deployments.cli import app as edge_app
 
 from .history import history_rows
+from .participant import ParticipantError, parse_options
 from .simulation import federated_simulation
 
 app = App(name="bk", help="prefect-branchkey, leaf side.")
@@ -70,7 +71,8 @@ def history(*, work_dir: Path = Path("."), format: Literal["table", "csv", "json
 @app.command
 def simulate(*, host: str, credentials_dir: Path, work_root: Path, rounds: int = 10,
              transport: Literal["websocket", "amqp"] = "websocket", amqp_host: str | None = None,
-             participant: str = "flows.examples.digits:DigitsSoftmax", participant_options: str = "{}") -> None:
+             participant: str = "flows.examples.digits:DigitsSoftmax", participant_options: str = "{}",
+             aggregation_timeout_s: float = 600) -> None:
     """Run every leaf of CREDENTIALS_DIR at once against HOST: a whole federation on one machine.
 
     Parameters
@@ -91,9 +93,17 @@ def simulate(*, host: str, credentials_dir: Path, work_root: Path, rounds: int =
         `package.module:Class`; leaf i gets `leaf_index=i, leaves=N` added to its options.
     participant_options
         The participant's keyword options, a JSON object.
+    aggregation_timeout_s
+        How long a leaf waits for a round's aggregation (should another leaf fail, the others
+        wait this long before they give up).
     """
-    federated_simulation(host, str(credentials_dir), str(work_root), participant, json.loads(participant_options),
-                         rounds, transport, amqp_host)
+    try:
+        options = parse_options(participant_options)
+    except ParticipantError as exc:
+        print(f"bk simulate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    federated_simulation(host, str(credentials_dir), str(work_root), participant, options, rounds, transport,
+                         amqp_host, aggregation_timeout_s)
 
 
 def main() -> None:

@@ -37,6 +37,8 @@ from .prefect_server import LocalPrefectServer
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 REFRESH_S = 0.5
+# A demo round takes seconds; should a leaf fail, the others give up on its round after this.
+AGGREGATION_TIMEOUT_S = 120
 
 
 def choose_transport(requested: str | None) -> tuple[str, str | None]:
@@ -91,18 +93,22 @@ def follow(console: Console, simulation: subprocess.Popen[bytes], leaves_dir: Pa
             while simulation.poll() is None:
                 time.sleep(REFRESH_S)
                 live.update(progress_view(leaf_histories(leaves_dir, names), rounds))
+            live.update(progress_view(leaf_histories(leaves_dir, names), rounds))
         return simulation.returncode
     printed = 0
-    while simulation.poll() is None:
-        time.sleep(REFRESH_S)
+    while True:
+        running = simulation.poll() is None
         histories = leaf_histories(leaves_dir, names)
+        table = federation_table(histories)
         complete = min(len(rows) for rows in histories.values())
-        if complete > max(printed, 0):
-            printed = complete
-            mean = federation_table(histories)[complete - 1]["mean accuracy"] if complete else None
+        for round_number in range(printed + 1, complete + 1):
+            mean = table[round_number - 1].get("mean accuracy")
             accuracy = f", mean global model accuracy {mean:.3f}" if mean is not None else ""
-            console.print(f"round {complete} of {rounds} done by every leaf{accuracy}")
-    return simulation.returncode
+            console.print(f"round {round_number} of {rounds} done by every leaf{accuracy}")
+        printed = max(printed, complete)
+        if not running:
+            return simulation.returncode
+        time.sleep(REFRESH_S)
 
 
 def history_view(histories: Mapping[str, Sequence[dict[str, Any]]]) -> Table:
@@ -142,6 +148,8 @@ def dashboard_urls(ui: str, api: str, branch_id: str, names: Sequence[str]) -> d
 
 
 def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM stops the demo as Ctrl-C does (SIGINT is handled even when a shell started the demo
+    in the background, which would otherwise leave it ignored)."""
     raise KeyboardInterrupt
 
 
@@ -158,6 +166,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     console = Console()
     transport, note = choose_transport(args.transport)
@@ -181,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{args.rounds} rounds of federated digits:")
         simulation = spawn([sys.executable, "-m", "flows.cli", "simulate", "--host", platform.url,
                             "--credentials-dir", str(run_dir / "credentials"), "--work-root", str(run_dir / "leaves"),
-                            "--rounds", str(args.rounds), "--transport", transport, "--amqp-host", "127.0.0.1"],
+                            "--rounds", str(args.rounds), "--transport", transport, "--amqp-host", "127.0.0.1",
+                            "--aggregation-timeout-s", str(AGGREGATION_TIMEOUT_S)],
                            run_dir / "simulation.log", env=prefect.client_env())
         code = follow(console, simulation, run_dir / "leaves", names, args.rounds)
         console.print(history_view(leaf_histories(run_dir / "leaves", names)))
@@ -201,10 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if simulation is not None:
-            stop_group(simulation)
-        platform.stop()
-        prefect.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if simulation is not None:
+                stop_group(simulation)
+        finally:
+            try:
+                platform.stop()
+            finally:
+                prefect.stop()
 
 
 if __name__ == "__main__":

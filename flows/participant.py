@@ -47,11 +47,8 @@ class Participant(ABC):
         return True
 
 
-def load_participant(path: str, options: dict[str, Any] | str | None = None) -> Participant:
-    """Instantiate `"package.module:Class"` with keyword `options` (a dict or a JSON object text)."""
-    module_name, sep, class_name = path.partition(":")
-    if not sep or not module_name or not class_name:
-        raise ParticipantError(f"participant must be 'package.module:Class', got {path!r}")
+def parse_options(options: dict[str, Any] | str | None) -> dict[str, Any]:
+    """Participant options from a dict or a JSON object text (empty for None or blank)."""
     if isinstance(options, str):
         try:
             options = json.loads(options) if options.strip() else {}
@@ -59,13 +56,22 @@ def load_participant(path: str, options: dict[str, Any] | str | None = None) -> 
             raise ParticipantError(f"participant options are not valid JSON: {exc.msg}") from None
     if options is not None and not isinstance(options, dict):
         raise ParticipantError("participant options must be a JSON object")
+    return dict(options or {})
+
+
+def load_participant(path: str, options: dict[str, Any] | str | None = None) -> Participant:
+    """Instantiate `"package.module:Class"` with keyword `options` (a dict or a JSON object text)."""
+    module_name, sep, class_name = path.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ParticipantError(f"participant must be 'package.module:Class', got {path!r}")
+    keywords = parse_options(options)
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
         raise ParticipantError(f"cannot import participant {path!r}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, Participant)):
         raise ParticipantError(f"{path!r} is not a Participant subclass")
-    return cls(**(options or {}))
+    return cls(**keywords)
 
 
 _instances: dict[tuple[str, str, str], Participant] = {}
@@ -78,7 +84,7 @@ def participant_for(leaf_id: str, path: str, options: dict[str, Any] | str | Non
     A training run's rounds are separate flow runs; they share one instance, so a
     participant keeps its local state (data, optimizer, random generator) across rounds.
     """
-    key = (leaf_id, path, options if isinstance(options, str) else json.dumps(options or {}, sort_keys=True))
+    key = (leaf_id, path, json.dumps(parse_options(options), sort_keys=True))
     with _instances_lock:
         if key not in _instances:
             _instances[key] = load_participant(path, options)

@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger, tags
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, State
 
 from bk_blocks import BranchKeyCredentials, RunNotStartedError, RunStoppedError
 from bk_blocks.archive import read_aggregate, write_update
@@ -34,7 +35,7 @@ from tasks import (
 from .history import RoundRecord, append_record, history_rows, utc_from_timestamp
 from .observability import emit_round_event, label_flow_run, publish_artifacts, run_tags
 from .participant import Participant, check_result, participant_for
-from .state import LeafState, hold_work_dir, load_state, resolve_work_dir, save_state
+from .state import LeafBusyError, LeafState, hold_work_dir, load_state, resolve_work_dir, save_state
 
 # Rounds shown in the history artifact: the latest ones (the Parquet history keeps them all).
 ARTIFACT_ROWS = 50
@@ -236,27 +237,38 @@ def federated_round(
     participant_options: dict[str, Any] | None = None,
     aggregation_timeout_s: float = 3600,
     run_timeout_s: float = 6 * 3600,
-) -> RoundResult:
+) -> RoundResult | State:
     """One federated round for one leaf (or the rest of an interrupted one).
 
     `participant` is `"package.module:Class"`, built with `participant_options`;
     `work_dir` holds the leaf's state, models and history between runs (`~` and
     `$VARIABLES` are expanded on the machine that runs the round). The run is named
-    `<leaf>-round-<n>` and tagged by leaf and branch.
+    `<leaf>-round-<n>` and tagged by leaf and branch; it ends Cancelled if another run of
+    the leaf holds the work dir.
     """
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
     model = participant_for(block.leaf_id, participant, participant_options)
-    owns_client = not has_shared_client(block)
     try:
         with hold_work_dir(directory), tags(*run_tags(block)):
-            expected = load_state(directory, block.leaf_id).round
-            label_flow_run(round_name(block, expected), run_tags(block))
-            result = run_round(block, model, directory,
-                               Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s))
-    finally:
-        if owns_client:
-            close_shared_client(block)
+            owns_client = not has_shared_client(block)
+            try:
+                expected = load_state(directory, block.leaf_id).round
+                label_flow_run(round_name(block, expected), run_tags(block))
+                result = run_round(block, model, directory,
+                                   Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s))
+            finally:
+                if owns_client:
+                    close_shared_client(block)
+    except LeafBusyError as exc:
+        return cancelled_as_busy(exc)
     if result.round != expected:
         label_flow_run(round_name(block, result.round), [])
     return result
+
+
+def cancelled_as_busy(exc: LeafBusyError) -> State:
+    """End the run Cancelled, not Failed: another run of this leaf holds its work dir and does
+    the leaf's next round, so this one has nothing to do (the CANCEL_NEW collision strategy)."""
+    _logger().warning("%s; cancelling this run", exc)
+    return Cancelled(message=str(exc))

@@ -10,7 +10,9 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 from prefect import flow, get_run_logger
+from prefect.exceptions import PrefectException
 
 from bk_blocks import BranchKeyCredentials
 
@@ -71,14 +73,18 @@ def federated_simulation(
 
 
 def _publish_while_running(branch_id: str, work_dirs: dict[str, Path], futures: list[Future]) -> None:
-    """Republish the federation artifacts whenever a leaf records a round, until every leaf is done."""
+    """Republish the federation artifacts whenever a leaf records a round, until every leaf is
+    done or one failed (the others then end at their aggregation timeout)."""
     seen = -1
     while True:
         done, running = wait(futures, timeout=FEDERATION_REFRESH_S, return_when=FIRST_EXCEPTION)
         histories = {name: history_rows(path) for name, path in work_dirs.items()}
         recorded = sum(len(rows) for rows in histories.values())
         if recorded != seen:
-            publish_federation_artifacts(branch_id, histories)
-            seen = recorded
+            try:
+                publish_federation_artifacts(branch_id, histories)
+                seen = recorded
+            except (httpx.HTTPError, PrefectException) as exc:
+                get_run_logger().warning("could not publish the federation artifacts (retrying): %s", exc)
         if not running or any(f.exception() for f in done):
             return

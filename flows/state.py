@@ -118,6 +118,18 @@ def resolve_work_dir(work_dir: str | os.PathLike[str]) -> Path:
     return Path(expanded).absolute()
 
 
+def _lock(fd: int, work_dir: Path) -> None:
+    """Take the work dir's lock on `fd` and write who holds it, or LeafBusyError naming the holder."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        raise LeafBusyError(f"work dir {work_dir} is in use by another run of this leaf ({holder}); "
+                            "a leaf runs one round at a time") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}, flow run {flow_run.get_id() or '-'}\n".encode(), 0)
+
+
 @contextmanager
 def hold_work_dir(work_dir: Path) -> Iterator[None]:
     """Hold the leaf's work dir, so two rounds of one leaf never overlap.
@@ -139,14 +151,10 @@ def hold_work_dir(work_dir: Path) -> Iterator[None]:
             key.mkdir(parents=True, exist_ok=True)
             fd = os.open(key / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                _lock(fd, key)
+            except BaseException:
                 os.close(fd)
-                raise LeafBusyError(f"work dir {key} is in use by another run of this leaf ({holder}); "
-                                    "a leaf runs one round at a time") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()}, flow run {flow_run.get_id() or '-'}\n".encode(), 0)
+                raise
             _held[key] = (fd, thread, 1)
     try:
         yield

@@ -7,18 +7,20 @@ run and a schedule of one-round flow runs reach the same place.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.states import State
 
 from bk_blocks import BranchKeyCredentials
-from tasks import close_shared_client, resolve_credentials
+from tasks import close_shared_client, resolve_credentials, shared_client
 
 from .observability import label_flow_run, run_tags
 from .participant import participant_for
-from .round import RoundResult, federated_round
-from .state import hold_work_dir, load_state, resolve_work_dir
+from .round import RoundResult, cancelled_as_busy, federated_round
+from .state import LeafBusyError, hold_work_dir, load_state, resolve_work_dir
 
 
 def target_reached(result: RoundResult, target_metric: str | None, target_value: float | None) -> bool:
@@ -42,43 +44,56 @@ def federated_training(
     run_timeout_s: float = 6 * 3600,
     rounds_per_run: int | None = None,
     run_poll_s: float = 10,
-) -> list[RoundResult]:
+) -> list[RoundResult] | State:
     """Run this leaf's rounds, each a `federated-round` subflow run, until one of:
     round `rounds` is done (counted in the work dir across flow runs; None: no limit),
     `rounds_per_run` rounds completed in this flow run (a nightly retraining), the
     evaluation metric `target_metric` reached `target_value` (higher is better), or
-    the platform stopped the run.
+    the platform stopped the run. Ends Cancelled if another run of the leaf holds the work dir.
     """
-    logger = get_run_logger()
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
     participant_for(block.leaf_id, participant, participant_options)
     label_flow_run(f"{block.leaf_name}-training", run_tags(block))
-    results: list[RoundResult] = []
+    round_options = {"participant": participant, "work_dir": str(directory), "participant_options": participant_options,
+                     "aggregation_timeout_s": aggregation_timeout_s, "run_timeout_s": run_timeout_s}
     try:
         with hold_work_dir(directory):
-            first = load_state(directory, block.leaf_id).round
-            goal = _goal(first, rounds, rounds_per_run)
-            progress = create_progress_artifact(progress=0.0, description=f"{block.leaf_name}: rounds {first}..{goal}")
-            while _more_rounds(load_state(directory, block.leaf_id).round, rounds, results, rounds_per_run):
-                result = federated_round(block, participant, str(directory), participant_options,
-                                         aggregation_timeout_s, run_timeout_s)
-                results.append(result)
-                if result.status == "stopped":
-                    logger.info("the platform stopped the run; ending at round %d", result.round)
-                    break
-                if result.status == "declined":
-                    time.sleep(run_poll_s)
-                    continue
-                done = sum(r.status == "completed" for r in results)
-                update_progress_artifact(progress, progress=100.0 * done / max(1, goal - first + 1))
-                if target_reached(result, target_metric, target_value):
-                    logger.info("%s reached %s >= %s in round %d", block.leaf_name, target_metric, target_value,
-                                result.round)
-                    break
-            update_progress_artifact(progress, progress=100.0)
-    finally:
-        close_shared_client(block)
+            shared_client(block)
+            try:
+                return _train(block, directory, round_options, rounds, rounds_per_run, target_metric, target_value,
+                              run_poll_s)
+            finally:
+                close_shared_client(block)
+    except LeafBusyError as exc:
+        return cancelled_as_busy(exc)
+
+
+def _train(block: BranchKeyCredentials, directory: Path, round_options: dict[str, Any], rounds: int | None,
+           rounds_per_run: int | None, target_metric: str | None, target_value: float | None,
+           run_poll_s: float) -> list[RoundResult]:
+    """The training loop: one `federated-round` subflow per round, with a progress artifact."""
+    logger = get_run_logger()
+    results: list[RoundResult] = []
+    first = load_state(directory, block.leaf_id).round
+    goal = _goal(first, rounds, rounds_per_run)
+    progress = create_progress_artifact(progress=0.0, description=f"{block.leaf_name}: rounds {first}..{goal}")
+    while _more_rounds(load_state(directory, block.leaf_id).round, rounds, results, rounds_per_run):
+        result = federated_round(block, **round_options)
+        results.append(result)
+        if result.status == "stopped":
+            logger.info("the platform stopped the run; ending at round %d", result.round)
+            break
+        if result.status == "declined":
+            time.sleep(run_poll_s)
+            continue
+        done = sum(r.status == "completed" for r in results)
+        update_progress_artifact(progress, progress=100.0 * done / max(1, goal - first + 1))
+        if target_reached(result, target_metric, target_value):
+            logger.info("%s reached %s >= %s in round %d", block.leaf_name, target_metric, target_value,
+                        result.round)
+            break
+    update_progress_artifact(progress, progress=100.0)
     return results
 
 

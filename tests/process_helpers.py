@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -25,4 +26,12 @@ def processes_with(marker: tuple[str, str]) -> list[int]:
                 found.append(int(entry.name))
         except (OSError, IndexError):
             continue
+    return found
+
+
+def left_running(marker: tuple[str, str], timeout: float = 15) -> list[int]:
+    """The marked processes still alive after up to `timeout` seconds (a SIGKILLed group takes a moment)."""
+    deadline = time.monotonic() + timeout
+    while (found := processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     return found

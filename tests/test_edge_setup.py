@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +19,12 @@ import yaml
 
 from bk_blocks import BranchKeyCredentials
 from deployments.edge import EdgeSetupError, LeafSpec, set_up_edge
+from flows.round import federated_round
 from flows.state import LeafBusyError, WorkDirError, hold_work_dir, resolve_work_dir
 from tasks import resolve_credentials
+
+from .bkserver import BkServer
+from .conftest import credentials_for
 
 PROJECT = Path(__file__).resolve().parents[1]
 PLATFORM_JSON = {"id": "3f1c", "name": "clinic-a", "session_token": "s3cr3t-token", "tree_id": "t1",
@@ -44,22 +51,21 @@ def test_leaf_name_that_cannot_be_a_block_name_is_refused() -> None:
         LeafSpec.parse("Clinic_A=creds/a.json")
 
 
-def test_setup_creates_the_pool_a_one_run_queue_and_the_credentials_block(prefect_api: str, leaf_json: Path) -> None:
+def test_setup_creates_the_pool_the_leafs_queue_and_the_credentials_block(prefect_api: str,
+                                                                         leaf_json: Path) -> None:
     pool = f"edge-{uuid.uuid4().hex[:8]}"
     set_up_edge([LeafSpec("clinic-a", leaf_json)], "http://127.0.0.1:9", "amqp", pool)
     assert httpx.get(f"{prefect_api}/work_pools/{pool}", timeout=30).json()["type"] == "process"
-    queue = httpx.get(f"{prefect_api}/work_pools/{pool}/queues/clinic-a", timeout=30).json()
-    assert queue["concurrency_limit"] == 1
+    assert httpx.get(f"{prefect_api}/work_pools/{pool}/queues/clinic-a", timeout=30).status_code == 200
     block = BranchKeyCredentials.load("clinic-a")
     assert block.leaf_name == "clinic-a" and block.notification_transport == "amqp"
     assert block.session_token.get_secret_value() == "s3cr3t-token"
 
 
-def test_setup_again_keeps_one_run_per_queue_and_updates_the_block(prefect_api: str, leaf_json: Path) -> None:
+def test_setup_again_updates_the_block(prefect_api: str, leaf_json: Path) -> None:
     pool = f"edge-{uuid.uuid4().hex[:8]}"
     set_up_edge([LeafSpec("clinic-a", leaf_json)], "http://127.0.0.1:9", "amqp", pool)
     set_up_edge([LeafSpec("clinic-a", leaf_json)], "http://127.0.0.1:10", "websocket", pool)
-    assert httpx.get(f"{prefect_api}/work_pools/{pool}/queues/clinic-a", timeout=30).json()["concurrency_limit"] == 1
     assert BranchKeyCredentials.load("clinic-a").host == "http://127.0.0.1:10"
 
 
@@ -68,15 +74,27 @@ def test_setup_with_a_bad_credentials_file_changes_nothing(prefect_api: str, lea
     broken = tmp_path / "broken.json"
     broken.write_text('{"id": "x"}')
     with pytest.raises(EdgeSetupError, match="broken.json.*missing"):
-        set_up_edge([LeafSpec("clinic-a", leaf_json), LeafSpec("broken", broken)], "http://127.0.0.1:9", pool=pool)
+        set_up_edge([LeafSpec("clinic-b", leaf_json), LeafSpec("broken", broken)], "http://127.0.0.1:9", pool=pool)
     assert httpx.get(f"{prefect_api}/work_pools/{pool}", timeout=30).status_code == 404
+    with pytest.raises(ValueError, match="Unable to find block document named clinic-b"):
+        BranchKeyCredentials.load("clinic-b")
 
 
-def test_setup_cli_names_the_problem_without_a_traceback(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "edge", "setup", f"a={tmp_path / 'none.json'}",
-                             "--host", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=120)
+def _setup_cli(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "flows.cli", "edge", "setup", f"a={tmp_path / 'none.json'}",
+                           "--host", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | env)
+
+
+def test_setup_cli_names_the_problem_without_a_traceback(prefect_api: str, tmp_path: Path) -> None:
+    result = _setup_cli(tmp_path, PREFECT_API_URL=prefect_api)
     assert result.returncode == 2
     assert "cannot read leaf credentials" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_setup_without_a_prefect_server_refuses_rather_than_use_a_throwaway_one(tmp_path: Path) -> None:
+    result = _setup_cli(tmp_path, PREFECT_HOME=str(tmp_path / "home"))
+    assert result.returncode == 2 and "PREFECT_API_URL is not set" in result.stderr
 
 
 def test_every_deployment_runs_on_its_leafs_queue_one_run_at_a_time() -> None:
@@ -117,19 +135,37 @@ def test_work_dir_naming_an_unset_variable_is_refused(monkeypatch: pytest.Monkey
         resolve_work_dir("$BRANCHKEY_WORK_ROOT/leaf-1")
 
 
-def test_a_work_dir_held_by_another_process_is_refused_naming_the_holder(tmp_path: Path) -> None:
+@contextmanager
+def held_by_another_process(work_dir: Path) -> Iterator[int]:
+    """Another process holding the work dir (as another run of the leaf would); yields its pid."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from flows.state import hold_work_dir\n"
-        f"with hold_work_dir(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(60)")],
+        "import time; from pathlib import Path; from flows.state import hold_work_dir\n"
+        f"with hold_work_dir(Path({str(work_dir)!r})):\n    print('held', flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True, cwd=PROJECT)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        with pytest.raises(LeafBusyError, match=f"pid {holder.pid}"):
-            with hold_work_dir(tmp_path):
-                pass
+        yield holder.pid
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_work_dir_held_by_another_process_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    with held_by_another_process(tmp_path) as pid:
+        with pytest.raises(LeafBusyError, match=f"pid {pid}"):
+            with hold_work_dir(tmp_path):
+                pass
+
+
+def test_a_round_of_a_leaf_busy_elsewhere_ends_cancelled_and_touches_nothing(
+        prefect_api: str, server: BkServer, tmp_path: Path) -> None:
+    federation = server.federation(leaves=1)
+    with held_by_another_process(tmp_path / "leaf") as pid:
+        state = federated_round(credentials_for(server, federation.leaves[0]), "flows.examples.digits:DigitsSoftmax",
+                                str(tmp_path / "leaf"), {"leaf_index": 0, "leaves": 1}, return_state=True)
+    assert state.is_cancelled() and f"pid {pid}" in (state.message or "")
+    assert not (tmp_path / "leaf" / "state.json").exists()
+    assert server.status(federation.branch_id)["rounds"][0]["updates"] == 0
 
 
 def test_nested_holds_in_one_process_are_allowed_and_released(tmp_path: Path) -> None:
@@ -164,6 +200,16 @@ def test_credentials_env_builds_the_block_from_this_machines_settings(monkeypatc
     monkeypatch.setenv("BRANCHKEY_HOST", "http://127.0.0.1:9")
     block = resolve_credentials("$env")
     assert block.leaf_name == "clinic-a" and block.host == "http://127.0.0.1:9"
+
+
+def test_credentials_env_error_never_echoes_the_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BRANCHKEY_CREDENTIALS_FILE", raising=False)
+    monkeypatch.setenv("BRANCHKEY_LEAF_ID", "l1")
+    monkeypatch.setenv("BRANCHKEY_SESSION_TOKEN", "s3cr3t-token")
+    with pytest.raises(ValueError) as refused:
+        resolve_credentials("$env")
+    assert "BRANCHKEY_TREE_ID" in str(refused.value) and "s3cr3t-token" not in str(refused.value)
 
 
 def test_credentials_env_without_settings_names_what_is_missing(monkeypatch: pytest.MonkeyPatch,
