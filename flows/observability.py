@@ -47,11 +47,12 @@ def run_tags(credentials: BranchKeyCredentials) -> list[str]:
 def label_flow_run(name: str, tags: Sequence[str]) -> None:
     """Rename the current flow run and add tags (a deployment's runs start with generated names).
 
-    Only the UI's labels depend on it, so an API failure (after the client's own retries)
-    is logged, never raised: a round must not fail over its name.
+    Nothing is sent when the run already has both (a subflow created with them). Only the
+    UI's labels depend on it, so an API failure (after the client's own retries) is
+    logged, never raised: a round must not fail over its name.
     """
     run_id = flow_run.get_id()
-    if run_id is None:
+    if run_id is None or (flow_run.get_name() == name and set(tags) <= set(flow_run.get_tags())):
         return
     try:
         with get_client(sync_client=True) as client:

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import State
 
 from bk_blocks import BranchKeyCredentials
@@ -19,7 +20,7 @@ from tasks import close_shared_client, resolve_credentials, shared_client
 
 from .observability import label_flow_run, run_tags
 from .participant import participant_for
-from .round import RoundResult, cancelled_as_busy, federated_round
+from .round import RoundResult, cancelled_as_busy, federated_round, round_name
 from .state import LeafBusyError, hold_work_dir, load_state, resolve_work_dir
 
 
@@ -72,14 +73,20 @@ def federated_training(
 def _train(block: BranchKeyCredentials, directory: Path, round_options: dict[str, Any], rounds: int | None,
            rounds_per_run: int | None, target_metric: str | None, target_value: float | None,
            run_poll_s: float) -> list[RoundResult]:
-    """The training loop: one `federated-round` subflow per round, with a progress artifact."""
+    """The training loop: one `federated-round` subflow per round, with a progress artifact.
+
+    The round subflows run without heartbeats of their own: this run's heartbeat already
+    tells the server the process is alive, and Prefect joins a run's heartbeat thread at its
+    end in 1 s steps, which cost every round about a second.
+    """
     logger = get_run_logger()
     results: list[RoundResult] = []
     first = load_state(directory, block.leaf_id).round
     goal = _goal(first, rounds, rounds_per_run)
     progress = create_progress_artifact(progress=0.0, description=f"{block.leaf_name}: rounds {first}..{goal}")
-    while _more_rounds(load_state(directory, block.leaf_id).round, rounds, results, rounds_per_run):
-        result = federated_round(block, **round_options)
+    while _more_rounds(next_round := load_state(directory, block.leaf_id).round, rounds, results, rounds_per_run):
+        with tags(*run_tags(block)), temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            result = federated_round.with_options(flow_run_name=round_name(block, next_round))(block, **round_options)
         results.append(result)
         if result.status == "stopped":
             logger.info("the platform stopped the run; ending at round %d", result.round)
