@@ -73,18 +73,23 @@ def federated_simulation(
 
 
 def _publish_while_running(branch_id: str, work_dirs: dict[str, Path], futures: list[Future]) -> None:
-    """Republish the federation artifacts whenever a leaf records a round, until every leaf is
-    done or one failed (the others then end at their aggregation timeout)."""
-    seen = -1
+    """Republish the federation artifacts each time every leaf has recorded one more round,
+    until every leaf is done or one failed (the others then end at their aggregation timeout).
+
+    Once per federation round, not per leaf record: each publication is two writes to the
+    Prefect server, whose SQLite database is already busy with every leaf's runs.
+    """
+    published: tuple[int, int] | None = None
     while True:
         done, running = wait(futures, timeout=FEDERATION_REFRESH_S, return_when=FIRST_EXCEPTION)
         histories = {name: history_rows(path) for name, path in work_dirs.items()}
-        recorded = sum(len(rows) for rows in histories.values())
-        if recorded != seen:
+        complete, recorded = min(map(len, histories.values())), sum(map(len, histories.values()))
+        finished = not running or any(f.exception() for f in done)
+        if published is None or complete > published[0] or (finished and recorded != published[1]):
             try:
                 publish_federation_artifacts(branch_id, histories)
-                seen = recorded
+                published = (complete, recorded)
             except (httpx.HTTPError, PrefectException) as exc:
                 get_run_logger().warning("could not publish the federation artifacts (retrying): %s", exc)
-        if not running or any(f.exception() for f in done):
+        if finished:
             return
