@@ -23,8 +23,8 @@ def _fail(error: Exception) -> NoReturn:
 @app.command
 def setup(*leaves: str, host: str, transport: Literal["websocket", "amqp"] = "websocket",
           amqp_host: str | None = None, pool: str = DEFAULT_POOL) -> None:
-    """Register the Block type, create the process work pool, and per leaf a work queue
-    (one run at a time) and a credentials Block, for `prefect deploy --all`.
+    """Register the Block type, create the process work pool, and per leaf a work queue and a
+    credentials Block, for `prefect deploy --all`.
 
     Parameters
     ----------
