@@ -42,12 +42,14 @@ def _die_with(parent: int) -> Callable[[], None]:
 
 
 def spawn(command: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None,
-          cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start `command` in its own process group, output appended to `log_path`."""
+          cwd: Path | None = None, user: str | None = None) -> subprocess.Popen[bytes]:
+    """Start `command` in its own process group, output appended to `log_path` (as `user`, with
+    that user's group, when given: root starting a server that refuses root)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
+                                user=user, group=user, extra_groups=[] if user else None,
                                 preexec_fn=_die_with(os.getpid()))
 
 

@@ -1,7 +1,9 @@
-"""A Prefect server of our own on loopback (`prefect server start`, SQLite in its own home).
+"""A Prefect server of our own on loopback (`prefect server start` in its own home), on PostgreSQL.
 
-What the demo shows its dashboard on, and what the end-to-end test deploys to: a real
-server with the UI, on a free port, quiet and offline, stopped with everything it started.
+What the demo shows its dashboard on, what the benchmarks and the end-to-end tests run
+against: a real server with the UI, on a free port, quiet and offline, stopped with
+everything it started. Its database is an embedded PostgreSQL in its home by default
+(`flows.prefect_database`); `sqlite` or a URL of the user's own may be chosen instead.
 """
 
 from __future__ import annotations
@@ -14,18 +16,39 @@ from subprocess import Popen
 
 from bk_server.process import ServerStartError, free_port, spawn, stop_group, wait_until_answering
 
-# `prefect server start` takes about 25 s to answer here; give it room on a loaded machine.
+from .prefect_database import POSTGRES, SQLITE, EmbeddedPostgres, check_database_url
+
+# `prefect server start` takes 8 s (PostgreSQL) to 25 s (SQLite) to answer here; room for a loaded machine.
 STARTUP_TIMEOUT_S = 120
+URL_SETTINGS = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
+
+
+def default_database() -> str:
+    """The user's database URL when the environment sets one, else the embedded PostgreSQL."""
+    return next((os.environ[name] for name in URL_SETTINGS if os.environ.get(name)), POSTGRES)
+
+
+def describe_database(choice: str) -> str:
+    """How a database choice reads in messages (a URL without its password)."""
+    from .prefect_database import redacted
+
+    return {POSTGRES: "embedded PostgreSQL", SQLITE: "SQLite"}.get(choice) or redacted(choice)
 
 
 @dataclass
 class LocalPrefectServer:
-    """`prefect server start` on 127.0.0.1 with `home` as its PREFECT_HOME (database, logs)."""
+    """`prefect server start` on 127.0.0.1 with `home` as its PREFECT_HOME (logs, database).
+
+    `database` is `postgres` (an embedded PostgreSQL in `home/postgres`), `sqlite`
+    (Prefect's default file in `home`) or a SQLAlchemy URL of an existing database.
+    """
 
     home: Path
+    database: str = field(default_factory=default_database)
     port: int = field(default_factory=free_port)
     settings: dict[str, str] = field(default_factory=dict)
     process: Popen[bytes] | None = None
+    postgres: EmbeddedPostgres | None = None
 
     @property
     def url(self) -> str:
@@ -41,21 +64,41 @@ class LocalPrefectServer:
 
     def client_env(self) -> dict[str, str]:
         """The environment for a process that talks to this server (a worker, `prefect deploy`)."""
-        return {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.api_url,
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **self.settings}
+        env = {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.api_url,
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **self.settings}
+        for name in URL_SETTINGS:
+            env.pop(name, None)
+        return env
+
+    def database_url(self) -> str:
+        """Start the embedded PostgreSQL if chosen; the connection URL the server is given."""
+        if self.database == POSTGRES:
+            self.postgres = EmbeddedPostgres(self.home / "postgres" / "data").start()
+            return self.postgres.url
+        if self.database == SQLITE:
+            return f"sqlite+aiosqlite:///{self.home / 'prefect.db'}"
+        check_database_url(self.database)
+        return self.database
 
     def launch(self) -> "LocalPrefectServer":
-        """Start the server process without waiting for it (it takes ~25 s to answer)."""
+        """Start the database and the server process without waiting for the server (it takes
+        seconds to answer). Raises PrefectDatabaseError, with nothing left running, if the
+        database cannot start."""
         self.home.mkdir(parents=True, exist_ok=True)
-        env = self.client_env() | {"PREFECT_UI_API_URL": self.api_url}
+        url = self.database_url()
+        env = self.client_env() | {"PREFECT_UI_API_URL": self.api_url, "PREFECT_SERVER_DATABASE_CONNECTION_URL": url}
         env.pop("PREFECT_API_URL")
         command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                    "--port", str(self.port)]
-        self.process = spawn(command, self.log_path, env=env)
+        try:
+            self.process = spawn(command, self.log_path, env=env)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> "LocalPrefectServer":
-        """Wait until `/api/health` answers; stop the server and raise ServerStartError if it does not."""
+        """Wait until `/api/health` answers; stop everything and raise ServerStartError if it does not."""
         assert self.process is not None, "launch() first"
         try:
             wait_until_answering(self.process, f"{self.api_url}/health", timeout, self.log_path, "prefect server")
@@ -65,13 +108,19 @@ class LocalPrefectServer:
         return self
 
     def start(self, timeout: float = STARTUP_TIMEOUT_S) -> "LocalPrefectServer":
-        """Start the server and wait until it answers."""
+        """Start the database and the server and wait until it answers."""
         return self.launch().wait_ready(timeout)
 
     def stop(self) -> None:
-        if self.process is not None:
-            stop_group(self.process)
-            self.process = None
+        """Stop the server, then its embedded database. Idempotent."""
+        try:
+            if self.process is not None:
+                stop_group(self.process)
+                self.process = None
+        finally:
+            if self.postgres is not None:
+                self.postgres.stop()
+                self.postgres = None
 
     def __enter__(self) -> "LocalPrefectServer":
         return self.start()

@@ -19,13 +19,26 @@ from .bkserver import BkServer, broker_available, in_ci  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def prefect_api() -> Iterator[str]:
-    """One temporary Prefect server for the whole session (it takes ~22 s to start here)."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One Prefect server on an embedded PostgreSQL for the whole session (`prefect server start`,
+    as the demo runs it), the API for this process and its children."""
+    import prefect.context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=90):
-        yield PREFECT_API_URL.value()
+    from flows.prefect_server import LocalPrefectServer
+
+    with LocalPrefectServer(tmp_path_factory.mktemp("prefect-server"), database="postgres") as server:
+        os.environ["PREFECT_API_URL"] = server.api_url
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            with prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+                try:
+                    yield server.api_url
+                finally:
+                    APILogWorker.drain_all(timeout=10)
+                    EventsWorker.drain_all(timeout=10)
+                    os.environ.pop("PREFECT_API_URL", None)
 
 
 @pytest.fixture(scope="session")
