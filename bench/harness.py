@@ -90,10 +90,11 @@ def answer_child(spec_json: str, tasks: Mapping[str, Callable[[dict[str, Any]], 
     print(json.dumps(task(spec)), flush=True)
 
 
-def run_child(script: str | Path, spec: dict[str, Any]) -> Any:
-    """Run `script --one <spec as JSON>` in a fresh interpreter and return the JSON it printed last."""
+def run_child(script: str | Path, spec: dict[str, Any], env: Mapping[str, str] | None = None) -> Any:
+    """Run `script --one <spec as JSON>` in a fresh interpreter (with `env`, default ours) and return
+    the JSON it printed last."""
     command = [sys.executable, str(Path(script).resolve()), CHILD_OPTION, json.dumps(spec)]
-    completed = subprocess.run(command, check=False, stdout=subprocess.PIPE, text=True)
+    completed = subprocess.run(command, check=False, stdout=subprocess.PIPE, text=True, env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"child {spec['task']} failed with exit code {completed.returncode}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
