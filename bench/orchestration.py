@@ -345,6 +345,12 @@ class PrefectUnderTest:
     api_url: str
     server: LocalPrefectServer | None = None
 
+    def client_env(self) -> dict[str, str]:
+        """The environment of the leaves' process: the server's client settings, or ours and the API."""
+        if self.server is not None:
+            return self.server.client_env() | {"PREFECT_HOME": os.environ["PREFECT_HOME"]}
+        return {**os.environ, "PREFECT_API_URL": self.api_url}
+
     def cpu(self) -> tuple[float, float | None]:
         """CPU seconds so far of the Prefect server and of its embedded PostgreSQL (None: not ours)."""
         if self.server is None or self.server.process is None:
@@ -405,7 +411,7 @@ def bench_one(prefect: PrefectUnderTest, server: BenchServer, leaves: int, trans
             "rounds": args.rounds, "work": str(work)}
     cpu_before = prefect.cpu()
     started = time.perf_counter()
-    answer = run_child(__file__, spec, env=os.environ | {"PREFECT_API_URL": prefect.api_url})
+    answer = run_child(__file__, spec, env=prefect.client_env())
     progress(f"[{name}]   done in {time.perf_counter() - started:.1f} s")
     cost = call_cost(answer["calls"], prefect, cpu_before, leaves, args.rounds)
     samples = [Sample(**sample) for sample in answer["samples"]]

@@ -15,10 +15,12 @@ import re
 from collections.abc import Mapping, Sequence
 from statistics import fmean
 from typing import Any
+from uuid import UUID
 
 import httpx
 from prefect import get_client
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import MarkdownArtifact, TableArtifact, create_markdown_artifact, create_table_artifact
+from prefect.client.schemas.actions import ArtifactCreate
 from prefect.events import emit_event
 from prefect.exceptions import PrefectException
 from prefect.runtime import flow_run
@@ -116,12 +118,19 @@ def summary_markdown(leaf_name: str, rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def publish_artifacts(leaf_name: str, rows: Sequence[dict[str, Any]]) -> None:
-    """Update the leaf's history table and summary artifacts (a new version of each)."""
-    create_table_artifact(table=history_table(rows), key=artifact_key("history", leaf_name),
-                          description=f"BranchKey round history of {leaf_name}")
-    create_markdown_artifact(markdown=summary_markdown(leaf_name, rows), key=artifact_key("summary", leaf_name),
-                             description=f"Latest federated round of {leaf_name}")
+def publish_artifacts(leaf_name: str, rows: Sequence[dict[str, Any]], flow_run_id: str | None = None) -> None:
+    """Update the leaf's history table and summary artifacts (a new version of each), attached to
+    `flow_run_id` (default: the current flow run)."""
+    with get_client(sync_client=True) as client:
+        for artifact in (
+            TableArtifact(table=history_table(rows), key=artifact_key("history", leaf_name),
+                          description=f"BranchKey round history of {leaf_name}"),
+            MarkdownArtifact(markdown=summary_markdown(leaf_name, rows), key=artifact_key("summary", leaf_name),
+                             description=f"Latest federated round of {leaf_name}"),
+        ):
+            client.create_artifact(ArtifactCreate(
+                type=artifact.type, key=artifact.key, description=artifact.description,
+                flow_run_id=flow_run_id or flow_run.get_id(), data=artifact.format(_sync=True)))
 
 
 def federation_table(histories: Mapping[str, Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -190,8 +199,10 @@ def publish_federation_artifacts(name: str, histories: Mapping[str, Sequence[dic
                              description=f"BranchKey federation {name}: latest round and trend")
 
 
-def emit_round_event(record: RoundRecord, *, failed: bool = False, error: str | None = None) -> None:
-    """`branchkey.round.completed` or `.failed`, about the leaf, related to its branch."""
+def emit_round_event(record: RoundRecord, *, failed: bool = False, error: str | None = None,
+                     event_id: UUID | None = None) -> None:
+    """`branchkey.round.completed` or `.failed`, about the leaf, related to its branch (with
+    `event_id`, when given: Prefect keeps one event per id)."""
     payload: dict[str, Any] = {
         "run_number": record.run_number, "round": record.round, "status": record.status,
         "aggregation_id": record.aggregation_id, "file_id": record.file_id,
@@ -206,4 +217,5 @@ def emit_round_event(record: RoundRecord, *, failed: bool = False, error: str | 
                   "prefect.resource.name": record.leaf_name, "branchkey.branch-id": record.branch_id},
         related=[{"prefect.resource.id": f"branchkey.branch.{record.branch_id}", "prefect.resource.role": "branch"}],
         payload=payload,
+        id=event_id,
     )

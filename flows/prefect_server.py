@@ -21,6 +21,9 @@ from .prefect_database import POSTGRES, SQLITE, EmbeddedPostgres, check_database
 # `prefect server start` takes 8 s (PostgreSQL) to 25 s (SQLite) to answer here; room for a loaded machine.
 STARTUP_TIMEOUT_S = 120
 URL_SETTINGS = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
+# Our servers run without CSRF protection (Prefect's default), so clients need not ask each new
+# connection for a token: that request answered 422 once per client, a few times per round.
+CLIENT_SETTINGS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "false"}
 
 
 def default_database() -> str:
@@ -64,8 +67,8 @@ class LocalPrefectServer:
 
     def client_env(self) -> dict[str, str]:
         """The environment for a process that talks to this server (a worker, `prefect deploy`)."""
-        env = {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.api_url,
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **self.settings}
+        env = {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.api_url, **CLIENT_SETTINGS,
+               **self.settings}
         for name in URL_SETTINGS:
             env.pop(name, None)
         return env

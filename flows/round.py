@@ -22,23 +22,23 @@ from bk_blocks import BranchKeyCredentials, RunNotStartedError, RunStoppedError
 from bk_blocks.archive import read_aggregate, write_update
 from tasks import (
     close_shared_client,
+    current_run,
     download_aggregate,
     has_shared_client,
     resolve_credentials,
-    send_metrics,
+    send_round_metrics,
     shared_client,
     upload_weights,
     wait_for_aggregation,
     wait_for_run,
 )
 
-from .history import RoundRecord, append_record, history_rows, utc_from_timestamp
-from .observability import emit_round_event, label_flow_run, publish_artifacts, run_tags
+from .history import RoundRecord, append_record, utc_from_timestamp
+from .observability import emit_round_event, label_flow_run, run_tags
 from .participant import Participant, check_result, participant_for
+from .publication import Publication, publishing
 from .state import LeafBusyError, LeafState, hold_work_dir, load_state, resolve_work_dir, save_state
 
-# Rounds shown in the history artifact: the latest ones (the Parquet history keeps them all).
-ARTIFACT_ROWS = 50
 # Notification marks taken before each round's upload, in this process: (leaf, run, round) -> mark.
 _marks: dict[tuple[str, int, int], int] = {}
 
@@ -70,12 +70,20 @@ def run_round(
     work_dir: Path,
     timeouts: Timeouts = Timeouts(),
 ) -> RoundResult:
-    """Run (or resume) the leaf's current round; state is saved after every step."""
+    """Run (or resume) the leaf's current round; state is saved after every step. The round's
+    artifacts and event are published in the background (by the enclosing training run's
+    publication, else by one that this call closes, everything published, at its end)."""
     work_dir = Path(work_dir)
+    with publishing(credentials.leaf_name, work_dir) as publication:
+        return _run_round(credentials, participant, work_dir, timeouts, publication)
+
+
+def _run_round(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path, timeouts: Timeouts,
+               publication: Publication) -> RoundResult:
     state = load_state(work_dir, credentials.leaf_id)
     resumed = state.phase != "idle"
     if not resumed:
-        details = wait_for_run(credentials, state.round, timeouts.run_poll_s, timeouts.run_s)
+        details = current_run(credentials, state.round, timeouts.run_poll_s, timeouts.run_s)
         if details.run_status == "stop":
             return RoundResult("stopped", details.run_number, state.round)
         state.start_round(details.run_number)
@@ -85,7 +93,7 @@ def run_round(
             return RoundResult("declined", state.run_number, state.round)
         _train(credentials, participant, work_dir, state)
     try:
-        return _finish(credentials, participant, work_dir, state, timeouts, resumed)
+        return _finish(credentials, participant, work_dir, state, timeouts, resumed, publication)
     except RunStoppedError:
         state.clear_round()
         save_state(work_dir, state)
@@ -96,14 +104,14 @@ def run_round(
 
 
 def _finish(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path, state: LeafState,
-            timeouts: Timeouts, resumed: bool) -> RoundResult:
+            timeouts: Timeouts, resumed: bool, publication: Publication) -> RoundResult:
     if state.phase == "trained":
         _upload(credentials, work_dir, state, timeouts, mark=not resumed)
     if state.phase == "uploaded":
         _await_aggregation(credentials, work_dir, state, timeouts)
     if state.phase == "aggregated":
         _download(credentials, work_dir, state)
-    return _evaluate_and_record(credentials, participant, work_dir, state)
+    return _evaluate_and_record(credentials, participant, work_dir, state, publication)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -183,27 +191,24 @@ def _download(credentials: BranchKeyCredentials, work_dir: Path, state: LeafStat
 
 
 def _evaluate_and_record(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
-                         state: LeafState) -> RoundResult:
+                         state: LeafState, publication: Publication) -> RoundResult:
     if not state.metrics_sent:
         started = time.perf_counter()
         state.eval_metrics = participant.evaluate(read_aggregate(state.global_model or ""), state.round)
         _timed(state, "evaluate_s", started)
-        aggregation_id = state.aggregation_id or ""
-        if state.train_metrics:
-            send_metrics(credentials, aggregation_id, state.train_metrics, state.round, mode="train")
-        if state.eval_metrics:
-            send_metrics(credentials, aggregation_id, state.eval_metrics, state.round, mode="test")
+        if state.train_metrics or state.eval_metrics:
+            send_round_metrics(credentials, state.aggregation_id or "", state.train_metrics, state.eval_metrics,
+                               state.round)
         state.metrics_sent = True
         save_state(work_dir, state)
     eval_metrics = dict(state.eval_metrics)
     record = _record(credentials, state, "completed", eval_metrics)
     append_record(work_dir, record)
-    publish_artifacts(credentials.leaf_name, history_rows(work_dir, last=ARTIFACT_ROWS))
-    emit_round_event(record)
     result = RoundResult("completed", state.run_number, state.round, record, state.global_model, eval_metrics)
     state.round += 1
     state.clear_round()
     save_state(work_dir, state)
+    publication.notify()
     return result
 
 

@@ -12,15 +12,15 @@ from typing import Any
 
 from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import State
 
 from bk_blocks import BranchKeyCredentials
 from tasks import close_shared_client, resolve_credentials, shared_client
 
 from .observability import label_flow_run, run_tags
-from .participant import participant_for
-from .round import RoundResult, cancelled_as_busy, federated_round, round_name
+from .participant import Participant, participant_for
+from .publication import publishing
+from .round import RoundResult, Timeouts, cancelled_as_busy, run_round
 from .state import LeafBusyError, hold_work_dir, load_state, resolve_work_dir
 
 
@@ -46,53 +46,49 @@ def federated_training(
     rounds_per_run: int | None = None,
     run_poll_s: float = 10,
 ) -> list[RoundResult] | State:
-    """Run this leaf's rounds, each a `federated-round` subflow run, until one of:
-    round `rounds` is done (counted in the work dir across flow runs; None: no limit),
-    `rounds_per_run` rounds completed in this flow run (a nightly retraining), the
-    evaluation metric `target_metric` reached `target_value` (higher is better), or
-    the platform stopped the run. Ends Cancelled if another run of the leaf holds the work dir.
+    """Run this leaf's rounds until one of: round `rounds` is done (counted in the work dir
+    across flow runs; None: no limit), `rounds_per_run` rounds completed in this flow run (a
+    nightly retraining), the evaluation metric `target_metric` reached `target_value` (higher
+    is better), or the platform stopped the run. Ends Cancelled if another run of the leaf
+    holds the work dir.
+
+    The rounds run in this flow run, their steps as tasks named by round
+    (`upload-round-3`): a subflow run per round cost the Prefect server a dozen API calls
+    and the leaf about a second between rounds. A deployment that runs one round per flow
+    run uses `federated-round`.
     """
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
-    participant_for(block.leaf_id, participant, participant_options)
+    model = participant_for(block.leaf_id, participant, participant_options)
     label_flow_run(f"{block.leaf_name}-training", run_tags(block))
-    round_options = {"participant": participant, "work_dir": str(directory), "participant_options": participant_options,
-                     "aggregation_timeout_s": aggregation_timeout_s, "run_timeout_s": run_timeout_s}
+    timeouts = Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s, run_poll_s=run_poll_s)
     try:
-        with hold_work_dir(directory):
+        with hold_work_dir(directory), publishing(block.leaf_name, directory), tags(*run_tags(block)):
             shared_client(block)
             try:
-                return _train(block, directory, round_options, rounds, rounds_per_run, target_metric, target_value,
-                              run_poll_s)
+                return _train(block, model, directory, timeouts, rounds, rounds_per_run, target_metric, target_value)
             finally:
                 close_shared_client(block)
     except LeafBusyError as exc:
         return cancelled_as_busy(exc)
 
 
-def _train(block: BranchKeyCredentials, directory: Path, round_options: dict[str, Any], rounds: int | None,
-           rounds_per_run: int | None, target_metric: str | None, target_value: float | None,
-           run_poll_s: float) -> list[RoundResult]:
-    """The training loop: one `federated-round` subflow per round, with a progress artifact.
-
-    The round subflows run without heartbeats of their own: this run's heartbeat already
-    tells the server the process is alive, and Prefect joins a run's heartbeat thread at its
-    end in 1 s steps, which cost every round about a second.
-    """
+def _train(block: BranchKeyCredentials, model: Participant, directory: Path, timeouts: Timeouts, rounds: int | None,
+           rounds_per_run: int | None, target_metric: str | None, target_value: float | None) -> list[RoundResult]:
+    """The training loop: one round after another, with a progress artifact."""
     logger = get_run_logger()
     results: list[RoundResult] = []
     first = load_state(directory, block.leaf_id).round
     goal = _goal(first, rounds, rounds_per_run)
     progress = create_progress_artifact(progress=0.0, description=f"{block.leaf_name}: rounds {first}..{goal}")
-    while _more_rounds(next_round := load_state(directory, block.leaf_id).round, rounds, results, rounds_per_run):
-        with tags(*run_tags(block)), temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            result = federated_round.with_options(flow_run_name=round_name(block, next_round))(block, **round_options)
+    while _more_rounds(load_state(directory, block.leaf_id).round, rounds, results, rounds_per_run):
+        result = run_round(block, model, directory, timeouts)
         results.append(result)
         if result.status == "stopped":
             logger.info("the platform stopped the run; ending at round %d", result.round)
             break
         if result.status == "declined":
-            time.sleep(run_poll_s)
+            time.sleep(timeouts.run_poll_s)
             continue
         done = sum(r.status == "completed" for r in results)
         update_progress_artifact(progress, progress=100.0 * done / max(1, goal - first + 1))

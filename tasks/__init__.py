@@ -9,20 +9,22 @@ from .clients import (
     shared_client,
 )
 from .download import download_aggregate
-from .metrics import send_metrics
+from .metrics import send_metrics, send_round_metrics
 from .retries import retry_only_transient
-from .run import wait_for_run
+from .run import current_run, wait_for_run
 from .upload import UploadReceipt, upload_weights
 
 __all__ = [
     "UploadReceipt",
     "close_shared_client",
+    "current_run",
     "close_shared_clients",
     "download_aggregate",
     "has_shared_client",
     "resolve_credentials",
     "retry_only_transient",
     "send_metrics",
+    "send_round_metrics",
     "shared_client",
     "upload_weights",
     "wait_for_aggregation",

@@ -1,4 +1,5 @@
-"""The wait-for-run task: block while the branch's run is paused, end cleanly when it stops."""
+"""The run check before a round: at once when the run is started (or stopped), through the
+wait-for-run task (retried, visible in the UI) while it is paused or the platform does not answer."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from bk_blocks import (
     BranchKeyCredentials,
     RunDetails,
     RunNotStartedError,
+    TransientError,
 )
 
 from .clients import shared_client
@@ -52,3 +54,19 @@ def _sleep_until_status_changes(client: BranchKeyClient, status: str, seconds: f
     end = time.monotonic() + max(seconds, 0)
     while time.monotonic() < end and client.run_status == status:
         time.sleep(0.2)
+
+
+def current_run(credentials: BranchKeyCredentials | str, round_number: int, poll_interval_s: float,
+                timeout_s: float) -> RunDetails:
+    """The run, once started or stopped. A started run (every round but the first of a run) is
+    one request and no task run: a task run would cost the Prefect server three state events
+    and show only "run is started". Otherwise the `wait_for_run` task waits, with its retries."""
+    client = shared_client(credentials)
+    try:
+        client.listen()
+        details = client.run_details()
+        if details.run_status in ("start", "stop"):
+            return details
+    except TransientError:
+        pass
+    return wait_for_run(credentials, round_number, poll_interval_s, timeout_s)

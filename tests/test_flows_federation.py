@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,13 +122,25 @@ def test_federation_summary_embeds_a_chart_the_ui_renders(simulated: tuple[BkSer
     assert "](data:image/svg+xml;base64," in summary, "an image as a data URI (inline <svg> is stripped)"
 
 
-def test_round_runs_are_named_by_leaf_and_round_and_tagged_by_leaf_and_branch(
+def test_training_run_is_named_by_leaf_and_its_round_steps_by_round(
         simulated: tuple[BkServer, Path, dict], prefect_api: str) -> None:
     _, _, results = simulated
     record = next(iter(results.values()))[0].record
     runs = httpx.post(f"{prefect_api}/flow_runs/filter", timeout=30, json={
         "flow_runs": {"tags": {"all_": [f"leaf:{record.leaf_name}", f"branch:{record.branch_id}"]}}, "limit": 50,
     }).json()
-    names = {run["name"] for run in runs}
-    assert {f"{record.leaf_name}-round-{n}" for n in range(1, ROUNDS + 1)} <= names
-    assert f"{record.leaf_name}-training" in names
+    assert [run["name"] for run in runs] == [f"{record.leaf_name}-training"]
+    expected = {f"{step}-round-{n}" for n in range(1, ROUNDS + 1)
+                for step in ("upload", "wait-for-aggregation", "download", "send-metrics")}
+    deadline = time.monotonic() + 30
+    while True:
+        # Task runs reach the server as events, which it records a moment later.
+        tasks = httpx.post(f"{prefect_api}/task_runs/filter", timeout=30, json={
+            "task_runs": {"flow_run_id": {"any_": [runs[0]["id"]]}}, "limit": 200,
+        }).json()
+        names = {task["name"] for task in tasks}
+        if expected <= names or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert expected <= names
+    assert all(f"leaf:{record.leaf_name}" in task["tags"] for task in tasks)
