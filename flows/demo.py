@@ -33,7 +33,8 @@ from bk_server.process import LocalServer, broker_available, spawn, stop_group
 
 from .history import history_rows
 from .observability import artifact_key, federation_table, primary_metric, sparkline
-from .prefect_server import LocalPrefectServer
+from .prefect_database import PrefectDatabaseError
+from .prefect_server import LocalPrefectServer, default_database, describe_database
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 REFRESH_S = 0.5
@@ -160,6 +161,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--transport", choices=("websocket", "amqp"), default=os.environ.get("BK_DEMO_TRANSPORT"),
                         help="notifications; default: $BK_DEMO_TRANSPORT, else websocket")
+    parser.add_argument("--prefect-db", default=default_database(), metavar="postgres|sqlite|URL",
+                        help="the Prefect server's database: postgres (an embedded PostgreSQL in the run's directory, "
+                             "the default), sqlite, or a database URL (default: $PREFECT_API_DATABASE_CONNECTION_URL "
+                             "if set, else postgres)")
     parser.add_argument("--no-keep", dest="keep", action="store_false", help="stop the servers at the end")
     return parser.parse_args(argv)
 
@@ -173,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if note:
         console.print(f"[yellow]{note}[/yellow]")
     run_dir = new_run_dir(args.dir)
-    prefect = LocalPrefectServer(run_dir / "prefect")
+    prefect = LocalPrefectServer(run_dir / "prefect", database=args.prefect_db)
     platform = LocalServer(run_dir / "platform" / "data", amqp_url=AMQP_URL if transport == "amqp" else None)
     simulation: subprocess.Popen[bytes] | None = None
     started = time.monotonic()
@@ -184,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [leaf["name"] for leaf in federation["leaves"]]
         write_credentials(run_dir / "credentials", federation["leaves"])
         console.print(f"Demo in {run_dir}: bk-server on {platform.url} ({transport} notifications), "
-                      f"{args.leaves} leaves; starting the Prefect server on {prefect.url} ...")
+                      f"{args.leaves} leaves; Prefect server on {prefect.url} "
+                      f"({describe_database(args.prefect_db)}) starting ...")
         prefect.wait_ready()
         console.print(f"Prefect server up after {time.monotonic() - started:.0f} s; "
                       f"{args.rounds} rounds of federated digits:")
@@ -209,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("Stopping the demo ...")
         return 130
+    except PrefectDatabaseError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

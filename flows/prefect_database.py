@@ -14,6 +14,7 @@ such as Debian's `postgresql` on a central server) into Prefect's connection URL
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import pwd
 import shutil
@@ -179,14 +180,16 @@ class EmbeddedPostgres:
         lock.unlink()
 
     def _make_socket_dir(self) -> None:
-        """Beside the data directory, or in /tmp when that path is too long for a Unix socket
-        (108 bytes at most)."""
+        """Beside the data directory, or, when that path is too long for a Unix socket (108 bytes
+        at most), in /tmp under a name derived from the data directory: the same on every start,
+        so the connection URL a Prefect server holds stays valid across a restart."""
         beside = self.data_dir.parent / "socket"
         if len(str(beside / ".s.PGSQL.5432").encode()) < 100:
-            beside.mkdir(exist_ok=True)
             self.socket_dir = beside
         else:
-            self.socket_dir = Path(tempfile.mkdtemp(prefix="bk-pg-"))
+            digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
+            self.socket_dir = Path(tempfile.gettempdir()) / f"bk-pg-{digest}"
+        self.socket_dir.mkdir(mode=0o700, exist_ok=True)
         self._chown(self.socket_dir)
 
     def _launch(self) -> None:
