@@ -49,7 +49,7 @@ def run_tags(credentials: BranchKeyCredentials) -> list[str]:
 def label_flow_run(name: str, tags: Sequence[str]) -> None:
     """Rename the current flow run and add tags (a deployment's runs start with generated names).
 
-    Nothing is sent when the run already has both (a subflow created with them). Only the
+    Nothing is sent when the run already has both (a run created with them). Only the
     UI's labels depend on it, so an API failure (after the client's own retries) is
     logged, never raised: a round must not fail over its name.
     """

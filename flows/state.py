@@ -136,7 +136,7 @@ def hold_work_dir(work_dir: Path) -> Iterator[None]:
 
     An exclusive `flock` on `work_dir/.lock`: another process (another worker's run, a
     manual run) or another thread of this one fails at once with LeafBusyError naming the
-    holder; nested holds in one thread (a training run and its round subflows) are allowed.
+    holder; nested holds in one thread (a flow run and a nested one) are allowed.
     """
     key = Path(work_dir).absolute()
     thread = threading.get_ident()

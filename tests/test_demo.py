@@ -99,6 +99,15 @@ def test_demo_accuracy_rises_across_rounds(finished_demo: tuple[Demo, str]) -> N
     assert len(means) == ROUNDS and means[-1] > means[0], means
 
 
+def test_demo_runs_its_prefect_server_on_postgresql_without_lock_errors(finished_demo: tuple[Demo, str]) -> None:
+    demo, _ = finished_demo
+    run_dir = Path(next(m.group(1) for line in demo.lines if (m := re.search(r"^Demo in (\S+):", line))))
+    assert any("(embedded PostgreSQL)" in line for line in demo.lines)
+    assert (run_dir / "prefect" / "postgres" / "data" / "PG_VERSION").exists()
+    assert not (run_dir / "prefect" / "prefect.db").exists()
+    assert "database is locked" not in (run_dir / "prefect" / "server.log").read_text()
+
+
 @pytest.mark.browser
 def test_dashboard_renders_the_federation_history_rows(finished_demo: tuple[Demo, str], chromium: str,
                                                       tmp_path: Path) -> None:
@@ -139,6 +148,8 @@ def test_ctrl_c_in_the_middle_of_a_round_leaves_nothing_running(demo_dir: Path) 
     demo = Demo(demo_dir, "--rounds", "20")
     try:
         demo.read_until(r"round 1 of 20 done by every leaf")
+        assert any(b"pginstall/bin/postgres" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                   for pid in processes_with(demo.marker)), "the demo's PostgreSQL runs (and must stop)"
         assert "Stopping the demo" in demo.interrupt()
         assert left_running(demo.marker) == []
     finally:
