@@ -61,18 +61,18 @@ def _mark_published(work_dir: Path, run_number: int, round_number: int) -> None:
 
 
 def publish_pending(leaf_name: str, work_dir: Path) -> int:
-    """Send the events of the completed rounds not yet published and, if there were any, the
-    leaf's artifacts; mark them published. Returns how many rounds were published."""
+    """Publish each completed round not yet published, in order: a new version of the leaf's
+    artifacts as of that round (one version per round, as the UI's history shows them) and its
+    event; mark each published. Returns how many rounds were published."""
     rows = history_rows(work_dir, last=ARTIFACT_ROWS)
     done = published_through(work_dir)
-    pending = [r for r in rows if r["status"] == "completed" and (r["run_number"], r["round"]) > done]
-    if not pending:
-        return 0
-    publish_artifacts(leaf_name, rows, flow_run_id=pending[-1]["flow_run_id"])
-    for row in pending:
+    pending = [i for i, r in enumerate(rows) if r["status"] == "completed" and (r["run_number"], r["round"]) > done]
+    for index in pending:
+        row = rows[index]
+        publish_artifacts(leaf_name, rows[:index + 1], flow_run_id=row["flow_run_id"])
         record = RoundRecord(**row)
         emit_round_event(record, event_id=round_event_id(record.leaf_id, record.run_number, record.round))
-    _mark_published(work_dir, pending[-1]["run_number"], pending[-1]["round"])
+        _mark_published(work_dir, row["run_number"], row["round"])
     return len(pending)
 
 
