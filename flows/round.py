@@ -36,7 +36,7 @@ from tasks import (
 from .history import RoundRecord, append_record, utc_from_timestamp
 from .observability import emit_round_event, label_flow_run, run_tags
 from .participant import Participant, check_result, participant_for
-from .publication import Publication, publishing
+from .publication import publishing
 from .state import LeafBusyError, LeafState, hold_work_dir, load_state, resolve_work_dir, save_state
 
 # Notification marks taken before each round's upload, in this process: (leaf, run, round) -> mark.
@@ -75,11 +75,14 @@ def run_round(
     publication, else by one that this call closes, everything published, at its end)."""
     work_dir = Path(work_dir)
     with publishing(credentials.leaf_name, work_dir) as publication:
-        return _run_round(credentials, participant, work_dir, timeouts, publication)
+        result = _run_round(credentials, participant, work_dir, timeouts)
+        if result.status == "completed":
+            publication.notify()
+        return result
 
 
-def _run_round(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path, timeouts: Timeouts,
-               publication: Publication) -> RoundResult:
+def _run_round(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
+               timeouts: Timeouts) -> RoundResult:
     state = load_state(work_dir, credentials.leaf_id)
     resumed = state.phase != "idle"
     if not resumed:
@@ -93,7 +96,7 @@ def _run_round(credentials: BranchKeyCredentials, participant: Participant, work
             return RoundResult("declined", state.run_number, state.round)
         _train(credentials, participant, work_dir, state)
     try:
-        return _finish(credentials, participant, work_dir, state, timeouts, resumed, publication)
+        return _finish(credentials, participant, work_dir, state, timeouts, resumed)
     except RunStoppedError:
         state.clear_round()
         save_state(work_dir, state)
@@ -104,14 +107,14 @@ def _run_round(credentials: BranchKeyCredentials, participant: Participant, work
 
 
 def _finish(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path, state: LeafState,
-            timeouts: Timeouts, resumed: bool, publication: Publication) -> RoundResult:
+            timeouts: Timeouts, resumed: bool) -> RoundResult:
     if state.phase == "trained":
         _upload(credentials, work_dir, state, timeouts, mark=not resumed)
     if state.phase == "uploaded":
         _await_aggregation(credentials, work_dir, state, timeouts)
     if state.phase == "aggregated":
         _download(credentials, work_dir, state)
-    return _evaluate_and_record(credentials, participant, work_dir, state, publication)
+    return _evaluate_and_record(credentials, participant, work_dir, state)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -191,7 +194,7 @@ def _download(credentials: BranchKeyCredentials, work_dir: Path, state: LeafStat
 
 
 def _evaluate_and_record(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
-                         state: LeafState, publication: Publication) -> RoundResult:
+                         state: LeafState) -> RoundResult:
     if not state.metrics_sent:
         started = time.perf_counter()
         state.eval_metrics = participant.evaluate(read_aggregate(state.global_model or ""), state.round)
@@ -208,7 +211,6 @@ def _evaluate_and_record(credentials: BranchKeyCredentials, participant: Partici
     state.round += 1
     state.clear_round()
     save_state(work_dir, state)
-    publication.notify()
     return result
 
 

@@ -42,3 +42,17 @@ def test_orchestration_benchmark_measures_every_transport(tmp_path: Path, rabbit
     report = _bench("orchestration.py", tmp_path)
     assert {row["transport"] for row in report["rows"]} == {"websocket", "amqp"}
     assert all(row["overhead_p50"] >= 0 and row["samples"] > 0 for row in report["rows"])
+
+
+@pytest.mark.e2e
+def test_deployed_round_benchmark_breaks_each_run_into_its_phases(tmp_path: Path) -> None:
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    result = subprocess.run([sys.executable, "bench/deployed_round.py", "--rounds", "2", "--json",
+                             "--workdir", str(tmp_path)], cwd=PROJECT, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples: list[dict[str, Any]] = json.loads(result.stdout)
+    assert len(samples) == 3, "one measured run per leaf"
+    for sample in samples:
+        parts = sample["queued"] + sample["launch"] + sample["start"] + sample["tasks"] + sample["finish"]
+        assert parts == pytest.approx(sample["total"], abs=1e-6) and min(sample.values()) >= 0, sample
