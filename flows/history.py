@@ -82,12 +82,25 @@ def append_record(work_dir: Path, record: RoundRecord) -> Path:
     return path
 
 
+def history_files(work_dir: Path) -> list[Path]:
+    """The work dir's history files, one per round, in (run, round) order."""
+    directory = history_dir(work_dir)
+    return sorted(directory.glob("*.parquet")) if directory.exists() else []
+
+
+def file_round(path: Path) -> tuple[int, int]:
+    """The (run, round) a history file records, from its name."""
+    parts = path.name.split("-")
+    return int(parts[1]), int(parts[3])
+
+
 def read_history(work_dir: Path, last: int | None = None) -> pa.Table:
     """The recorded rounds of the work dir (the `last` ones, or all), by run and round."""
-    directory = history_dir(work_dir)
-    files = sorted(directory.glob("*.parquet")) if directory.exists() else []
-    if last is not None:
-        files = files[-last:]
+    files = history_files(work_dir)
+    return _read_files(files[-last:] if last is not None else files)
+
+
+def _read_files(files: list[Path]) -> pa.Table:
     if not files:
         return SCHEMA.empty_table()
     table = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet").to_table()
@@ -96,7 +109,13 @@ def read_history(work_dir: Path, last: int | None = None) -> pa.Table:
 
 def history_rows(work_dir: Path, last: int | None = None) -> list[dict[str, Any]]:
     """The history (the `last` rounds, or all) as plain dicts, metrics as dicts."""
-    rows = read_history(work_dir, last).to_pylist()
+    files = history_files(work_dir)
+    return rows_of(files[-last:] if last is not None else files)
+
+
+def rows_of(files: list[Path]) -> list[dict[str, Any]]:
+    """These history files' rows as plain dicts, metrics as dicts."""
+    rows = _read_files(files).to_pylist()
     for row in rows:
         row["train_metrics"] = dict(row["train_metrics"] or [])
         row["eval_metrics"] = dict(row["eval_metrics"] or [])

@@ -14,6 +14,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from statistics import fmean
+from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
 
@@ -21,7 +22,7 @@ import httpx
 from prefect import get_client
 from prefect.artifacts import MarkdownArtifact, TableArtifact, create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.actions import ArtifactCreate
-from prefect.events import emit_event
+from prefect.events import Event, emit_event
 from prefect.exceptions import PrefectException
 from prefect.runtime import flow_run
 
@@ -41,9 +42,14 @@ def artifact_key(kind: str, name: str) -> str:
     return f"branchkey-{kind}-{slug}"
 
 
+def leaf_tags(leaf_name: str, branch_id: str) -> list[str]:
+    """The tags of a leaf's runs and events: by leaf and by branch, so the UI's filters find them."""
+    return ["branchkey", f"leaf:{leaf_name}", f"branch:{branch_id}"]
+
+
 def run_tags(credentials: BranchKeyCredentials) -> list[str]:
-    """The tags of a leaf's flow runs: by leaf and by branch, so the UI's filters find them."""
-    return ["branchkey", f"leaf:{credentials.leaf_name}", f"branch:{credentials.branch_id}"]
+    """The tags of a leaf's flow runs."""
+    return leaf_tags(credentials.leaf_name, credentials.branch_id)
 
 
 def label_flow_run(name: str, tags: Sequence[str]) -> None:
@@ -199,10 +205,10 @@ def publish_federation_artifacts(name: str, histories: Mapping[str, Sequence[dic
                              description=f"BranchKey federation {name}: latest round and trend")
 
 
-def emit_round_event(record: RoundRecord, *, failed: bool = False, error: str | None = None,
-                     event_id: UUID | None = None) -> None:
-    """`branchkey.round.completed` or `.failed`, about the leaf, related to its branch (with
-    `event_id`, when given: Prefect keeps one event per id)."""
+def round_event(record: RoundRecord, *, failed: bool = False, error: str | None = None,
+                event_id: UUID | None = None) -> Event:
+    """`branchkey.round.completed` or `.failed`, about the leaf, related to its branch, the flow run
+    that recorded it and its tags; `event_id` given, Prefect keeps one event of that id."""
     payload: dict[str, Any] = {
         "run_number": record.run_number, "round": record.round, "status": record.status,
         "aggregation_id": record.aggregation_id, "file_id": record.file_id,
@@ -211,11 +217,24 @@ def emit_round_event(record: RoundRecord, *, failed: bool = False, error: str | 
     }
     if error is not None:
         payload["error"] = error
-    emit_event(
+    related = [{"prefect.resource.id": f"branchkey.branch.{record.branch_id}", "prefect.resource.role": "branch"}]
+    if record.flow_run_id:
+        related.append({"prefect.resource.id": f"prefect.flow-run.{record.flow_run_id}",
+                        "prefect.resource.role": "flow-run"})
+    related += [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
+                for tag in leaf_tags(record.leaf_name, record.branch_id)]
+    return Event(
         event="branchkey.round.failed" if failed else "branchkey.round.completed",
         resource={"prefect.resource.id": f"branchkey.leaf.{record.leaf_id}",
                   "prefect.resource.name": record.leaf_name, "branchkey.branch-id": record.branch_id},
-        related=[{"prefect.resource.id": f"branchkey.branch.{record.branch_id}", "prefect.resource.role": "branch"}],
-        payload=payload,
-        id=event_id,
+        related=related, payload=payload, occurred=record.finished_at or datetime.now(timezone.utc),
+        **({"id": event_id} if event_id is not None else {}),
     )
+
+
+def emit_round_event(record: RoundRecord, *, failed: bool = False, error: str | None = None) -> None:
+    """Send the round's event through Prefect's background events worker (a failed round: it must
+    not wait on the API)."""
+    event = round_event(record, failed=failed, error=error)
+    emit_event(event=event.event, resource=dict(event.resource), related=[dict(r) for r in event.related],
+               payload=event.payload, occurred=event.occurred, id=event.id)

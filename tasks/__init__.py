@@ -9,7 +9,7 @@ from .clients import (
     shared_client,
 )
 from .download import download_aggregate
-from .metrics import send_metrics, send_round_metrics
+from .metrics import send_metrics
 from .retries import retry_only_transient
 from .run import current_run, wait_for_run
 from .upload import UploadReceipt, upload_weights
@@ -24,7 +24,6 @@ __all__ = [
     "resolve_credentials",
     "retry_only_transient",
     "send_metrics",
-    "send_round_metrics",
     "shared_client",
     "upload_weights",
     "wait_for_aggregation",

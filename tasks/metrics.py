@@ -1,4 +1,4 @@
-"""The metrics tasks: a round's train or test metrics to the platform, or both in one task run."""
+"""The metrics task: a round's train or test metrics to the platform."""
 
 from __future__ import annotations
 
@@ -26,19 +26,3 @@ def send_metrics(
     """Report metrics for the round's aggregation (`test`, `train` or `non-federated`)."""
     shared_client(credentials, get_run_logger()).send_metrics(aggregation_id, metrics, mode)
 
-
-@task(name="send_round_metrics", task_run_name="send-metrics-round-{round_number}", cache_policy=NO_CACHE,
-      **RETRY_OPTIONS)
-def send_round_metrics(
-    credentials: BranchKeyCredentials | str,
-    aggregation_id: str,
-    train: dict[str, Any],
-    test: dict[str, Any],
-    round_number: int,
-) -> None:
-    """Report a round's train and test metrics (each only when not empty): one task run, not two,
-    since every task run costs the Prefect server three state events."""
-    client = shared_client(credentials, get_run_logger())
-    for mode, metrics in (("train", train), ("test", test)):
-        if metrics:
-            client.send_metrics(aggregation_id, metrics, mode)

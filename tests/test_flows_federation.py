@@ -131,7 +131,7 @@ def test_training_run_is_named_by_leaf_and_its_round_steps_by_round(
     }).json()
     assert [run["name"] for run in runs] == [f"{record.leaf_name}-training"]
     expected = {f"{step}-round-{n}" for n in range(1, ROUNDS + 1)
-                for step in ("upload", "wait-for-aggregation", "download", "send-metrics")}
+                for step in ("upload", "wait-for-aggregation", "download", "send-test-metrics")}
     deadline = time.monotonic() + 30
     while True:
         # Task runs reach the server as events, which it records a moment later.

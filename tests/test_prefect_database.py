@@ -171,15 +171,18 @@ def test_database_killed_mid_round_loses_no_update_and_counts_none_twice(
     with LocalPrefectServer(tmp_path / "prefect", database="postgres") as prefect, \
             credentials_for(server, other, "amqp").get_client() as other_client:
         assert prefect.postgres is not None
-        leaf_runs = LeafRuns(credentials, server.url, work_dir, prefect.client_env())
-        leaf_runs.until_phase(leaf["id"], 1, "uploaded")
-        prefect.postgres.kill()
-        _upload_like_the_leaf(other_client, work_dir, 1)
-        time.sleep(3)
-        prefect.postgres.start()
-        leaf_runs.until_phase(leaf["id"], 2, "uploaded")
-        _upload_like_the_leaf(other_client, work_dir, 2)
-        leaf_runs.until_done()
+        leaf_runs = LeafRuns(credentials, server.url, work_dir, prefect.client_env(), tmp_path / "logs")
+        try:
+            leaf_runs.until_phase(leaf["id"], 1, "uploaded")
+            prefect.postgres.kill()
+            _upload_like_the_leaf(other_client, work_dir, 1)
+            time.sleep(3)
+            prefect.postgres.start()
+            leaf_runs.until_phase(leaf["id"], 2, "uploaded")
+            _upload_like_the_leaf(other_client, work_dir, 2)
+            leaf_runs.until_done()
+        finally:
+            leaf_runs.kill()
     rows = history_rows(work_dir)
     assert [(r["round"], r["status"]) for r in rows] == [(1, "completed"), (2, "completed")]
     rounds = server.status(federation.branch_id)["rounds"]
@@ -189,26 +192,33 @@ def test_database_killed_mid_round_loses_no_update_and_counts_none_twice(
 
 
 class LeafRuns:
-    """A leaf's `federated-training` process (2 rounds, AMQP), started again whenever a run fails."""
+    """A leaf's `federated-training` process (2 rounds, AMQP), started again whenever a run fails;
+    each run's output goes to a file of its own under `logs`."""
 
-    def __init__(self, credentials: Path, host: str, work_dir: Path, env: dict[str, str], reruns: int = 3) -> None:
+    def __init__(self, credentials: Path, host: str, work_dir: Path, env: dict[str, str], logs: Path,
+                 reruns: int = 3) -> None:
         self.command = [sys.executable, "-m", "tests.leaf_process", str(credentials), host, "amqp", str(work_dir), "2"]
-        self.work_dir, self.env, self.reruns = work_dir, env, reruns
-        self.errors: list[str] = []
+        self.work_dir, self.env, self.logs, self.reruns = work_dir, env, logs, reruns
+        self.failures: list[Path] = []
         self.process = self._start()
 
-    def _start(self) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.command, cwd=PROJECT, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    def _start(self) -> subprocess.Popen[bytes]:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.log = self.logs / f"run-{len(self.failures) + 1}.log"
+        with open(self.log, "wb") as out:
+            return subprocess.Popen(self.command, cwd=PROJECT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+
+    def _errors(self) -> str:
+        return "\n---\n".join(path.read_text(errors="replace")[-3000:] for path in self.failures)
 
     def _restart_if_failed(self) -> bool:
-        """Start a new run if the last one ended; False once it ended well."""
+        """Start a new run if the last one failed; False once a run ended well."""
         if self.process.poll() is None:
             return True
         if self.process.returncode == 0:
             return False
-        self.errors.append(self.process.communicate()[1][-3000:])
-        assert len(self.errors) <= self.reruns, "\n---\n".join(self.errors)
+        self.failures.append(self.log)
+        assert len(self.failures) <= self.reruns, self._errors()
         self.process = self._start()
         return True
 
@@ -221,13 +231,18 @@ class LeafRuns:
                     return
             self._restart_if_failed()
             time.sleep(0.05)
-        raise TimeoutError(f"leaf never reached round {round_number} phase {phase}: {self.errors}")
+        raise TimeoutError(f"leaf never reached round {round_number} phase {phase}: {self._errors()}")
 
     def until_done(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while self._restart_if_failed():
-            assert time.monotonic() < deadline, f"leaf not done in {timeout} s: {self.errors}"
+            assert time.monotonic() < deadline, f"leaf not done in {timeout} s: {self._errors()}"
             time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
 
 
 def _upload_like_the_leaf(client: BranchKeyClient, work_dir: Path, round_number: int) -> None:
