@@ -29,8 +29,9 @@ from pathlib import Path
 
 import httpx
 from prefect.events import Event
-from prefect.events.clients import get_events_client
-from prefect.exceptions import PrefectHTTPStatusError
+from prefect.events.clients import EventsClient, get_events_client
+from prefect.exceptions import PrefectException, PrefectHTTPStatusError
+from websockets.exceptions import ConnectionClosed
 
 from bk_blocks.files import atomic_write
 
@@ -69,14 +70,36 @@ def mark_published(work_dir: Path, run_number: int, round_number: int) -> None:
         json.dump({"run_number": run_number, "round": round_number}, handle)
 
 
-def _send_event(event: Event) -> None:
-    """Send one event over a connection of our own and return once it is written to it."""
+class EventSender:
+    """One events connection, kept open across rounds: `send` returns once the event is written
+    to it (Prefect's events client reconnects by itself; a failed send opens a new one next time)."""
 
-    async def send() -> None:
-        async with get_events_client() as client:
-            await client.emit(event)
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client: EventsClient | None = None
 
-    asyncio.run(send())
+    def send(self, event: Event) -> None:
+        try:
+            if self._client is None:
+                client = get_events_client()
+                self._loop.run_until_complete(client.__aenter__())
+                self._client = client
+            self._loop.run_until_complete(self._client.emit(event))
+        except BaseException:
+            self._disconnect()
+            raise
+
+    def _disconnect(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                self._loop.run_until_complete(client.__aexit__(None, None, None))
+            except (OSError, RuntimeError, PrefectException, ConnectionClosed) as exc:
+                logger.debug("closing the events connection: %s", exc)
+
+    def close(self) -> None:
+        self._disconnect()
+        self._loop.close()
 
 
 def _is_permanent(exc: Exception) -> bool:
@@ -95,7 +118,7 @@ def _turn(work_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def publish_pending(leaf_name: str, work_dir: Path) -> int:
+def publish_pending(leaf_name: str, work_dir: Path, events: EventSender) -> int:
     """Publish each completed round not yet published, in order: a new version of the leaf's
     artifacts as of that round (one version per round, as the UI's history shows them) and its
     event, then mark it published. A round the API refuses for good (4xx) is logged and passed
@@ -111,7 +134,7 @@ def publish_pending(leaf_name: str, work_dir: Path) -> int:
             row = rows[-1]
             if row["status"] == "completed":
                 try:
-                    _publish_round(leaf_name, rows)
+                    _publish_round(leaf_name, rows, events)
                 except (PrefectHTTPStatusError, httpx.HTTPStatusError) as exc:
                     if not _is_permanent(exc):
                         raise
@@ -122,11 +145,11 @@ def publish_pending(leaf_name: str, work_dir: Path) -> int:
         return published
 
 
-def _publish_round(leaf_name: str, rows: list[dict[str, object]]) -> None:
+def _publish_round(leaf_name: str, rows: list[dict[str, object]], events: EventSender) -> None:
     row = rows[-1]
     publish_artifacts(leaf_name, rows, flow_run_id=str(row["flow_run_id"]) if row["flow_run_id"] else None)
     record = RoundRecord(**row)  # type: ignore[arg-type]
-    _send_event(round_event(record, event_id=round_event_id(record.leaf_id, record.run_number, record.round)))
+    events.send(round_event(record, event_id=round_event_id(record.leaf_id, record.run_number, record.round)))
 
 
 class Publication:
@@ -171,6 +194,13 @@ class Publication:
         return complete
 
     def _loop(self) -> None:
+        events = EventSender()
+        try:
+            self._publish_when_notified(events)
+        finally:
+            events.close()
+
+    def _publish_when_notified(self, events: EventSender) -> None:
         while True:
             with self._condition:
                 self._condition.wait_for(lambda: self._wanted > self._done or self._closing)
@@ -179,7 +209,7 @@ class Publication:
                 wanted = self._wanted
             failed = False
             try:
-                publish_pending(self.leaf_name, self.work_dir)
+                publish_pending(self.leaf_name, self.work_dir, events)
             except Exception as exc:  # noqa: BLE001 - the thread must outlive any failure; the rounds stay pending
                 failed = True
                 logger.warning("%s: could not publish its rounds to Prefect (they stay pending): %s",
