@@ -96,8 +96,11 @@ def file_round(path: Path) -> tuple[int, int]:
 
 def read_history(work_dir: Path, last: int | None = None) -> pa.Table:
     """The recorded rounds of the work dir (the `last` ones, or all), by run and round."""
-    files = history_files(work_dir)
-    return _read_files(files[-last:] if last is not None else files)
+    return _read_files(_latest(history_files(work_dir), last))
+
+
+def _latest(files: list[Path], last: int | None) -> list[Path]:
+    return files[-last:] if last is not None else files
 
 
 def _read_files(files: list[Path]) -> pa.Table:
@@ -109,8 +112,7 @@ def _read_files(files: list[Path]) -> pa.Table:
 
 def history_rows(work_dir: Path, last: int | None = None) -> list[dict[str, Any]]:
     """The history (the `last` rounds, or all) as plain dicts, metrics as dicts."""
-    files = history_files(work_dir)
-    return rows_of(files[-last:] if last is not None else files)
+    return rows_of(_latest(history_files(work_dir), last))
 
 
 def rows_of(files: list[Path]) -> list[dict[str, Any]]:

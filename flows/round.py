@@ -7,14 +7,12 @@ in its work directory; a rerun continues from the step that did not finish.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, tags
-from prefect.exceptions import MissingContextError
+from prefect import flow, tags
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
@@ -26,6 +24,7 @@ from tasks import (
     download_aggregate,
     has_shared_client,
     resolve_credentials,
+    run_logger,
     send_metrics,
     shared_client,
     upload_weights,
@@ -91,7 +90,7 @@ def _run_round(credentials: BranchKeyCredentials, participant: Participant, work
             return RoundResult("stopped", details.run_number, state.round)
         state.start_round(details.run_number)
         if not participant.participate(state.round):
-            _logger().info("participant declined round %d", state.round)
+            run_logger(__name__).info("participant declined round %d", state.round)
             save_state(work_dir, state)
             return RoundResult("declined", state.run_number, state.round)
         _train(credentials, participant, work_dir, state)
@@ -115,14 +114,6 @@ def _finish(credentials: BranchKeyCredentials, participant: Participant, work_di
     if state.phase == "aggregated":
         _download(credentials, work_dir, state)
     return _evaluate_and_record(credentials, participant, work_dir, state)
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    """The run logger inside a flow run, this module's logger outside one."""
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
 
 
 def _round_key(credentials: BranchKeyCredentials, state: LeafState) -> tuple[str, int, int]:
@@ -279,5 +270,5 @@ def federated_round(
 def cancelled_as_busy(exc: LeafBusyError) -> State:
     """End the run Cancelled, not Failed: another run of this leaf holds its work dir and does
     the leaf's next round, so this one has nothing to do (the CANCEL_NEW collision strategy)."""
-    _logger().warning("%s; cancelling this run", exc)
+    run_logger(__name__).warning("%s; cancelling this run", exc)
     return Cancelled(message=str(exc))

@@ -9,6 +9,7 @@ from .clients import (
     shared_client,
 )
 from .download import download_aggregate
+from .loggers import run_logger
 from .metrics import send_metrics
 from .retries import retry_only_transient
 from .run import current_run, wait_for_run
@@ -17,12 +18,13 @@ from .upload import UploadReceipt, upload_weights
 __all__ = [
     "UploadReceipt",
     "close_shared_client",
-    "current_run",
     "close_shared_clients",
+    "current_run",
     "download_aggregate",
     "has_shared_client",
     "resolve_credentials",
     "retry_only_transient",
+    "run_logger",
     "send_metrics",
     "shared_client",
     "upload_weights",

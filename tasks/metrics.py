@@ -25,4 +25,3 @@ def send_metrics(
 ) -> None:
     """Report metrics for the round's aggregation (`test`, `train` or `non-federated`)."""
     shared_client(credentials, get_run_logger()).send_metrics(aggregation_id, metrics, mode)
-

@@ -3,11 +3,9 @@ wait-for-run task (retried, visible in the UI) while it is paused or the platfor
 
 from __future__ import annotations
 
-import logging
 import time
 
 from prefect import get_run_logger, task
-from prefect.exceptions import MissingContextError
 from prefect.cache_policies import NO_CACHE
 
 from bk_blocks import (
@@ -19,6 +17,7 @@ from bk_blocks import (
 )
 
 from .clients import shared_client
+from .loggers import run_logger
 from .retries import RETRY_OPTIONS
 
 
@@ -51,14 +50,6 @@ def wait_for_run(
         _sleep_until_status_changes(client, details.run_status, min(poll_interval_s, deadline - time.monotonic()))
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    """The run logger inside a flow run, this module's logger outside one."""
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
-
-
 def _sleep_until_status_changes(client: BranchKeyClient, status: str, seconds: float) -> None:
     """Sleep up to `seconds`, waking early when a run_status notice changes the status."""
     end = time.monotonic() + max(seconds, 0)
@@ -72,7 +63,7 @@ def current_run(credentials: BranchKeyCredentials | str, round_number: int, poll
     a round), that is one request and no task run: a task run would cost the Prefect server three
     state events and show only "run is started". Otherwise (paused, or the platform did not
     answer) the `wait_for_run` task waits, with its retries."""
-    client = shared_client(credentials, _logger())
+    client = shared_client(credentials, run_logger(__name__))
     try:
         client.listen()
         details = client.run_details()
