@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from . import admin_api, api
 from .amqp import AmqpPublisher, RabbitProvisioner, admin_url_from_amqp, publisher_user
 from .errors import PlatformError
 from .notifications import Notifier, WebSocketHub
-from .platform import Platform
+from .platform import Platform, new_secret
 from .settings import ServerSettings
 from .store import Store
 
@@ -66,7 +65,7 @@ def create_app(settings: ServerSettings, admin_token: str | None = None) -> Fast
             store.close()
 
     app = FastAPI(title="bk_server: a local BranchKey platform", lifespan=lifespan)
-    app.state.admin_token = admin_token or secrets.token_urlsafe(32)
+    app.state.admin_token = admin_token or new_secret()
     app.include_router(api.router)
     app.include_router(admin_api.router)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,6 +14,7 @@ from cyclopts import App, Parameter
 from bk_blocks.files import atomic_write
 
 from .app import create_app, write_admin_file
+from .platform import new_secret
 from .process import AdminCallError, admin_call
 from .settings import ServerSettings
 
@@ -69,7 +69,7 @@ def serve(
         download_url_ttl_s=download_url_ttl, ws_ticket_ttl_s=ws_ticket_ttl,
     )
     settings.make_dirs()
-    token = secrets.token_urlsafe(32)
+    token = new_secret()
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     write_admin_file(settings.admin_file, f"http://{shown_host}:{port}", token)
     uvicorn.run(

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 AGGREGATION_ATTEMPTS = 3
 
 
+def new_secret() -> str:
+    """A fresh token in hex: it never starts with '-', so it is safe as a command-line argument."""
+    return secrets.token_hex(32)
+
+
 def hash_token(token: str) -> str:
     """Session tokens are kept only as SHA-256 hashes."""
     return hashlib.sha256(token.encode()).hexdigest()
@@ -131,7 +136,7 @@ class Platform:
             raise BadRequest("round_deadline_s must be a positive number of seconds")
         tree_id, branch_id, owner = str(uuid.uuid4()), str(uuid.uuid4()), owner_id or str(uuid.uuid4())
         credentials = [
-            LeafCredentials(str(uuid.uuid4()), f"{branch_name}-leaf-{i + 1}", secrets.token_urlsafe(32), tree_id, branch_id, owner)
+            LeafCredentials(str(uuid.uuid4()), f"{branch_name}-leaf-{i + 1}", new_secret(), tree_id, branch_id, owner)
             for i in range(leaves)
         ]
         if self.provisioner is not None:

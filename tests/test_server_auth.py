@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import requests
+
+from bk_server.platform import new_secret
 
 from .bkserver import BkServer
 from .wire import headers, run_details
@@ -59,3 +63,8 @@ def test_admin_api_refuses_leaf_token(server: BkServer) -> None:
 
 def test_admin_file_is_owner_only(server: BkServer) -> None:
     assert (server.data_dir / "admin.json").stat().st_mode & 0o077 == 0
+
+
+def test_generated_tokens_are_safe_command_line_arguments() -> None:
+    tokens = [new_secret() for _ in range(256)]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", token) for token in tokens)
