@@ -33,6 +33,24 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
         raise
 
 
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is a temporary file of `atomic_write` (left behind only by a killed process)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def remove_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove `atomic_write`'s temporary files under `directory`; return what was removed.
+
+    Call it only while nothing else writes there (a server starting on its data dir, a leaf
+    holding its work dir's lock): a live writer's temporary file would go too.
+    """
+    directory = Path(directory)
+    removed = [path for path in directory.rglob(".*.tmp") if path.is_file() and is_temporary(path)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def sha256_file(path: str | os.PathLike[str], block_bytes: int = 1 << 20) -> bytes:
     """The SHA-256 of a file, read in blocks (one streaming pass, never whole in memory)."""
     sha = hashlib.sha256()

@@ -102,8 +102,8 @@ class AmqpPublisher:
         self._wake.set()
         self._thread.join(timeout=10)
 
-    def publish(self, tree_id: str, branch_id: str, text: str) -> None:
-        self._store.add_outbox(tree_id, branch_id, text)
+    def wake(self) -> None:
+        """Drain the outbox now: a transaction has just committed a notification into it."""
         self._wake.set()
 
     def _run(self) -> None:

@@ -50,8 +50,8 @@ def health() -> dict[str, str]:
 
 @router.get("/api/v1/run/{branch_id}")
 def run_details(branch_id: str, request: Request, leaf: LeafDep) -> dict[str, Any]:
-    branch = platform_of(request).branch_for(leaf, branch_id)
-    return {"data": {"run_status": branch.run_status, "run_number": branch.run_number}}
+    platform = platform_of(request)
+    return {"data": platform.run_view(platform.branch_for(leaf, branch_id))}
 
 
 @router.post("/api/v1/file/upload", status_code=201)
@@ -61,11 +61,14 @@ async def upload(
     x_bk_file_size: Annotated[str | None, Header()] = None,
     x_bk_file_digest: Annotated[str | None, Header()] = None,
     idempotency_key: Annotated[str | None, Header()] = None,
+    x_bk_run_number: Annotated[str | None, Header()] = None,
+    x_bk_round: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     platform = platform_of(request)
     settings = platform.settings
+    expected = _expected_round(x_bk_run_number, x_bk_round)
     if idempotency_key is None:
-        platform.check_can_upload(leaf)
+        platform.check_round(platform.check_can_upload(leaf), expected)
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
         raise PayloadTooLarge(f"upload of {length} bytes is larger than the limit of {settings.max_upload_bytes} bytes")
@@ -79,16 +82,25 @@ async def upload(
         earlier = platform.find_idempotent(leaf, idempotency_key, received.digest)
         if earlier is not None:
             received.path.unlink(missing_ok=True)
-            return created({"file_id": earlier})
+            return created(platform.receipt(earlier))
         info = await anyio.to_thread.run_sync(_inspect, received.path, settings.max_decompressed_bytes)
         staged = StagedUpload(received.path, received.size, received.digest, info)
-        file_id = await anyio.to_thread.run_sync(
-            platform.accept_upload, leaf, staged, received.metadata, idempotency_key
+        upload = await anyio.to_thread.run_sync(
+            platform.accept_upload, leaf, staged, received.metadata, idempotency_key, expected
         )
     except BaseException:
         received.path.unlink(missing_ok=True)
         raise
-    return created({"file_id": file_id})
+    return created(platform.receipt(upload))
+
+
+def _expected_round(run_number: str | None, round_number: str | None) -> tuple[int, int] | None:
+    """The (run, round) an upload names with `x-bk-run-number` and `x-bk-round` (both or neither)."""
+    if run_number is None and round_number is None:
+        return None
+    if run_number is None or round_number is None or not run_number.isdigit() or not round_number.isdigit():
+        raise BadRequest("x-bk-run-number and x-bk-round go together, as whole numbers")
+    return int(run_number), int(round_number)
 
 
 def _inspect(path: Path, max_decompressed_bytes: int) -> UpdateInfo:
@@ -119,13 +131,14 @@ def presigned_download(file_id: str, request: Request, branch_id: str = "", expi
 
 
 @router.post("/api/v1/performance/analysis", status_code=201)
-async def performance_analysis(request: Request, leaf: LeafDep) -> JSONResponse:
+async def performance_analysis(request: Request, leaf: LeafDep,
+                               idempotency_key: Annotated[str | None, Header()] = None) -> JSONResponse:
     raw = await request.body()
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadRequest("metrics body must be JSON text") from None
-    await anyio.to_thread.run_sync(platform_of(request).record_metrics, leaf, body)
+    await anyio.to_thread.run_sync(platform_of(request).record_metrics, leaf, body, idempotency_key)
     return created({"status": "stored"})
 
 

@@ -71,7 +71,8 @@ def create_app(settings: ServerSettings, admin_token: str | None = None) -> Fast
 
     @app.exception_handler(PlatformError)
     async def platform_error(_: Request, exc: PlatformError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status_code)
+        body = {"error": exc.message} | ({"code": exc.code} if exc.code else {})
+        return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

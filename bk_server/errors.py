@@ -8,6 +8,7 @@ class PlatformError(Exception):
     """A request the platform refuses; `status_code` is what the client sees."""
 
     status_code = 400
+    code: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -34,6 +35,15 @@ class RunBlocked(PlatformError):
     """Uploads are only taken while the branch's run is `start`."""
 
     status_code = 409
+    code = "run_blocked"
+
+
+class StaleRound(PlatformError):
+    """An upload meant for a round that has closed (an extension: only when the leaf names the
+    round with `x-bk-run-number` / `x-bk-round`); `code` lets the client tell it apart."""
+
+    status_code = 409
+    code = "stale_round"
 
 
 class Gone(PlatformError):

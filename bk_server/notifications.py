@@ -1,8 +1,10 @@
 """Fan-out of platform notifications to leaves: WebSocket connections and RabbitMQ.
 
 Both transports carry the same JSON text. WebSocket delivery is live only (a leaf that
-is not connected misses it, as on the real platform); AMQP delivery goes through the
-durable outbox and the leaf's durable queue, so it waits for a leaf that is offline.
+is not connected misses it, as on the real platform, and catches up from the run details'
+`latest_aggregation`); AMQP delivery goes through the durable outbox, written in the
+same transaction as the change it announces, and the leaf's durable queue, so it waits
+for a leaf that is offline and survives a server killed at any moment.
 """
 
 from __future__ import annotations
@@ -10,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import threading
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 from bk_blocks.protocol import AGGREGATION_STATUS, RUN_STATUS
 
-log = logging.getLogger(__name__)
+from .store import Store
 
+log = logging.getLogger(__name__)
 
 
 def aggregation_message(aggregation_id: str, **extra: Any) -> str:
@@ -62,18 +66,25 @@ class WebSocketHub:
 
 
 class AmqpSink(Protocol):
-    def publish(self, tree_id: str, branch_id: str, text: str) -> None: ...
+    def wake(self) -> None: ...
 
 
 class Notifier:
-    """Sends one notification to every leaf of a branch over every configured transport."""
+    """Sends one notification to every leaf of a branch over every configured transport, in two
+    steps: `stage` inside the transaction that makes the change, `deliver` once it committed."""
 
     def __init__(self, hub: WebSocketHub, amqp: AmqpSink | None) -> None:
         self.hub = hub
         self.amqp = amqp
 
-    def publish(self, tree_id: str, branch_id: str, leaf_ids: Iterable[str], text: str) -> None:
+    def stage(self, db: sqlite3.Connection, tree_id: str, branch_id: str, text: str) -> None:
+        """Queue the AMQP copy in the outbox within the caller's transaction."""
+        if self.amqp is not None:
+            Store.insert_outbox(db, tree_id, branch_id, text)
+
+    def deliver(self, branch_id: str, leaf_ids: Iterable[str], text: str) -> None:
+        """Send the WebSocket copies and let the AMQP publisher drain what `stage` queued."""
         log.info("notify branch %s: %s", branch_id, text)
         self.hub.publish(leaf_ids, text)
         if self.amqp is not None:
-            self.amqp.publish(tree_id, branch_id, text)
+            self.amqp.wake()

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from bk_blocks.archive import ArchiveError, UpdateInfo
-from bk_blocks.files import atomic_write
+from bk_blocks.files import atomic_write, remove_temporaries
 from bk_blocks.protocol import METRIC_MODES, RUN_STATUSES
 
 from .aggregation import AggregationError, WeightedUpdate, fedavg
@@ -34,9 +34,11 @@ from .errors import (
     Gone,
     NotFound,
     RunBlocked,
+    StaleRound,
     Unauthorized,
     UploadRejected,
 )
+from .faults import crash_point
 from .notifications import Notifier, aggregation_message, run_status_message
 from .settings import ServerSettings
 from .store import Branch, Leaf, Round, Store, Upload
@@ -223,8 +225,11 @@ class Platform:
                     db.execute("UPDATE branches SET run_status='stop', updated_at=? WHERE id=?", (now, branch_id))
                 elif action != branch.run_status:
                     db.execute("UPDATE branches SET run_status=?, updated_at=? WHERE id=?", (action, now, branch_id))
+                run_number = db.execute("SELECT run_number FROM branches WHERE id=?", (branch_id,)).fetchone()[0]
+                text = run_status_message(action, run_number=run_number)
+                self.notifier.stage(db, branch.tree_id, branch_id, text)
             branch = self.require_branch(branch_id)
-            self._notify(branch, run_status_message(action, run_number=branch.run_number))
+            self._deliver(branch, text)
         self._remove_uploads(discarded)
         return branch
 
@@ -242,8 +247,8 @@ class Platform:
             raise RunBlocked(f"run is blocked: the branch's run is '{branch.run_status}', uploads need 'start'")
         return branch
 
-    def find_idempotent(self, leaf: Leaf, key: str | None, digest: str) -> str | None:
-        """The file_id an earlier upload with this Idempotency-Key got, if any."""
+    def find_idempotent(self, leaf: Leaf, key: str | None, digest: str) -> Upload | None:
+        """The earlier upload that got this Idempotency-Key, if any."""
         if not key:
             return None
         earlier = self.store.upload_by_key(leaf.id, key)
@@ -253,10 +258,24 @@ class Platform:
             raise UploadRejected(
                 "Idempotency-Key was already used by this leaf for a different archive; use a new key per archive"
             )
-        return earlier.file_id
+        return earlier
 
-    def accept_upload(self, leaf: Leaf, staged: StagedUpload, metadata: str | None, idempotency_key: str | None) -> str:
-        """Add a validated update to the branch's open round; close the round if it is full."""
+    def receipt(self, upload: Upload) -> dict[str, Any]:
+        """The upload reply: the file id, plus (extra fields) the run and round it counts in and
+        that round's aggregation once there is one, so a leaf knows what answers its upload."""
+        round_ = self.store.round(upload.branch_id, upload.run_number, upload.round)
+        aggregated = round_ is not None and round_.status == "aggregated"
+        return {"file_id": upload.file_id, "run_number": upload.run_number, "round": upload.round,
+                "aggregation_id": round_.aggregation_id if aggregated and round_ else None}
+
+    def accept_upload(self, leaf: Leaf, staged: StagedUpload, metadata: str | None, idempotency_key: str | None,
+                      expected: tuple[int, int] | None = None) -> Upload:
+        """Add a validated update to the branch's open round; close the round if it is full.
+
+        `expected` is the (run, round) the leaf trained this update for (an extension): an
+        update for a round that has closed is refused (`StaleRound`) instead of being counted
+        in a later round it was not trained for.
+        """
         signature = json.dumps([[list(s.shape), s.dtype] for s in staged.info.signature])
         with self._lock:
             existing = self.find_idempotent(leaf, idempotency_key, staged.digest)
@@ -265,6 +284,7 @@ class Platform:
                 self._close_round_if_due(leaf.branch_id, time.time())
                 return existing
             branch = self.check_can_upload(leaf)
+            self.check_round(branch, expected)
             round_ = self._open_round(branch)
             accepted = self.store.accepted_uploads(branch.id, branch.run_number, branch.round)
             others = [u for u in accepted if u.leaf_id != leaf.id]
@@ -293,7 +313,17 @@ class Platform:
             self._remove_uploads(replaced)
             log.info("round %s/%s of branch %s: update %s from leaf %s", branch.run_number, branch.round, branch.id, file_id, leaf.name)
             self._close_round_if_due(branch.id, time.time())
-        return file_id
+            upload = self.store.upload(file_id)
+        assert upload is not None
+        return upload
+
+    @staticmethod
+    def check_round(branch: Branch, expected: tuple[int, int] | None) -> None:
+        """Refuse (409 `stale_round`) an update trained for another run or round than the open one."""
+        if expected is None or expected == (branch.run_number, branch.round):
+            return
+        raise StaleRound(f"update is for run {expected[0]} round {expected[1]} but the platform is at run "
+                         f"{branch.run_number} round {branch.round}: resync with the latest aggregate and train again")
 
     def _open_round(self, branch: Branch) -> Round:
         """The branch's current round row (created with the run, so always there)."""
@@ -363,7 +393,11 @@ class Platform:
                 self._close_round_if_due(branch.id, now)
 
     def resume_after_restart(self) -> None:
-        """After a restart: aggregate rounds closed but not aggregated, close rounds already full."""
+        """After a restart: remove what an interrupted write left (a partial aggregate, a half-received
+        upload), aggregate rounds closed but not aggregated, close rounds already full."""
+        for directory in (self.settings.aggregates_dir, self.settings.uploads_dir, self.settings.incoming_dir):
+            for path in remove_temporaries(directory):
+                log.info("removed %s, left by an interrupted write", path.name)
         for round_ in self.store.rounds_with_status("aggregating"):
             self._submit_aggregation(round_.branch_id, round_.run_number, round_.round)
         now = time.time()
@@ -403,6 +437,8 @@ class Platform:
                     (branch_id, run_number, round_number),
                 )
             return
+        branch = self.require_branch(branch_id)
+        text = aggregation_message(round_.aggregation_id, run_number=run_number, round=round_number)
         with self._lock:
             with self.store.transaction() as db:
                 db.execute(
@@ -413,14 +449,16 @@ class Platform:
                     "UPDATE rounds SET status='aggregated' WHERE branch_id=? AND run_number=? AND round=?",
                     (branch_id, run_number, round_number),
                 )
+                self.notifier.stage(db, branch.tree_id, branch_id, text)
         log.info("aggregated round %s/%s of branch %s from %d updates in %.2f s", run_number, round_number,
                  branch_id, len(uploads), time.perf_counter() - started)
-        branch = self.require_branch(branch_id)
-        self._notify(branch, aggregation_message(round_.aggregation_id, run_number=run_number, round=round_number))
+        crash_point("aggregate-committed")
+        self._deliver(branch, text)
 
-    def _notify(self, branch: Branch, text: str) -> None:
+    def _deliver(self, branch: Branch, text: str) -> None:
+        """Send a committed notification to every leaf of the branch."""
         leaf_ids = [leaf.id for leaf in self.store.leaves_of_branch(branch.id)]
-        self.notifier.publish(branch.tree_id, branch.id, leaf_ids, text)
+        self.notifier.deliver(branch.id, leaf_ids, text)
 
     # -- downloads ---------------------------------------------------------------------
 
@@ -460,8 +498,9 @@ class Platform:
 
     # -- metrics, config, WebSocket tickets --------------------------------------------
 
-    def record_metrics(self, leaf: Leaf, body: Any) -> None:
-        """Store a leaf's performance metrics after checking every field names the leaf's own."""
+    def record_metrics(self, leaf: Leaf, body: Any, idempotency_key: str | None = None) -> None:
+        """Store a leaf's performance metrics after checking every field names the leaf's own; a
+        repeat with the same Idempotency-Key (a resend after a crash) is stored once."""
         if not isinstance(body, dict):
             raise BadRequest("metrics body must be a JSON object")
         missing = [k for k in ("mode", "aggregation_id", "leaf_id", "branch_id", "tree_id", "data") if k not in body]
@@ -483,7 +522,17 @@ class Platform:
             aggregate = self.store.aggregate(aggregation_id)
             if aggregate is None or aggregate.branch_id != leaf.branch_id:
                 raise NotFound(f"no aggregation {aggregation_id} in this branch")
-        self.store.add_metrics(leaf, aggregation_id, body["mode"], data)
+        if not self.store.add_metrics(leaf, aggregation_id, body["mode"], data, idempotency_key):
+            log.info("metrics %s of leaf %s already stored; repeat ignored", idempotency_key, leaf.name)
+
+    def run_view(self, branch: Branch) -> dict[str, Any]:
+        """The run details reply: status and number, plus (extra fields, which official clients
+        ignore) the open round and the branch's latest aggregation, so a leaf that missed a notice
+        or was restored from an old state can tell where the federation is."""
+        latest = self.store.latest_aggregate(branch.id)
+        return {"run_status": branch.run_status, "run_number": branch.run_number, "round": branch.round,
+                "latest_aggregation": None if latest is None else {
+                    "aggregation_id": latest.id, "run_number": latest.run_number, "round": latest.round}}
 
     def branch_config(self, branch: Branch) -> dict[str, Any]:
         """The 3.x branch config document: branch, service, model_config and timestamps."""

@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS aggregates (
 CREATE TABLE IF NOT EXISTS metrics (
     id INTEGER PRIMARY KEY AUTOINCREMENT, leaf_id TEXT NOT NULL, branch_id TEXT NOT NULL,
     tree_id TEXT NOT NULL, aggregation_id TEXT NOT NULL, mode TEXT NOT NULL, data TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL, idempotency_key TEXT
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, tree_id TEXT NOT NULL, branch_id TEXT NOT NULL,
@@ -146,6 +146,15 @@ class Store:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database written by an earlier version up to this schema."""
+        columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(metrics)")}
+        if "idempotency_key" not in columns:
+            self._conn.execute("ALTER TABLE metrics ADD COLUMN idempotency_key TEXT")
+        self._conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS metrics_idempotency ON metrics (leaf_id, idempotency_key) "
+                           "WHERE idempotency_key IS NOT NULL")
 
     def close(self) -> None:
         with self._lock:
@@ -198,6 +207,9 @@ class Store:
     def rounds_of_branch(self, branch_id: str) -> list[Round]:
         return self._all(Round, "SELECT * FROM rounds WHERE branch_id = ? ORDER BY run_number, round", branch_id)
 
+    def upload(self, file_id: str) -> Upload | None:
+        return self._one(Upload, "SELECT * FROM uploads WHERE file_id = ?", file_id)
+
     def upload_by_key(self, leaf_id: str, key: str) -> Upload | None:
         return self._one(Upload, "SELECT * FROM uploads WHERE leaf_id = ? AND idempotency_key = ? AND status = 'accepted'",
                          leaf_id, key)
@@ -213,6 +225,11 @@ class Store:
     def aggregate(self, aggregation_id: str) -> Aggregate | None:
         return self._one(Aggregate, "SELECT * FROM aggregates WHERE id = ?", aggregation_id)
 
+    def latest_aggregate(self, branch_id: str) -> Aggregate | None:
+        """The branch's most recent aggregate, by run and round."""
+        return self._one(Aggregate, "SELECT * FROM aggregates WHERE branch_id = ? "
+                                    "ORDER BY run_number DESC, round DESC LIMIT 1", branch_id)
+
     def metrics_of_branch(self, branch_id: str) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._conn.execute(
@@ -221,23 +238,27 @@ class Store:
             ).fetchall()
         return [dict(row) | {"data": json.loads(row["data"])} for row in rows]
 
-    def add_metrics(self, leaf: Leaf, aggregation_id: str, mode: str, data: str) -> None:
+    def add_metrics(self, leaf: Leaf, aggregation_id: str, mode: str, data: str,
+                    idempotency_key: str | None = None) -> bool:
+        """Store a leaf's metrics; False (and nothing stored) when its idempotency key was seen."""
         with self.transaction() as conn:
-            conn.execute(
-                "INSERT INTO metrics (leaf_id, branch_id, tree_id, aggregation_id, mode, data, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (leaf.id, leaf.branch_id, leaf.tree_id, aggregation_id, mode, data, time.time()),
+            cursor = conn.execute(
+                "INSERT INTO metrics (leaf_id, branch_id, tree_id, aggregation_id, mode, data, created_at, "
+                "idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (leaf.id, leaf.branch_id, leaf.tree_id, aggregation_id, mode, data, time.time(), idempotency_key),
             )
+        return cursor.rowcount == 1
 
     def outbox(self, limit: int = 100) -> list[OutboxMessage]:
         return self._all(OutboxMessage, "SELECT id, tree_id, branch_id, body FROM outbox ORDER BY id LIMIT ?", limit)
 
-    def add_outbox(self, tree_id: str, branch_id: str, body: str) -> None:
-        with self.transaction() as conn:
-            conn.execute(
-                "INSERT INTO outbox (tree_id, branch_id, body, created_at) VALUES (?, ?, ?, ?)",
-                (tree_id, branch_id, body, time.time()),
-            )
+
+    @staticmethod
+    def insert_outbox(db: sqlite3.Connection, tree_id: str, branch_id: str, body: str) -> None:
+        """Queue a notification inside the caller's transaction: it commits with the change it
+        announces, or not at all."""
+        db.execute("INSERT INTO outbox (tree_id, branch_id, body, created_at) VALUES (?, ?, ?, ?)",
+                   (tree_id, branch_id, body, time.time()))
 
     def remove_outbox(self, message_id: int) -> None:
         with self.transaction() as conn:

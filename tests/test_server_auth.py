@@ -16,7 +16,8 @@ def test_run_details_answer_status_and_number(server: BkServer) -> None:
     leaf = server.federation(leaves=2).leaves[0]
     response = run_details(server, leaf)
     assert response.status_code == 200
-    assert response.json() == {"data": {"run_status": "start", "run_number": 1}}
+    assert response.json() == {"data": {"run_status": "start", "run_number": 1, "round": 1,
+                                        "latest_aggregation": None}}
 
 
 def test_missing_token_is_401_with_json_error(server: BkServer) -> None:

@@ -78,12 +78,12 @@ def download(server: BkServer, creds: dict[str, str], file_id: str, dest: Path) 
 
 
 def send_metrics(server: BkServer, creds: dict[str, str], aggregation_id: str, metrics: dict, mode: str = "test",
-                 **overrides: str) -> requests.Response:
+                 headers_extra: dict[str, str] | None = None, **overrides: str) -> requests.Response:
     """POST metrics as the official clients do: a JSON text body without a Content-Type."""
     body = {"mode": mode, "aggregation_id": aggregation_id, "leaf_id": creds["id"], "branch_id": creds["branch_id"],
             "tree_id": creds["tree_id"], "data": json.dumps(metrics)} | overrides
-    return requests.post(f"{server.url}/api/v1/performance/analysis", headers=headers(creds), data=json.dumps(body),
-                         timeout=30)
+    return requests.post(f"{server.url}/api/v1/performance/analysis", headers=headers(creds) | (headers_extra or {}),
+                         data=json.dumps(body), timeout=30)
 
 
 def run_details(server: BkServer, creds: dict[str, str], branch_id: str | None = None) -> requests.Response:
