@@ -1,16 +1,19 @@
 """How to talk to BranchKey: the credentials Block, the client, the archive format."""
 
-from .client import BranchKeyClient, RunDetails
+from .client import AggregationRef, BranchKeyClient, RunDetails, UploadReply
 from .credentials import BranchKeyCredentials
 from .errors import (
+    AggregationTimeoutError,
     ArchiveRejectedError,
     AuthenticationError,
     BranchKeyError,
     NotFoundError,
     NotificationTimeout,
+    OutOfSyncError,
     RequestRefusedError,
     RunNotStartedError,
     RunStoppedError,
+    StaleRoundError,
     TransientError,
     UnsafeFileIdError,
 )
@@ -19,6 +22,8 @@ from .settings import BranchKeySettings
 
 __all__ = [
     "AggregationNotice",
+    "AggregationRef",
+    "AggregationTimeoutError",
     "ArchiveRejectedError",
     "AuthenticationError",
     "BranchKeyClient",
@@ -27,10 +32,13 @@ __all__ = [
     "BranchKeySettings",
     "NotFoundError",
     "NotificationTimeout",
+    "OutOfSyncError",
     "RequestRefusedError",
     "RunDetails",
     "RunNotStartedError",
     "RunStoppedError",
+    "StaleRoundError",
     "TransientError",
     "UnsafeFileIdError",
+    "UploadReply",
 ]

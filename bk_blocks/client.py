@@ -33,6 +33,7 @@ from .errors import (
     NotFoundError,
     RequestRefusedError,
     RunNotStartedError,
+    StaleRoundError,
     TransientError,
     UnsafeFileIdError,
 )
@@ -64,11 +65,68 @@ def _client_version() -> str:
 
 
 @dataclass(frozen=True)
+class AggregationRef:
+    """An aggregation and the (run, round) it closed."""
+
+    aggregation_id: str
+    run_number: int
+    round: int
+
+    @classmethod
+    def parse(cls, value: Any) -> "AggregationRef | None":
+        """From a reply's `latest_aggregation` field; None when absent or not in that shape."""
+        try:
+            return cls(str(value["aggregation_id"]), int(value["run_number"]), int(value["round"]))
+        except (TypeError, KeyError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
 class RunDetails:
-    """The branch's run: `start`, `pause` or `stop`, and its number."""
+    """The branch's run: `start`, `pause` or `stop`, and its number.
+
+    `round` and `latest_aggregation` are extra fields a platform may add (bk_server does;
+    None when it does not): the open round and the branch's most recent aggregation, which
+    let a leaf that missed a notice or was restored from an old state find the federation.
+    """
 
     run_status: str
     run_number: int
+    round: int | None = None
+    latest_aggregation: AggregationRef | None = None
+
+    @property
+    def tells_round(self) -> bool:
+        """Whether the platform said which round is open (so a leaf can check it is in step)."""
+        return self.round is not None
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> "RunDetails":
+        round_number = data.get("round")
+        return cls(str(data["run_status"]), int(data["run_number"]),
+                   round_number if isinstance(round_number, int) and round_number >= 0 else None,
+                   AggregationRef.parse(data.get("latest_aggregation")))
+
+
+@dataclass(frozen=True)
+class UploadReply:
+    """An accepted upload: its file id and, when the platform says so (extra fields), the run and
+    round it counts in and that round's aggregation if it already happened (a replayed upload)."""
+
+    file_id: str
+    run_number: int | None = None
+    round: int | None = None
+    aggregation_id: str | None = None
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> "UploadReply":
+        def number(key: str) -> int | None:
+            value = data.get(key)
+            return value if isinstance(value, int) else None
+
+        aggregation_id = data.get("aggregation_id")
+        return cls(str(data["file_id"]), number("run_number"), number("round"),
+                   aggregation_id if isinstance(aggregation_id, str) else None)
 
 
 def check_file_id(file_id: str) -> str:
@@ -181,9 +239,11 @@ class BranchKeyClient:
     @staticmethod
     def _error(response: requests.Response, what: str) -> Exception:
         status = response.status_code
+        code = None
         try:
             body = response.json()
             message = (body.get("error") or json.dumps(body)) if isinstance(body, dict) else str(body)
+            code = body.get("code") if isinstance(body, dict) else None
         except ValueError:
             message = response.text[:300] or response.reason
         text = f"{what} refused ({status}): {message}"
@@ -191,7 +251,9 @@ class BranchKeyClient:
             return TransientError(text)
         if status in (401, 403):
             return AuthenticationError(text, status)
-        if "run is blocked" in message:
+        if code == "stale_round":
+            return StaleRoundError(text, status)
+        if code == "run_blocked" or "run is blocked" in message:
             return RunNotStartedError(text, status_code=status)
         if status == 404:
             return NotFoundError(text, status)
@@ -202,8 +264,7 @@ class BranchKeyClient:
     def run_details(self) -> RunDetails:
         """The branch's run status and number, fetched now."""
         response = self._request("GET", f"/api/v1/run/{self.credentials.branch_id}", expected=200, what="run details")
-        data = response.json()["data"]
-        self._run = RunDetails(str(data["run_status"]), int(data["run_number"]))
+        self._run = RunDetails.parse(response.json()["data"])
         if self._listener is not None:
             self._listener.run_status = self._run.run_status
         return self._run
@@ -241,6 +302,15 @@ class BranchKeyClient:
         With an `idempotency_key`, a retried upload of the same archive returns the same
         file id and counts once. Pass `sha256` if the caller already hashed the file.
         """
+        return self.upload_update(path, idempotency_key=idempotency_key, metadata=metadata, sha256=sha256).file_id
+
+    def upload_update(self, path: str | os.PathLike[str], *, idempotency_key: str | None = None,
+                      metadata: dict[str, Any] | None = None, sha256: bytes | None = None,
+                      for_round: tuple[int, int] | None = None) -> UploadReply:
+        """`upload()`, returning the whole reply. With `for_round=(run, round)`, the round the
+        update was trained for is sent along (`x-bk-run-number`, `x-bk-round`): a platform that
+        knows them refuses the update once that round has closed (`StaleRoundError`) instead of
+        counting it in a later round; one that does not ignores them."""
         path = Path(path)
         try:
             info = inspect_update(path)
@@ -257,18 +327,20 @@ class BranchKeyClient:
                                      "x-bk-file-digest": digest}
         if idempotency_key:
             headers["Idempotency-Key"] = idempotency_key
+        if for_round is not None:
+            headers |= {"x-bk-run-number": str(for_round[0]), "x-bk-round": str(for_round[1])}
         try:
             response = self._request("POST", "/api/v1/file/upload", expected=201, what="upload",
                                      headers=headers, data=body)
         except RequestRefusedError as exc:
-            if isinstance(exc, (AuthenticationError, RunNotStartedError, NotFoundError)):
+            if isinstance(exc, (AuthenticationError, RunNotStartedError, NotFoundError, StaleRoundError)):
                 raise
             raise ArchiveRejectedError(str(exc), exc.status_code) from None
         finally:
             body.close()
-        file_id = response.json()["data"]["file_id"]
-        self.log.info("uploaded %s (%d bytes, weighting %g) as %s", path.name, size, info.weighting, file_id)
-        return file_id
+        reply = UploadReply.parse(response.json()["data"])
+        self.log.info("uploaded %s (%d bytes, weighting %g) as %s", path.name, size, info.weighting, reply.file_id)
+        return reply
 
     def download(self, file_id: str, dest_dir: str | os.PathLike[str]) -> Path:
         """Download an aggregate to `dest_dir/<file_id>.npz`, atomically: never a partial file."""
@@ -310,8 +382,13 @@ class BranchKeyClient:
             raise TransientError(f"download ended after {received} of {expected} bytes")
         return received
 
-    def send_metrics(self, aggregation_id: str, metrics: dict[str, Any], mode: MetricsMode = "test") -> None:
-        """Report metrics for an aggregation, as the official clients do (JSON text, no Content-Type)."""
+    def send_metrics(self, aggregation_id: str, metrics: dict[str, Any], mode: MetricsMode = "test",
+                     idempotency_key: str | None = None) -> None:
+        """Report metrics for an aggregation, as the official clients do (JSON text, no Content-Type).
+
+        With an `idempotency_key` (a header platforms without it ignore), a resend after a crash
+        between the request and recording that it was sent is stored once.
+        """
         if mode not in METRIC_MODES:
             raise ValueError(f"mode must be one of {', '.join(METRIC_MODES)}, got {mode!r}")
         try:
@@ -321,7 +398,9 @@ class BranchKeyClient:
         c = self.credentials
         payload = json.dumps({"mode": mode, "aggregation_id": aggregation_id, "leaf_id": c.leaf_id,
                               "branch_id": c.branch_id, "tree_id": c.tree_id, "data": data})
-        self._request("POST", "/api/v1/performance/analysis", expected=201, what="metrics", data=payload)
+        headers = self._headers() | ({"Idempotency-Key": idempotency_key} if idempotency_key else {})
+        self._request("POST", "/api/v1/performance/analysis", expected=201, what="metrics", data=payload,
+                      headers=headers)
         self.log.info("sent %s metrics for aggregation %s", mode, aggregation_id)
 
     # -- notifications -----------------------------------------------------------------
@@ -358,8 +437,9 @@ class BranchKeyClient:
         return self.listen().mark()
 
     def wait_for_aggregation(self, timeout: float, *, after: int | None = None, exclude: Iterable[str] = (),
-                             auto_ack: bool = True) -> AggregationNotice:
-        """Wait for the aggregation that follows an upload: the first notice after `after` (a mark).
+                             auto_ack: bool = True, for_round: tuple[int, int] | None = None) -> AggregationNotice:
+        """Wait for the aggregation that follows an upload: the notice naming `for_round` (the
+        upload's run and round) when notices name one, else the first notice after `after` (a mark).
 
         Raises `NotificationTimeout` (transient) when none arrives in `timeout` seconds.
         With `auto_ack=False`, call `acknowledge()` once the aggregation id is stored, so
@@ -367,7 +447,13 @@ class BranchKeyClient:
         """
         if not math.isfinite(timeout) or timeout <= 0:
             raise ValueError("timeout must be a positive number of seconds")
-        return self.listen().wait_for_aggregation(timeout, after=after, exclude=exclude, auto_ack=auto_ack)
+        return self.listen().wait_for_aggregation(timeout, after=after, exclude=exclude, auto_ack=auto_ack,
+                                                  for_round=for_round)
+
+    @property
+    def connections(self) -> int:
+        """How many times the notification listener has connected (a reconnect may have missed notices)."""
+        return self._listener.connections if self._listener is not None else 0
 
     def acknowledge(self, aggregation_id: str) -> None:
         """Acknowledge a notice taken with `auto_ack=False`."""

@@ -54,3 +54,17 @@ class NotificationTimeout(TransientError):
 
 class RunStoppedError(BranchKeyError):
     """The branch's run was stopped while the leaf waited: this round will not aggregate."""
+
+
+class OutOfSyncError(BranchKeyError):
+    """The leaf's round is not the platform's: the federation moved on (a missed notice, a leaf
+    offline for rounds, a state restored from a backup). The leaf resyncs instead of uploading."""
+
+
+class StaleRoundError(OutOfSyncError, RequestRefusedError):
+    """The platform refused an update trained for a round it has closed (409 `stale_round`)."""
+
+
+class AggregationTimeoutError(BranchKeyError):
+    """The round's upload was not aggregated within the time allowed: a bounded wait that fails
+    the round clearly rather than wedging the leaf (not retried; the next run rejoins)."""

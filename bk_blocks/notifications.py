@@ -45,6 +45,15 @@ class AggregationNotice:
     received_at: float
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def closed_round(self) -> tuple[int, int] | None:
+        """The (run, round) this aggregation closed, when the body says so (bk_server's extra
+        fields); None from a platform that sends only the aggregation id."""
+        run_number, round_number = self.extra.get("run_number"), self.extra.get("round")
+        if isinstance(run_number, int) and isinstance(round_number, int):
+            return run_number, round_number
+        return None
+
 
 @dataclass
 class _Pending:
@@ -54,6 +63,12 @@ class _Pending:
 
 def _no_ack() -> None:
     return None
+
+
+def _closed_before(notice: AggregationNotice, for_round: tuple[int, int] | None) -> bool:
+    """Whether a notice names a round earlier than the one waited for (it can never answer it)."""
+    closed = notice.closed_round
+    return for_round is not None and closed is not None and closed < for_round
 
 
 class NotificationListener:
@@ -106,11 +121,14 @@ class NotificationListener:
             self._handler = handler
 
     def wait_for_aggregation(
-        self, timeout: float, *, after: int | None = None, exclude: Iterable[str] = (), auto_ack: bool = True
+        self, timeout: float, *, after: int | None = None, exclude: Iterable[str] = (), auto_ack: bool = True,
+        for_round: tuple[int, int] | None = None,
     ) -> AggregationNotice:
-        """The first aggregation notice received after `after` (a `mark()`), not in `exclude`.
+        """The aggregation notice that answers an upload, not in `exclude`.
 
-        With `after=None` the most recent pending notice is returned (what a leaf resuming
+        A notice that names the (run, round) it closed answers `for_round` (the round the
+        upload counts in) exactly. Otherwise: the first notice received after `after` (a
+        `mark()`), or with `after=None` the most recent pending one (what a leaf resuming
         after a crash wants: the latest aggregation it has not handled). Notices passed
         over are acknowledged and dropped. With `auto_ack=False` the returned notice stays
         unacknowledged (over AMQP: redelivered after a crash) until `acknowledge()`.
@@ -121,7 +139,7 @@ class NotificationListener:
             while True:
                 if self.failure is not None:
                     raise self.failure
-                chosen = self._choose(after, excluded, auto_ack)
+                chosen = self._choose(after, excluded, auto_ack, for_round)
                 if chosen is not None:
                     return chosen
                 remaining = deadline - time.monotonic()
@@ -140,16 +158,21 @@ class NotificationListener:
         if ack is not None:
             ack()
 
-    def _choose(self, after: int | None, excluded: set[str], auto_ack: bool) -> AggregationNotice | None:
+    def _choose(self, after: int | None, excluded: set[str], auto_ack: bool,
+                for_round: tuple[int, int] | None) -> AggregationNotice | None:
         """Pick the notice to return from the pending ones; ack and drop the stale ones."""
-        if after is None:
-            candidates = [p for p in self._pending if p.notice.aggregation_id not in excluded]
-            chosen = candidates[-1] if candidates else None
+        candidates = [p for p in self._pending if p.notice.aggregation_id not in excluded]
+        exact = [p for p in candidates if for_round is not None and p.notice.closed_round == for_round]
+        unnamed = [p for p in candidates if for_round is None or p.notice.closed_round is None]
+        if exact:
+            chosen: _Pending | None = exact[0]
+        elif after is None:
+            chosen = unnamed[-1] if unnamed else None
         else:
-            chosen = next((p for p in self._pending if p.notice.sequence > after
-                           and p.notice.aggregation_id not in excluded), None)
+            chosen = next((p for p in unnamed if p.notice.sequence > after), None)
         if chosen is None:
-            stale = [p for p in self._pending if after is not None and p.notice.sequence <= after]
+            stale = [p for p in self._pending if (after is not None and p.notice.sequence <= after)
+                     or _closed_before(p.notice, for_round)]
         else:
             stale = [p for p in self._pending if p.notice.sequence < chosen.notice.sequence]
             self._pending.remove(chosen)

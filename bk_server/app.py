@@ -71,7 +71,7 @@ def create_app(settings: ServerSettings, admin_token: str | None = None) -> Fast
 
     @app.exception_handler(PlatformError)
     async def platform_error(_: Request, exc: PlatformError) -> JSONResponse:
-        body = {"error": exc.message} | ({"code": exc.code} if exc.code else {})
+        body = {"error": exc.message} | ({"code": exc.code} if exc.code and settings.extensions else {})
         return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)

@@ -38,6 +38,7 @@ def serve(
     max_decompressed_bytes: int = 8 * 1024**3,
     download_url_ttl: float = 300.0,
     ws_ticket_ttl: float = 30.0,
+    extensions: bool = True,
     log_level: str = "info",
 ) -> None:
     """Serve the platform's API on HOST:PORT, keeping its state in DATA_DIR.
@@ -61,12 +62,16 @@ def serve(
         Seconds a pre-signed download URL stays valid.
     ws_ticket_ttl
         Seconds a WebSocket ticket stays valid (it is also single-use).
+    extensions
+        Say more than the official platform (the open round and latest aggregation in run
+        details, the round in upload replies and notices, error codes) and refuse an upload
+        for a closed round. --no-extensions answers exactly as the official platform does.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings(
         data_dir=data_dir.resolve(), amqp_url=amqp_url, rabbitmq_admin_url=rabbitmq_admin_url,
         max_upload_bytes=max_upload_bytes, max_decompressed_bytes=max_decompressed_bytes,
-        download_url_ttl_s=download_url_ttl, ws_ticket_ttl_s=ws_ticket_ttl,
+        download_url_ttl_s=download_url_ttl, ws_ticket_ttl_s=ws_ticket_ttl, extensions=extensions,
     )
     settings.make_dirs()
     token = new_secret()

@@ -226,7 +226,7 @@ class Platform:
                 elif action != branch.run_status:
                     db.execute("UPDATE branches SET run_status=?, updated_at=? WHERE id=?", (action, now, branch_id))
                 run_number = db.execute("SELECT run_number FROM branches WHERE id=?", (branch_id,)).fetchone()[0]
-                text = run_status_message(action, run_number=run_number)
+                text = run_status_message(action, **self._extras(run_number=run_number))
                 self.notifier.stage(db, branch.tree_id, branch_id, text)
             branch = self.require_branch(branch_id)
             self._deliver(branch, text)
@@ -263,6 +263,8 @@ class Platform:
     def receipt(self, upload: Upload) -> dict[str, Any]:
         """The upload reply: the file id, plus (extra fields) the run and round it counts in and
         that round's aggregation once there is one, so a leaf knows what answers its upload."""
+        if not self.settings.extensions:
+            return {"file_id": upload.file_id}
         round_ = self.store.round(upload.branch_id, upload.run_number, upload.round)
         aggregated = round_ is not None and round_.status == "aggregated"
         return {"file_id": upload.file_id, "run_number": upload.run_number, "round": upload.round,
@@ -317,10 +319,9 @@ class Platform:
         assert upload is not None
         return upload
 
-    @staticmethod
-    def check_round(branch: Branch, expected: tuple[int, int] | None) -> None:
+    def check_round(self, branch: Branch, expected: tuple[int, int] | None) -> None:
         """Refuse (409 `stale_round`) an update trained for another run or round than the open one."""
-        if expected is None or expected == (branch.run_number, branch.round):
+        if expected is None or not self.settings.extensions or expected == (branch.run_number, branch.round):
             return
         raise StaleRound(f"update is for run {expected[0]} round {expected[1]} but the platform is at run "
                          f"{branch.run_number} round {branch.round}: resync with the latest aggregate and train again")
@@ -438,7 +439,7 @@ class Platform:
                 )
             return
         branch = self.require_branch(branch_id)
-        text = aggregation_message(round_.aggregation_id, run_number=run_number, round=round_number)
+        text = aggregation_message(round_.aggregation_id, **self._extras(run_number=run_number, round=round_number))
         with self._lock:
             with self.store.transaction() as db:
                 db.execute(
@@ -454,6 +455,10 @@ class Platform:
                  branch_id, len(uploads), time.perf_counter() - started)
         crash_point("aggregate-committed")
         self._deliver(branch, text)
+
+    def _extras(self, **fields: Any) -> dict[str, Any]:
+        """Extra notice body fields (ignored by official clients), unless extensions are off."""
+        return fields if self.settings.extensions else {}
 
     def _deliver(self, branch: Branch, text: str) -> None:
         """Send a committed notification to every leaf of the branch."""
@@ -522,13 +527,16 @@ class Platform:
             aggregate = self.store.aggregate(aggregation_id)
             if aggregate is None or aggregate.branch_id != leaf.branch_id:
                 raise NotFound(f"no aggregation {aggregation_id} in this branch")
-        if not self.store.add_metrics(leaf, aggregation_id, body["mode"], data, idempotency_key):
+        key = idempotency_key if self.settings.extensions else None
+        if not self.store.add_metrics(leaf, aggregation_id, body["mode"], data, key):
             log.info("metrics %s of leaf %s already stored; repeat ignored", idempotency_key, leaf.name)
 
     def run_view(self, branch: Branch) -> dict[str, Any]:
         """The run details reply: status and number, plus (extra fields, which official clients
         ignore) the open round and the branch's latest aggregation, so a leaf that missed a notice
         or was restored from an old state can tell where the federation is."""
+        if not self.settings.extensions:
+            return {"run_status": branch.run_status, "run_number": branch.run_number}
         latest = self.store.latest_aggregate(branch.id)
         return {"run_status": branch.run_status, "run_number": branch.run_number, "round": branch.round,
                 "latest_aggregation": None if latest is None else {

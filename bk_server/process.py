@@ -159,7 +159,9 @@ class LocalServer:
         if self.amqp_url:
             command += ["--amqp-url", self.amqp_url]
         for key, value in self.options.items():
-            command += [f"--{key.replace('_', '-')}", str(value)]
+            flag = key.replace("_", "-")
+            command += ([f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool)
+                        else [f"--{flag}", str(value)])
         self.process = spawn(command, self.log_path)
         try:
             wait_until_answering(self.process, f"{self.url}/healthz", timeout, self.log_path, "bk-server")

@@ -10,7 +10,13 @@ from bk_blocks.archive import DEFAULT_MAX_DECOMPRESSED_BYTES
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Settings of one server; every limit is here so tests and operators can tune it."""
+    """Settings of one server; every limit is here so tests and operators can tune it.
+
+    `extensions` adds what the official platform does not send (the open round and latest
+    aggregation in run details, the round in upload replies and notices, error codes) and
+    honours what it ignores (an upload's `x-bk-round`, metrics' Idempotency-Key); without
+    them the server answers exactly as the protocol's official platform does.
+    """
 
     data_dir: Path
     amqp_url: str | None = None
@@ -21,6 +27,7 @@ class ServerSettings:
     ws_ticket_ttl_s: float = 30.0
     deadline_check_interval_s: float = 1.0
     public_url: str | None = field(default=None)
+    extensions: bool = True
 
     @property
     def database(self) -> Path:

@@ -1,8 +1,9 @@
 """The round history: a Parquet dataset with one row per leaf per round.
 
-Each row is its own file, written atomically under a name fixed by (run, round, leaf):
-appending never rewrites an earlier file, a crash mid-write leaves only a temporary
-file that readers ignore, and recording the same round again replaces its row.
+Each row is its own file, written atomically under a name fixed by (run, round, leaf,
+and the status unless `completed`): appending never rewrites an earlier file, a crash
+mid-write leaves only a temporary file that readers ignore, recording the same round
+again replaces its row, and a `resynced` row never replaces a `completed` one.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def append_record(work_dir: Path, record: RoundRecord) -> Path:
     """Write one round's row as its own Parquet file, atomically; return its path."""
     directory = history_dir(work_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"run-{record.run_number:04d}-round-{record.round:06d}-{record.leaf_id}.parquet"
+    suffix = "" if record.status == "completed" else f"-{record.status}"
+    path = directory / f"run-{record.run_number:04d}-round-{record.round:06d}-{record.leaf_id}{suffix}.parquet"
     row = asdict(record)
     row["train_metrics"] = list(row["train_metrics"].items())
     row["eval_metrics"] = list(row["eval_metrics"].items())

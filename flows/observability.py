@@ -207,8 +207,9 @@ def publish_federation_artifacts(name: str, histories: Mapping[str, Sequence[dic
 
 def round_event(record: RoundRecord, *, failed: bool = False, error: str | None = None,
                 event_id: UUID | None = None) -> Event:
-    """`branchkey.round.completed` or `.failed`, about the leaf, related to its branch, the flow run
-    that recorded it and its tags; `event_id` given, Prefect keeps one event of that id."""
+    """`branchkey.round.<status>` (`completed`, `resynced`) or `.failed`, about the leaf, related to
+    its branch, the flow run that recorded it and its tags; `event_id` given, Prefect keeps one
+    event of that id."""
     payload: dict[str, Any] = {
         "run_number": record.run_number, "round": record.round, "status": record.status,
         "aggregation_id": record.aggregation_id, "file_id": record.file_id,
@@ -224,7 +225,7 @@ def round_event(record: RoundRecord, *, failed: bool = False, error: str | None 
     related += [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
                 for tag in leaf_tags(record.leaf_name, record.branch_id)]
     return Event(
-        event="branchkey.round.failed" if failed else "branchkey.round.completed",
+        event="branchkey.round.failed" if failed else f"branchkey.round.{record.status}",
         resource={"prefect.resource.id": f"branchkey.leaf.{record.leaf_id}",
                   "prefect.resource.name": record.leaf_name, "branchkey.branch-id": record.branch_id},
         related=related, payload=payload, occurred=record.finished_at or datetime.now(timezone.utc),

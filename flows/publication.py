@@ -41,6 +41,8 @@ from .observability import publish_artifacts, round_event
 # Rounds shown in the history artifact: the latest ones (the Parquet history keeps them all).
 ARTIFACT_ROWS = 50
 MARKER = "published.json"
+# History rows that become an artifact version and an event (every row the round flow records).
+PUBLISHED_STATUSES = ("completed", "resynced")
 LOCK = ".published.lock"
 # How long closing a publication waits for the Prefect API (when the flow run ends normally;
 # a failing or interrupted run does not wait), before leaving the rest to the leaf's next run.
@@ -50,9 +52,9 @@ EVENT_NAMESPACE = uuid.UUID("6f1c2b0e-5b1a-4c8e-9a57-2f0e8f4f1b7d")
 logger = logging.getLogger(__name__)
 
 
-def round_event_id(leaf_id: str, run_number: int, round_number: int) -> uuid.UUID:
-    """The id of a round's completed event: the same for every publication of that round."""
-    return uuid.uuid5(EVENT_NAMESPACE, f"{leaf_id}/{run_number}/{round_number}/completed")
+def round_event_id(leaf_id: str, run_number: int, round_number: int, status: str = "completed") -> uuid.UUID:
+    """The id of a round's event (`completed`, `resynced`): the same for every publication of it."""
+    return uuid.uuid5(EVENT_NAMESPACE, f"{leaf_id}/{run_number}/{round_number}/{status}")
 
 
 def published_through(work_dir: Path) -> tuple[int, int]:
@@ -132,7 +134,7 @@ def publish_pending(leaf_name: str, work_dir: Path, events: EventSender) -> int:
                 continue
             rows = rows_of(files[max(0, index + 1 - ARTIFACT_ROWS):index + 1])
             row = rows[-1]
-            if row["status"] == "completed":
+            if row["status"] in PUBLISHED_STATUSES:
                 try:
                     _publish_round(leaf_name, rows, events)
                 except (PrefectHTTPStatusError, httpx.HTTPStatusError) as exc:
@@ -149,7 +151,8 @@ def _publish_round(leaf_name: str, rows: list[dict[str, object]], events: EventS
     row = rows[-1]
     publish_artifacts(leaf_name, rows, flow_run_id=str(row["flow_run_id"]) if row["flow_run_id"] else None)
     record = RoundRecord(**row)  # type: ignore[arg-type]
-    events.send(round_event(record, event_id=round_event_id(record.leaf_id, record.run_number, record.round)))
+    events.send(round_event(record, event_id=round_event_id(record.leaf_id, record.run_number, record.round,
+                                                            record.status)))
 
 
 class Publication:

@@ -1,8 +1,15 @@
 """One federated round for one leaf, resumable at every step.
 
-wait for run -> train -> write archive -> upload -> wait for aggregation -> download ->
-evaluate -> send metrics -> record history. After each step the leaf's state is saved
-in its work directory; a rerun continues from the step that did not finish.
+wait for run -> check the leaf is in step -> train -> write archive -> upload -> wait for
+aggregation -> download -> evaluate -> send metrics -> record history. After each step
+the leaf's state is saved in its work directory; a rerun continues from the step that did
+not finish.
+
+The leaf's round is the platform's round. When the platform says which round is open (and
+which aggregation is the latest), a leaf that is out of step (restored from an old state,
+offline for rounds, a missed notice) resyncs: it adopts the latest aggregate, moves its
+counter, records a `resynced` row, and only then trains; an update for a round that closed
+meanwhile is refused by the platform and never counted in a later one.
 """
 
 from __future__ import annotations
@@ -16,7 +23,14 @@ from prefect import flow, tags
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
-from bk_blocks import BranchKeyCredentials, RunNotStartedError, RunStoppedError
+from bk_blocks import (
+    AggregationTimeoutError,
+    BranchKeyCredentials,
+    OutOfSyncError,
+    RunDetails,
+    RunNotStartedError,
+    RunStoppedError,
+)
 from bk_blocks.archive import read_aggregate, write_update
 from tasks import (
     close_shared_client,
@@ -40,6 +54,10 @@ from .state import LeafBusyError, LeafState, hold_work_dir, load_state, resolve_
 
 # Notification marks taken before each round's upload, in this process: (leaf, run, round) -> mark.
 _marks: dict[tuple[str, int, int], int] = {}
+
+# Resyncs one call of a round may make before it gives up (one before training and one after a
+# refused upload is the most a federation that is not moving faster than the leaf needs).
+MAX_RESYNCS = 3
 
 
 @dataclass(frozen=True)
@@ -69,19 +87,31 @@ def run_round(
     work_dir: Path,
     timeouts: Timeouts = Timeouts(),
 ) -> RoundResult:
-    """Run (or resume) the leaf's current round; state is saved after every step. The round's
-    artifacts and event are published in the background (by the enclosing training run's
-    publication, else by one that this call closes, everything published, at its end)."""
+    """Run (or resume) the leaf's current round; state is saved after every step. The rows it
+    recorded (`completed`, `resynced`) are published in the background (by the enclosing
+    training run's publication, else by one that this call closes, everything published, at
+    its end)."""
     work_dir = Path(work_dir)
     with publishing(credentials.leaf_name, work_dir) as publication:
-        result = _run_round(credentials, participant, work_dir, timeouts)
-        if result.status == "completed":
+        try:
+            return _run_round(credentials, participant, work_dir, timeouts)
+        finally:
             publication.notify()
-        return result
 
 
 def _run_round(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
                timeouts: Timeouts) -> RoundResult:
+    """The round, resyncing with the platform whenever the leaf turns out to be out of step."""
+    for _ in range(MAX_RESYNCS):
+        try:
+            return _attempt_round(credentials, participant, work_dir, timeouts)
+        except OutOfSyncError as exc:
+            _resync(credentials, work_dir, timeouts, str(exc))
+    return _attempt_round(credentials, participant, work_dir, timeouts)
+
+
+def _attempt_round(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
+                   timeouts: Timeouts) -> RoundResult:
     state = load_state(work_dir, credentials.leaf_id)
     resumed = state.phase != "idle"
     if not resumed:
@@ -89,6 +119,7 @@ def _run_round(credentials: BranchKeyCredentials, participant: Participant, work
         if details.run_status == "stop":
             return RoundResult("stopped", details.run_number, state.round)
         state.start_round(details.run_number)
+        _check_in_step(state, details)
         if not participant.participate(state.round):
             run_logger(__name__).info("participant declined round %d", state.round)
             save_state(work_dir, state)
@@ -100,6 +131,8 @@ def _run_round(credentials: BranchKeyCredentials, participant: Participant, work
         state.clear_round()
         save_state(work_dir, state)
         return RoundResult("stopped", state.run_number, state.round)
+    except OutOfSyncError:
+        raise
     except Exception as exc:
         emit_round_event(_record(credentials, state, "failed"), failed=True, error=f"{type(exc).__name__}: {exc}")
         raise
@@ -110,7 +143,7 @@ def _finish(credentials: BranchKeyCredentials, participant: Participant, work_di
     if state.phase == "trained":
         _upload(credentials, work_dir, state, timeouts, mark=not resumed)
     if state.phase == "uploaded":
-        _await_aggregation(credentials, work_dir, state, timeouts)
+        _await_aggregation(credentials, work_dir, state, timeouts, resumed)
     if state.phase == "aggregated":
         _download(credentials, work_dir, state)
     return _evaluate_and_record(credentials, participant, work_dir, state)
@@ -158,16 +191,37 @@ def _upload(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState,
                 raise RunStoppedError(f"run {state.run_number} ended before round {state.round} was uploaded") from None
     _timed(state, "upload_s", started)
     state.file_id, state.idempotency_key, state.bytes_up = receipt.file_id, receipt.idempotency_key, receipt.size
+    state.counted_in = list(receipt.counted_in) if receipt.counted_in else None
     state.phase = "uploaded"
+    if receipt.aggregation_id:
+        state.aggregation_id, state.phase = receipt.aggregation_id, "aggregated"
     save_state(work_dir, state)
 
 
-def _await_aggregation(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState, timeouts: Timeouts) -> None:
+def _await_aggregation(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState, timeouts: Timeouts,
+                       resumed: bool) -> None:
+    """Wait for the round's aggregation, bounded by `timeouts.aggregation_s`.
+
+    A resumed wait first asks the platform (its aggregation may have been announced while the
+    leaf was down). A wait that runs out fails the round and is marked expired: against a
+    platform that cannot say where the federation is, the next run abandons the round and
+    rejoins with fresh training rather than waiting again for a notice that is gone.
+    """
+    counted_in = tuple(state.counted_in) if state.counted_in else None
+    if resumed and state.wait_expired and counted_in is None:
+        raise OutOfSyncError(f"round {state.round}'s wait for its aggregation ran out in an earlier run and the "
+                             "platform does not say which round it is at")
     started = time.perf_counter()
-    aggregation_id = wait_for_aggregation(
-        credentials, state.round, state.run_number, after=_marks.pop(_round_key(credentials, state), None),
-        exclude=list(state.consumed_aggregations), timeout_s=timeouts.aggregation_s,
-    )
+    try:
+        aggregation_id = wait_for_aggregation(
+            credentials, state.round, state.run_number, after=_marks.pop(_round_key(credentials, state), None),
+            exclude=list(state.consumed_aggregations), timeout_s=timeouts.aggregation_s,
+            counted_in=counted_in, catch_up_first=resumed,
+        )
+    except AggregationTimeoutError:
+        state.wait_expired = True
+        save_state(work_dir, state)
+        raise
     _timed(state, "wait_s", started)
     state.aggregation_id, state.phase = aggregation_id, "aggregated"
     save_state(work_dir, state)
@@ -187,16 +241,7 @@ def _download(credentials: BranchKeyCredentials, work_dir: Path, state: LeafStat
 def _evaluate_and_record(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
                          state: LeafState) -> RoundResult:
     if not state.metrics_sent:
-        started = time.perf_counter()
-        state.eval_metrics = participant.evaluate(read_aggregate(state.global_model or ""), state.round)
-        _timed(state, "evaluate_s", started)
-        aggregation_id = state.aggregation_id or ""
-        if state.train_metrics:
-            send_metrics(credentials, aggregation_id, state.train_metrics, state.round, mode="train")
-        if state.eval_metrics:
-            send_metrics(credentials, aggregation_id, state.eval_metrics, state.round, mode="test")
-        state.metrics_sent = True
-        save_state(work_dir, state)
+        _send_round_metrics(credentials, participant, work_dir, state)
     eval_metrics = dict(state.eval_metrics)
     record = _record(credentials, state, "completed", eval_metrics)
     append_record(work_dir, record)
@@ -205,6 +250,77 @@ def _evaluate_and_record(credentials: BranchKeyCredentials, participant: Partici
     state.clear_round()
     save_state(work_dir, state)
     return result
+
+
+def _send_round_metrics(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
+                        state: LeafState) -> None:
+    """Evaluate the global model (once: the result is saved before anything is sent), then send
+    the train and test metrics, recording each mode as sent. A kill between a send and its record
+    resends it under the same idempotency key, which the platform stores once."""
+    if "evaluate_s" not in state.durations:
+        started = time.perf_counter()
+        state.eval_metrics = participant.evaluate(read_aggregate(state.global_model or ""), state.round)
+        _timed(state, "evaluate_s", started)
+        save_state(work_dir, state)
+    aggregation_id = state.aggregation_id or ""
+    for mode, metrics in (("train", state.train_metrics), ("test", state.eval_metrics)):
+        if metrics and mode not in state.sent_metrics:
+            send_metrics(credentials, aggregation_id, metrics, state.round, mode=mode)
+            state.sent_metrics = [*state.sent_metrics, mode]
+            save_state(work_dir, state)
+    state.metrics_sent = True
+    save_state(work_dir, state)
+
+
+def _check_in_step(state: LeafState, details: RunDetails) -> None:
+    """Raise `OutOfSyncError` unless the leaf's round and model are the platform's open round and
+    latest aggregate (only checkable when the platform says which round is open)."""
+    if not details.tells_round:
+        return
+    latest = details.latest_aggregation
+    platform_model = latest.aggregation_id if latest and latest.run_number == details.run_number else None
+    if (state.run_number, state.round) != (details.run_number, details.round) or state.last_aggregation != platform_model:
+        raise OutOfSyncError(
+            f"the leaf is at run {state.run_number} round {state.round} with model "
+            f"{state.last_aggregation or 'none'}, the platform at run {details.run_number} round {details.round} "
+            f"with model {platform_model or 'none'}")
+
+
+def _resync(credentials: BranchKeyCredentials, work_dir: Path, timeouts: Timeouts, reason: str) -> None:
+    """Bring the leaf to the platform's round: adopt the latest aggregate of the run (if any), move
+    the counter, drop the round in progress (its update, if accepted, was counted where it landed),
+    record a `resynced` row. Nothing is uploaded."""
+    logger = run_logger(__name__)
+    state = load_state(work_dir, credentials.leaf_id)
+    details = current_run(credentials, state.round, timeouts.run_poll_s, timeouts.run_s)
+    before = f"run {state.run_number} round {state.round} ({state.phase})"
+    if not details.tells_round:
+        logger.warning("out of step (%s) but the platform does not say which round is open: abandoning %s and "
+                       "starting the round again", reason, before)
+        state.clear_round()
+        save_state(work_dir, state)
+        return
+    latest = details.latest_aggregation
+    adopted = latest if latest and latest.run_number == details.run_number else None
+    counted = state.file_id if state.phase in ("uploaded", "aggregated") else None
+    if details.run_number != state.run_number:
+        state.run_number, state.consumed_aggregations, state.global_model = details.run_number, [], None
+    state.clear_round()
+    state.started_at = time.time()
+    if adopted is not None and adopted.aggregation_id != state.last_aggregation:
+        path = download_aggregate(credentials, adopted.aggregation_id, work_dir / "models", adopted.round)
+        state.global_model, state.bytes_down = str(path), path.stat().st_size
+        state.consumed_aggregations = [*state.consumed_aggregations, adopted.aggregation_id][-1000:]
+    state.round = details.round or 1
+    record = _record(credentials, state, "resynced")
+    record.round = adopted.round if adopted else state.round
+    record.file_id, record.aggregation_id = counted, adopted.aggregation_id if adopted else None
+    append_record(work_dir, record)
+    state.clear_round()
+    save_state(work_dir, state)
+    logger.warning("resynced with the platform (%s): the leaf was at %s, now at run %d round %d with aggregation "
+                   "%s; no update was sent for the rounds it missed", reason, before, state.run_number, state.round,
+                   state.last_aggregation or "none")
 
 
 def _record(credentials: BranchKeyCredentials, state: LeafState, status: str,

@@ -19,7 +19,7 @@ from typing import Any
 
 from prefect.runtime import flow_run
 
-from bk_blocks.files import atomic_write
+from bk_blocks.files import atomic_write, is_temporary, remove_temporaries
 
 PHASES = ("idle", "trained", "uploaded", "aggregated", "downloaded")
 
@@ -64,6 +64,14 @@ class LeafState:
     metrics_sent: bool = False
     durations: dict[str, float] = field(default_factory=dict)
     started_at: float | None = None
+    counted_in: list[int] | None = None
+    sent_metrics: list[str] = field(default_factory=list)
+    wait_expired: bool = False
+
+    @property
+    def last_aggregation(self) -> str | None:
+        """The aggregation whose model the leaf holds (the last one it downloaded in this run)."""
+        return self.consumed_aggregations[-1] if self.consumed_aggregations else None
 
     def start_round(self, run_number: int) -> None:
         """Begin the round's bookkeeping; a new run starts over from round 1 and no model."""
@@ -76,7 +84,8 @@ class LeafState:
         self.phase, self.archive, self.weighting, self.train_metrics = "idle", None, None, {}
         self.file_id, self.idempotency_key, self.bytes_up = None, None, 0
         self.aggregation_id, self.bytes_down, self.durations, self.started_at = None, 0, {}, None
-        self.eval_metrics, self.metrics_sent = {}, False
+        self.eval_metrics, self.metrics_sent, self.sent_metrics = {}, False, []
+        self.counted_in, self.wait_expired = None, False
 
 
 def state_path(work_dir: Path) -> Path:
@@ -130,6 +139,16 @@ def _lock(fd: int, work_dir: Path) -> None:
     os.pwrite(fd, f"pid {os.getpid()}, flow run {flow_run.get_id() or '-'}\n".encode(), 0)
 
 
+def _remove_leftovers(work_dir: Path) -> None:
+    """Remove temporary files a killed run left mid-write (state, updates, models, history): only
+    the lock's holder writes them, so none of them is being written now."""
+    leftovers = [path for path in work_dir.glob(f".{state_path(work_dir).name}.*.tmp") if is_temporary(path)]
+    for directory in ("updates", "models", "history"):
+        leftovers += remove_temporaries(work_dir / directory) if (work_dir / directory).is_dir() else []
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+
+
 @contextmanager
 def hold_work_dir(work_dir: Path) -> Iterator[None]:
     """Hold the leaf's work dir, so two rounds of one leaf never overlap.
@@ -156,6 +175,7 @@ def hold_work_dir(work_dir: Path) -> Iterator[None]:
                 os.close(fd)
                 raise
             _held[key] = (fd, thread, 1)
+            _remove_leftovers(key)
     try:
         yield
     finally:

@@ -23,5 +23,16 @@ def send_metrics(
     round_number: int,
     mode: MetricsMode = "test",
 ) -> None:
-    """Report metrics for the round's aggregation (`test`, `train` or `non-federated`)."""
-    shared_client(credentials, get_run_logger()).send_metrics(aggregation_id, metrics, mode)
+    """Report metrics for the round's aggregation (`test`, `train` or `non-federated`).
+
+    The request carries an idempotency key fixed by the leaf, the aggregation and the mode, so
+    a retry, or a rerun after the process died before recording the send, is stored once.
+    """
+    client = shared_client(credentials, get_run_logger())
+    key = metrics_key(client.credentials.leaf_id, aggregation_id, mode)
+    client.send_metrics(aggregation_id, metrics, mode, idempotency_key=key)
+
+
+def metrics_key(leaf_id: str, aggregation_id: str, mode: str) -> str:
+    """One leaf's metrics of one mode for one aggregation always get the same key."""
+    return f"{leaf_id}.metrics.{aggregation_id}.{mode}"

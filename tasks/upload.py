@@ -22,12 +22,15 @@ from .retries import RETRY_OPTIONS
 
 @dataclass(frozen=True)
 class UploadReceipt:
-    """What the platform gave back for an upload."""
+    """What the platform gave back for an upload: the file id and, when the platform says, the
+    (run, round) it counts in and that round's aggregation if it already happened."""
 
     file_id: str
     idempotency_key: str
     sha256: str
     size: int
+    counted_in: tuple[int, int] | None = None
+    aggregation_id: str | None = None
 
 
 def idempotency_key(leaf_id: str, run_number: int, round_number: int, sha256: str) -> str:
@@ -41,13 +44,19 @@ def upload_weights(
 ) -> UploadReceipt:
     """Upload an update archive for a round; return the platform's file id.
 
-    Take the notification mark (`shared_client(...).mark()`) before the first attempt:
-    the aggregation answering this upload is the first one announced after it.
+    The upload names its run and round, so a platform that knows them refuses it once that
+    round has closed (`StaleRoundError`: resync) rather than counting it in a later one. Take
+    the notification mark (`shared_client(...).mark()`) before the first attempt: against a
+    platform whose notices do not name their round, the aggregation answering this upload is
+    the first one announced after it.
     """
     logger = get_run_logger()
     block = resolve_credentials(credentials)
     sha256 = sha256_file(archive)
     key = idempotency_key(block.leaf_id, run_number, round_number, sha256.hex())
-    file_id = shared_client(block, logger).upload(archive, idempotency_key=key, sha256=sha256)
-    logger.info("round %d: update %s accepted as %s", round_number, Path(archive).name, file_id)
-    return UploadReceipt(file_id, key, sha256.hex(), Path(archive).stat().st_size)
+    reply = shared_client(block, logger).upload_update(archive, idempotency_key=key, sha256=sha256,
+                                                       for_round=(run_number, round_number))
+    logger.info("round %d: update %s accepted as %s", round_number, Path(archive).name, reply.file_id)
+    counted_in = (reply.run_number, reply.round) if reply.run_number is not None and reply.round is not None else None
+    return UploadReceipt(reply.file_id, key, sha256.hex(), Path(archive).stat().st_size, counted_in,
+                         reply.aggregation_id)
