@@ -85,15 +85,17 @@ class AggregationRef:
 class RunDetails:
     """The branch's run: `start`, `pause` or `stop`, and its number.
 
-    `round` and `latest_aggregation` are extra fields a platform may add (bk_server does;
-    None when it does not): the open round and the branch's most recent aggregation, which
-    let a leaf that missed a notice or was restored from an old state find the federation.
+    `round`, `aggregating` and `latest_aggregation` are extra fields a platform may add
+    (bk_server does; None and empty when it does not): the open round, the run's rounds being
+    aggregated now, and the branch's most recent aggregation. They let a leaf that missed a
+    notice or was restored from an old state find the federation.
     """
 
     run_status: str
     run_number: int
     round: int | None = None
     latest_aggregation: AggregationRef | None = None
+    aggregating: tuple[int, ...] = ()
 
     @property
     def tells_round(self) -> bool:
@@ -102,10 +104,11 @@ class RunDetails:
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> "RunDetails":
-        round_number = data.get("round")
+        round_number, aggregating = data.get("round"), data.get("aggregating")
         return cls(str(data["run_status"]), int(data["run_number"]),
                    round_number if isinstance(round_number, int) and round_number >= 0 else None,
-                   AggregationRef.parse(data.get("latest_aggregation")))
+                   AggregationRef.parse(data.get("latest_aggregation")),
+                   tuple(n for n in aggregating if isinstance(n, int)) if isinstance(aggregating, list) else ())
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +58,12 @@ def fedavg(
     out_path: str | os.PathLike[str],
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    on_layer: Callable[[int], None] | None = None,
 ) -> Path:
     """Average the updates' layers into an aggregate archive at `out_path` (atomically).
+
+    `on_layer(index)` is called after each layer is written (progress of a large model; the
+    platform's crash point for the fault suite).
 
     Float layers come back in their own dtype; integer and bool layers are rounded
     to the nearest value of their dtype rather than silently turned into float64.
@@ -74,6 +78,8 @@ def fedavg(
         with atomic_write(out_path) as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as out:
             for index, spec in enumerate(layer_specs):
                 _write_layer(out, f"layer_{index}", spec, readers, coefficients, chunk_bytes)
+                if on_layer is not None:
+                    on_layer(index)
     return Path(out_path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,6 +27,7 @@ from .uploads import check_integrity, receive_upload
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,12}")
 
 
 def platform_of(request: Request) -> Platform:
@@ -98,7 +100,8 @@ def _expected_round(run_number: str | None, round_number: str | None) -> tuple[i
     """The (run, round) an upload names with `x-bk-run-number` and `x-bk-round` (both or neither)."""
     if run_number is None and round_number is None:
         return None
-    if run_number is None or round_number is None or not run_number.isdigit() or not round_number.isdigit():
+    if run_number is None or round_number is None or not _WHOLE_NUMBER.fullmatch(run_number) \
+            or not _WHOLE_NUMBER.fullmatch(round_number):
         raise BadRequest("x-bk-run-number and x-bk-round go together, as whole numbers")
     return int(run_number), int(round_number)
 

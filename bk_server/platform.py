@@ -396,9 +396,12 @@ class Platform:
     def resume_after_restart(self) -> None:
         """After a restart: remove what an interrupted write left (a partial aggregate, a half-received
         upload), aggregate rounds closed but not aggregated, close rounds already full."""
-        for directory in (self.settings.aggregates_dir, self.settings.uploads_dir, self.settings.incoming_dir):
+        for directory in (self.settings.aggregates_dir, self.settings.uploads_dir):
             for path in remove_temporaries(directory):
                 log.info("removed %s, left by an interrupted write", path.name)
+        for path in self.settings.incoming_dir.glob("*.part"):
+            path.unlink(missing_ok=True)
+            log.info("removed %s, an upload cut short by the restart", path.name)
         for round_ in self.store.rounds_with_status("aggregating"):
             self._submit_aggregation(round_.branch_id, round_.run_number, round_.round)
         now = time.time()
@@ -419,7 +422,7 @@ class Platform:
         inputs = [WeightedUpdate(self.settings.uploads_dir / f"{u.file_id}.npz", u.weighting) for u in uploads]
         for attempt in range(1, AGGREGATION_ATTEMPTS + 1):
             try:
-                fedavg(inputs, out)
+                fedavg(inputs, out, on_layer=lambda _: crash_point("fedavg-layer-written"))
                 break
             except OSError as exc:
                 log.warning("aggregation of round %s/%s of branch %s hit %s (attempt %d of %d)", run_number,
@@ -533,12 +536,16 @@ class Platform:
 
     def run_view(self, branch: Branch) -> dict[str, Any]:
         """The run details reply: status and number, plus (extra fields, which official clients
-        ignore) the open round and the branch's latest aggregation, so a leaf that missed a notice
-        or was restored from an old state can tell where the federation is."""
+        ignore) the open round, the rounds of the run being aggregated now and the branch's latest
+        aggregation, so a leaf that missed a notice or was restored from an old state can tell
+        where the federation is (and that a round closed without an aggregate failed)."""
         if not self.settings.extensions:
             return {"run_status": branch.run_status, "run_number": branch.run_number}
         latest = self.store.latest_aggregate(branch.id)
+        aggregating = [r.round for r in self.store.rounds_of_branch(branch.id)
+                       if r.run_number == branch.run_number and r.status == "aggregating"]
         return {"run_status": branch.run_status, "run_number": branch.run_number, "round": branch.round,
+                "aggregating": aggregating,
                 "latest_aggregation": None if latest is None else {
                     "aggregation_id": latest.id, "run_number": latest.run_number, "round": latest.round}}
 

@@ -43,6 +43,8 @@ ARTIFACT_ROWS = 50
 MARKER = "published.json"
 # History rows that become an artifact version and an event (every row the round flow records).
 PUBLISHED_STATUSES = ("completed", "resynced")
+# A marker's file name that sorts after every history file of its round.
+_WHOLE_ROUND = "\uffff"
 LOCK = ".published.lock"
 # How long closing a publication waits for the Prefect API (when the flow run ends normally;
 # a failing or interrupted run does not wait), before leaving the rest to the leaf's next run.
@@ -59,17 +61,25 @@ def round_event_id(leaf_id: str, run_number: int, round_number: int, status: str
 
 def published_through(work_dir: Path) -> tuple[int, int]:
     """The (run, round) of the last round published from this work dir; (0, 0) for none."""
+    run_number, round_number, _ = _published_key(work_dir)
+    return run_number, round_number
+
+
+def _published_key(work_dir: Path) -> tuple[int, int, str]:
+    """(run, round, history file name) of the last row published: a round can have two rows
+    (`resynced` and `completed`), so the file name says which of them is done. A marker
+    without one (an older version's) covers the whole round."""
     try:
         data = json.loads((Path(work_dir) / MARKER).read_text())
-        return int(data["run_number"]), int(data["round"])
+        return int(data["run_number"]), int(data["round"]), str(data.get("file", _WHOLE_ROUND))
     except (OSError, ValueError, KeyError, TypeError):
-        return 0, 0
+        return 0, 0, ""
 
 
-def mark_published(work_dir: Path, run_number: int, round_number: int) -> None:
-    """Record that every round up to (run, round) is published."""
+def mark_published(work_dir: Path, run_number: int, round_number: int, file_name: str = _WHOLE_ROUND) -> None:
+    """Record that every history row up to (run, round) and that row's file name is published."""
     with atomic_write(Path(work_dir) / MARKER, "w") as handle:
-        json.dump({"run_number": run_number, "round": round_number}, handle)
+        json.dump({"run_number": run_number, "round": round_number, "file": file_name}, handle)
 
 
 class EventSender:
@@ -127,10 +137,10 @@ def publish_pending(leaf_name: str, work_dir: Path, events: EventSender) -> int:
     over; any other failure raises and leaves the round pending. Returns the rounds published."""
     with _turn(work_dir):
         files = history_files(work_dir)
-        done = published_through(work_dir)
+        done = _published_key(work_dir)
         published = 0
         for index, path in enumerate(files):
-            if file_round(path) <= done:
+            if (*file_round(path), path.name) <= done:
                 continue
             rows = rows_of(files[max(0, index + 1 - ARTIFACT_ROWS):index + 1])
             row = rows[-1]
@@ -143,7 +153,7 @@ def publish_pending(leaf_name: str, work_dir: Path, events: EventSender) -> int:
                     logger.error("%s: Prefect refused round %d of run %d, which is left unpublished: %s",
                                  leaf_name, row["round"], row["run_number"], exc)
                 published += 1
-            mark_published(work_dir, row["run_number"], row["round"])
+            mark_published(work_dir, row["run_number"], row["round"], path.name)
         return published
 
 

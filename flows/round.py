@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
 from bk_blocks import (
+    AggregationRef,
     AggregationTimeoutError,
     BranchKeyCredentials,
     OutOfSyncError,
@@ -38,6 +39,7 @@ from tasks import (
     download_aggregate,
     has_shared_client,
     resolve_credentials,
+    round_metrics_key,
     run_logger,
     send_metrics,
     shared_client,
@@ -54,6 +56,9 @@ from .state import LeafBusyError, LeafState, hold_work_dir, load_state, resolve_
 
 # Notification marks taken before each round's upload, in this process: (leaf, run, round) -> mark.
 _marks: dict[tuple[str, int, int], int] = {}
+
+# How often a leaf asks whether the platform's aggregation of a closed round is done.
+SETTLE_POLL_S = 0.2
 
 # Resyncs one call of a round may make before it gives up (one before training and one after a
 # refused upload is the most a federation that is not moving faster than the leaf needs).
@@ -101,13 +106,20 @@ def run_round(
 
 def _run_round(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
                timeouts: Timeouts) -> RoundResult:
-    """The round, resyncing with the platform whenever the leaf turns out to be out of step."""
+    """The round, resyncing with the platform whenever the leaf turns out to be out of step (at
+    most MAX_RESYNCS times: a federation that keeps moving faster than the leaf fails the round)."""
     for _ in range(MAX_RESYNCS):
         try:
             return _attempt_round(credentials, participant, work_dir, timeouts)
         except OutOfSyncError as exc:
             _resync(credentials, work_dir, timeouts, str(exc))
-    return _attempt_round(credentials, participant, work_dir, timeouts)
+    try:
+        return _attempt_round(credentials, participant, work_dir, timeouts)
+    except OutOfSyncError as exc:
+        state = load_state(work_dir, credentials.leaf_id)
+        emit_round_event(_record(credentials, state, "failed"), failed=True,
+                         error=f"still out of step after {MAX_RESYNCS} resyncs: {exc}")
+        raise
 
 
 def _attempt_round(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
@@ -115,7 +127,7 @@ def _attempt_round(credentials: BranchKeyCredentials, participant: Participant, 
     state = load_state(work_dir, credentials.leaf_id)
     resumed = state.phase != "idle"
     if not resumed:
-        details = current_run(credentials, state.round, timeouts.run_poll_s, timeouts.run_s)
+        details = _settled_run(credentials, state.round, timeouts)
         if details.run_status == "stop":
             return RoundResult("stopped", details.run_number, state.round)
         state.start_round(details.run_number)
@@ -183,7 +195,8 @@ def _upload(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState,
         _marks[_round_key(credentials, state)] = shared_client(credentials).mark()
     while True:
         try:
-            receipt = upload_weights(credentials, Path(state.archive or ""), state.round, state.run_number)
+            receipt = upload_weights(credentials, Path(state.archive or ""), state.round, state.run_number,
+                                     name_round=True)
             break
         except RunNotStartedError:
             details = wait_for_run(credentials, state.round, timeouts.run_poll_s, timeouts.run_s)
@@ -240,8 +253,7 @@ def _download(credentials: BranchKeyCredentials, work_dir: Path, state: LeafStat
 
 def _evaluate_and_record(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
                          state: LeafState) -> RoundResult:
-    if not state.metrics_sent:
-        _send_round_metrics(credentials, participant, work_dir, state)
+    _send_round_metrics(credentials, participant, work_dir, state)
     eval_metrics = dict(state.eval_metrics)
     record = _record(credentials, state, "completed", eval_metrics)
     append_record(work_dir, record)
@@ -257,19 +269,31 @@ def _send_round_metrics(credentials: BranchKeyCredentials, participant: Particip
     """Evaluate the global model (once: the result is saved before anything is sent), then send
     the train and test metrics, recording each mode as sent. A kill between a send and its record
     resends it under the same idempotency key, which the platform stores once."""
-    if "evaluate_s" not in state.durations:
+    if not state.evaluated:
         started = time.perf_counter()
         state.eval_metrics = participant.evaluate(read_aggregate(state.global_model or ""), state.round)
         _timed(state, "evaluate_s", started)
+        state.evaluated = True
         save_state(work_dir, state)
     aggregation_id = state.aggregation_id or ""
     for mode, metrics in (("train", state.train_metrics), ("test", state.eval_metrics)):
         if metrics and mode not in state.sent_metrics:
-            send_metrics(credentials, aggregation_id, metrics, state.round, mode=mode)
+            send_metrics(credentials, aggregation_id, metrics, state.round, mode=mode,
+                         idempotency_key=round_metrics_key(credentials.leaf_id, aggregation_id, mode))
             state.sent_metrics = [*state.sent_metrics, mode]
             save_state(work_dir, state)
-    state.metrics_sent = True
-    save_state(work_dir, state)
+
+
+def _settled_run(credentials: BranchKeyCredentials, round_number: int, timeouts: Timeouts) -> RunDetails:
+    """The run, once no round of it is being aggregated: until then the open round's model (the
+    aggregate being written) does not exist yet, and a leaf would train on an older one. Bounded
+    by the aggregation timeout; a platform that does not say what it aggregates is not waited on."""
+    details = current_run(credentials, round_number, timeouts.run_poll_s, timeouts.run_s)
+    deadline = time.monotonic() + timeouts.aggregation_s
+    while details.aggregating and details.run_status != "stop" and time.monotonic() < deadline:
+        time.sleep(SETTLE_POLL_S)
+        details = current_run(credentials, round_number, timeouts.run_poll_s, timeouts.run_s)
+    return details
 
 
 def _check_in_step(state: LeafState, details: RunDetails) -> None:
@@ -287,22 +311,33 @@ def _check_in_step(state: LeafState, details: RunDetails) -> None:
 
 
 def _resync(credentials: BranchKeyCredentials, work_dir: Path, timeouts: Timeouts, reason: str) -> None:
-    """Bring the leaf to the platform's round: adopt the latest aggregate of the run (if any), move
-    the counter, drop the round in progress (its update, if accepted, was counted where it landed),
+    """Bring the leaf to the platform's round: adopt the run's latest aggregate (if any), move the
+    counter, drop the round in progress (its update, if accepted, counted where it landed),
     record a `resynced` row. Nothing is uploaded."""
     logger = run_logger(__name__)
     state = load_state(work_dir, credentials.leaf_id)
-    details = current_run(credentials, state.round, timeouts.run_poll_s, timeouts.run_s)
+    details = _settled_run(credentials, state.round, timeouts)
     before = f"run {state.run_number} round {state.round} ({state.phase})"
-    if not details.tells_round:
-        logger.warning("out of step (%s) but the platform does not say which round is open: abandoning %s and "
-                       "starting the round again", reason, before)
+    if details.run_status == "stop" or not details.tells_round:
+        logger.warning("out of step (%s) and the platform does not say which round is open (run %s): abandoning "
+                       "%s and starting the round again", reason, details.run_status, before)
         state.clear_round()
         save_state(work_dir, state)
         return
+    counted = state.file_id if state.phase in ("uploaded", "aggregated") else None
+    adopted = _adopt(credentials, work_dir, state, details)
+    _record_resync(credentials, work_dir, state, adopted, counted, details)
+    logger.warning("resynced with the platform (%s): the leaf was at %s, now at run %d round %d with aggregation "
+                   "%s; no update was sent for the rounds it missed", reason, before, state.run_number, state.round,
+                   state.last_aggregation or "none")
+
+
+def _adopt(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState,
+           details: RunDetails) -> AggregationRef | None:
+    """Move `state` to the platform's run and open round with the run's latest aggregate as its
+    model (downloaded unless the leaf has it); return that aggregate, None when the run has none."""
     latest = details.latest_aggregation
     adopted = latest if latest and latest.run_number == details.run_number else None
-    counted = state.file_id if state.phase in ("uploaded", "aggregated") else None
     if details.run_number != state.run_number:
         state.run_number, state.consumed_aggregations, state.global_model = details.run_number, [], None
     state.clear_round()
@@ -312,15 +347,20 @@ def _resync(credentials: BranchKeyCredentials, work_dir: Path, timeouts: Timeout
         state.global_model, state.bytes_down = str(path), path.stat().st_size
         state.consumed_aggregations = [*state.consumed_aggregations, adopted.aggregation_id][-1000:]
     state.round = details.round or 1
+    return adopted
+
+
+def _record_resync(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState,
+                   adopted: AggregationRef | None, counted: str | None, details: RunDetails) -> None:
+    """Write the `resynced` row (at the round whose aggregate was adopted, else the round before
+    the open one, so it sorts before the row of the round the leaf completes next) and the
+    state, now idle in the open round."""
     record = _record(credentials, state, "resynced")
-    record.round = adopted.round if adopted else state.round
+    record.round = adopted.round if adopted else max((details.round or 1) - 1, 0)
     record.file_id, record.aggregation_id = counted, adopted.aggregation_id if adopted else None
     append_record(work_dir, record)
     state.clear_round()
     save_state(work_dir, state)
-    logger.warning("resynced with the platform (%s): the leaf was at %s, now at run %d round %d with aggregation "
-                   "%s; no update was sent for the rounds it missed", reason, before, state.run_number, state.round,
-                   state.last_aggregation or "none")
 
 
 def _record(credentials: BranchKeyCredentials, state: LeafState, status: str,

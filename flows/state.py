@@ -61,11 +61,11 @@ class LeafState:
     aggregation_id: str | None = None
     bytes_down: int = 0
     eval_metrics: dict[str, float] = field(default_factory=dict)
-    metrics_sent: bool = False
+    evaluated: bool = False
+    sent_metrics: list[str] = field(default_factory=list)
     durations: dict[str, float] = field(default_factory=dict)
     started_at: float | None = None
     counted_in: list[int] | None = None
-    sent_metrics: list[str] = field(default_factory=list)
     wait_expired: bool = False
 
     @property
@@ -84,7 +84,7 @@ class LeafState:
         self.phase, self.archive, self.weighting, self.train_metrics = "idle", None, None, {}
         self.file_id, self.idempotency_key, self.bytes_up = None, None, 0
         self.aggregation_id, self.bytes_down, self.durations, self.started_at = None, 0, {}, None
-        self.eval_metrics, self.metrics_sent, self.sent_metrics = {}, False, []
+        self.eval_metrics, self.evaluated, self.sent_metrics = {}, False, []
         self.counted_in, self.wait_expired = None, False
 
 
@@ -98,7 +98,7 @@ def load_state(work_dir: Path, leaf_id: str) -> LeafState:
     if not path.exists():
         return LeafState(leaf_id=leaf_id)
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
+        data: dict[str, Any] = _upgraded(json.loads(path.read_text()))
         state = LeafState(**data)
     except (ValueError, TypeError) as exc:
         raise StateError(f"{path} is not a valid leaf state: {exc}") from None
@@ -107,6 +107,16 @@ def load_state(work_dir: Path, leaf_id: str) -> LeafState:
     if state.phase not in PHASES:
         raise StateError(f"{path} has unknown phase {state.phase!r}")
     return state
+
+
+def _upgraded(data: Any) -> Any:
+    """A state written by an earlier version in today's fields (`metrics_sent` became the
+    evaluated flag and the list of metrics modes sent)."""
+    if isinstance(data, dict) and "metrics_sent" in data:
+        sent = bool(data.pop("metrics_sent"))
+        data.setdefault("evaluated", sent)
+        data.setdefault("sent_metrics", ["train", "test"] if sent else [])
+    return data
 
 
 def save_state(work_dir: Path, state: LeafState) -> None:
@@ -142,11 +152,12 @@ def _lock(fd: int, work_dir: Path) -> None:
 def _remove_leftovers(work_dir: Path) -> None:
     """Remove temporary files a killed run left mid-write (state, updates, models, history): only
     the lock's holder writes them, so none of them is being written now."""
-    leftovers = [path for path in work_dir.glob(f".{state_path(work_dir).name}.*.tmp") if is_temporary(path)]
+    for path in work_dir.glob(f".{state_path(work_dir).name}.*.tmp"):
+        if is_temporary(path):
+            path.unlink(missing_ok=True)
     for directory in ("updates", "models", "history"):
-        leftovers += remove_temporaries(work_dir / directory) if (work_dir / directory).is_dir() else []
-    for path in leftovers:
-        path.unlink(missing_ok=True)
+        if (work_dir / directory).is_dir():
+            remove_temporaries(work_dir / directory)
 
 
 @contextmanager
@@ -159,6 +170,7 @@ def hold_work_dir(work_dir: Path) -> Iterator[None]:
     """
     key = Path(work_dir).absolute()
     thread = threading.get_ident()
+    first_hold = False
     with _held_lock:
         if key in _held:
             fd, holding_thread, count = _held[key]
@@ -175,8 +187,10 @@ def hold_work_dir(work_dir: Path) -> Iterator[None]:
                 os.close(fd)
                 raise
             _held[key] = (fd, thread, 1)
-            _remove_leftovers(key)
+            first_hold = True
     try:
+        if first_hold:
+            _remove_leftovers(key)
         yield
     finally:
         with _held_lock:

@@ -10,7 +10,7 @@ from .clients import (
 )
 from .download import download_aggregate
 from .loggers import run_logger
-from .metrics import send_metrics
+from .metrics import round_metrics_key, send_metrics
 from .retries import retry_only_transient
 from .run import current_run, wait_for_run
 from .upload import UploadReceipt, upload_weights
@@ -24,6 +24,7 @@ __all__ = [
     "has_shared_client",
     "resolve_credentials",
     "retry_only_transient",
+    "round_metrics_key",
     "run_logger",
     "send_metrics",
     "shared_client",

@@ -20,6 +20,7 @@ from bk_blocks import (
     BranchKeyCredentials,
     NotificationTimeout,
     OutOfSyncError,
+    RunDetails,
     RunStoppedError,
     TransientError,
 )
@@ -27,8 +28,10 @@ from bk_blocks import (
 from .clients import shared_client
 from .retries import RETRY_OPTIONS
 
-# How long one wait on the listener lasts before the task looks for a reconnect.
+# How long one wait on the listener lasts before the task looks for a reconnect, and the
+# shortest look (a notice already there is taken before the platform is asked).
 _SLICE_S = 1.0
+_FIRST_LOOK_S = 0.05
 
 
 @task(name="wait_for_aggregation", task_run_name="wait-for-aggregation-round-{round_number}",
@@ -52,9 +55,10 @@ def wait_for_aggregation(
     uploading) answers, or with `after=None` the latest one not in `exclude`. The notice stays
     unacknowledged until the caller has stored the id (`shared_client(...).acknowledge(id)`).
 
-    Raises `RunStoppedError` when the run is over, `OutOfSyncError` when the federation has
-    moved past the upload's round (its aggregation was missed: resync), and, after
-    `timeout_s` without an answer, `AggregationTimeoutError` (not retried).
+    Raises `RunStoppedError` when the run is over, `OutOfSyncError` when the upload's round
+    will never be answered (the federation moved past it while the leaf was not listening, or
+    its aggregation failed: resync), and, after `timeout_s` without an answer,
+    `AggregationTimeoutError` (not retried).
     """
     logger = get_run_logger()
     client = shared_client(credentials, logger)
@@ -63,6 +67,14 @@ def wait_for_aggregation(
     connections = client.connections
     next_check = time.monotonic() + (0 if catch_up_first else run_check_interval_s)
     while True:
+        remaining = deadline - time.monotonic()
+        try:
+            notice = client.wait_for_aggregation(max(_FIRST_LOOK_S, min(_SLICE_S, remaining, next_check - time.monotonic())),
+                                                 after=after, exclude=exclude, auto_ack=False, for_round=counted_in)
+            logger.info("round %d aggregated as %s", round_number, notice.aggregation_id)
+            return notice.aggregation_id
+        except NotificationTimeout:
+            pass
         if time.monotonic() >= next_check or client.connections != connections:
             connections = client.connections
             found = _caught_up(client, run_number, round_number, counted_in)
@@ -70,40 +82,42 @@ def wait_for_aggregation(
                 logger.info("round %d aggregated as %s (caught up from the run details)", round_number, found)
                 return found
             next_check = time.monotonic() + run_check_interval_s
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if deadline - time.monotonic() <= 0:
             raise AggregationTimeoutError(
                 f"round {round_number} was not aggregated within {timeout_s:.0f} s of waiting; the round fails "
                 "here and the leaf's next run checks the platform again")
-        try:
-            notice = client.wait_for_aggregation(min(_SLICE_S, remaining), after=after, exclude=exclude,
-                                                 auto_ack=False, for_round=counted_in)
-        except NotificationTimeout:
-            continue
-        logger.info("round %d aggregated as %s", round_number, notice.aggregation_id)
-        return notice.aggregation_id
 
 
 def _caught_up(client: BranchKeyClient, run_number: int, round_number: int,
                counted_in: tuple[int, int] | None) -> str | None:
     """Ask the platform: the aggregation that closed `counted_in` if it is the latest one, None
-    to keep waiting; raises when the run is over or the federation has moved past the round."""
+    to keep waiting; raises when the run is over or the round will never be answered."""
     try:
         details = client.run_details()
     except TransientError as exc:
         client.log.warning("run check failed (%s); still waiting for round %d", exc, round_number)
         return None
+    return answer_from_run(details, run_number, round_number, counted_in)
+
+
+def answer_from_run(details: RunDetails, run_number: int, round_number: int,
+                    counted_in: tuple[int, int] | None) -> str | None:
+    """What the run details say about an upload counted in `counted_in`: the aggregation that
+    closed it, None (keep waiting), or an error when it will never be answered."""
+    latest = details.latest_aggregation
+    if counted_in is not None and latest is not None and (latest.run_number, latest.round) == counted_in:
+        return latest.aggregation_id
     if details.run_status == "stop" or details.run_number != run_number:
         raise RunStoppedError(
             f"run {run_number} ended (now run {details.run_number}, {details.run_status}) while round "
             f"{round_number} waited for its aggregation"
         )
-    latest = details.latest_aggregation
-    if counted_in is None or latest is None or latest.run_number != counted_in[0]:
+    if counted_in is None or not details.tells_round:
         return None
-    if latest.round == counted_in[1]:
-        return latest.aggregation_id
-    if latest.round > counted_in[1]:
+    if latest is not None and latest.run_number == counted_in[0] and latest.round > counted_in[1]:
         raise OutOfSyncError(f"round {counted_in[1]} was aggregated while this leaf was not listening; the "
                              f"federation is at round {details.round} (latest aggregation {latest.aggregation_id})")
+    if details.round is not None and details.round > counted_in[1] and counted_in[1] not in details.aggregating:
+        raise OutOfSyncError(f"round {counted_in[1]} closed without an aggregate (its aggregation failed on the "
+                             f"platform); the federation is at round {details.round}")
     return None

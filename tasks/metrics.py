@@ -22,17 +22,17 @@ def send_metrics(
     metrics: dict[str, Any],
     round_number: int,
     mode: MetricsMode = "test",
+    idempotency_key: str | None = None,
 ) -> None:
     """Report metrics for the round's aggregation (`test`, `train` or `non-federated`).
 
-    The request carries an idempotency key fixed by the leaf, the aggregation and the mode, so
-    a retry, or a rerun after the process died before recording the send, is stored once.
+    With an `idempotency_key` (the round flow passes `round_metrics_key(...)`), a retry or a
+    rerun after the process died before recording the send is stored once.
     """
-    client = shared_client(credentials, get_run_logger())
-    key = metrics_key(client.credentials.leaf_id, aggregation_id, mode)
-    client.send_metrics(aggregation_id, metrics, mode, idempotency_key=key)
+    shared_client(credentials, get_run_logger()).send_metrics(aggregation_id, metrics, mode,
+                                                              idempotency_key=idempotency_key)
 
 
-def metrics_key(leaf_id: str, aggregation_id: str, mode: str) -> str:
-    """One leaf's metrics of one mode for one aggregation always get the same key."""
+def round_metrics_key(leaf_id: str, aggregation_id: str, mode: str) -> str:
+    """A round's metrics of one mode: one leaf reports them once per aggregation."""
     return f"{leaf_id}.metrics.{aggregation_id}.{mode}"

@@ -40,11 +40,13 @@ def idempotency_key(leaf_id: str, run_number: int, round_number: int, sha256: st
 
 @task(name="upload_weights", task_run_name="upload-round-{round_number}", cache_policy=NO_CACHE, **RETRY_OPTIONS)
 def upload_weights(
-    credentials: BranchKeyCredentials | str, archive: Path, round_number: int, run_number: int
+    credentials: BranchKeyCredentials | str, archive: Path, round_number: int, run_number: int,
+    name_round: bool = False,
 ) -> UploadReceipt:
     """Upload an update archive for a round; return the platform's file id.
 
-    The upload names its run and round, so a platform that knows them refuses it once that
+    With `name_round` (when `round_number` is the platform's round, as the round flow keeps
+    it) the upload names its run and round, so a platform that knows them refuses it once that
     round has closed (`StaleRoundError`: resync) rather than counting it in a later one. Take
     the notification mark (`shared_client(...).mark()`) before the first attempt: against a
     platform whose notices do not name their round, the aggregation answering this upload is
@@ -55,7 +57,7 @@ def upload_weights(
     sha256 = sha256_file(archive)
     key = idempotency_key(block.leaf_id, run_number, round_number, sha256.hex())
     reply = shared_client(block, logger).upload_update(archive, idempotency_key=key, sha256=sha256,
-                                                       for_round=(run_number, round_number))
+                                                       for_round=(run_number, round_number) if name_round else None)
     logger.info("round %d: update %s accepted as %s", round_number, Path(archive).name, reply.file_id)
     counted_in = (reply.run_number, reply.round) if reply.run_number is not None and reply.round is not None else None
     return UploadReceipt(reply.file_id, key, sha256.hex(), Path(archive).stat().st_size, counted_in,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -99,3 +100,14 @@ def test_an_unreachable_prefect_api_leaves_rounds_pending(leaf: tuple[str, str, 
         assert publication.close(timeout=60) is False
     assert published_through(work_dir) == (1, 1)
     assert "could not publish its rounds to Prefect" in caplog.text and "next run publishes them" in caplog.text
+
+
+def test_a_resynced_row_and_the_completed_row_of_its_round_are_both_published(
+        leaf: tuple[str, str, Path], prefect_api: str) -> None:
+    leaf_id, name, work_dir = leaf
+    append_record(work_dir, replace(_record(leaf_id, name, 2), status="resynced", aggregation_id="agg-2"))
+    with publishing(name, work_dir):
+        pass
+    assert len(events(prefect_api, "branchkey.round.completed", f"branchkey.leaf.{leaf_id}", expected=1)) == 1
+    resynced = events(prefect_api, "branchkey.round.resynced", f"branchkey.leaf.{leaf_id}", expected=1)
+    assert [e["payload"]["round"] for e in resynced] == [2]

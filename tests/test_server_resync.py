@@ -26,7 +26,7 @@ def test_run_details_name_the_open_round_and_the_latest_aggregation(
     federation = server.federation(leaves=2)
     aggregation_id = close_round(server, federation, update_file, 1)
     data = run_details(server, federation.leaves[0]).json()["data"]
-    assert data == {"run_status": "start", "run_number": 1, "round": 2,
+    assert data == {"run_status": "start", "run_number": 1, "round": 2, "aggregating": [],
                     "latest_aggregation": {"aggregation_id": aggregation_id, "run_number": 1, "round": 1}}
 
 
@@ -83,7 +83,7 @@ def test_metrics_repeated_with_one_idempotency_key_are_stored_once(
 
 def test_partial_files_of_an_interrupted_write_are_removed_at_restart(server: BkServer) -> None:
     leftovers = [server.data_dir / "files" / "aggregates" / ".agg.npz.x1.tmp",
-                 server.data_dir / "files" / "uploads" / ".up.npz.x2.tmp"]
+                 server.data_dir / "files" / "uploads" / ".up.npz.x2.tmp", server.data_dir / "incoming" / "u.part"]
     for path in leftovers:
         path.write_bytes(b"partial")
     server.restart()

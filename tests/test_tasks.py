@@ -89,7 +89,7 @@ def test_upload_task_run_is_named_after_its_round(server: BkServer, update_file:
 
     @flow
     def one_upload() -> str:
-        future = upload_weights.submit(credentials, update_file(), 1, 1)
+        future = upload_weights.submit(credentials, update_file(), 7, 1)
         future.result()
         return str(future.task_run_id)
 
@@ -98,7 +98,7 @@ def test_upload_task_run_is_named_after_its_round(server: BkServer, update_file:
     while (response := httpx.get(f"{prefect_api}/task_runs/{task_run_id}", timeout=10)).status_code == 404:
         assert time.monotonic() < deadline, "the task run never reached the API"
         time.sleep(0.2)
-    assert response.json()["name"] == "upload-round-1"
+    assert response.json()["name"] == "upload-round-7"
 
 
 def test_wait_for_run_waits_while_paused_and_returns_at_start(server: BkServer) -> None:
