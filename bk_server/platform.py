@@ -542,8 +542,7 @@ class Platform:
         if not self.settings.extensions:
             return {"run_status": branch.run_status, "run_number": branch.run_number}
         latest = self.store.latest_aggregate(branch.id)
-        aggregating = [r.round for r in self.store.rounds_of_branch(branch.id)
-                       if r.run_number == branch.run_number and r.status == "aggregating"]
+        aggregating = self.store.aggregating_rounds(branch.id, branch.run_number)
         return {"run_status": branch.run_status, "run_number": branch.run_number, "round": branch.round,
                 "aggregating": aggregating,
                 "latest_aggregation": None if latest is None else {

@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS aggregates (
     id TEXT PRIMARY KEY, branch_id TEXT NOT NULL, run_number INTEGER NOT NULL,
     round INTEGER NOT NULL, updates INTEGER NOT NULL, size INTEGER NOT NULL, created_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS aggregates_branch ON aggregates (branch_id, run_number, round);
 CREATE TABLE IF NOT EXISTS metrics (
     id INTEGER PRIMARY KEY AUTOINCREMENT, leaf_id TEXT NOT NULL, branch_id TEXT NOT NULL,
     tree_id TEXT NOT NULL, aggregation_id TEXT NOT NULL, mode TEXT NOT NULL, data TEXT NOT NULL,
@@ -224,6 +225,13 @@ class Store:
 
     def aggregate(self, aggregation_id: str) -> Aggregate | None:
         return self._one(Aggregate, "SELECT * FROM aggregates WHERE id = ?", aggregation_id)
+
+    def aggregating_rounds(self, branch_id: str, run_number: int) -> list[int]:
+        """The run's rounds closed and not yet aggregated (FedAvg running, or to be redone)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT round FROM rounds WHERE branch_id = ? AND run_number = ? AND "
+                                      "status = 'aggregating' ORDER BY round", (branch_id, run_number)).fetchall()
+        return [row["round"] for row in rows]
 
     def latest_aggregate(self, branch_id: str) -> Aggregate | None:
         """The branch's most recent aggregate, by run and round."""

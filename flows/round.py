@@ -60,7 +60,7 @@ _marks: dict[tuple[str, int, int], int] = {}
 # How often a leaf asks whether the platform's aggregation of a closed round is done.
 SETTLE_POLL_S = 0.2
 
-# Resyncs one call of a round may make before it gives up (one before training and one after a
+# Resyncs one `federated-round` run may make before it ends (one before training and one after a
 # refused upload is the most a federation that is not moving faster than the leaf needs).
 MAX_RESYNCS = 3
 
@@ -76,7 +76,9 @@ class Timeouts:
 
 @dataclass
 class RoundResult:
-    """What a round ended as: `completed`, `declined` (the participant sat it out) or `stopped`."""
+    """What a round ended as: `completed`, `declined` (the participant sat it out), `stopped`, or
+    `resynced` (the leaf was out of step and moved to the platform's open round, uploading nothing;
+    `round` is then that open round)."""
 
     status: str
     run_number: int
@@ -106,20 +108,14 @@ def run_round(
 
 def _run_round(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
                timeouts: Timeouts) -> RoundResult:
-    """The round, resyncing with the platform whenever the leaf turns out to be out of step (at
-    most MAX_RESYNCS times: a federation that keeps moving faster than the leaf fails the round)."""
-    for _ in range(MAX_RESYNCS):
-        try:
-            return _attempt_round(credentials, participant, work_dir, timeouts)
-        except OutOfSyncError as exc:
-            _resync(credentials, work_dir, timeouts, str(exc))
+    """The round, or `resynced` when the leaf turned out to be out of step and resynced instead
+    (nothing uploaded): the caller decides whether the platform's open round is one to run."""
     try:
         return _attempt_round(credentials, participant, work_dir, timeouts)
     except OutOfSyncError as exc:
+        record = _resync(credentials, work_dir, timeouts, str(exc))
         state = load_state(work_dir, credentials.leaf_id)
-        emit_round_event(_record(credentials, state, "failed"), failed=True,
-                         error=f"still out of step after {MAX_RESYNCS} resyncs: {exc}")
-        raise
+        return RoundResult("resynced", state.run_number, state.round, record, state.global_model)
 
 
 def _attempt_round(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
@@ -310,7 +306,8 @@ def _check_in_step(state: LeafState, details: RunDetails) -> None:
             f"with model {platform_model or 'none'}")
 
 
-def _resync(credentials: BranchKeyCredentials, work_dir: Path, timeouts: Timeouts, reason: str) -> None:
+def _resync(credentials: BranchKeyCredentials, work_dir: Path, timeouts: Timeouts,
+            reason: str) -> RoundRecord | None:
     """Bring the leaf to the platform's round: adopt the run's latest aggregate (if any), move the
     counter, drop the round in progress (its update, if accepted, counted where it landed),
     record a `resynced` row. Nothing is uploaded."""
@@ -323,13 +320,14 @@ def _resync(credentials: BranchKeyCredentials, work_dir: Path, timeouts: Timeout
                        "%s and starting the round again", reason, details.run_status, before)
         state.clear_round()
         save_state(work_dir, state)
-        return
+        return None
     counted = state.file_id if state.phase in ("uploaded", "aggregated") else None
     adopted = _adopt(credentials, work_dir, state, details)
-    _record_resync(credentials, work_dir, state, adopted, counted, details)
+    record = _record_resync(credentials, work_dir, state, adopted, counted, details)
     logger.warning("resynced with the platform (%s): the leaf was at %s, now at run %d round %d with aggregation "
                    "%s; no update was sent for the rounds it missed", reason, before, state.run_number, state.round,
                    state.last_aggregation or "none")
+    return record
 
 
 def _adopt(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState,
@@ -351,7 +349,7 @@ def _adopt(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState,
 
 
 def _record_resync(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState,
-                   adopted: AggregationRef | None, counted: str | None, details: RunDetails) -> None:
+                   adopted: AggregationRef | None, counted: str | None, details: RunDetails) -> RoundRecord:
     """Write the `resynced` row (at the round whose aggregate was adopted, else the round before
     the open one, so it sorts before the row of the round the leaf completes next) and the
     state, now idle in the open round."""
@@ -361,6 +359,7 @@ def _record_resync(credentials: BranchKeyCredentials, work_dir: Path, state: Lea
     append_record(work_dir, record)
     state.clear_round()
     save_state(work_dir, state)
+    return record
 
 
 def _record(credentials: BranchKeyCredentials, state: LeafState, status: str,
@@ -411,8 +410,8 @@ def federated_round(
             try:
                 expected = load_state(directory, block.leaf_id).round
                 label_flow_run(round_name(block, expected), run_tags(block))
-                result = run_round(block, model, directory,
-                                   Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s))
+                result = _round_in_step(block, model, directory,
+                                        Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s))
             finally:
                 if owns_client:
                     close_shared_client(block)
@@ -420,6 +419,17 @@ def federated_round(
         return cancelled_as_busy(exc)
     if result.round != expected:
         label_flow_run(round_name(block, result.round), [])
+    return result
+
+
+def _round_in_step(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
+                   timeouts: Timeouts) -> RoundResult:
+    """The leaf's round; after a resync, the platform's open round (up to MAX_RESYNCS times)."""
+    result = run_round(credentials, participant, work_dir, timeouts)
+    for _ in range(MAX_RESYNCS):
+        if result.status != "resynced":
+            break
+        result = run_round(credentials, participant, work_dir, timeouts)
     return result
 
 

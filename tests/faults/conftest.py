@@ -43,16 +43,22 @@ def record(outcome: Outcome) -> Outcome:
     return outcome
 
 
+def _seconds(value: float | None) -> str:
+    return f"{value:.1f}" if value is not None else "-"
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not OUTCOMES:
         return
     write = terminalreporter.write_line
     terminalreporter.section("fault suite")
-    write(f"{'fault':58} {'transport':9} {'survived':8} {'lost':>4} {'double':>6} {'reruns':>6} {'recovery s':>10}")
+    write("recovery: from the fault to the next aggregation; finished: to every leaf done "
+          "(- : none after the fault); reruns: leaf runs that ended badly (the kill included) and were run again")
+    write(f"{'fault':66} {'transport':9} {'survived':8} {'lost':>4} {'double':>6} {'reruns':>6} {'recovery s':>10} "
+          f"{'finished s':>10}")
     for o in OUTCOMES:
-        recovery = f"{o.recovery_s:.1f}" if o.recovery_s is not None else "-"
-        write(f"{o.fault:58} {o.transport:9} {'yes' if o.survived else 'NO':8} {o.lost:>4} {o.double_counted:>6} "
-              f"{o.reruns:>6} {recovery:>10}")
+        write(f"{o.fault:66} {o.transport:9} {'yes' if o.survived else 'NO':8} {o.lost:>4} {o.double_counted:>6} "
+              f"{o.reruns:>6} {_seconds(o.recovery_s):>10} {_seconds(o.finished_s):>10}")
     survived = sum(o.survived for o in OUTCOMES)
     write(f"{len(OUTCOMES)} faults, {survived} survived, {sum(o.lost for o in OUTCOMES)} updates lost, "
           f"{sum(o.double_counted for o in OUTCOMES)} counted wrongly")

@@ -44,6 +44,7 @@ class Outcome:
     double_counted: int
     reruns: int
     recovery_s: float | None
+    finished_s: float | None
     problems: list[str] = field(default_factory=list)
 
 
@@ -118,6 +119,7 @@ class FaultFederation:
                                            self.server.url))
         (root / "logs").mkdir(parents=True, exist_ok=True)
         self.fault_at: float | None = None
+        self.finished_at: float | None = None
 
     # -- running ---------------------------------------------------------------------------
 
@@ -146,6 +148,7 @@ class FaultFederation:
             if until is not None and until():
                 return
             if until is None and all(self.leaf_done(leaf) for leaf in self.leaves):
+                self.finished_at = time.time()
                 return
             for leaf in self.leaves:
                 if leaf.process is not None and leaf.process.poll() is not None and not self.leaf_done(leaf):
@@ -229,7 +232,8 @@ class FaultFederation:
         if strict:
             double += self._check_histories(by_round, runs, problems)
         reruns = sum(len(leaf.failed_runs) for leaf in self.leaves)
-        return Outcome(fault, self.transport, not problems, lost, double, reruns, self.recovery_s(), problems)
+        finished = self.finished_at - self.fault_at if self.finished_at and self.fault_at else None
+        return Outcome(fault, self.transport, not problems, lost, double, reruns, self.recovery_s(), finished, problems)
 
     def _check_updates(self, where: str, round_: sqlite3.Row, uploads: list[sqlite3.Row], problems: list[str],
                        strict: bool) -> int:
@@ -279,12 +283,11 @@ class FaultFederation:
         return wrong
 
     def recovery_s(self) -> float | None:
-        """Seconds from the fault until a round opened after it was aggregated: the federation
-        is whole and moving again."""
+        """Seconds from the fault to the federation's next aggregation (it is moving again)."""
         if self.fault_at is None:
             return None
         after = [r["aggregated_at"] for r in self.rounds_status()
-                 if r["aggregated_at"] is not None and r["opened_at"] >= self.fault_at]
+                 if r["aggregated_at"] is not None and r["aggregated_at"] >= self.fault_at]
         return min(after) - self.fault_at if after else None
 
 
