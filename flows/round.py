@@ -203,6 +203,7 @@ def _upload(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState,
     state.counted_in = list(receipt.counted_in) if receipt.counted_in else None
     state.phase = "uploaded"
     if receipt.aggregation_id:
+        _marks.pop(_round_key(credentials, state), None)
         state.aggregation_id, state.phase = receipt.aggregation_id, "aggregated"
     save_state(work_dir, state)
 
@@ -216,7 +217,7 @@ def _await_aggregation(credentials: BranchKeyCredentials, work_dir: Path, state:
     platform that cannot say where the federation is, the next run abandons the round and
     rejoins with fresh training rather than waiting again for a notice that is gone.
     """
-    counted_in = tuple(state.counted_in) if state.counted_in else None
+    counted_in = (state.counted_in[0], state.counted_in[1]) if state.counted_in else None
     if resumed and state.wait_expired and counted_in is None:
         raise OutOfSyncError(f"round {state.round}'s wait for its aggregation ran out in an earlier run and the "
                              "platform does not say which round it is at")

@@ -67,10 +67,10 @@ def wait_for_aggregation(
     connections = client.connections
     next_check = time.monotonic() + (0 if catch_up_first else run_check_interval_s)
     while True:
-        remaining = deadline - time.monotonic()
+        look_s = max(_FIRST_LOOK_S, min(_SLICE_S, deadline - time.monotonic(), next_check - time.monotonic()))
         try:
-            notice = client.wait_for_aggregation(max(_FIRST_LOOK_S, min(_SLICE_S, remaining, next_check - time.monotonic())),
-                                                 after=after, exclude=exclude, auto_ack=False, for_round=counted_in)
+            notice = client.wait_for_aggregation(look_s, after=after, exclude=exclude, auto_ack=False,
+                                                 for_round=counted_in)
             logger.info("round %d aggregated as %s", round_number, notice.aggregation_id)
             return notice.aggregation_id
         except NotificationTimeout:

@@ -175,7 +175,7 @@ def test_leaf_offline_for_rounds_rejoins_at_the_platforms_round(make_federation:
     federation.supervise()
     record(federation.verify("leaf offline for two rounds"))
     rows = [(r["round"], r["status"]) for r in history_rows(federation.leaves[0].work_dir)]
-    assert rows[0] == (1, "completed") and rows[1][1] == "resynced" and rows[1][0] >= 3, rows
+    assert any(status == "resynced" and round_number >= 3 for round_number, status in rows), rows
 
 
 def test_two_runs_of_one_leaf_do_one_round_at_a_time(make_federation: MakeFederation, transport: str) -> None:
