@@ -33,10 +33,12 @@ def killed(leaf: LeafProcess, timeout: float = 120) -> None:
 
 
 def mid_round_two(make_federation: MakeFederation, transport: str) -> FaultFederation:
-    """A running federation with an update in round 2 (so a leaf is waiting there)."""
+    """A federation held in round 2: leaf 2 died there before uploading (`supervise()` reruns
+    it), so the other leaves wait in round 2 for as long as the fault needs."""
     federation = make_federation(transport)
-    federation.start()
-    federation.wait_until(lambda: federation.round_has(2, 1), "an update in round 2")
+    federation.start(**{"1": "2:trained"})
+    killed(federation.leaves[1])
+    federation.wait_until(lambda: federation.round_has(2, 2), "both other leaves' updates in round 2")
     return federation
 
 
@@ -209,7 +211,7 @@ def test_run_stopped_mid_round_then_a_new_run(make_federation: MakeFederation, t
     federation.server.run(federation.branch_id, "stop")
     federation.mark_fault()
     federation.wait_until(lambda: not any(leaf.running() for leaf in federation.leaves), "every leaf's run ended")
-    for leaf in federation.leaves:
+    for leaf in (federation.leaves[0], federation.leaves[2]):
         assert leaf.process is not None and leaf.process.returncode == 0, leaf.last_output()
         assert '"status": "stopped"' in leaf.log.read_text()
     federation.server.run(federation.branch_id, "start")
