@@ -33,19 +33,14 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
         raise
 
 
-def is_temporary(path: Path) -> bool:
-    """Whether `path` is a temporary file of `atomic_write` (left behind only by a killed process)."""
-    return path.name.startswith(".") and path.name.endswith(".tmp")
-
-
-def remove_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
-    """Remove `atomic_write`'s temporary files under `directory`; return what was removed.
+def remove_temporaries(directory: str | os.PathLike[str], name: str = "*") -> list[Path]:
+    """Remove the temporary files `atomic_write` left (only a killed process leaves them) for
+    files named `name` (a glob) under `directory`; return what was removed.
 
     Call it only while nothing else writes there (a server starting on its data dir, a leaf
     holding its work dir's lock): a live writer's temporary file would go too.
     """
-    directory = Path(directory)
-    removed = [path for path in directory.rglob(".*.tmp") if path.is_file() and is_temporary(path)]
+    removed = [path for path in Path(directory).rglob(f".{name}.*.tmp") if path.is_file()]
     for path in removed:
         path.unlink(missing_ok=True)
     return removed

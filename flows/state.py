@@ -19,7 +19,7 @@ from typing import Any
 
 from prefect.runtime import flow_run
 
-from bk_blocks.files import atomic_write, is_temporary, remove_temporaries
+from bk_blocks.files import atomic_write, remove_temporaries
 
 PHASES = ("idle", "trained", "uploaded", "aggregated", "downloaded")
 
@@ -152,9 +152,7 @@ def _lock(fd: int, work_dir: Path) -> None:
 def _remove_leftovers(work_dir: Path) -> None:
     """Remove temporary files a killed run left mid-write (state, updates, models, history): only
     the lock's holder writes them, so none of them is being written now."""
-    for path in work_dir.glob(f".{state_path(work_dir).name}.*.tmp"):
-        if is_temporary(path):
-            path.unlink(missing_ok=True)
+    remove_temporaries(work_dir, state_path(work_dir).name)
     for directory in ("updates", "models", "history"):
         if (work_dir / directory).is_dir():
             remove_temporaries(work_dir / directory)
