@@ -62,10 +62,10 @@ test-faults: setup system-deps broker
 	PREFECT_HOME=$$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false \
 		$(BIN)/python -m pytest -m fault $(PYTEST_ARGS)
 
-# The demo federation: a local bk-server and Prefect server, three leaves, ten rounds (flows/demo.py).
+# The demo federation: a local bk-server and Prefect server, three leaves, ten rounds (bk_dev/demo.py).
 # DEMO_ARGS=--no-keep exits at the end instead of keeping the servers up for the UI.
 demo: setup
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m flows.demo $(DEMO_ARGS)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m bk_dev.demo $(DEMO_ARGS)
 
 bench: setup
 	$(BIN)/python bench/aggregate.py

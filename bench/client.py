@@ -74,7 +74,7 @@ from harness import (
     temporary_root,
 )
 
-from bk_server.process import broker_available
+from bk_dev.processes import broker_available
 
 BK_BLOCKS, REQUESTS = "bk_blocks", "requests"
 # What the official 2.x client sends as metadata (Python-looking text, not JSON).
@@ -124,14 +124,12 @@ def write_archive(path: Path, size_mb: float, layers: int, seed: int) -> int:
 
 def make_client(spec: dict[str, Any]) -> Any:
     """A `BranchKeyClient` for the spec's leaf, host and notification transport."""
-    from bk_blocks.client import BranchKeyClient
-    from bk_blocks.credentials import BranchKeyCredentials
+    from bk_blocks.client import BranchKeyClient, ConnectionOptions, read_platform_credentials
 
-    credentials = BranchKeyCredentials.from_platform_json(
-        spec["leaf"], host=spec["host"], notification_transport=spec.get("transport", WEBSOCKET),
-        amqp_host="127.0.0.1", read_timeout_s=600.0,
-    )
-    return BranchKeyClient(credentials)
+    identity, token = read_platform_credentials(spec["leaf"])
+    options = ConnectionOptions(host=spec["host"], notification_transport=spec.get("transport", WEBSOCKET),
+                                amqp_host="127.0.0.1", read_timeout_s=600.0)
+    return BranchKeyClient(identity, token, options)
 
 
 def auth_headers(leaf: dict[str, str]) -> dict[str, str]:

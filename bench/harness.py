@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 import requests
 
-from bk_server.process import LocalServer
+from bk_dev.local_platform import LocalServer
 
 MB = 10**6
 GB = 10**9

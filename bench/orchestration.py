@@ -36,7 +36,7 @@ leaf per round, round 1 excluded as the warm-up (listener start-up, first task r
   every history file each round), so compare it only between runs of the same ``--rounds``.
 
 Prefect: per database of ``--prefect-db`` (``postgres``: the embedded PostgreSQL, the default;
-``sqlite``), a `prefect server start` of its own (`flows.prefect_server.LocalPrefectServer`), unless
+``sqlite``), a `prefect server start` of its own (`bk_dev.prefect_server.LocalPrefectServer`), unless
 ``PREFECT_API_URL`` is set; always with a temporary ``PREFECT_HOME`` and
 ``PREFECT_SERVER_ANALYTICS_ENABLED=false``. The cost columns: ``http`` and ``events``, the Prefect
 API requests and events the leaves' process sent per leaf-round (counted in that process,
@@ -93,10 +93,10 @@ from harness import (
     temporary_root,
 )
 
-from bk_server.process import broker_available
+from bk_dev.processes import broker_available
 from flows.participant import Participant, TrainResult
-from flows.prefect_database import POSTGRES, SQLITE
-from flows.prefect_server import LocalPrefectServer, describe_database
+from bk_dev.prefect_database import POSTGRES, SQLITE
+from bk_dev.prefect_server import LocalPrefectServer, describe_database
 
 AGGREGATION_TIMEOUT_S = 600.0
 PREFECT_SETTLE_S = 3.0

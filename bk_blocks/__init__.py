@@ -1,12 +1,25 @@
-"""How to talk to BranchKey: the credentials Block, the client, the archive format."""
+"""How to talk to BranchKey, in three layers that each import only those above them here:
 
-from .client import AggregationRef, BranchKeyClient, RunDetails, UploadReply
-from .credentials import BranchKeyCredentials
+- the protocol and the `.npz` archive format (`protocol`, `archive`, `errors`, `files`): plain Python and numpy;
+- the client (`client`, `notifications`, `compat`): HTTP plus AMQP or WebSocket notices, built
+  from plain values; it needs requests, pika and websockets, never Prefect;
+- the Prefect side (`credentials`, the `BranchKeyCredentials` Block, and `settings`, the same
+  fields from `BRANCHKEY_*` variables): imported only when asked for, so that `import
+  bk_blocks.client` works where Prefect is not installed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .client import AggregationRef, BranchKeyClient, ConnectionOptions, LeafIdentity, RunDetails, UploadReply
 from .errors import (
     AggregationTimeoutError,
+    ArchiveError,
     ArchiveRejectedError,
     AuthenticationError,
     BranchKeyError,
+    ConfigurationError,
     NotFoundError,
     NotificationTimeout,
     OutOfSyncError,
@@ -16,20 +29,39 @@ from .errors import (
     StaleRoundError,
     TransientError,
     UnsafeFileIdError,
+    UsageError,
 )
 from .notifications import AggregationNotice
-from .settings import BranchKeySettings
+
+if TYPE_CHECKING:
+    from .credentials import BranchKeyCredentials
+    from .settings import BranchKeySettings
+
+_PREFECT_SIDE = {"BranchKeyCredentials": "credentials", "BranchKeySettings": "settings"}
+
+
+def __getattr__(name: str) -> Any:
+    """The Block and the settings, imported (with Prefect) on first use."""
+    if name in _PREFECT_SIDE:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_PREFECT_SIDE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "AggregationNotice",
     "AggregationRef",
     "AggregationTimeoutError",
+    "ArchiveError",
     "ArchiveRejectedError",
     "AuthenticationError",
     "BranchKeyClient",
     "BranchKeyCredentials",
     "BranchKeyError",
     "BranchKeySettings",
+    "ConfigurationError",
+    "ConnectionOptions",
+    "LeafIdentity",
     "NotFoundError",
     "NotificationTimeout",
     "OutOfSyncError",
@@ -41,4 +73,5 @@ __all__ = [
     "TransientError",
     "UnsafeFileIdError",
     "UploadReply",
+    "UsageError",
 ]

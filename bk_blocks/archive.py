@@ -22,6 +22,15 @@ from typing import IO
 
 import numpy as np
 
+from .errors import (
+    ArchiveError,
+    ArchiveTooLargeError,
+    LayerError,
+    NotAnArchiveError,
+    PickledArrayError,
+    UnsupportedPayloadError,
+    WeightingError,
+)
 from .files import atomic_write
 
 PAYLOAD_KIND_KEY = "__bk_payload_kind__"
@@ -37,34 +46,6 @@ _LAYER_NAME = re.compile(r"^layer_(0|[1-9][0-9]*)$")
 _ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 # Real numeric kinds a layer may hold: float, signed and unsigned integer, bool.
 _LAYER_KINDS = "fiub"
-
-
-class ArchiveError(ValueError):
-    """An archive that is not a valid BranchKey update or aggregate; the message says why."""
-
-
-class NotAnArchiveError(ArchiveError):
-    """The bytes are not a zip file of `.npy` members (not an `.npz`)."""
-
-
-class PickledArrayError(ArchiveError):
-    """A member holds a pickled or object array, which is never loaded."""
-
-
-class WeightingError(ArchiveError):
-    """`weighting` is missing, not a single value, or not finite and positive."""
-
-
-class LayerError(ArchiveError):
-    """Layers are missing, misnumbered, of an unsupported dtype, or hold NaN/infinity."""
-
-
-class ArchiveTooLargeError(ArchiveError):
-    """The archive would decompress to more bytes than the configured limit."""
-
-
-class UnsupportedPayloadError(ArchiveError):
-    """The archive declares a payload kind this code does not handle (yet)."""
 
 
 @dataclass(frozen=True)

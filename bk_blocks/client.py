@@ -20,22 +20,27 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
 import requests
 
-from .archive import ArchiveError, inspect_aggregate, inspect_update, write_update
+from .archive import inspect_aggregate, inspect_update, write_update
 from .errors import (
+    ArchiveError,
     ArchiveRejectedError,
+    BranchKeyError,
     AuthenticationError,
+    ConfigurationError,
     NotFoundError,
     RequestRefusedError,
     RunNotStartedError,
     StaleRoundError,
     TransientError,
     UnsafeFileIdError,
+    UsageError,
+    error_for_response,
 )
 from .files import atomic_write, sha256_file
 from .notifications import (
@@ -47,14 +52,10 @@ from .notifications import (
 )
 from .protocol import METRIC_MODES, MetricsMode
 
-if TYPE_CHECKING:
-    from .credentials import BranchKeyCredentials
-
 log = logging.getLogger(__name__)
 
 _SAFE_FILE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _STREAM_BLOCK = 1024 * 1024
-_TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
 def _client_version() -> str:
@@ -62,6 +63,70 @@ def _client_version() -> str:
         return version("prefect-branchkey")
     except PackageNotFoundError:
         return "unknown"
+
+
+@dataclass(frozen=True)
+class LeafIdentity:
+    """Who the leaf is on the platform: the identity half of the platform's credentials JSON
+    (the session token is passed to the client on its own, so it is never part of a repr)."""
+
+    leaf_id: str
+    leaf_name: str
+    tree_id: str
+    branch_id: str
+    owner_id: str = ""
+
+
+def check_host(host: str) -> str:
+    """The platform's base URL without a trailing slash; anything but an http(s) URL is refused."""
+    parts = urlsplit(host)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(f"host must be an http(s) URL like https://app.branchkey.com, got {host!r}")
+    return host.rstrip("/")
+
+
+PLATFORM_JSON_KEYS = ("id", "name", "session_token", "tree_id", "branch_id", "owner_id")
+
+
+def read_platform_credentials(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[LeafIdentity, str]:
+    """The leaf's identity and session token from the credentials JSON the platform issues
+    (a path or the parsed dict), refusing one that lacks a field."""
+    data = source if isinstance(source, dict) else json.loads(Path(source).read_text())
+    missing = [key for key in PLATFORM_JSON_KEYS if not data.get(key)]
+    if missing:
+        raise ConfigurationError(f"credentials JSON is missing {', '.join(missing)}")
+    identity = LeafIdentity(leaf_id=data["id"], leaf_name=data["name"], tree_id=data["tree_id"],
+                            branch_id=data["branch_id"], owner_id=data["owner_id"])
+    return identity, str(data["session_token"])
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    """How to reach the platform: its API, TLS, proxies, timeouts, and the notification transport."""
+
+    host: str = "https://app.branchkey.com"
+    verify_tls: bool = True
+    proxies: dict[str, str] | None = None
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 120.0
+    notification_transport: Literal["amqp", "websocket"] = "websocket"
+    amqp_host: str | None = None
+    amqp_port: int = 5672
+    amqp_tls: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host", check_host(self.host))
+
+    @property
+    def amqp_hostname(self) -> str:
+        """The RabbitMQ host: the override, else the API's host name."""
+        return self.amqp_host or urlsplit(self.host).hostname or "localhost"
+
+    @property
+    def ws_base(self) -> str:
+        """The WebSocket base URL of the API (`ws://` or `wss://`)."""
+        scheme, rest = self.host.split(":", 1)
+        return ("wss" if scheme == "https" else "ws") + ":" + rest
 
 
 @dataclass(frozen=True)
@@ -189,20 +254,23 @@ class _MultipartBody:
 class BranchKeyClient:
     """The leaf's connection to the platform: HTTP calls plus one notification listener."""
 
-    def __init__(self, credentials: "BranchKeyCredentials", *, logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
-        self.credentials = credentials
+    def __init__(self, leaf: LeafIdentity, session_token: str, options: ConnectionOptions | None = None, *,
+                 logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
+        self.leaf = leaf
+        self.options = options or ConnectionOptions()
         self.log = logger or log
+        self._token = session_token
         self._session = requests.Session()
         self._session.headers.clear()
-        self._timeout = (credentials.connect_timeout_s, credentials.read_timeout_s)
+        self._timeout = (self.options.connect_timeout_s, self.options.read_timeout_s)
         self._listener: NotificationListener | None = None
         self._listener_lock = threading.Lock()
         self._ticket_session = requests.Session()
         self._run: RunDetails | None = None
 
     def __repr__(self) -> str:
-        c = self.credentials
-        return f"BranchKeyClient(leaf={c.leaf_name!r}, branch_id={c.branch_id!r}, host={c.host!r})"
+        return (f"BranchKeyClient(leaf={self.leaf.leaf_name!r}, branch_id={self.leaf.branch_id!r}, "
+                f"host={self.options.host!r})")
 
     def __enter__(self) -> "BranchKeyClient":
         return self
@@ -221,18 +289,17 @@ class BranchKeyClient:
     # -- HTTP plumbing -----------------------------------------------------------------
 
     def _headers(self, accept: str = "application/json") -> dict[str, str]:
-        c = self.credentials
-        return {"Authorization": f"Bearer {c.leaf_id}:{c.session_token.get_secret_value()}",
+        return {"Authorization": f"Bearer {self.leaf.leaf_id}:{self._token}",
                 "accept": accept, "LEAF": "true"}
 
     def _request(self, method: str, path: str, *, expected: int, what: str, **kwargs: Any) -> requests.Response:
-        url = self.credentials.host + path
+        url = self.options.host + path
         kwargs.setdefault("headers", self._headers())
         try:
-            response = self._session.request(method, url, timeout=self._timeout, verify=self.credentials.verify_tls,
-                                             proxies=self.credentials.proxies, **kwargs)
+            response = self._session.request(method, url, timeout=self._timeout, verify=self.options.verify_tls,
+                                             proxies=self.options.proxies, **kwargs)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise TransientError(f"{what} failed: {type(exc).__name__} talking to {self.credentials.host}") from None
+            raise TransientError(f"{what} failed: {type(exc).__name__} talking to {self.options.host}") from None
         except requests.RequestException as exc:
             raise TransientError(f"{what} failed: {type(exc).__name__}") from None
         if response.status_code != expected:
@@ -240,33 +307,14 @@ class BranchKeyClient:
         return response
 
     @staticmethod
-    def _error(response: requests.Response, what: str) -> Exception:
-        status = response.status_code
-        code = None
-        try:
-            body = response.json()
-            message = (body.get("error") or json.dumps(body)) if isinstance(body, dict) else str(body)
-            code = body.get("code") if isinstance(body, dict) else None
-        except ValueError:
-            message = response.text[:300] or response.reason
-        text = f"{what} refused ({status}): {message}"
-        if status in _TRANSIENT_STATUS or status >= 500:
-            return TransientError(text)
-        if status in (401, 403):
-            return AuthenticationError(text, status)
-        if code == "stale_round":
-            return StaleRoundError(text, status)
-        if code == "run_blocked" or "run is blocked" in message:
-            return RunNotStartedError(text, status_code=status)
-        if status == 404:
-            return NotFoundError(text, status)
-        return RequestRefusedError(text, status)
+    def _error(response: requests.Response, what: str) -> BranchKeyError:
+        return error_for_response(response.status_code, response.content, response.reason or "", what)
 
     # -- the protocol's calls ----------------------------------------------------------
 
     def run_details(self) -> RunDetails:
         """The branch's run status and number, fetched now."""
-        response = self._request("GET", f"/api/v1/run/{self.credentials.branch_id}", expected=200, what="run details")
+        response = self._request("GET", f"/api/v1/run/{self.leaf.branch_id}", expected=200, what="run details")
         self._run = RunDetails.parse(response.json()["data"])
         if self._listener is not None:
             self._listener.run_status = self._run.run_status
@@ -286,7 +334,7 @@ class BranchKeyClient:
 
     def branch_config(self) -> dict[str, Any]:
         """The branch's configuration (3.x call)."""
-        response = self._request("GET", f"/api/v1/config/branch/{self.credentials.branch_id}", expected=200,
+        response = self._request("GET", f"/api/v1/config/branch/{self.leaf.branch_id}", expected=200,
                                  what="branch config")
         return response.json()["data"]
 
@@ -324,7 +372,7 @@ class BranchKeyClient:
         size, digest = path.stat().st_size, digest_header(sha256 or sha256_file(path))
         meta = {"client_version": f"prefect-branchkey/{_client_version()}", "file_size": size,
                 "file_digest": digest, "kind": info.kind, **(metadata or {})}
-        body = _MultipartBody(path, {"data": json.dumps({"leaf_name": self.credentials.leaf_name,
+        body = _MultipartBody(path, {"data": json.dumps({"leaf_name": self.leaf.leaf_name,
                                                          "metadata": json.dumps(meta)})})
         headers = self._headers() | {"Content-Type": body.content_type, "x-bk-file-size": str(size),
                                      "x-bk-file-digest": digest}
@@ -368,8 +416,8 @@ class BranchKeyClient:
         """Step two of a download: the pre-signed URL, with no auth headers, streamed to `handle`."""
         where = urlsplit(url)._replace(query="").geturl()
         try:
-            with self._session.get(url, stream=True, timeout=self._timeout, verify=self.credentials.verify_tls,
-                                   proxies=self.credentials.proxies) as response:
+            with self._session.get(url, stream=True, timeout=self._timeout, verify=self.options.verify_tls,
+                                   proxies=self.options.proxies) as response:
                 if response.status_code != 200:
                     raise self._error(response, f"download from {where}")
                 expected = int(response.headers.get("Content-Length", "-1"))
@@ -393,12 +441,12 @@ class BranchKeyClient:
         between the request and recording that it was sent is stored once.
         """
         if mode not in METRIC_MODES:
-            raise ValueError(f"mode must be one of {', '.join(METRIC_MODES)}, got {mode!r}")
+            raise UsageError(f"mode must be one of {', '.join(METRIC_MODES)}, got {mode!r}")
         try:
             data = json.dumps(metrics, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"metrics must be JSON-serialisable with finite numbers: {exc}") from None
-        c = self.credentials
+            raise UsageError(f"metrics must be JSON-serialisable with finite numbers: {exc}") from None
+        c = self.leaf
         payload = json.dumps({"mode": mode, "aggregation_id": aggregation_id, "leaf_id": c.leaf_id,
                               "branch_id": c.branch_id, "tree_id": c.tree_id, "data": data})
         headers = self._headers() | ({"Idempotency-Key": idempotency_key} if idempotency_key else {})
@@ -419,16 +467,14 @@ class BranchKeyClient:
         return self._listener
 
     def _make_listener(self) -> NotificationListener:
-        c = self.credentials
-        on_run_status = self._on_run_status
-        if c.notification_transport == "amqp":
-            return AmqpListener(host=c.amqp_hostname, port=c.amqp_port, tree_id=c.tree_id, leaf_id=c.leaf_id,
-                                session_token=c.session_token.get_secret_value(), use_tls=c.amqp_tls,
+        o, on_run_status = self.options, self._on_run_status
+        if o.notification_transport == "amqp":
+            return AmqpListener(host=o.amqp_hostname, port=o.amqp_port, tree_id=self.leaf.tree_id,
+                                leaf_id=self.leaf.leaf_id, session_token=self._token, use_tls=o.amqp_tls,
                                 on_run_status=on_run_status)
-        ws_base = "wss" + c.host[len("https"):] if c.host.startswith("https") else "ws" + c.host[len("http"):]
-        fetch = ticket_fetcher(self._ticket_session, f"{c.host}/api/v1/ws/ticket", self._headers(),
-                               self._timeout, c.verify_tls, c.proxies)
-        return WebSocketListener(ticket=fetch, ws_base=ws_base, on_run_status=on_run_status)
+        fetch = ticket_fetcher(self._ticket_session, f"{o.host}/api/v1/ws/ticket", self._headers(),
+                               self._timeout, o.verify_tls, o.proxies)
+        return WebSocketListener(ticket=fetch, ws_base=o.ws_base, on_run_status=on_run_status)
 
     def _on_run_status(self, status: str) -> None:
         """Keep the cached run current; a `start` may mean a new run, so its number is refetched."""
@@ -449,7 +495,7 @@ class BranchKeyClient:
         that a crash before then gets the notice again (AMQP).
         """
         if not math.isfinite(timeout) or timeout <= 0:
-            raise ValueError("timeout must be a positive number of seconds")
+            raise UsageError("timeout must be a positive number of seconds")
         return self.listen().wait_for_aggregation(timeout, after=after, exclude=exclude, auto_ack=auto_ack,
                                                   for_round=for_round)
 

@@ -22,8 +22,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .archive import ArchiveError, inspect_update
-from .client import BranchKeyClient
-from .credentials import BranchKeyCredentials
+from .client import BranchKeyClient, ConnectionOptions, read_platform_credentials
 from .errors import ArchiveRejectedError, BranchKeyError, RunNotStartedError
 from .notifications import AggregationNotice
 
@@ -45,11 +44,10 @@ class Client:
         run_check_interval_s: int = 30,
         proxies: dict[str, str] | None = None,
     ) -> None:
-        self._credentials = BranchKeyCredentials.from_platform_json(
-            credentials, host=host, amqp_host=rbmq_host, amqp_port=rbmq_port, verify_tls=ssl, proxies=proxies,
-            notification_transport="amqp",
-        )
-        self._client = BranchKeyClient(self._credentials)
+        self._identity, token = read_platform_credentials(credentials)
+        options = ConnectionOptions(host=host, amqp_host=rbmq_host, amqp_port=rbmq_port, verify_tls=ssl,
+                                    proxies=proxies, notification_transport="amqp")
+        self._client = BranchKeyClient(self._identity, token, options)
         self._wait_for_run = wait_for_run
         self._run_check_interval_s = run_check_interval_s
         self.queue: LifoQueue[str] = LifoQueue(maxsize=1)
@@ -120,19 +118,19 @@ class Client:
 
     @property
     def leaf_id(self) -> str:
-        return self._credentials.leaf_id
+        return self._identity.leaf_id
 
     @property
     def branch_id(self) -> str:
-        return self._credentials.branch_id
+        return self._identity.branch_id
 
     @property
     def tree_id(self) -> str:
-        return self._credentials.tree_id
+        return self._identity.tree_id
 
     @property
     def user_id(self) -> str:
-        return self._credentials.owner_id
+        return self._identity.owner_id
 
     @property
     def is_authenticated(self) -> bool:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from prefect.blocks.abstract import CredentialsBlock
 from pydantic import ConfigDict, Field, SecretStr, field_validator
 
-from .client import BranchKeyClient
-
-PLATFORM_JSON_KEYS = ("id", "name", "session_token", "tree_id", "branch_id", "owner_id")
+from .client import BranchKeyClient, ConnectionOptions, check_host, LeafIdentity, read_platform_credentials
 
 
 class BranchKeyCredentials(CredentialsBlock):
@@ -69,10 +64,7 @@ class BranchKeyCredentials(CredentialsBlock):
     @field_validator("host")
     @classmethod
     def _host_is_a_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"host must be an http(s) URL like https://app.branchkey.com, got {value!r}")
-        return value.rstrip("/")
+        return check_host(value)
 
     @classmethod
     def from_platform_json(cls, source: str | os.PathLike[str] | dict[str, Any], **settings: Any) -> "BranchKeyCredentials":
@@ -80,18 +72,28 @@ class BranchKeyCredentials(CredentialsBlock):
 
         Extra keyword arguments set the connection fields (host, notification_transport, ...).
         """
-        data = source if isinstance(source, dict) else json.loads(Path(source).read_text())
-        missing = [key for key in PLATFORM_JSON_KEYS if not data.get(key)]
-        if missing:
-            raise ValueError(f"credentials JSON is missing {', '.join(missing)}")
-        return cls(leaf_id=data["id"], leaf_name=data["name"], session_token=data["session_token"],
-                   tree_id=data["tree_id"], branch_id=data["branch_id"], owner_id=data["owner_id"], **settings)
+        identity, token = read_platform_credentials(source)
+        return cls(leaf_id=identity.leaf_id, leaf_name=identity.leaf_name, session_token=token,
+                   tree_id=identity.tree_id, branch_id=identity.branch_id, owner_id=identity.owner_id, **settings)
+
+    def identity(self) -> LeafIdentity:
+        """Who the leaf is, as the client takes it."""
+        return LeafIdentity(leaf_id=self.leaf_id, leaf_name=self.leaf_name, tree_id=self.tree_id,
+                            branch_id=self.branch_id, owner_id=self.owner_id)
+
+    def connection_options(self) -> ConnectionOptions:
+        """How to reach the platform, as the client takes it."""
+        return ConnectionOptions(**self.model_dump(include=set(ConnectionOptions.__dataclass_fields__)))
 
     def get_client(self) -> BranchKeyClient:
-        """A `BranchKeyClient` for this leaf (use it as a context manager), logging to the run logger."""
-        return BranchKeyClient(self, logger=self.logger)
+        """A `BranchKeyClient` for this leaf (use it as a context manager), logging to the run logger.
+
+        The session token is unwrapped here, once: the client takes plain values and knows
+        nothing of Prefect."""
+        return BranchKeyClient(self.identity(), self.session_token.get_secret_value(), self.connection_options(),
+                               logger=self.logger)
 
     @property
     def amqp_hostname(self) -> str:
         """The RabbitMQ host: the override, else the API's host name."""
-        return self.amqp_host or urlsplit(self.host).hostname or "localhost"
+        return self.connection_options().amqp_hostname

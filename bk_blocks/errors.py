@@ -1,19 +1,89 @@
-"""The client's exceptions: which failures are worth retrying, and which are final.
+"""Every error prefect-branchkey raises, under one root, and the one place an HTTP reply becomes one.
 
-`TransientError` covers what a retry can fix (5xx, timeouts, dropped connections,
-a notification that has not come yet); everything else is final and carries the
-platform's own message. No message ever contains the session token.
+    BranchKeyError
+    ├── ConfigurationError (ValueError)      credentials or connection settings unusable
+    ├── UsageError (ValueError)              an argument the protocol cannot carry
+    ├── UnsafeFileIdError (ValueError)       a file id that is not a bare name
+    ├── ArchiveError (ValueError)            not a valid update or aggregate archive
+    │   ├── NotAnArchiveError, PickledArrayError, WeightingError, LayerError,
+    │   └── ArchiveTooLargeError, UnsupportedPayloadError
+    ├── TransientError                       a retry may fix it: 5xx, timeouts, dropped connections
+    │   └── NotificationTimeout
+    ├── RequestRefusedError                  the platform said no (4xx): final
+    │   ├── AuthenticationError              401 / 403
+    │   ├── RunNotStartedError               409 `run_blocked`: the run is paused or stopped
+    │   ├── ArchiveRejectedError             the update was refused (or would be)
+    │   ├── NotFoundError                    404
+    │   └── StaleRoundError (+ OutOfSyncError)  409 `stale_round`
+    ├── OutOfSyncError                       the leaf's round is not the platform's: resync
+    ├── RunStoppedError                      the run stopped while the leaf waited
+    ├── AggregationTimeoutError              the bounded wait for the round's aggregate ran out
+    └── (flows, deployments) StateError, WorkDirError, LeafBusyError, ParticipantError,
+        ShapeMismatchError, EdgeSetupError
+
+Only `TransientError` is retried by the tasks. No message ever contains the session token.
 """
 
 from __future__ import annotations
 
+import json
+
+from .protocol import ERROR_CODE_RUN_BLOCKED, ERROR_CODE_STALE_ROUND, RUN_BLOCKED_TEXT
+
+# Statuses a retry of the same request can get past (besides every 5xx).
+TRANSIENT_STATUS = frozenset({408, 425, 429})
+
 
 class BranchKeyError(Exception):
-    """Base class of every error the BranchKey client raises."""
+    """Root of every error prefect-branchkey raises."""
+
+
+class ConfigurationError(BranchKeyError, ValueError):
+    """The leaf's credentials or connection settings are incomplete or malformed: caught before any request."""
+
+
+class UsageError(BranchKeyError, ValueError):
+    """A call with an argument the protocol cannot carry: refused before any request."""
+
+
+class UnsafeFileIdError(BranchKeyError, ValueError):
+    """A file id that is not a bare name (a path separator or `..`): refused before any request."""
+
+
+class ArchiveError(BranchKeyError, ValueError):
+    """An archive that is not a valid BranchKey update or aggregate; the message says why."""
+
+
+class NotAnArchiveError(ArchiveError):
+    """The bytes are not a zip file of `.npy` members (not an `.npz`)."""
+
+
+class PickledArrayError(ArchiveError):
+    """A member holds a pickled or object array, which is never loaded."""
+
+
+class WeightingError(ArchiveError):
+    """`weighting` is missing, not a single value, or not finite and positive."""
+
+
+class LayerError(ArchiveError):
+    """Layers are missing, misnumbered, of an unsupported dtype, or hold NaN/infinity."""
+
+
+class ArchiveTooLargeError(ArchiveError):
+    """The archive would decompress to more bytes than the configured limit."""
+
+
+class UnsupportedPayloadError(ArchiveError):
+    """The archive declares a payload kind this code does not handle (yet)."""
 
 
 class TransientError(BranchKeyError):
     """A failure a retry may fix: a 5xx, a timeout, a refused or dropped connection."""
+
+
+class NotificationTimeout(TransientError):
+    """No matching notification arrived within the time allowed."""
 
 
 class RequestRefusedError(BranchKeyError):
@@ -44,14 +114,6 @@ class NotFoundError(RequestRefusedError):
     """The platform does not know the file or aggregation asked for."""
 
 
-class UnsafeFileIdError(BranchKeyError, ValueError):
-    """A file id that is not a bare name (a path separator or `..`): refused before any request."""
-
-
-class NotificationTimeout(TransientError):
-    """No matching notification arrived within the time allowed."""
-
-
 class RunStoppedError(BranchKeyError):
     """The branch's run was stopped while the leaf waited: this round will not aggregate."""
 
@@ -68,3 +130,27 @@ class StaleRoundError(OutOfSyncError, RequestRefusedError):
 class AggregationTimeoutError(BranchKeyError):
     """The round's upload was not aggregated within the time allowed: a bounded wait that fails
     the round clearly rather than wedging the leaf (not retried; the next run rejoins)."""
+
+
+def error_for_response(status: int, body: bytes, reason: str, what: str) -> BranchKeyError:
+    """The error a refused request raises: transient for 5xx and the retryable 4xx, else the
+    refusal its status and error `code` name, with the platform's own message."""
+    code = None
+    try:
+        data = json.loads(body)
+        message = (data.get("error") or json.dumps(data)) if isinstance(data, dict) else str(data)
+        code = data.get("code") if isinstance(data, dict) else None
+    except ValueError:
+        message = body[:300].decode(errors="replace") or reason
+    text = f"{what} refused ({status}): {message}"
+    if status in TRANSIENT_STATUS or status >= 500:
+        return TransientError(text)
+    if status in (401, 403):
+        return AuthenticationError(text, status)
+    if code == ERROR_CODE_STALE_ROUND:
+        return StaleRoundError(text, status)
+    if code == ERROR_CODE_RUN_BLOCKED or RUN_BLOCKED_TEXT in message:
+        return RunNotStartedError(text, status_code=status)
+    if status == 404:
+        return NotFoundError(text, status)
+    return RequestRefusedError(text, status)

@@ -28,7 +28,7 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-from .errors import AuthenticationError, NotificationTimeout
+from .errors import AuthenticationError, NotificationTimeout, error_for_response
 from .protocol import AGGREGATION_STATUS, RUN_STATUS
 
 log = logging.getLogger(__name__)
@@ -385,10 +385,11 @@ def ticket_fetcher(session: requests.Session, url: str, headers: dict[str, str],
 
     def fetch() -> dict[str, str]:
         response = session.post(url, headers=headers, timeout=timeout, verify=verify, proxies=proxies)
-        if response.status_code in (401, 403):
-            raise AuthenticationError(f"WebSocket ticket refused ({response.status_code})", response.status_code)
         if response.status_code != 200:
-            raise ConnectionError(f"WebSocket ticket refused with HTTP {response.status_code}")
+            error = error_for_response(response.status_code, response.content, response.reason or "", "WebSocket ticket")
+            if isinstance(error, AuthenticationError):
+                raise error
+            raise ConnectionError(str(error))
         return response.json()["data"]
 
     return fetch

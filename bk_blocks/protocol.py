@@ -9,3 +9,9 @@ RUN_STATUS = "run_status"
 RUN_STATUSES = ("start", "pause", "stop")
 METRIC_MODES = ("test", "train", "non-federated")
 MetricsMode = Literal["test", "train", "non-federated"]
+
+# Error `code`s a platform may add to a refusal's body (bk_server does; the official platform
+# sends only `error`, whose text is matched for a blocked run).
+ERROR_CODE_RUN_BLOCKED = "run_blocked"
+ERROR_CODE_STALE_ROUND = "stale_round"
+RUN_BLOCKED_TEXT = "run is blocked"

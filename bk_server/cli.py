@@ -15,7 +15,7 @@ from bk_blocks.files import atomic_write
 
 from .app import create_app, write_admin_file
 from .platform import new_secret
-from .process import AdminCallError, admin_call
+from .admin_client import AdminCallError, admin_call
 from .settings import ServerSettings
 
 app = App(name="bk-server", help="A local BranchKey-compatible platform for development, tests and demos.")

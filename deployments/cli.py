@@ -1,79 +1,115 @@
-"""`bk edge`: set a Prefect server up for edge leaves, or serve one leaf without a worker."""
+"""`bk`: the leaf-side command line: `bk history` (a work dir's round history), `bk simulate`
+(a whole federation on one machine) and `bk edge` (deployments to edge workers)."""
 
 from __future__ import annotations
 
+import csv
+import json
 import sys
-from typing import Literal, NoReturn
+from pathlib import Path
+from typing import Any, Literal
 
 from cyclopts import App
+from rich.console import Console
+from rich.table import Table
 
+from flows.history import history_rows
 from flows.participant import ParticipantError, parse_options
+from flows.simulation import federated_simulation
 
-from .edge import DEFAULT_POOL, EdgeSetupError, LeafSpec, set_up_edge
-from .serve import serve_leaf
+from .edge_cli import app as edge_app
 
-app = App(name="edge", help="Run BranchKey leaves on edge machines (see docs/edge-workers.md).")
+app = App(name="bk", help="prefect-branchkey, leaf side.")
+app.command(edge_app)
+COLUMNS = ("run_number", "round", "status", "leaf_name", "aggregation_id", "weighting", "round_s", "wait_s",
+           "bytes_up", "bytes_down", "finished_at")
 
 
-def _fail(error: Exception) -> NoReturn:
-    print(f"bk edge: {error}", file=sys.stderr)
-    raise SystemExit(2)
+def _flatten(row: dict[str, Any]) -> dict[str, Any]:
+    flat = {column: row[column] for column in COLUMNS}
+    flat.update({f"eval_{k}": v for k, v in sorted(row["eval_metrics"].items())})
+    flat.update({f"train_{k}": v for k, v in sorted(row["train_metrics"].items())})
+    flat["finished_at"] = row["finished_at"].isoformat() if row["finished_at"] else None
+    return flat
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @app.command
-def setup(*leaves: str, host: str, transport: Literal["websocket", "amqp"] = "websocket",
-          amqp_host: str | None = None, pool: str = DEFAULT_POOL) -> None:
-    """Register the Block type, create the process work pool, and per leaf a work queue and a
-    credentials Block, for `prefect deploy --all`.
+def history(*, work_dir: Path = Path("."), format: Literal["table", "csv", "json"] = "table") -> None:
+    """Print the round history recorded in WORK_DIR (a leaf's work directory).
 
     Parameters
     ----------
-    leaves
-        `NAME=PATH` per leaf: the Block and queue name and the platform's credentials JSON
-        (`leaf-1=creds/leaf-1.json`); a bare PATH names the Block after the file.
+    work_dir
+        The leaf's work directory (the flows' `work_dir`).
+    format
+        table (for people), csv or json (for tools).
+    """
+    rows = [_flatten(row) for row in history_rows(work_dir)]
+    columns = list(dict.fromkeys(key for row in rows for key in row)) or list(COLUMNS)
+    if format == "json":
+        print(json.dumps(rows, indent=2))
+    elif format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        shown = [c for c in columns if c not in ("leaf_name", "bytes_up", "bytes_down", "finished_at")]
+        table = Table(title=f"BranchKey round history: {work_dir}")
+        for column in shown:
+            table.add_column(column.replace("_", " "), no_wrap=True)
+        for row in rows:
+            row = row | {"aggregation_id": (row["aggregation_id"] or "-")[:8]}
+            table.add_row(*(_text(row.get(column)) for column in shown))
+        Console(width=max(170, Console().width)).print(table)
+
+
+@app.command
+def simulate(*, host: str, credentials_dir: Path, work_root: Path, rounds: int = 10,
+             transport: Literal["websocket", "amqp"] = "websocket", amqp_host: str | None = None,
+             participant: str = "flows.examples.digits:DigitsSoftmax", participant_options: str = "{}",
+             aggregation_timeout_s: float = 600) -> None:
+    """Run every leaf of CREDENTIALS_DIR at once against HOST: a whole federation on one machine.
+
+    Parameters
+    ----------
     host
-        The BranchKey API, e.g. https://app.branchkey.com.
+        The platform's API, e.g. http://127.0.0.1:8080 for a local bk-server.
+    credentials_dir
+        One credentials JSON per leaf, as the platform issued them.
+    work_root
+        Each leaf's work dir is WORK_ROOT/<leaf name>.
+    rounds
+        Rounds to run.
     transport
-        How aggregation notices arrive: websocket, or amqp (survives a restart mid-round).
+        How aggregation notices arrive.
     amqp_host
         RabbitMQ host, when it is not the API's host.
-    pool
-        The work pool's name (prefect.yaml names branchkey-edge).
-    """
-    settings = {"amqp_host": amqp_host} if amqp_host else {}
-    try:
-        specs = [LeafSpec.parse(text) for text in leaves]
-        blocks = set_up_edge(specs, host, transport, pool, **settings)
-    except EdgeSetupError as exc:
-        _fail(exc)
-    for spec, block in zip(specs, blocks):
-        print(f"leaf {block.leaf_name}: Block branchkey-credentials/{spec.name}, queue {pool}/{spec.name}")
-
-
-@app.command
-def serve(leaf: str, *, participant: str, work_dir: str, participant_options: str = "{}",
-          interval_s: float = 900, cron: str | None = "0 2 * * *", rounds_per_run: int = 10) -> None:
-    """Serve one leaf's deployments from this process: rounds every INTERVAL_S, retraining on CRON.
-
-    Parameters
-    ----------
-    leaf
-        The leaf's credentials Block name (saved by `bk edge setup`).
     participant
-        `package.module:Class` of the participant.
-    work_dir
-        The leaf's work directory (state, models, history).
+        `package.module:Class`; leaf i gets `leaf_index=i, leaves=N` added to its options.
     participant_options
         The participant's keyword options, a JSON object.
-    interval_s
-        Seconds between rounds.
-    cron
-        When the retraining runs; an empty string: no retraining deployment.
-    rounds_per_run
-        Rounds per retraining run.
+    aggregation_timeout_s
+        How long a leaf waits for a round's aggregation (should another leaf fail, the others
+        wait this long before they give up).
     """
     try:
         options = parse_options(participant_options)
     except ParticipantError as exc:
-        _fail(exc)
-    serve_leaf(leaf, participant, work_dir, options, interval_s, cron or None, rounds_per_run)
+        print(f"bk simulate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    federated_simulation(host, str(credentials_dir), str(work_root), participant, options, rounds, transport,
+                         amqp_host, aggregation_timeout_s)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

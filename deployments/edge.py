@@ -19,12 +19,13 @@ from prefect.settings import PREFECT_API_URL
 from prefect.workers.process import ProcessWorker
 
 from bk_blocks import BranchKeyCredentials
+from bk_blocks.errors import BranchKeyError
 
 DEFAULT_POOL = "branchkey-edge"
 BLOCK_NAME = re.compile(r"^[a-z0-9-]+$")
 
 
-class EdgeSetupError(ValueError):
+class EdgeSetupError(BranchKeyError, ValueError):
     """A leaf cannot be set up as asked (bad Block name, unreadable credentials file)."""
 
 
@@ -48,7 +49,7 @@ class LeafSpec:
 
 
 def register_block_types() -> None:
-    """Register `BranchKeyCredentials` with the server (as `prefect block register -m bk_blocks`)."""
+    """Register `BranchKeyCredentials` with the server (as `prefect block register -m bk_blocks.credentials`)."""
     BranchKeyCredentials.register_type_and_schema()
 
 

@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from bk_blocks.errors import BranchKeyError
 
-class ShapeMismatchError(ValueError):
+
+class ShapeMismatchError(BranchKeyError, ValueError):
     """Parameters that do not fit the model they are loaded into."""
 
 

@@ -11,6 +11,8 @@ import base64
 from collections.abc import Mapping, Sequence
 from xml.sax.saxutils import escape
 
+from bk_blocks.errors import UsageError
+
 WIDTH, HEIGHT = 640, 300
 LEFT, RIGHT, TOP, BOTTOM = 56, 150, 34, 40
 COLOURS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04")
@@ -26,7 +28,7 @@ def line_chart_svg(title: str, series: Mapping[str, Series]) -> str:
     """An SVG line chart: x is the round, one coloured line (with a legend entry) per series."""
     points = [p for values in series.values() for p in values]
     if not points:
-        raise ValueError("a chart needs at least one point")
+        raise UsageError("a chart needs at least one point")
     x_low, x_high = min(p[0] for p in points), max(p[0] for p in points)
     y_low, y_high = min(p[1] for p in points), max(p[1] for p in points)
     if y_high - y_low < 1e-9:

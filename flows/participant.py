@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from bk_blocks.errors import BranchKeyError
 
-class ParticipantError(ValueError):
+
+class ParticipantError(BranchKeyError, ValueError):
     """A participant cannot be loaded, or returned something unusable."""
 
 

@@ -19,20 +19,21 @@ from typing import Any
 
 from prefect.runtime import flow_run
 
+from bk_blocks.errors import BranchKeyError
 from bk_blocks.files import atomic_write, remove_temporaries
 
 PHASES = ("idle", "trained", "uploaded", "aggregated", "downloaded")
 
 
-class StateError(ValueError):
+class StateError(BranchKeyError, ValueError):
     """The work directory's state file is unreadable or belongs to another leaf."""
 
 
-class WorkDirError(ValueError):
+class WorkDirError(BranchKeyError, ValueError):
     """A work directory parameter that cannot be used on this machine."""
 
 
-class LeafBusyError(RuntimeError):
+class LeafBusyError(BranchKeyError, RuntimeError):
     """Another process is running a round of this leaf in the same work directory."""
 
 

@@ -37,7 +37,7 @@ def shared_client(
     with _lock:
         client = _clients.get(key)
         if client is None:
-            client = _clients[key] = BranchKeyClient(block)
+            client = _clients[key] = block.get_client()
     if logger is not None:
         client.log = logger
     return client

@@ -10,7 +10,8 @@ from typing import Any
 
 import requests
 
-from bk_server.process import LocalServer, broker_available, free_port
+from bk_dev.local_platform import LocalServer
+from bk_dev.processes import broker_available, free_port
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RABBIT_ADMIN = "http://127.0.0.1:15672"

@@ -27,7 +27,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.prefect_server import LocalPrefectServer
+    from bk_dev.prefect_server import LocalPrefectServer
 
     with LocalPrefectServer(tmp_path_factory.mktemp("prefect-server"), database="postgres") as server:
         os.environ["PREFECT_API_URL"] = server.api_url

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +18,8 @@ from bk_blocks.archive import read_aggregate
 from bk_blocks.compat import Client
 
 from .bkserver import BkServer
+
+PROJECT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_example_of_the_official_client_runs_unchanged(amqp_server: BkServer, tmp_path: Path,
@@ -78,3 +83,45 @@ def test_validate_weight_shape_checks_an_open_file_and_rewinds(amqp_server: BkSe
 def test_metrics_failure_returns_false_like_the_official_client(amqp_server: BkServer) -> None:
     with Client(amqp_server.federation(leaves=1).leaves[0], host=amqp_server.url) as client:
         assert client.send_performance_metrics("unknown-aggregation", json.dumps({"a": 1}), "test") is False
+
+
+SCRIPT_WITHOUT_PREFECT = """
+import json, sys, time
+import numpy as np
+from bk_blocks.compat import Client
+
+credentials, host, work = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+client = Client(credentials, host=host)
+file_id = client.file_upload(client.save_weights(work + "/w", 2, [np.full(3, 4.0, np.float32)]))
+deadline = time.time() + 30
+while client.queue.empty() and time.time() < deadline:
+    time.sleep(0.1)
+aggregation_id = client.queue.get(block=False)
+client.file_download(aggregation_id)
+client.close()
+print(json.dumps({"aggregation_id": aggregation_id,
+                  "prefect": sorted(m for m in sys.modules if m.split(".")[0] == "prefect")}))
+"""
+
+
+def test_compat_client_runs_a_round_where_prefect_is_not_installed(amqp_server: BkServer, tmp_path: Path) -> None:
+    credentials = amqp_server.federation(leaves=1).leaves[0]
+    script = tmp_path / "official_script.py"
+    script.write_text(SCRIPT_WITHOUT_PREFECT)
+    result = subprocess.run([sys.executable, "-m", "tests.without_prefect", str(script), json.dumps(credentials),
+                             amqp_server.url, str(tmp_path)], cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(PROJECT)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["prefect"] == []
+    aggregate = read_aggregate(tmp_path / "aggregated_output" / f"{report['aggregation_id']}.npz")
+    np.testing.assert_array_equal(aggregate[0], np.full(3, 4.0, np.float32))
+
+
+def test_prefect_blocker_refuses_prefect(tmp_path: Path) -> None:
+    """The check above means something only if the blocker really keeps Prefect out."""
+    script = tmp_path / "imports_prefect.py"
+    script.write_text("import prefect\n")
+    result = subprocess.run([sys.executable, "-m", "tests.without_prefect", str(script)], cwd=PROJECT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "Prefect is not installed" in result.stderr

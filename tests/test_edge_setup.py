@@ -81,7 +81,7 @@ def test_setup_with_a_bad_credentials_file_changes_nothing(prefect_api: str, lea
 
 
 def _setup_cli(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flows.cli", "edge", "setup", f"a={tmp_path / 'none.json'}",
+    return subprocess.run([sys.executable, "-m", "deployments.cli", "edge", "setup", f"a={tmp_path / 'none.json'}",
                            "--host", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | env)
 

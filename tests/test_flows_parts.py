@@ -139,7 +139,7 @@ def test_artifact_keys_are_valid_and_stable() -> None:
 
 def test_bk_history_prints_json_csv_and_a_table(tmp_path: Path) -> None:
     append_record(tmp_path, record(1))
-    run = lambda fmt: subprocess.run([sys.executable, "-m", "flows.cli", "history", "--work-dir", str(tmp_path),  # noqa: E731
+    run = lambda fmt: subprocess.run([sys.executable, "-m", "deployments.cli", "history", "--work-dir", str(tmp_path),  # noqa: E731
                                       "--format", fmt], capture_output=True, text=True, check=True).stdout
     assert json.loads(run("json"))[0]["eval_accuracy"] == 0.5
     assert run("csv").splitlines()[0].startswith("run_number,round,status")

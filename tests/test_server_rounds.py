@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bk_blocks.archive import read_aggregate, read_update, write_update
-from bk_server.process import AdminCallError
+from bk_server.admin_client import AdminCallError
 
 from .bkserver import BkServer
 from .conftest import fedavg_reference

@@ -1,5 +1,5 @@
 """A leaf speaking the BranchKey v1 protocol by hand: plain `requests`, `pika` and
-`websockets`, exactly as `shared/branchkey-protocol.md` describes, independent of our
+`websockets`, exactly as `docs/protocol.md` describes, independent of our
 own client."""
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""Run `bk-server serve` as a subprocess on loopback and drive its admin API.
+"""Child processes for the development tooling: start, wait for, and stop servers.
 
-What the demo, the benchmarks and the tests use to get a real platform for a while.
 Its children never outlive it: each gets its own process group (stopping it stops what
 it started, and a terminal's Ctrl-C reaches only the parent, which then stops the
 children in order) and asks the kernel for SIGTERM should the parent die uncleanly.
@@ -9,17 +8,13 @@ children in order) and asks the kernel for SIGTERM should the parent die unclean
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -93,10 +88,6 @@ def wait_until_answering(process: subprocess.Popen[bytes], url: str, timeout: fl
     raise ServerStartError(f"{what} did not answer {url} within {timeout:.0f} s; see {log_path}")
 
 
-class AdminCallError(RuntimeError):
-    """The admin API could not be reached or refused the call."""
-
-
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
@@ -112,88 +103,3 @@ def broker_available(host: str = "127.0.0.1") -> bool:
         return httpx.get(f"http://{host}:15672/api/overview", auth=("guest", "guest"), timeout=2).is_success
     except (OSError, httpx.HTTPError):
         return False
-
-
-def admin_call(base_url: str, token: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """Call `/admin/v1<path>` and return its `data`, or raise AdminCallError with the server's message."""
-    url = f"{base_url.rstrip('/')}/admin/v1{path}"
-    try:
-        response = httpx.request(method, url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
-    except httpx.HTTPError as exc:
-        raise AdminCallError(f"cannot reach the server at {base_url}: {exc}") from exc
-    if response.status_code >= 400:
-        try:
-            message = response.json().get("error", response.text)
-        except ValueError:
-            message = response.text
-        raise AdminCallError(f"server refused ({response.status_code}): {message}")
-    return response.json()["data"]
-
-
-@dataclass
-class LocalServer:
-    """A `bk-server serve` process on 127.0.0.1 keeping its state in `data_dir`."""
-
-    data_dir: Path
-    amqp_url: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir.parent / f"bk-server-{self.port}.log"
-
-    @property
-    def admin_token(self) -> str:
-        return json.loads((self.data_dir / "admin.json").read_text())["admin_token"]
-
-    def start(self, timeout: float = 30) -> "LocalServer":
-        """Start the process and wait until it answers `/healthz`."""
-        command = [sys.executable, "-m", "bk_server.cli", "serve", "--data-dir", str(self.data_dir),
-                   "--port", str(self.port), "--log-level", "warning"]
-        if self.amqp_url:
-            command += ["--amqp-url", self.amqp_url]
-        for key, value in self.options.items():
-            flag = key.replace("_", "-")
-            command += ([f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool)
-                        else [f"--{flag}", str(value)])
-        self.process = spawn(command, self.log_path)
-        try:
-            wait_until_answering(self.process, f"{self.url}/healthz", timeout, self.log_path, "bk-server")
-        except ServerStartError:
-            self.stop(hard=True)
-            raise
-        return self
-
-    def stop(self, hard: bool = False) -> None:
-        if self.process is not None:
-            stop_group(self.process, hard=hard)
-        self.process = None
-
-    def restart(self, hard: bool = True) -> None:
-        self.stop(hard=hard)
-        self.start()
-
-    def __enter__(self) -> "LocalServer":
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        return admin_call(self.url, self.admin_token, method, path, body)
-
-    def create_federation(self, leaves: int, min_updates: int | None = None, **extra: Any) -> dict[str, Any]:
-        """A tree, a branch with `leaves` leaves and a started run: ids and leaf credentials."""
-        return self.admin("POST", "/federations", {"leaves": leaves, "min_updates": min_updates or leaves, **extra})
-
-    def run(self, branch_id: str, action: str) -> dict[str, Any]:
-        return self.admin("POST", f"/branches/{branch_id}/run/{action}")
-
-    def status(self, branch_id: str) -> dict[str, Any]:
-        return self.admin("GET", f"/branches/{branch_id}")

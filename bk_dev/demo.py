@@ -29,12 +29,13 @@ from rich.live import Live
 from rich.table import Table
 
 from bk_server.cli import write_credentials
-from bk_server.process import LocalServer, broker_available, spawn, stop_group
+from flows.history import history_rows
+from flows.observability import artifact_key, federation_table, primary_metric, sparkline
 
-from .history import history_rows
-from .observability import artifact_key, federation_table, primary_metric, sparkline
+from .local_platform import LocalServer
 from .prefect_database import PrefectDatabaseError
 from .prefect_server import LocalPrefectServer, default_database, describe_database
+from .processes import broker_available, spawn, stop_group
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 REFRESH_S = 0.5
@@ -194,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefect.wait_ready()
         console.print(f"Prefect server up after {time.monotonic() - started:.0f} s; "
                       f"{args.rounds} rounds of federated digits:")
-        simulation = spawn([sys.executable, "-m", "flows.cli", "simulate", "--host", platform.url,
+        simulation = spawn([sys.executable, "-m", "deployments.cli", "simulate", "--host", platform.url,
                             "--credentials-dir", str(run_dir / "credentials"), "--work-root", str(run_dir / "leaves"),
                             "--rounds", str(args.rounds), "--transport", transport, "--amqp-host", "127.0.0.1",
                             "--aggregation-timeout-s", str(AGGREGATION_TIMEOUT_S)],

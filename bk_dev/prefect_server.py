@@ -3,7 +3,7 @@
 What the demo shows its dashboard on, what the benchmarks and the end-to-end tests run
 against: a real server with the UI, on a free port, quiet and offline, stopped with
 everything it started. Its database is an embedded PostgreSQL in its home by default
-(`flows.prefect_database`); `sqlite` or a URL of the user's own may be chosen instead.
+(`bk_dev.prefect_database`); `sqlite` or a URL of the user's own may be chosen instead.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
 
-from bk_server.process import ServerStartError, free_port, spawn, stop_group, wait_until_answering
+from .processes import ServerStartError, free_port, spawn, stop_group, wait_until_answering
 
 from .prefect_database import POSTGRES, SQLITE, EmbeddedPostgres, check_database_url, redacted
 

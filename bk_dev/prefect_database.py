@@ -30,7 +30,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from bk_server.process import ServerStartError, spawn, stop_group
+from .processes import ServerStartError, spawn, stop_group
 
 POSTGRES = "postgres"
 SQLITE = "sqlite"

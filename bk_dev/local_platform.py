@@ -1,0 +1,84 @@
+"""A `bk-server serve` process on loopback, driven through its admin API: the real platform
+the demo, the benchmarks and the tests use for a while."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bk_server.admin_client import admin_call
+
+from .processes import ServerStartError, free_port, spawn, stop_group, wait_until_answering
+
+
+@dataclass
+class LocalServer:
+    """A `bk-server serve` process on 127.0.0.1 keeping its state in `data_dir`."""
+
+    data_dir: Path
+    amqp_url: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir.parent / f"bk-server-{self.port}.log"
+
+    @property
+    def admin_token(self) -> str:
+        return json.loads((self.data_dir / "admin.json").read_text())["admin_token"]
+
+    def start(self, timeout: float = 30) -> "LocalServer":
+        """Start the process and wait until it answers `/healthz`."""
+        command = [sys.executable, "-m", "bk_server.cli", "serve", "--data-dir", str(self.data_dir),
+                   "--port", str(self.port), "--log-level", "warning"]
+        if self.amqp_url:
+            command += ["--amqp-url", self.amqp_url]
+        for key, value in self.options.items():
+            flag = key.replace("_", "-")
+            command += ([f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool)
+                        else [f"--{flag}", str(value)])
+        self.process = spawn(command, self.log_path)
+        try:
+            wait_until_answering(self.process, f"{self.url}/healthz", timeout, self.log_path, "bk-server")
+        except ServerStartError:
+            self.stop(hard=True)
+            raise
+        return self
+
+    def stop(self, hard: bool = False) -> None:
+        if self.process is not None:
+            stop_group(self.process, hard=hard)
+        self.process = None
+
+    def restart(self, hard: bool = True) -> None:
+        self.stop(hard=hard)
+        self.start()
+
+    def __enter__(self) -> "LocalServer":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        return admin_call(self.url, self.admin_token, method, path, body)
+
+    def create_federation(self, leaves: int, min_updates: int | None = None, **extra: Any) -> dict[str, Any]:
+        """A tree, a branch with `leaves` leaves and a started run: ids and leaf credentials."""
+        return self.admin("POST", "/federations", {"leaves": leaves, "min_updates": min_updates or leaves, **extra})
+
+    def run(self, branch_id: str, action: str) -> dict[str, Any]:
+        return self.admin("POST", f"/branches/{branch_id}/run/{action}")
+
+    def status(self, branch_id: str) -> dict[str, Any]:
+        return self.admin("GET", f"/branches/{branch_id}")

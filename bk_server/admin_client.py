@@ -1,0 +1,27 @@
+"""Call a bk-server's admin API (`/admin/v1`): what `bk-server run/status` and the dev tooling use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+class AdminCallError(RuntimeError):
+    """The admin API could not be reached or refused the call."""
+
+
+def admin_call(base_url: str, token: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """Call `/admin/v1<path>` and return its `data`, or raise AdminCallError with the server's message."""
+    url = f"{base_url.rstrip('/')}/admin/v1{path}"
+    try:
+        response = httpx.request(method, url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    except httpx.HTTPError as exc:
+        raise AdminCallError(f"cannot reach the server at {base_url}: {exc}") from exc
+    if response.status_code >= 400:
+        try:
+            message = response.json().get("error", response.text)
+        except ValueError:
+            message = response.text
+        raise AdminCallError(f"server refused ({response.status_code}): {message}")
+    return response.json()["data"]
