@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Literal
 
@@ -85,13 +86,14 @@ class BranchKeyCredentials(CredentialsBlock):
         """How to reach the platform, as the client takes it."""
         return ConnectionOptions(**self.model_dump(include=set(ConnectionOptions.__dataclass_fields__)))
 
-    def get_client(self) -> BranchKeyClient:
-        """A `BranchKeyClient` for this leaf (use it as a context manager), logging to the run logger.
+    def get_client(self, logger: logging.Logger | logging.LoggerAdapter | None = None) -> BranchKeyClient:
+        """A `BranchKeyClient` for this leaf (use it as a context manager), logging to `logger`,
+        by default the Block's (the run logger when made inside a run).
 
         The session token is unwrapped here, once: the client takes plain values and knows
         nothing of Prefect."""
         return BranchKeyClient(self.identity(), self.session_token.get_secret_value(), self.connection_options(),
-                               logger=self.logger)
+                               logger=logger or self.logger)
 
     @property
     def amqp_hostname(self) -> str:

@@ -3,14 +3,15 @@
 Modelled on the Xaynet SDK's `ParticipantABC`: `train` takes the current global model
 (None in the first round: initialise) and returns the update; `evaluate` and
 `participate` are optional. Flows name the participant as `"package.module:Class"` plus
-JSON options, so a deployment can configure it without code.
+JSON options, so a deployment can configure it without code. A flow run builds one
+participant and keeps it for all its rounds; what must outlive the flow run (the global
+model, the round counter) lives in the leaf's work dir.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,23 +75,6 @@ def load_participant(path: str, options: dict[str, Any] | str | None = None) -> 
     if not (isinstance(cls, type) and issubclass(cls, Participant)):
         raise ParticipantError(f"{path!r} is not a Participant subclass")
     return cls(**keywords)
-
-
-_instances: dict[tuple[str, str, str], Participant] = {}
-_instances_lock = threading.Lock()
-
-
-def participant_for(leaf_id: str, path: str, options: dict[str, Any] | str | None = None) -> Participant:
-    """The process's participant for this leaf, path and options, built on first use.
-
-    A training run's rounds are separate flow runs; they share one instance, so a
-    participant keeps its local state (data, optimizer, random generator) across rounds.
-    """
-    key = (leaf_id, path, json.dumps(parse_options(options), sort_keys=True))
-    with _instances_lock:
-        if key not in _instances:
-            _instances[key] = load_participant(path, options)
-        return _instances[key]
 
 
 def check_result(result: Any) -> TrainResult:

@@ -242,29 +242,15 @@ class Publication:
             self._wanted += 1
 
 
-_open: dict[Path, Publication] = {}
-_open_lock = threading.Lock()
-
-
 @contextmanager
 def publishing(leaf_name: str, work_dir: Path) -> Iterator[Publication]:
-    """The leaf's publication for the duration: this process's open one for the work dir (a
-    training run's, inside its rounds), else a new one, closed at the end: waiting for
-    everything to be published when the block ends normally, not when it raises."""
-    key = Path(work_dir).resolve()
-    with _open_lock:
-        existing = _open.get(key)
-        owner = existing is None
-        if existing is None:
-            existing = _open[key] = Publication(leaf_name, key)
-    if not owner:
-        yield existing
-        return
+    """A publication of the leaf's rounds for the duration (a training run's, or a lone round's),
+    closed at the end: waiting for everything to be published when the block ends normally,
+    not when it raises."""
+    publication = Publication(leaf_name, Path(work_dir).resolve())
     ended_normally = False
     try:
-        yield existing.start()
+        yield publication.start()
         ended_normally = True
     finally:
-        with _open_lock:
-            _open.pop(key, None)
-        existing.close(timeout=CLOSE_TIMEOUT_S if ended_normally else 0)
+        publication.close(timeout=CLOSE_TIMEOUT_S if ended_normally else 0)

@@ -15,6 +15,7 @@ meanwhile is refused by the platform and never counted in a later one.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,15 +35,13 @@ from bk_blocks import (
 )
 from bk_blocks.archive import read_aggregate, write_update
 from tasks import (
-    close_shared_client,
+    LeafSession,
     current_run,
     download_aggregate,
-    has_shared_client,
     resolve_credentials,
     round_metrics_key,
     run_logger,
     send_metrics,
-    shared_client,
     upload_weights,
     wait_for_aggregation,
     wait_for_run,
@@ -50,12 +49,9 @@ from tasks import (
 
 from .history import RoundRecord, append_record, utc_from_timestamp
 from .observability import emit_round_event, label_flow_run, run_tags
-from .participant import Participant, check_result, participant_for
-from .publication import publishing
+from .participant import Participant, check_result, load_participant
+from .publication import Publication, publishing
 from .state import LeafBusyError, LeafState, hold_work_dir, load_state, resolve_work_dir, save_state
-
-# Notification marks taken before each round's upload, in this process: (leaf, run, round) -> mark.
-_marks: dict[tuple[str, int, int], int] = {}
 
 # How often a leaf asks whether the platform's aggregation of a closed round is done.
 SETTLE_POLL_S = 0.2
@@ -89,41 +85,41 @@ class RoundResult:
 
 
 def run_round(
-    credentials: BranchKeyCredentials,
+    session: LeafSession,
     participant: Participant,
     work_dir: Path,
     timeouts: Timeouts = Timeouts(),
+    publication: Publication | None = None,
 ) -> RoundResult:
     """Run (or resume) the leaf's current round; state is saved after every step. The rows it
-    recorded (`completed`, `resynced`) are published in the background (by the enclosing
-    training run's publication, else by one that this call closes, everything published, at
-    its end)."""
+    recorded (`completed`, `resynced`) are published in the background by `publication` (a
+    training run's), else by one this call opens and closes, everything published, at its end."""
     work_dir = Path(work_dir)
-    with publishing(credentials.leaf_name, work_dir) as publication:
+    with nullcontext(publication) if publication else publishing(session.credentials.leaf_name, work_dir) as pub:
         try:
-            return _run_round(credentials, participant, work_dir, timeouts)
+            return _run_round(session, participant, work_dir, timeouts)
         finally:
-            publication.notify()
+            pub.notify()
 
 
-def _run_round(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
+def _run_round(session: LeafSession, participant: Participant, work_dir: Path,
                timeouts: Timeouts) -> RoundResult:
     """The round, or `resynced` when the leaf turned out to be out of step and resynced instead
     (nothing uploaded): the caller decides whether the platform's open round is one to run."""
     try:
-        return _attempt_round(credentials, participant, work_dir, timeouts)
+        return _attempt_round(session, participant, work_dir, timeouts)
     except OutOfSyncError as exc:
-        record = _resync(credentials, work_dir, timeouts, str(exc))
-        state = load_state(work_dir, credentials.leaf_id)
+        record = _resync(session, work_dir, timeouts, str(exc))
+        state = load_state(work_dir, session.credentials.leaf_id)
         return RoundResult("resynced", state.run_number, state.round, record, state.global_model)
 
 
-def _attempt_round(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
+def _attempt_round(session: LeafSession, participant: Participant, work_dir: Path,
                    timeouts: Timeouts) -> RoundResult:
-    state = load_state(work_dir, credentials.leaf_id)
+    state = load_state(work_dir, session.credentials.leaf_id)
     resumed = state.phase != "idle"
     if not resumed:
-        details = _settled_run(credentials, state.round, timeouts)
+        details = _settled_run(session, state.round, timeouts)
         if details.run_status == "stop":
             return RoundResult("stopped", details.run_number, state.round)
         state.start_round(details.run_number)
@@ -132,9 +128,9 @@ def _attempt_round(credentials: BranchKeyCredentials, participant: Participant, 
             run_logger(__name__).info("participant declined round %d", state.round)
             save_state(work_dir, state)
             return RoundResult("declined", state.run_number, state.round)
-        _train(credentials, participant, work_dir, state)
+        _train(participant, work_dir, state)
     try:
-        return _finish(credentials, participant, work_dir, state, timeouts, resumed)
+        return _finish(session, participant, work_dir, state, timeouts, resumed)
     except RunStoppedError:
         state.clear_round()
         save_state(work_dir, state)
@@ -142,30 +138,26 @@ def _attempt_round(credentials: BranchKeyCredentials, participant: Participant, 
     except OutOfSyncError:
         raise
     except Exception as exc:
-        emit_round_event(_record(credentials, state, "failed"), failed=True, error=f"{type(exc).__name__}: {exc}")
+        emit_round_event(_record(session.credentials, state, "failed"), failed=True, error=f"{type(exc).__name__}: {exc}")
         raise
 
 
-def _finish(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path, state: LeafState,
+def _finish(session: LeafSession, participant: Participant, work_dir: Path, state: LeafState,
             timeouts: Timeouts, resumed: bool) -> RoundResult:
     if state.phase == "trained":
-        _upload(credentials, work_dir, state, timeouts, mark=not resumed)
+        _upload(session, work_dir, state, timeouts, mark=not resumed)
     if state.phase == "uploaded":
-        _await_aggregation(credentials, work_dir, state, timeouts, resumed)
+        _await_aggregation(session, work_dir, state, timeouts, resumed)
     if state.phase == "aggregated":
-        _download(credentials, work_dir, state)
-    return _evaluate_and_record(credentials, participant, work_dir, state)
-
-
-def _round_key(credentials: BranchKeyCredentials, state: LeafState) -> tuple[str, int, int]:
-    return credentials.leaf_id, state.run_number, state.round
+        _download(session, work_dir, state)
+    return _evaluate_and_record(session, participant, work_dir, state)
 
 
 def _timed(state: LeafState, step: str, started: float) -> None:
     state.durations[step] = state.durations.get(step, 0.0) + time.perf_counter() - started
 
 
-def _train(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path, state: LeafState) -> None:
+def _train(participant: Participant, work_dir: Path, state: LeafState) -> None:
     state.started_at = time.time()
     started = time.perf_counter()
     global_model = read_aggregate(state.global_model) if state.global_model else None
@@ -178,7 +170,7 @@ def _train(credentials: BranchKeyCredentials, participant: Participant, work_dir
     save_state(work_dir, state)
 
 
-def _upload(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState, timeouts: Timeouts,
+def _upload(session: LeafSession, work_dir: Path, state: LeafState, timeouts: Timeouts,
             mark: bool) -> None:
     """Upload the round's archive; a pause waits, a stop (or a new run) ends the round.
 
@@ -187,15 +179,13 @@ def _upload(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState,
     and its aggregation announced, so the latest notice not yet consumed answers it.
     """
     started = time.perf_counter()
-    if mark:
-        _marks[_round_key(credentials, state)] = shared_client(credentials).mark()
     while True:
         try:
-            receipt = upload_weights(credentials, Path(state.archive or ""), state.round, state.run_number,
-                                     name_round=True)
+            receipt = upload_weights(session, Path(state.archive or ""), state.round, state.run_number,
+                                     name_round=True, mark=mark)
             break
         except RunNotStartedError:
-            details = wait_for_run(credentials, state.round, timeouts.run_poll_s, timeouts.run_s)
+            details = wait_for_run(session, state.round, timeouts.run_poll_s, timeouts.run_s)
             if details.run_status == "stop" or details.run_number != state.run_number:
                 raise RunStoppedError(f"run {state.run_number} ended before round {state.round} was uploaded") from None
     _timed(state, "upload_s", started)
@@ -203,12 +193,11 @@ def _upload(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState,
     state.counted_in = list(receipt.counted_in) if receipt.counted_in else None
     state.phase = "uploaded"
     if receipt.aggregation_id:
-        _marks.pop(_round_key(credentials, state), None)
         state.aggregation_id, state.phase = receipt.aggregation_id, "aggregated"
     save_state(work_dir, state)
 
 
-def _await_aggregation(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState, timeouts: Timeouts,
+def _await_aggregation(session: LeafSession, work_dir: Path, state: LeafState, timeouts: Timeouts,
                        resumed: bool) -> None:
     """Wait for the round's aggregation, bounded by `timeouts.aggregation_s`.
 
@@ -224,8 +213,8 @@ def _await_aggregation(credentials: BranchKeyCredentials, work_dir: Path, state:
     started = time.perf_counter()
     try:
         aggregation_id = wait_for_aggregation(
-            credentials, state.round, state.run_number, after=_marks.pop(_round_key(credentials, state), None),
-            exclude=list(state.consumed_aggregations), timeout_s=timeouts.aggregation_s,
+            session, state.round, state.run_number, exclude=list(state.consumed_aggregations),
+            timeout_s=timeouts.aggregation_s,
             counted_in=counted_in, catch_up_first=resumed,
         )
     except AggregationTimeoutError:
@@ -235,12 +224,12 @@ def _await_aggregation(credentials: BranchKeyCredentials, work_dir: Path, state:
     _timed(state, "wait_s", started)
     state.aggregation_id, state.phase = aggregation_id, "aggregated"
     save_state(work_dir, state)
-    shared_client(credentials).acknowledge(aggregation_id)
+    session.client.acknowledge(aggregation_id)
 
 
-def _download(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState) -> None:
+def _download(session: LeafSession, work_dir: Path, state: LeafState) -> None:
     started = time.perf_counter()
-    path = download_aggregate(credentials, state.aggregation_id or "", work_dir / "models", state.round)
+    path = download_aggregate(session, state.aggregation_id or "", work_dir / "models", state.round)
     _timed(state, "download_s", started)
     state.global_model, state.bytes_down = str(path), path.stat().st_size
     state.consumed_aggregations = [*state.consumed_aggregations, state.aggregation_id or ""][-1000:]
@@ -248,11 +237,11 @@ def _download(credentials: BranchKeyCredentials, work_dir: Path, state: LeafStat
     save_state(work_dir, state)
 
 
-def _evaluate_and_record(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
+def _evaluate_and_record(session: LeafSession, participant: Participant, work_dir: Path,
                          state: LeafState) -> RoundResult:
-    _send_round_metrics(credentials, participant, work_dir, state)
+    _send_round_metrics(session, participant, work_dir, state)
     eval_metrics = dict(state.eval_metrics)
-    record = _record(credentials, state, "completed", eval_metrics)
+    record = _record(session.credentials, state, "completed", eval_metrics)
     append_record(work_dir, record)
     result = RoundResult("completed", state.run_number, state.round, record, state.global_model, eval_metrics)
     state.round += 1
@@ -261,7 +250,7 @@ def _evaluate_and_record(credentials: BranchKeyCredentials, participant: Partici
     return result
 
 
-def _send_round_metrics(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
+def _send_round_metrics(session: LeafSession, participant: Participant, work_dir: Path,
                         state: LeafState) -> None:
     """Evaluate the global model (once: the result is saved before anything is sent), then send
     the train and test metrics, recording each mode as sent. A kill between a send and its record
@@ -275,21 +264,21 @@ def _send_round_metrics(credentials: BranchKeyCredentials, participant: Particip
     aggregation_id = state.aggregation_id or ""
     for mode, metrics in (("train", state.train_metrics), ("test", state.eval_metrics)):
         if metrics and mode not in state.sent_metrics:
-            send_metrics(credentials, aggregation_id, metrics, state.round, mode=mode,
-                         idempotency_key=round_metrics_key(credentials.leaf_id, aggregation_id, mode))
+            send_metrics(session, aggregation_id, metrics, state.round, mode=mode,
+                         idempotency_key=round_metrics_key(session.credentials.leaf_id, aggregation_id, mode))
             state.sent_metrics = [*state.sent_metrics, mode]
             save_state(work_dir, state)
 
 
-def _settled_run(credentials: BranchKeyCredentials, round_number: int, timeouts: Timeouts) -> RunDetails:
+def _settled_run(session: LeafSession, round_number: int, timeouts: Timeouts) -> RunDetails:
     """The run, once no round of it is being aggregated: until then the open round's model (the
     aggregate being written) does not exist yet, and a leaf would train on an older one. Bounded
     by the aggregation timeout; a platform that does not say what it aggregates is not waited on."""
-    details = current_run(credentials, round_number, timeouts.run_poll_s, timeouts.run_s)
+    details = current_run(session, round_number, timeouts.run_poll_s, timeouts.run_s)
     deadline = time.monotonic() + timeouts.aggregation_s
     while details.aggregating and details.run_status != "stop" and time.monotonic() < deadline:
         time.sleep(SETTLE_POLL_S)
-        details = current_run(credentials, round_number, timeouts.run_poll_s, timeouts.run_s)
+        details = current_run(session, round_number, timeouts.run_poll_s, timeouts.run_s)
     return details
 
 
@@ -307,14 +296,14 @@ def _check_in_step(state: LeafState, details: RunDetails) -> None:
             f"with model {platform_model or 'none'}")
 
 
-def _resync(credentials: BranchKeyCredentials, work_dir: Path, timeouts: Timeouts,
+def _resync(session: LeafSession, work_dir: Path, timeouts: Timeouts,
             reason: str) -> RoundRecord | None:
     """Bring the leaf to the platform's round: adopt the run's latest aggregate (if any), move the
     counter, drop the round in progress (its update, if accepted, counted where it landed),
     record a `resynced` row. Nothing is uploaded."""
     logger = run_logger(__name__)
-    state = load_state(work_dir, credentials.leaf_id)
-    details = _settled_run(credentials, state.round, timeouts)
+    state = load_state(work_dir, session.credentials.leaf_id)
+    details = _settled_run(session, state.round, timeouts)
     before = f"run {state.run_number} round {state.round} ({state.phase})"
     if details.run_status == "stop" or not details.tells_round:
         logger.warning("out of step (%s) and the platform does not say which round is open (run %s): abandoning "
@@ -323,15 +312,15 @@ def _resync(credentials: BranchKeyCredentials, work_dir: Path, timeouts: Timeout
         save_state(work_dir, state)
         return None
     counted = state.file_id if state.phase in ("uploaded", "aggregated") else None
-    adopted = _adopt(credentials, work_dir, state, details)
-    record = _record_resync(credentials, work_dir, state, adopted, counted, details)
+    adopted = _adopt(session, work_dir, state, details)
+    record = _record_resync(session.credentials, work_dir, state, adopted, counted, details)
     logger.warning("resynced with the platform (%s): the leaf was at %s, now at run %d round %d with aggregation "
                    "%s; no update was sent for the rounds it missed", reason, before, state.run_number, state.round,
                    state.last_aggregation or "none")
     return record
 
 
-def _adopt(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState,
+def _adopt(session: LeafSession, work_dir: Path, state: LeafState,
            details: RunDetails) -> AggregationRef | None:
     """Move `state` to the platform's run and open round with the run's latest aggregate as its
     model (downloaded unless the leaf has it); return that aggregate, None when the run has none."""
@@ -342,19 +331,19 @@ def _adopt(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState,
     state.clear_round()
     state.started_at = time.time()
     if adopted is not None and adopted.aggregation_id != state.last_aggregation:
-        path = download_aggregate(credentials, adopted.aggregation_id, work_dir / "models", adopted.round)
+        path = download_aggregate(session, adopted.aggregation_id, work_dir / "models", adopted.round)
         state.global_model, state.bytes_down = str(path), path.stat().st_size
         state.consumed_aggregations = [*state.consumed_aggregations, adopted.aggregation_id][-1000:]
     state.round = details.round or 1
     return adopted
 
 
-def _record_resync(credentials: BranchKeyCredentials, work_dir: Path, state: LeafState,
+def _record_resync(leaf: BranchKeyCredentials, work_dir: Path, state: LeafState,
                    adopted: AggregationRef | None, counted: str | None, details: RunDetails) -> RoundRecord:
     """Write the `resynced` row (at the round whose aggregate was adopted, else the round before
     the open one, so it sorts before the row of the round the leaf completes next) and the
     state, now idle in the open round."""
-    record = _record(credentials, state, "resynced")
+    record = _record(leaf, state, "resynced")
     record.round = adopted.round if adopted else max((details.round or 1) - 1, 0)
     record.file_id, record.aggregation_id = counted, adopted.aggregation_id if adopted else None
     append_record(work_dir, record)
@@ -363,12 +352,12 @@ def _record_resync(credentials: BranchKeyCredentials, work_dir: Path, state: Lea
     return record
 
 
-def _record(credentials: BranchKeyCredentials, state: LeafState, status: str,
+def _record(leaf: BranchKeyCredentials, state: LeafState, status: str,
             eval_metrics: dict[str, float] | None = None) -> RoundRecord:
     durations = state.durations
     finished = time.time()
     return RoundRecord(
-        branch_id=credentials.branch_id, leaf_id=credentials.leaf_id, leaf_name=credentials.leaf_name,
+        branch_id=leaf.branch_id, leaf_id=leaf.leaf_id, leaf_name=leaf.leaf_name,
         run_number=state.run_number, round=state.round, status=status, file_id=state.file_id,
         aggregation_id=state.aggregation_id, weighting=state.weighting, train_metrics=dict(state.train_metrics),
         eval_metrics=dict(eval_metrics or {}), train_s=durations.get("train_s"), upload_s=durations.get("upload_s"),
@@ -404,18 +393,13 @@ def federated_round(
     """
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
-    model = participant_for(block.leaf_id, participant, participant_options)
+    model = load_participant(participant, participant_options)
     try:
-        with hold_work_dir(directory), tags(*run_tags(block)):
-            owns_client = not has_shared_client(block)
-            try:
-                expected = load_state(directory, block.leaf_id).round
-                label_flow_run(round_name(block, expected), run_tags(block))
-                result = _round_in_step(block, model, directory,
-                                        Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s))
-            finally:
-                if owns_client:
-                    close_shared_client(block)
+        with hold_work_dir(directory), LeafSession(block) as session, tags(*run_tags(block)):
+            expected = load_state(directory, block.leaf_id).round
+            label_flow_run(round_name(block, expected), run_tags(block))
+            result = _round_in_step(session, model, directory,
+                                    Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s))
     except LeafBusyError as exc:
         return cancelled_as_busy(exc)
     if result.round != expected:
@@ -423,14 +407,14 @@ def federated_round(
     return result
 
 
-def _round_in_step(credentials: BranchKeyCredentials, participant: Participant, work_dir: Path,
+def _round_in_step(session: LeafSession, participant: Participant, work_dir: Path,
                    timeouts: Timeouts) -> RoundResult:
     """The leaf's round; after a resync, the platform's open round (up to MAX_RESYNCS times)."""
-    result = run_round(credentials, participant, work_dir, timeouts)
+    result = run_round(session, participant, work_dir, timeouts)
     for _ in range(MAX_RESYNCS):
         if result.status != "resynced":
             break
-        result = run_round(credentials, participant, work_dir, timeouts)
+        result = run_round(session, participant, work_dir, timeouts)
     return result
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -35,12 +34,6 @@ class WorkDirError(BranchKeyError, ValueError):
 
 class LeafBusyError(BranchKeyError, RuntimeError):
     """Another process is running a round of this leaf in the same work directory."""
-
-
-# Work dirs this process holds the lock of: the lock's fd, the holding thread, and how many nested
-# holds that thread has (a training run and its rounds).
-_held: dict[Path, tuple[int, int, int]] = {}
-_held_lock = threading.Lock()
 
 
 @dataclass
@@ -163,40 +156,16 @@ def _remove_leftovers(work_dir: Path) -> None:
 def hold_work_dir(work_dir: Path) -> Iterator[None]:
     """Hold the leaf's work dir, so two rounds of one leaf never overlap.
 
-    An exclusive `flock` on `work_dir/.lock`: another process (another worker's run, a
-    manual run) or another thread of this one fails at once with LeafBusyError naming the
-    holder; nested holds in one thread (a flow run and a nested one) are allowed.
+    An exclusive `flock` on `work_dir/.lock`, taken on a descriptor of this hold's own: any
+    other hold (another worker's run, a manual run, another thread of this process) fails at
+    once with LeafBusyError naming the holder. Leftover temporary files are removed first.
     """
     key = Path(work_dir).absolute()
-    thread = threading.get_ident()
-    first_hold = False
-    with _held_lock:
-        if key in _held:
-            fd, holding_thread, count = _held[key]
-            if holding_thread != thread:
-                raise LeafBusyError(f"work dir {key} is in use by another thread of this process; "
-                                    "a leaf runs one round at a time")
-            _held[key] = (fd, thread, count + 1)
-        else:
-            key.mkdir(parents=True, exist_ok=True)
-            fd = os.open(key / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                _lock(fd, key)
-            except BaseException:
-                os.close(fd)
-                raise
-            _held[key] = (fd, thread, 1)
-            first_hold = True
+    key.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if first_hold:
-            _remove_leftovers(key)
+        _lock(fd, key)
+        _remove_leftovers(key)
         yield
     finally:
-        with _held_lock:
-            fd, _, count = _held[key]
-            if count > 1:
-                _held[key] = (fd, thread, count - 1)
-            else:
-                del _held[key]
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
+        os.close(fd)

@@ -15,11 +15,11 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.states import State
 
 from bk_blocks import BranchKeyCredentials
-from tasks import close_shared_client, resolve_credentials, shared_client
+from tasks import LeafSession, resolve_credentials
 
 from .observability import label_flow_run, run_tags
-from .participant import Participant, participant_for
-from .publication import publishing
+from .participant import Participant, load_participant
+from .publication import Publication, publishing
 from .round import RoundResult, Timeouts, cancelled_as_busy, run_round
 from .state import LeafBusyError, hold_work_dir, load_state, resolve_work_dir
 
@@ -59,30 +59,30 @@ def federated_training(
     """
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
-    model = participant_for(block.leaf_id, participant, participant_options)
+    model = load_participant(participant, participant_options)
     label_flow_run(f"{block.leaf_name}-training", run_tags(block))
     timeouts = Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s, run_poll_s=run_poll_s)
     try:
-        with hold_work_dir(directory), publishing(block.leaf_name, directory), tags(*run_tags(block)):
-            shared_client(block)
-            try:
-                return _train(block, model, directory, timeouts, rounds, rounds_per_run, target_metric, target_value)
-            finally:
-                close_shared_client(block)
+        with (hold_work_dir(directory), publishing(block.leaf_name, directory) as publication,
+              LeafSession(block) as session, tags(*run_tags(block))):
+            return _round_loop(session, publication, model, directory, timeouts, rounds, rounds_per_run,
+                               target_metric, target_value)
     except LeafBusyError as exc:
         return cancelled_as_busy(exc)
 
 
-def _train(block: BranchKeyCredentials, model: Participant, directory: Path, timeouts: Timeouts, rounds: int | None,
-           rounds_per_run: int | None, target_metric: str | None, target_value: float | None) -> list[RoundResult]:
+def _round_loop(session: LeafSession, publication: Publication, model: Participant, directory: Path,
+                timeouts: Timeouts, rounds: int | None, rounds_per_run: int | None, target_metric: str | None,
+                target_value: float | None) -> list[RoundResult]:
     """The training loop: one round after another, with a progress artifact."""
     logger = get_run_logger()
+    block = session.credentials
     results: list[RoundResult] = []
     first = load_state(directory, block.leaf_id).round
     goal = _goal(first, rounds, rounds_per_run)
     progress = create_progress_artifact(progress=0.0, description=f"{block.leaf_name}: rounds {first}..{goal}")
     while _more_rounds(load_state(directory, block.leaf_id).round, rounds, results, rounds_per_run):
-        result = run_round(block, model, directory, timeouts)
+        result = run_round(session, model, directory, timeouts, publication)
         results.append(result)
         if result.status == "stopped":
             logger.info("the platform stopped the run; ending at round %d", result.round)

@@ -17,7 +17,6 @@ from prefect.cache_policies import NO_CACHE
 from bk_blocks import (
     AggregationTimeoutError,
     BranchKeyClient,
-    BranchKeyCredentials,
     NotificationTimeout,
     OutOfSyncError,
     RunDetails,
@@ -25,8 +24,8 @@ from bk_blocks import (
     TransientError,
 )
 
-from .clients import shared_client
 from .retries import RETRY_OPTIONS
+from .session import LeafSession
 
 # How long one wait on the listener lasts before the task looks for a reconnect, and the
 # shortest look (a notice already there is taken before the platform is asked).
@@ -37,10 +36,9 @@ _FIRST_LOOK_S = 0.05
 @task(name="wait_for_aggregation", task_run_name="wait-for-aggregation-round-{round_number}",
       cache_policy=NO_CACHE, **RETRY_OPTIONS)
 def wait_for_aggregation(
-    credentials: BranchKeyCredentials | str,
+    session: LeafSession,
     round_number: int,
     run_number: int,
-    after: int | None = None,
     exclude: Sequence[str] = (),
     timeout_s: float = 3600.0,
     run_check_interval_s: float = 15.0,
@@ -51,9 +49,10 @@ def wait_for_aggregation(
 
     `counted_in` is the (run, round) the platform said the upload counts in (None when it
     did not say): a notice naming it answers, as does a run details reply whose latest
-    aggregation closed it. Without it, the first notice after the mark `after` (taken before
-    uploading) answers, or with `after=None` the latest one not in `exclude`. The notice stays
-    unacknowledged until the caller has stored the id (`shared_client(...).acknowledge(id)`).
+    aggregation closed it. Without it, the first notice after the round's mark (taken by
+    `upload_weights`) answers, or when the upload was not marked (a resumed round) the latest
+    one not in `exclude`. The notice stays unacknowledged until the caller has stored the id
+    (`session.client.acknowledge(id)`).
 
     Raises `RunStoppedError` when the run is over, `OutOfSyncError` when the upload's round
     will never be answered (the federation moved past it while the leaf was not listening, or
@@ -61,7 +60,8 @@ def wait_for_aggregation(
     `AggregationTimeoutError` (not retried).
     """
     logger = get_run_logger()
-    client = shared_client(credentials, logger)
+    client = session.client
+    after = session.mark_of(run_number, round_number)
     client.listen()
     deadline = time.monotonic() + timeout_s
     connections = client.connections
@@ -72,6 +72,7 @@ def wait_for_aggregation(
             notice = client.wait_for_aggregation(look_s, after=after, exclude=exclude, auto_ack=False,
                                                  for_round=counted_in)
             logger.info("round %d aggregated as %s", round_number, notice.aggregation_id)
+            session.forget_mark(run_number, round_number)
             return notice.aggregation_id
         except NotificationTimeout:
             pass
@@ -80,6 +81,7 @@ def wait_for_aggregation(
             found = _caught_up(client, run_number, round_number, counted_in)
             if found is not None:
                 logger.info("round %d aggregated as %s (caught up from the run details)", round_number, found)
+                session.forget_mark(run_number, round_number)
                 return found
             next_check = time.monotonic() + run_check_interval_s
         if deadline - time.monotonic() <= 0:

@@ -7,18 +7,17 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from bk_blocks import BranchKeyCredentials
 from bk_blocks.archive import ArchiveError, inspect_aggregate
 from bk_blocks.client import check_file_id
 
-from .clients import shared_client
 from .retries import RETRY_OPTIONS
+from .session import LeafSession
 
 
 @task(name="download_aggregate", task_run_name="download-round-{round_number}", cache_policy=NO_CACHE,
       **RETRY_OPTIONS)
 def download_aggregate(
-    credentials: BranchKeyCredentials | str, aggregation_id: str, dest_dir: Path, round_number: int
+    session: LeafSession, aggregation_id: str, dest_dir: Path, round_number: int
 ) -> Path:
     """Download the aggregate to `dest_dir/<aggregation_id>.npz`; an intact copy already there is kept."""
     logger = get_run_logger()
@@ -30,4 +29,4 @@ def download_aggregate(
             return target
         except ArchiveError:
             target.unlink()
-    return shared_client(credentials, logger).download(aggregation_id, dest_dir)
+    return session.client.download(aggregation_id, dest_dir)

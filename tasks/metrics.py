@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from bk_blocks import BranchKeyCredentials
 from bk_blocks.protocol import MetricsMode
 
-from .clients import shared_client
 from .retries import RETRY_OPTIONS
+from .session import LeafSession
 
 
 @task(name="send_metrics", task_run_name="send-{mode}-metrics-round-{round_number}", cache_policy=NO_CACHE,
       **RETRY_OPTIONS)
 def send_metrics(
-    credentials: BranchKeyCredentials | str,
+    session: LeafSession,
     aggregation_id: str,
     metrics: dict[str, Any],
     round_number: int,
@@ -29,8 +28,7 @@ def send_metrics(
     With an `idempotency_key` (the round flow passes `round_metrics_key(...)`), a retry or a
     rerun after the process died before recording the send is stored once.
     """
-    shared_client(credentials, get_run_logger()).send_metrics(aggregation_id, metrics, mode,
-                                                              idempotency_key=idempotency_key)
+    session.client.send_metrics(aggregation_id, metrics, mode, idempotency_key=idempotency_key)
 
 
 def round_metrics_key(leaf_id: str, aggregation_id: str, mode: str) -> str:

@@ -8,6 +8,8 @@ platform's message.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from prefect.tasks import exponential_backoff
@@ -29,9 +31,9 @@ def retry_only_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-RETRY_OPTIONS: dict[str, Any] = {
+RETRY_OPTIONS: Mapping[str, Any] = MappingProxyType({
     "retries": RETRIES,
     "retry_delay_seconds": exponential_backoff(backoff_factor=RETRY_BACKOFF_FACTOR_S),
     "retry_jitter_factor": 0.5,
     "retry_condition_fn": retry_only_transient,
-}
+})

@@ -8,22 +8,15 @@ import time
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from bk_blocks import (
-    BranchKeyClient,
-    BranchKeyCredentials,
-    RunDetails,
-    RunNotStartedError,
-    TransientError,
-)
+from bk_blocks import BranchKeyClient, RunDetails, RunNotStartedError, TransientError
 
-from .clients import shared_client
-from .loggers import run_logger
 from .retries import RETRY_OPTIONS
+from .session import LeafSession
 
 
 @task(name="wait_for_run", task_run_name="wait-for-run-round-{round_number}", cache_policy=NO_CACHE, **RETRY_OPTIONS)
 def wait_for_run(
-    credentials: BranchKeyCredentials | str,
+    session: LeafSession,
     round_number: int = 0,
     poll_interval_s: float = 10.0,
     timeout_s: float = 6 * 3600,
@@ -34,7 +27,7 @@ def wait_for_run(
     notice arrives); fail with `RunNotStartedError` after `timeout_s`.
     """
     logger = get_run_logger()
-    client = shared_client(credentials, logger)
+    client = session.client
     client.listen()
     deadline = time.monotonic() + timeout_s
     while True:
@@ -57,13 +50,12 @@ def _sleep_until_status_changes(client: BranchKeyClient, status: str, seconds: f
         time.sleep(0.2)
 
 
-def current_run(credentials: BranchKeyCredentials | str, round_number: int, poll_interval_s: float,
-                timeout_s: float) -> RunDetails:
+def current_run(session: LeafSession, round_number: int, poll_interval_s: float, timeout_s: float) -> RunDetails:
     """The run, once started or stopped. When the platform already says so (the usual case before
     a round), that is one request and no task run: a task run would cost the Prefect server three
     state events and show only "run is started". Otherwise (paused, or the platform did not
     answer) the `wait_for_run` task waits, with its retries."""
-    client = shared_client(credentials, run_logger(__name__))
+    client = session.client
     try:
         client.listen()
         details = client.run_details()
@@ -71,4 +63,4 @@ def current_run(credentials: BranchKeyCredentials | str, round_number: int, poll
             return details
     except TransientError:
         pass
-    return wait_for_run(credentials, round_number, poll_interval_s, timeout_s)
+    return wait_for_run(session, round_number, poll_interval_s, timeout_s)

@@ -13,11 +13,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from bk_blocks import BranchKeyCredentials
 from bk_blocks.files import sha256_file
 
-from .clients import resolve_credentials, shared_client
 from .retries import RETRY_OPTIONS
+from .session import LeafSession
 
 
 @dataclass(frozen=True)
@@ -40,25 +39,29 @@ def idempotency_key(leaf_id: str, run_number: int, round_number: int, sha256: st
 
 @task(name="upload_weights", task_run_name="upload-round-{round_number}", cache_policy=NO_CACHE, **RETRY_OPTIONS)
 def upload_weights(
-    credentials: BranchKeyCredentials | str, archive: Path, round_number: int, run_number: int,
-    name_round: bool = False,
+    session: LeafSession, archive: Path, round_number: int, run_number: int, name_round: bool = False,
+    mark: bool = True,
 ) -> UploadReceipt:
     """Upload an update archive for a round; return the platform's file id.
 
-    With `name_round` (when `round_number` is the platform's round, as the round flow keeps
-    it) the upload names its run and round, so a platform that knows them refuses it once that
-    round has closed (`StaleRoundError`: resync) rather than counting it in a later one. Take
-    the notification mark (`shared_client(...).mark()`) before the first attempt: against a
-    platform whose notices do not name their round, the aggregation answering this upload is
-    the first one announced after it.
+    With `mark` (a fresh round) the notice stream is marked before the first attempt, so that
+    against a platform whose notices do not name their round, the aggregation answering this
+    upload is the first one announced after it; a resumed round passes False (its upload may
+    have been accepted, and answered, before the crash). With `name_round` (when `round_number`
+    is the platform's round, as the round flow keeps it) the upload names its run and round, so
+    a platform that knows them refuses it once that round has closed (`StaleRoundError`: resync)
+    rather than counting it in a later one.
     """
     logger = get_run_logger()
-    block = resolve_credentials(credentials)
+    if mark:
+        session.mark_round(run_number, round_number)
     sha256 = sha256_file(archive)
-    key = idempotency_key(block.leaf_id, run_number, round_number, sha256.hex())
-    reply = shared_client(block, logger).upload_update(archive, idempotency_key=key, sha256=sha256,
-                                                       for_round=(run_number, round_number) if name_round else None)
+    key = idempotency_key(session.credentials.leaf_id, run_number, round_number, sha256.hex())
+    reply = session.client.upload_update(archive, idempotency_key=key, sha256=sha256,
+                                         for_round=(run_number, round_number) if name_round else None)
     logger.info("round %d: update %s accepted as %s", round_number, Path(archive).name, reply.file_id)
     counted_in = (reply.run_number, reply.round) if reply.run_number is not None and reply.round is not None else None
+    if reply.aggregation_id:
+        session.forget_mark(run_number, round_number)
     return UploadReceipt(reply.file_id, key, sha256.hex(), Path(archive).stat().st_size, counted_in,
                          reply.aggregation_id)

@@ -14,6 +14,7 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 from bk_blocks import BranchKeyCredentials  # noqa: E402
 from bk_blocks.archive import write_update  # noqa: E402
+from tasks import LeafSession  # noqa: E402
 
 from .bkserver import BkServer, broker_available, in_ci  # noqa: E402
 
@@ -133,6 +134,20 @@ def credentials_for(server: BkServer, leaf: dict[str, str], transport: str = "we
         leaf, host=host or server.url, notification_transport=transport, amqp_host="127.0.0.1",
         connect_timeout_s=5, read_timeout_s=60,
     )
+
+
+@pytest.fixture
+def open_session() -> Iterator[Callable[[BranchKeyCredentials], LeafSession]]:
+    """Open a leaf's session (its client and marks) for a test; all are closed after it."""
+    sessions: list[LeafSession] = []
+
+    def open_one(credentials: BranchKeyCredentials) -> LeafSession:
+        sessions.append(LeafSession(credentials))
+        return sessions[-1]
+
+    yield open_one
+    for session in sessions:
+        session.close()
 
 
 @pytest.fixture(params=["websocket", "amqp"])

@@ -168,13 +168,20 @@ def test_a_round_of_a_leaf_busy_elsewhere_ends_cancelled_and_touches_nothing(
     assert server.status(federation.branch_id)["rounds"][0]["updates"] == 0
 
 
-def test_nested_holds_in_one_process_are_allowed_and_released(tmp_path: Path) -> None:
-    with hold_work_dir(tmp_path), hold_work_dir(tmp_path):
+def test_a_released_work_dir_can_be_held_by_another_process(tmp_path: Path) -> None:
+    with hold_work_dir(tmp_path):
         pass
     check = subprocess.run([sys.executable, "-c", (
         "from pathlib import Path; from flows.state import hold_work_dir\n"
         f"with hold_work_dir(Path({str(tmp_path)!r})): print('free')")], capture_output=True, text=True, cwd=PROJECT)
     assert check.stdout.strip() == "free", check.stderr
+
+
+def test_a_second_hold_in_this_process_is_refused_naming_this_process(tmp_path: Path) -> None:
+    with hold_work_dir(tmp_path):
+        with pytest.raises(LeafBusyError, match=f"pid {os.getpid()}"):
+            with hold_work_dir(tmp_path):
+                pass
 
 
 def test_another_thread_cannot_hold_a_work_dir_this_thread_holds(tmp_path: Path) -> None:
@@ -191,7 +198,7 @@ def test_another_thread_cannot_hold_a_work_dir_this_thread_holds(tmp_path: Path)
         thread = threading.Thread(target=second_round)
         thread.start()
         thread.join()
-    assert len(errors) == 1 and "another thread" in str(errors[0])
+    assert len(errors) == 1 and f"pid {os.getpid()}" in str(errors[0])
 
 
 def test_credentials_env_builds_the_block_from_this_machines_settings(monkeypatch: pytest.MonkeyPatch,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -16,16 +16,15 @@ from flows.history import history_dir
 from flows.participant import Participant, TrainResult
 from flows.round import run_round
 from flows.training import federated_training
-from tasks import close_shared_clients
+from tasks import LeafSession
 
 from .bkserver import BkServer
 from .conftest import credentials_for
 
 
 @pytest.fixture(autouse=True)
-def _prefect(prefect_api: str) -> Iterator[None]:
-    yield
-    close_shared_clients()
+def _prefect(prefect_api: str) -> None:
+    """Every flow here runs against the session's Prefect server."""
 
 
 class OnBattery(Participant):
@@ -47,19 +46,21 @@ def test_training_ends_cleanly_when_the_platform_stops_the_run(server: BkServer,
     assert [r.status for r in results] == ["stopped"]
 
 
-def test_round_waits_while_paused_and_runs_when_started(server: BkServer, tmp_path: Path) -> None:
+def test_round_waits_while_paused_and_runs_when_started(server: BkServer, tmp_path: Path,
+                                                       open_session: Callable[..., LeafSession]) -> None:
     federation = server.federation(leaves=1)
     server.run(federation.branch_id, "pause")
     threading.Timer(1.5, server.run, args=(federation.branch_id, "start")).start()
     started = time.monotonic()
-    result = run_round(credentials_for(server, federation.leaves[0]), DigitsSoftmax(leaf_index=0, leaves=1),
-                       tmp_path / "leaf")
+    session = open_session(credentials_for(server, federation.leaves[0]))
+    result = run_round(session, DigitsSoftmax(leaf_index=0, leaves=1), tmp_path / "leaf")
     assert result.status == "completed" and time.monotonic() - started >= 1.0
 
 
-def test_declined_round_uploads_nothing(server: BkServer, tmp_path: Path) -> None:
+def test_declined_round_uploads_nothing(server: BkServer, tmp_path: Path,
+                                        open_session: Callable[..., LeafSession]) -> None:
     federation = server.federation(leaves=2)
-    result = run_round(credentials_for(server, federation.leaves[0]), OnBattery(), tmp_path / "leaf")
+    result = run_round(open_session(credentials_for(server, federation.leaves[0])), OnBattery(), tmp_path / "leaf")
     assert result.status == "declined"
     assert server.status(federation.branch_id)["rounds"][0]["updates"] == 0
 

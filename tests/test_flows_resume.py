@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from flows.examples.digits import DigitsSoftmax
 from flows.history import history_rows
 from flows.round import Timeouts, run_round
 from flows.state import load_state, save_state
-from tasks import close_shared_clients
+from tasks import LeafSession
 
 from .bkserver import BkServer
 from .conftest import credentials_for
@@ -27,9 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
-def _prefect(prefect_api: str) -> Iterator[None]:
-    yield
-    close_shared_clients()
+def _prefect(prefect_api: str) -> None:
+    """Every round here runs against the session's Prefect server."""
 
 
 def start_leaf(server: BkServer, leaf: dict, work_dir: Path, tmp_path: Path, prefect_api: str) -> subprocess.Popen:
@@ -69,17 +68,17 @@ def crash_after_accepted_upload(server: BkServer, leaf: dict, work_dir: Path, tm
 
 
 def test_leaf_killed_between_upload_and_aggregation_resumes_with_one_update(
-    amqp_server: BkServer, tmp_path: Path, prefect_api: str
+    amqp_server: BkServer, tmp_path: Path, prefect_api: str, open_session: Callable[..., LeafSession]
 ) -> None:
     federation = amqp_server.federation(leaves=2)
     killed, other = federation.leaves
     work_dir = tmp_path / "killed-leaf"
     kill_leaf_after_upload(amqp_server, killed, work_dir, tmp_path, prefect_api)
 
-    other_credentials = credentials_for(amqp_server, other, "amqp")
-    run_round(other_credentials, DigitsSoftmax(leaf_index=1, leaves=2), tmp_path / "other-leaf")
-
-    result = run_round(credentials_for(amqp_server, killed, "amqp"), DigitsSoftmax(leaf_index=0, leaves=2), work_dir)
+    run_round(open_session(credentials_for(amqp_server, other, "amqp")), DigitsSoftmax(leaf_index=1, leaves=2),
+              tmp_path / "other-leaf")
+    session = open_session(credentials_for(amqp_server, killed, "amqp"))
+    result = run_round(session, DigitsSoftmax(leaf_index=0, leaves=2), work_dir)
     assert result.status == "completed" and result.round == 1
     round_one = amqp_server.status(federation.branch_id)["rounds"][0]
     assert round_one["updates"] == 2 and round_one["leaves"] == sorted([killed["id"], other["id"]])
@@ -88,7 +87,8 @@ def test_leaf_killed_between_upload_and_aggregation_resumes_with_one_update(
 
 
 def test_upload_accepted_just_before_a_crash_is_not_counted_twice(amqp_server: BkServer, tmp_path: Path,
-                                                                  prefect_api: str) -> None:
+                                                                  prefect_api: str,
+                                                                  open_session: Callable[..., LeafSession]) -> None:
     """The crash falls after the platform accepted the upload but before the state said so."""
     federation = amqp_server.federation(leaves=2)
     leaf = federation.leaves[0]
@@ -96,36 +96,40 @@ def test_upload_accepted_just_before_a_crash_is_not_counted_twice(amqp_server: B
     crash_after_accepted_upload(amqp_server, leaf, work_dir, tmp_path, prefect_api)
 
     def second_leaf() -> None:
-        run_round(credentials_for(amqp_server, federation.leaves[1], "amqp"), DigitsSoftmax(leaf_index=1, leaves=2),
-                  tmp_path / "other")
+        session = open_session(credentials_for(amqp_server, federation.leaves[1], "amqp"))
+        run_round(session, DigitsSoftmax(leaf_index=1, leaves=2), tmp_path / "other")
 
     helper = threading.Thread(target=second_leaf)
     helper.start()
-    result = run_round(credentials_for(amqp_server, leaf, "amqp"), DigitsSoftmax(leaf_index=0, leaves=2), work_dir)
+    session = open_session(credentials_for(amqp_server, leaf, "amqp"))
+    result = run_round(session, DigitsSoftmax(leaf_index=0, leaves=2), work_dir)
     helper.join(60)
     assert result.status == "completed"
     assert amqp_server.status(federation.branch_id)["rounds"][0]["updates"] == 2
 
 
-def test_rerun_after_a_completed_round_starts_the_next_one(server: BkServer, tmp_path: Path) -> None:
+def test_rerun_after_a_completed_round_starts_the_next_one(server: BkServer, tmp_path: Path,
+                                                           open_session: Callable[..., LeafSession]) -> None:
     federation = server.federation(leaves=1)
-    credentials = credentials_for(server, federation.leaves[0])
-    first = run_round(credentials, DigitsSoftmax(leaf_index=0, leaves=1), tmp_path / "leaf")
-    second = run_round(credentials, DigitsSoftmax(leaf_index=0, leaves=1), tmp_path / "leaf")
+    session = open_session(credentials_for(server, federation.leaves[0]))
+    first = run_round(session, DigitsSoftmax(leaf_index=0, leaves=1), tmp_path / "leaf")
+    second = run_round(session, DigitsSoftmax(leaf_index=0, leaves=1), tmp_path / "leaf")
     assert (first.round, second.round) == (1, 2)
     assert [r["round"] for r in history_rows(tmp_path / "leaf")] == [1, 2]
 
 
 def test_round_closed_while_the_leaf_was_down_is_picked_up_on_resume(amqp_server: BkServer, tmp_path: Path,
-                                                                     prefect_api: str) -> None:
+                                                                     prefect_api: str,
+                                                                     open_session: Callable[..., LeafSession]) -> None:
     """The crash falls after the platform accepted the upload, and the round closes before the rerun."""
     federation = amqp_server.federation(leaves=2)
     leaf, other = federation.leaves
     work_dir = tmp_path / "leaf"
     crash_after_accepted_upload(amqp_server, leaf, work_dir, tmp_path, prefect_api)
-    run_round(credentials_for(amqp_server, other, "amqp"), DigitsSoftmax(leaf_index=1, leaves=2), tmp_path / "other")
-    result = run_round(credentials_for(amqp_server, leaf, "amqp"), DigitsSoftmax(leaf_index=0, leaves=2), work_dir,
-                       Timeouts(aggregation_s=20))
+    run_round(open_session(credentials_for(amqp_server, other, "amqp")), DigitsSoftmax(leaf_index=1, leaves=2),
+              tmp_path / "other")
+    session = open_session(credentials_for(amqp_server, leaf, "amqp"))
+    result = run_round(session, DigitsSoftmax(leaf_index=0, leaves=2), work_dir, Timeouts(aggregation_s=20))
     round_one = amqp_server.status(federation.branch_id)["rounds"][0]
     assert result.status == "completed" and result.record.aggregation_id == round_one["aggregation_id"]
     assert round_one["updates"] == 2

@@ -69,3 +69,23 @@ def test_every_exception_the_product_defines_derives_from_one_root() -> None:
                         and not issubclass(value, BranchKeyError)):
                     strays.append(f"{module.__name__}.{name}")
     assert strays == []
+
+
+def _module_level_registries(path: Path) -> list[str]:
+    """Module-level names bound to a mutable container (a dict, list or set display or call)."""
+    found = []
+    for node in ast.parse(path.read_text(), str(path)).body:
+        targets, value = ([node.target], node.value) if isinstance(node, ast.AnnAssign) else (
+            (node.targets, node.value) if isinstance(node, ast.Assign) else ([], None))
+        mutable = isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)) or (
+            isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+            and value.func.id in ("dict", "list", "set", "defaultdict", "OrderedDict"))
+        if mutable:
+            found += [f"{path.relative_to(PROJECT)}:{target.id}" for target in targets if isinstance(target, ast.Name)
+                      and target.id != "__all__"]
+    return found
+
+
+@pytest.mark.parametrize("package", ("tasks", "flows"))
+def test_tasks_and_flows_keep_no_module_level_registry(package: str) -> None:
+    assert [name for path in _modules(package) for name in _module_level_registries(path)] == []

@@ -1,0 +1,72 @@
+"""`LeafSession`: what a leaf's tasks share for the length of a flow run, passed to each of them.
+
+One client, whose notification listener must run from before an upload until its
+aggregation is seen; the notice-stream mark taken before each round's upload; and a
+logger that writes to whichever Prefect run is current (the task's, else the flow's).
+"""
+
+from __future__ import annotations
+
+from bk_blocks import BranchKeyClient, BranchKeyCredentials, BranchKeySettings
+
+from .loggers import CurrentRunLogger
+
+# The credentials parameter that means: read BRANCHKEY_* settings on the machine that runs the flow.
+FROM_ENVIRONMENT = "$env"
+
+
+def resolve_credentials(credentials: BranchKeyCredentials | str) -> BranchKeyCredentials:
+    """The Block itself, the saved Block of that name, or, for `"$env"`, the Block that the
+    `BRANCHKEY_*` environment of this machine describes (the token never leaves the machine)."""
+    if isinstance(credentials, BranchKeyCredentials):
+        return credentials
+    if credentials == FROM_ENVIRONMENT:
+        return BranchKeySettings().to_block()
+    return BranchKeyCredentials.load(credentials)
+
+
+class LeafSession:
+    """One leaf's credentials and open client, and the marks of the rounds it is uploading.
+
+    Open it once per flow run (`with LeafSession.open(credentials) as session:`) and pass it
+    to every task: its listener then sees every notice from the first upload to the last
+    aggregation, and the mark `upload_weights` takes before a fresh round's upload is the one
+    `wait_for_aggregation` reads.
+    """
+
+    def __init__(self, credentials: BranchKeyCredentials) -> None:
+        self.credentials = credentials
+        self.client: BranchKeyClient = credentials.get_client(logger=CurrentRunLogger("bk_blocks.client"))
+        self._marks: dict[tuple[int, int], int] = {}
+
+    @classmethod
+    def open(cls, credentials: BranchKeyCredentials | str) -> "LeafSession":
+        """A session for the Block, the saved Block of that name, or `"$env"`."""
+        return cls(resolve_credentials(credentials))
+
+    def __repr__(self) -> str:
+        return f"LeafSession(leaf={self.credentials.leaf_name!r})"
+
+    def __enter__(self) -> "LeafSession":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the listener and release the client's connections."""
+        self.client.close()
+
+    def mark_round(self, run_number: int, round_number: int) -> None:
+        """Mark the notice stream before a round's first upload attempt (a retry keeps the first
+        mark: the aggregation answering an upload accepted before the retry comes after it)."""
+        self._marks.setdefault((run_number, round_number), self.client.mark())
+
+    def mark_of(self, run_number: int, round_number: int) -> int | None:
+        """The round's mark (None when the upload was not marked: a resumed round); it stays
+        until the round's aggregation is known, so a retried wait reads the same one."""
+        return self._marks.get((run_number, round_number))
+
+    def forget_mark(self, run_number: int, round_number: int) -> None:
+        """Drop a round's mark once its aggregation is known."""
+        self._marks.pop((run_number, round_number), None)
