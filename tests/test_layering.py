@@ -7,8 +7,11 @@ import ast
 import importlib
 import inspect
 import json
+import re
 import subprocess
 import sys
+import tomllib
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,21 @@ def _module_level_registries(path: Path) -> list[str]:
 @pytest.mark.parametrize("package", ("tasks", "flows"))
 def test_tasks_and_flows_keep_no_module_level_registry(package: str) -> None:
     assert [name for path in _modules(package) for name in _module_level_registries(path)] == []
+
+
+def _declared_distributions() -> set[str]:
+    """Every distribution pyproject.toml names, in its dependencies or an optional extra."""
+    project = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    return {re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+            for requirement in requirements}
+
+
+def test_every_package_imported_directly_is_declared() -> None:
+    ours = set(LAYERS) | set(DEV_ONLY) | {path.stem for path in _modules("bench")}
+    distributions = packages_distributions()
+    imported = {name for package in (*LAYERS, *DEV_ONLY, "bench") for path in _modules(package)
+                for name in _imported_packages(path)} - ours - set(sys.stdlib_module_names)
+    undeclared = {name: distributions.get(name) for name in imported
+                  if not {d.lower().replace("_", "-") for d in distributions.get(name, [name])} & _declared_distributions()}
+    assert undeclared == {}
