@@ -121,7 +121,7 @@ def _inspect(path: Path, max_decompressed_bytes: int) -> UpdateInfo:
 def download_link(file_id: str, request: Request, leaf: LeafDep) -> dict[str, Any]:
     platform = platform_of(request)
     platform.aggregate_for(leaf, file_id)
-    query = platform.sign_download(file_id, leaf.branch_id)
+    query = platform.downloads.sign(file_id, leaf.branch_id)
     base = platform.settings.public_url or str(request.base_url).rstrip("/")
     url = f"{base}/api/v1/files/{file_id}?" + "&".join(f"{k}={v}" for k, v in query.items())
     return {"data": {"download_url": url}}
@@ -153,7 +153,7 @@ def branch_config(branch_id: str, request: Request, leaf: LeafDep) -> dict[str, 
 
 @router.post("/api/v1/ws/ticket")
 def ws_ticket(request: Request, leaf: LeafDep) -> dict[str, Any]:
-    return {"data": platform_of(request).issue_ticket(leaf)}
+    return {"data": platform_of(request).tickets.issue(leaf.id)}
 
 
 @router.websocket("/api/v1/ws")

@@ -1,12 +1,13 @@
-"""The platform's rules: who may do what, how rounds open and close, and when FedAvg runs.
+"""The platform's rules: who may do what, how runs and rounds move, what a leaf is told.
 
-The HTTP layer (`api.py`, `admin_api.py`) only translates requests into calls here;
-every state change goes through `Platform`, under one lock, in one SQLite transaction.
+The HTTP layer (`api.py`, `admin_api.py`) only translates requests into calls here; every
+state change goes through `Platform`, under one lock, in one transaction of the store
+(`store.py`, which holds all the SQL). Download URLs are signed in `signing.py`, WebSocket
+tickets kept in `tickets.py`, and closed rounds aggregated by `scheduling.py`.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -16,18 +17,16 @@ import secrets
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from bk_blocks.archive import ArchiveError, UpdateInfo
-from bk_blocks.files import atomic_write, remove_temporaries
+from bk_blocks.archive import UpdateInfo
+from bk_blocks.files import remove_temporaries
 from bk_blocks.protocol import METRIC_MODES, RUN_STATUSES
 
-from .aggregation import AggregationError, WeightedUpdate, fedavg
 from .errors import (
     BadRequest,
     Forbidden,
@@ -39,13 +38,15 @@ from .errors import (
     UploadRejected,
 )
 from .faults import crash_point
+from .fedavg import WeightedUpdate
 from .notifications import Notifier, aggregation_message, run_status_message
+from .scheduling import AggregationQueue, round_is_due, write_aggregate
 from .settings import ServerSettings
-from .store import Branch, Leaf, Round, Store, Upload
+from .signing import DownloadSigner
+from .store import Aggregate, Branch, Leaf, Round, Store, Upload
+from .tickets import TicketBook
 
 log = logging.getLogger(__name__)
-
-AGGREGATION_ATTEMPTS = 3
 
 
 def new_secret() -> str:
@@ -106,13 +107,13 @@ class Platform:
         self.store = store
         self.notifier = notifier
         self.provisioner = provisioner
-        self._signing_key = _load_or_create_key(settings.signing_key_file)
+        self.downloads = DownloadSigner(settings.signing_key_file, settings.download_url_ttl_s)
+        self.tickets = TicketBook(settings.ws_ticket_ttl_s)
         self._lock = threading.RLock()
-        self._aggregator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedavg")
-        self._tickets: dict[str, tuple[str, str, float]] = {}
+        self._aggregations = AggregationQueue(self._aggregate)
 
     def close(self) -> None:
-        self._aggregator.shutdown(wait=True, cancel_futures=False)
+        self._aggregations.close()
 
     # -- federation set-up -------------------------------------------------------------
 
@@ -145,15 +146,9 @@ class Platform:
             self.provisioner.provision(tree_id, branch_id, credentials)
         now = time.time()
         with self._lock, self.store.transaction() as db:
-            db.execute("INSERT INTO trees VALUES (?, ?, ?, ?)", (tree_id, tree_name, owner, now))
-            db.execute(
-                "INSERT INTO branches VALUES (?, ?, ?, ?, ?, ?, 'stop', 0, 0, ?, ?, ?)",
-                (branch_id, tree_id, branch_name, min_updates, quorum, round_deadline_s, now, now, now),
-            )
-            db.executemany(
-                "INSERT INTO leaves VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(c.id, c.name, tree_id, branch_id, owner, hash_token(c.session_token), now) for c in credentials],
-            )
+            self.store.insert_federation(db, (tree_id, tree_name, owner), (branch_id, branch_name),
+                                         (min_updates, quorum, round_deadline_s),
+                                         [(c.id, c.name, hash_token(c.session_token)) for c in credentials], now)
         self.set_run_status(branch_id, "start")
         return tree_id, branch_id, credentials
 
@@ -205,28 +200,13 @@ class Platform:
             now = time.time()
             with self.store.transaction() as db:
                 if action == "start" and branch.run_status == "stop":
-                    run_number = branch.run_number + 1
-                    db.execute(
-                        "UPDATE branches SET run_status='start', run_number=?, round=1, round_opened_at=?, updated_at=? WHERE id=?",
-                        (run_number, now, now, branch_id),
-                    )
-                    db.execute("INSERT INTO rounds VALUES (?, ?, 1, 'open', NULL, NULL, ?, NULL)", (branch_id, run_number, now))
+                    self.store.begin_run(db, branch_id, branch.run_number + 1, now)
                 elif action == "stop" and branch.run_status != "stop":
                     discarded = self.store.accepted_uploads(branch_id, branch.run_number, branch.round)
-                    db.execute(
-                        "UPDATE rounds SET status='abandoned', closed_at=? WHERE branch_id=? AND run_number=? AND round=? AND status='open'",
-                        (now, branch_id, branch.run_number, branch.round),
-                    )
-                    db.execute(
-                        "UPDATE uploads SET status='discarded', idempotency_key=NULL "
-                        "WHERE branch_id=? AND run_number=? AND round=? AND status='accepted'",
-                        (branch_id, branch.run_number, branch.round),
-                    )
-                    db.execute("UPDATE branches SET run_status='stop', updated_at=? WHERE id=?", (now, branch_id))
+                    self.store.stop_run(db, branch, now)
                 elif action != branch.run_status:
-                    db.execute("UPDATE branches SET run_status=?, updated_at=? WHERE id=?", (action, now, branch_id))
-                run_number = db.execute("SELECT run_number FROM branches WHERE id=?", (branch_id,)).fetchone()[0]
-                text = run_status_message(action, **self._extras(run_number=run_number))
+                    self.store.set_run_status(db, branch_id, action, now)
+                text = run_status_message(action, **self._extras(run_number=self.store.run_number_of(db, branch_id)))
                 self.notifier.stage(db, branch.tree_id, branch_id, text)
             branch = self.require_branch(branch_id)
             self._deliver(branch, text)
@@ -291,32 +271,22 @@ class Platform:
             accepted = self.store.accepted_uploads(branch.id, branch.run_number, branch.round)
             others = [u for u in accepted if u.leaf_id != leaf.id]
             self._check_signature(round_, others, signature)
-            file_id = str(uuid.uuid4())
-            target = self.settings.uploads_dir / f"{file_id}.npz"
+            upload = Upload(str(uuid.uuid4()), leaf.id, branch.id, branch.run_number, branch.round, "accepted",
+                            staged.info.weighting, staged.size, staged.digest, metadata, idempotency_key or None,
+                            time.time())
+            target = self.settings.uploads_dir / f"{upload.file_id}.npz"
             replaced = [u for u in accepted if u.leaf_id == leaf.id]
             staged.path.replace(target)
             try:
                 with self.store.transaction() as db:
-                    for earlier in replaced:
-                        db.execute("UPDATE uploads SET status='superseded', idempotency_key=NULL WHERE file_id=?",
-                                   (earlier.file_id,))
-                    db.execute(
-                        "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?)",
-                        (file_id, leaf.id, branch.id, branch.run_number, branch.round, staged.info.weighting,
-                         staged.size, staged.digest, metadata, idempotency_key or None, time.time()),
-                    )
-                    db.execute(
-                        "UPDATE rounds SET signature=? WHERE branch_id=? AND run_number=? AND round=?",
-                        (signature, branch.id, branch.run_number, branch.round),
-                    )
+                    self.store.insert_upload(db, upload, signature, [u.file_id for u in replaced])
             except BaseException:
                 target.unlink(missing_ok=True)
                 raise
             self._remove_uploads(replaced)
-            log.info("round %s/%s of branch %s: update %s from leaf %s", branch.run_number, branch.round, branch.id, file_id, leaf.name)
+            log.info("round %s/%s of branch %s: update %s from leaf %s", branch.run_number, branch.round, branch.id,
+                     upload.file_id, leaf.name)
             self._close_round_if_due(branch.id, time.time())
-            upload = self.store.upload(file_id)
-        assert upload is not None
         return upload
 
     def check_round(self, branch: Branch, expected: tuple[int, int] | None) -> None:
@@ -355,35 +325,15 @@ class Platform:
         """Close the open round when min_updates leaves are in, or at the deadline with a quorum."""
         with self._lock:
             branch = self.require_branch(branch_id)
-            if branch.run_status == "stop" or branch.round == 0:
-                return False
             leaves = {u.leaf_id for u in self.store.accepted_uploads(branch.id, branch.run_number, branch.round)}
-            full = len(leaves) >= branch.min_updates
-            overdue = (
-                branch.round_deadline_s is not None
-                and now - branch.round_opened_at >= branch.round_deadline_s
-                and len(leaves) >= (branch.quorum or 1)
-            )
-            if not (full or overdue):
+            why = round_is_due(branch, len(leaves), now)
+            if why is None:
                 return False
-            aggregation_id = str(uuid.uuid4())
             with self.store.transaction() as db:
-                db.execute(
-                    "UPDATE rounds SET status='aggregating', aggregation_id=?, closed_at=? WHERE branch_id=? AND run_number=? AND round=?",
-                    (aggregation_id, now, branch.id, branch.run_number, branch.round),
-                )
-                current = self.store.round(branch.id, branch.run_number, branch.round)
-                db.execute(
-                    "INSERT INTO rounds VALUES (?, ?, ?, 'open', ?, NULL, ?, NULL)",
-                    (branch.id, branch.run_number, branch.round + 1, current.signature if current else None, now),
-                )
-                db.execute(
-                    "UPDATE branches SET round=?, round_opened_at=?, updated_at=? WHERE id=?",
-                    (branch.round + 1, now, now, branch.id),
-                )
+                self.store.close_round(db, branch, str(uuid.uuid4()), now)
             log.info("round %s/%s of branch %s closed with %d leaves%s", branch.run_number, branch.round, branch.id,
-                     len(leaves), "" if full else " (deadline reached with quorum)")
-            self._submit_aggregation(branch.id, branch.run_number, branch.round)
+                     len(leaves), "" if why == "full" else " (deadline reached with quorum)")
+            self._aggregations.submit(branch.id, branch.run_number, branch.round)
             return True
 
     def close_overdue_rounds(self) -> None:
@@ -403,16 +353,14 @@ class Platform:
             path.unlink(missing_ok=True)
             log.info("removed %s, an upload cut short by the restart", path.name)
         for round_ in self.store.rounds_with_status("aggregating"):
-            self._submit_aggregation(round_.branch_id, round_.run_number, round_.round)
+            self._aggregations.submit(round_.branch_id, round_.run_number, round_.round)
         now = time.time()
         for branch in self.store.branches():
             if branch.run_status == "start":
                 self._close_round_if_due(branch.id, now)
 
-    def _submit_aggregation(self, branch_id: str, run_number: int, round_number: int) -> None:
-        self._aggregator.submit(self._aggregate, branch_id, run_number, round_number)
-
     def _aggregate(self, branch_id: str, run_number: int, round_number: int) -> None:
+        """FedAvg of a closed round's updates; the aggregate and its notice commit together."""
         round_ = self.store.round(branch_id, run_number, round_number)
         if round_ is None or round_.status != "aggregating" or round_.aggregation_id is None:
             return
@@ -420,42 +368,18 @@ class Platform:
         started = time.perf_counter()
         out = self.settings.aggregates_dir / f"{round_.aggregation_id}.npz"
         inputs = [WeightedUpdate(self.settings.uploads_dir / f"{u.file_id}.npz", u.weighting) for u in uploads]
-        for attempt in range(1, AGGREGATION_ATTEMPTS + 1):
-            try:
-                fedavg(inputs, out, on_layer=lambda _: crash_point("fedavg-layer-written"))
-                break
-            except OSError as exc:
-                log.warning("aggregation of round %s/%s of branch %s hit %s (attempt %d of %d)", run_number,
-                            round_number, branch_id, exc, attempt, AGGREGATION_ATTEMPTS)
-                time.sleep(attempt)
-            except (AggregationError, ArchiveError):
-                log.exception("aggregation of round %s/%s of branch %s failed", run_number, round_number, branch_id)
-                break
-        else:
-            log.error("aggregation of round %s/%s of branch %s failed %d times", run_number, round_number,
-                      branch_id, AGGREGATION_ATTEMPTS)
-        if not out.exists():
-            with self.store.transaction() as db:
-                db.execute(
-                    "UPDATE rounds SET status='failed' WHERE branch_id=? AND run_number=? AND round=?",
-                    (branch_id, run_number, round_number),
-                )
+        what = f"round {run_number}/{round_number} of branch {branch_id}"
+        if not write_aggregate(inputs, out, what) or not out.exists():
+            self.store.fail_round(branch_id, run_number, round_number)
             return
         branch = self.require_branch(branch_id)
         text = aggregation_message(round_.aggregation_id, **self._extras(run_number=run_number, round=round_number))
         with self._lock:
             with self.store.transaction() as db:
-                db.execute(
-                    "INSERT OR REPLACE INTO aggregates VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (round_.aggregation_id, branch_id, run_number, round_number, len(uploads), out.stat().st_size, time.time()),
-                )
-                db.execute(
-                    "UPDATE rounds SET status='aggregated' WHERE branch_id=? AND run_number=? AND round=?",
-                    (branch_id, run_number, round_number),
-                )
+                self.store.record_aggregate(db, Aggregate(round_.aggregation_id, branch_id, run_number, round_number,
+                                                          len(uploads), out.stat().st_size, time.time()))
                 self.notifier.stage(db, branch.tree_id, branch_id, text)
-        log.info("aggregated round %s/%s of branch %s from %d updates in %.2f s", run_number, round_number,
-                 branch_id, len(uploads), time.perf_counter() - started)
+        log.info("aggregated %s from %d updates in %.2f s", what, len(uploads), time.perf_counter() - started)
         crash_point("aggregate-committed")
         self._deliver(branch, text)
 
@@ -481,17 +405,9 @@ class Platform:
             raise Forbidden("that aggregate belongs to another branch")
         return self.settings.aggregates_dir / f"{file_id}.npz"
 
-    def sign_download(self, file_id: str, branch_id: str, now: float | None = None) -> dict[str, str]:
-        """Query parameters of a pre-signed, expiring, branch-scoped download URL."""
-        expires = str(int((now or time.time()) + self.settings.download_url_ttl_s))
-        return {"branch_id": branch_id, "expires": expires, "signature": self._signature(file_id, branch_id, expires)}
-
     def verify_download(self, file_id: str, branch_id: str, expires: str, signature: str) -> Path:
         """The archive a pre-signed URL names, if its signature holds and it has not expired."""
-        if not hmac.compare_digest(self._signature(file_id, branch_id, expires), signature):
-            raise Forbidden("download URL signature is invalid")
-        if not expires.isdigit() or int(expires) < time.time():
-            raise Forbidden("download URL has expired; ask for a new one")
+        self.downloads.check(file_id, branch_id, expires, signature)
         aggregate = self.store.aggregate(file_id)
         if aggregate is None or aggregate.branch_id != branch_id:
             raise NotFound(f"no aggregate with id {file_id}")
@@ -499,10 +415,6 @@ class Platform:
         if not path.exists():
             raise Gone(f"aggregate {file_id} is no longer stored")
         return path
-
-    def _signature(self, file_id: str, branch_id: str, expires: str) -> str:
-        message = f"{file_id}\n{branch_id}\n{expires}".encode()
-        return base64.urlsafe_b64encode(hmac.new(self._signing_key, message, hashlib.sha256).digest()).decode().rstrip("=")
 
     # -- metrics, config, WebSocket tickets --------------------------------------------
 
@@ -564,26 +476,9 @@ class Platform:
             "updated_at": iso(branch.updated_at),
         }
 
-    def issue_ticket(self, leaf: Leaf) -> dict[str, str]:
-        """A single-use, short-lived WebSocket ticket for this leaf."""
-        ticket_id, request_id = secrets.token_urlsafe(24), str(uuid.uuid4())
-        expires = time.time() + self.settings.ws_ticket_ttl_s
-        with self._lock:
-            now = time.time()
-            self._tickets = {k: v for k, v in self._tickets.items() if v[2] > now}
-            self._tickets[ticket_id] = (leaf.id, request_id, expires)
-        expires_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(expires)) + f".{int(expires % 1 * 1000):03d}Z"
-        return {"ticket_id": ticket_id, "request_id": request_id, "expires_at": expires_at}
-
     def redeem_ticket(self, ticket_id: str, request_id: str) -> Leaf:
-        """Use up a ticket, returning its leaf; a used, unknown or expired ticket is refused."""
-        with self._lock:
-            entry = self._tickets.pop(ticket_id, None)
-        if entry is None or not hmac.compare_digest(entry[1], request_id):
-            raise Unauthorized("unknown or already used WebSocket ticket")
-        if entry[2] < time.time():
-            raise Unauthorized("WebSocket ticket has expired")
-        leaf = self.store.leaf(entry[0])
+        """Use up a WebSocket ticket, returning its leaf; a used, unknown or expired one is refused."""
+        leaf = self.store.leaf(self.tickets.redeem(ticket_id, request_id))
         if leaf is None:
             raise Unauthorized("the ticket's leaf no longer exists")
         return leaf
@@ -603,12 +498,3 @@ class Platform:
         return {"branch": self.branch_config(branch)["branch"], "rounds": rounds,
                 "metrics": self.store.metrics_of_branch(branch_id)}
 
-
-def _load_or_create_key(path: Path) -> bytes:
-    """The key that signs download URLs, kept owner-only in the data dir across restarts."""
-    if path.exists():
-        return path.read_bytes()
-    key = secrets.token_bytes(32)
-    with atomic_write(path) as handle:
-        handle.write(key)
-    return key

@@ -257,6 +257,88 @@ class Store:
             )
         return cursor.rowcount == 1
 
+    # -- writes inside the caller's transaction (`with store.transaction() as db:`), so that a
+    # -- change and the notification announcing it commit together ---------------------------
+
+    @staticmethod
+    def insert_federation(db: sqlite3.Connection, tree: tuple[str, str, str], branch: tuple[str, str],
+                          rules: tuple[int, int | None, float | None], leaves: list[tuple[str, str, str]],
+                          now: float) -> None:
+        """A tree (id, name, owner), its branch (id, name) with its round rules (min_updates,
+        quorum, deadline) and run stopped, and its leaves (id, name, token hash)."""
+        tree_id, tree_name, owner = tree
+        db.execute("INSERT INTO trees VALUES (?, ?, ?, ?)", (tree_id, tree_name, owner, now))
+        db.execute("INSERT INTO branches VALUES (?, ?, ?, ?, ?, ?, 'stop', 0, 0, ?, ?, ?)",
+                   (branch[0], tree_id, branch[1], *rules, now, now, now))
+        db.executemany("INSERT INTO leaves VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       [(leaf_id, name, tree_id, branch[0], owner, token_hash, now)
+                        for leaf_id, name, token_hash in leaves])
+
+    @staticmethod
+    def begin_run(db: sqlite3.Connection, branch_id: str, run_number: int, now: float) -> None:
+        """Start run `run_number` of the branch at round 1, with that round open."""
+        db.execute("UPDATE branches SET run_status='start', run_number=?, round=1, round_opened_at=?, updated_at=? "
+                   "WHERE id=?", (run_number, now, now, branch_id))
+        db.execute("INSERT INTO rounds VALUES (?, ?, 1, 'open', NULL, NULL, ?, NULL)", (branch_id, run_number, now))
+
+    @staticmethod
+    def stop_run(db: sqlite3.Connection, branch: Branch, now: float) -> None:
+        """Stop the branch's run: its open round is abandoned and that round's updates discarded."""
+        where = (branch.id, branch.run_number, branch.round)
+        db.execute("UPDATE rounds SET status='abandoned', closed_at=? WHERE branch_id=? AND run_number=? AND round=? "
+                   "AND status='open'", (now, *where))
+        db.execute("UPDATE uploads SET status='discarded', idempotency_key=NULL "
+                   "WHERE branch_id=? AND run_number=? AND round=? AND status='accepted'", where)
+        Store.set_run_status(db, branch.id, "stop", now)
+
+    @staticmethod
+    def set_run_status(db: sqlite3.Connection, branch_id: str, status: str, now: float) -> None:
+        db.execute("UPDATE branches SET run_status=?, updated_at=? WHERE id=?", (status, now, branch_id))
+
+    @staticmethod
+    def run_number_of(db: sqlite3.Connection, branch_id: str) -> int:
+        return db.execute("SELECT run_number FROM branches WHERE id=?", (branch_id,)).fetchone()[0]
+
+    @staticmethod
+    def insert_upload(db: sqlite3.Connection, upload: Upload, signature: str, replaced: list[str]) -> None:
+        """Count an accepted update in its round (which takes the update's layer signature); the
+        leaf's earlier updates to that round (`replaced` file ids) no longer count."""
+        db.executemany("UPDATE uploads SET status='superseded', idempotency_key=NULL WHERE file_id=?",
+                       [(file_id,) for file_id in replaced])
+        db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?)",
+                   (upload.file_id, upload.leaf_id, upload.branch_id, upload.run_number, upload.round,
+                    upload.weighting, upload.size, upload.digest, upload.metadata, upload.idempotency_key,
+                    upload.created_at))
+        db.execute("UPDATE rounds SET signature=? WHERE branch_id=? AND run_number=? AND round=?",
+                   (signature, upload.branch_id, upload.run_number, upload.round))
+
+    @staticmethod
+    def close_round(db: sqlite3.Connection, branch: Branch, aggregation_id: str, now: float) -> None:
+        """Close the branch's open round for aggregation as `aggregation_id` and open the next one,
+        which keeps the closed round's layer signature."""
+        where = (branch.id, branch.run_number, branch.round)
+        db.execute("UPDATE rounds SET status='aggregating', aggregation_id=?, closed_at=? "
+                   "WHERE branch_id=? AND run_number=? AND round=?", (aggregation_id, now, *where))
+        db.execute("INSERT INTO rounds SELECT branch_id, run_number, round + 1, 'open', signature, NULL, ?, NULL "
+                   "FROM rounds WHERE branch_id=? AND run_number=? AND round=?", (now, *where))
+        db.execute("UPDATE branches SET round=?, round_opened_at=?, updated_at=? WHERE id=?",
+                   (branch.round + 1, now, now, branch.id))
+
+    @staticmethod
+    def record_aggregate(db: sqlite3.Connection, aggregate: Aggregate) -> None:
+        """The aggregate of a round is written: store it and mark its round aggregated."""
+        db.execute("INSERT OR REPLACE INTO aggregates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (aggregate.id, aggregate.branch_id, aggregate.run_number, aggregate.round, aggregate.updates,
+                    aggregate.size, aggregate.created_at))
+        db.execute("UPDATE rounds SET status='aggregated' WHERE branch_id=? AND run_number=? AND round=?",
+                   (aggregate.branch_id, aggregate.run_number, aggregate.round))
+
+    def fail_round(self, branch_id: str, run_number: int, round_number: int) -> None:
+        """The round's aggregation failed for good: it closes without an aggregate."""
+        with self.transaction() as db:
+            db.execute("UPDATE rounds SET status='failed' WHERE branch_id=? AND run_number=? AND round=?",
+                       (branch_id, run_number, round_number))
+
     def outbox(self, limit: int = 100) -> list[OutboxMessage]:
         return self._all(OutboxMessage, "SELECT id, tree_id, branch_id, body FROM outbox ORDER BY id LIMIT ?", limit)
 

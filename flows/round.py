@@ -51,7 +51,7 @@ from .history import RoundRecord, append_record, utc_from_timestamp
 from .observability import emit_round_event, label_flow_run, run_tags
 from .participant import Participant, check_result, load_participant
 from .publication import Publication, publishing
-from .state import LeafBusyError, LeafState, hold_work_dir, load_state, resolve_work_dir, save_state
+from .leaf_state import LeafBusyError, LeafState, hold_work_dir, load_state, resolve_work_dir, save_state
 
 # How often a leaf asks whether the platform's aggregation of a closed round is done.
 SETTLE_POLL_S = 0.2

@@ -21,7 +21,7 @@ from .observability import label_flow_run, run_tags
 from .participant import Participant, load_participant
 from .publication import Publication, publishing
 from .round import RoundResult, Timeouts, cancelled_as_busy, run_round
-from .state import LeafBusyError, hold_work_dir, load_state, resolve_work_dir
+from .leaf_state import LeafBusyError, hold_work_dir, load_state, resolve_work_dir
 
 
 def target_reached(result: RoundResult, target_metric: str | None, target_value: float | None) -> bool:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bk_blocks.archive import read_aggregate, write_update
-from bk_server.aggregation import AggregationError, WeightedUpdate, fedavg, normalised_weights
+from bk_server.fedavg import AggregationError, WeightedUpdate, fedavg, normalised_weights
 
 
 def make_updates(tmp_path, weightings, layer_lists, compress=False):

@@ -20,7 +20,7 @@ import yaml
 from bk_blocks import BranchKeyCredentials
 from deployments.edge import EdgeSetupError, LeafSpec, set_up_edge
 from flows.round import federated_round
-from flows.state import LeafBusyError, WorkDirError, hold_work_dir, resolve_work_dir
+from flows.leaf_state import LeafBusyError, WorkDirError, hold_work_dir, resolve_work_dir
 from tasks import resolve_credentials
 
 from .bkserver import BkServer
@@ -139,7 +139,7 @@ def test_work_dir_naming_an_unset_variable_is_refused(monkeypatch: pytest.Monkey
 def held_by_another_process(work_dir: Path) -> Iterator[int]:
     """Another process holding the work dir (as another run of the leaf would); yields its pid."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from pathlib import Path; from flows.state import hold_work_dir\n"
+        "import time; from pathlib import Path; from flows.leaf_state import hold_work_dir\n"
         f"with hold_work_dir(Path({str(work_dir)!r})):\n    print('held', flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True, cwd=PROJECT)
     try:
@@ -172,7 +172,7 @@ def test_a_released_work_dir_can_be_held_by_another_process(tmp_path: Path) -> N
     with hold_work_dir(tmp_path):
         pass
     check = subprocess.run([sys.executable, "-c", (
-        "from pathlib import Path; from flows.state import hold_work_dir\n"
+        "from pathlib import Path; from flows.leaf_state import hold_work_dir\n"
         f"with hold_work_dir(Path({str(tmp_path)!r})): print('free')")], capture_output=True, text=True, cwd=PROJECT)
     assert check.stdout.strip() == "free", check.stderr
 

@@ -17,7 +17,7 @@ from flows.examples.digits import DigitsSoftmax, non_iid_split
 from flows.history import RoundRecord, append_record, history_dir, history_rows
 from flows.observability import artifact_key, sparkline, summary_markdown
 from flows.participant import Participant, ParticipantError, TrainResult, check_result, load_participant
-from flows.state import StateError, load_state, save_state
+from flows.leaf_state import StateError, load_state, save_state
 
 
 def record(round_number: int, **extra: object) -> RoundRecord:

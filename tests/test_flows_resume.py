@@ -17,7 +17,7 @@ import pytest
 from flows.examples.digits import DigitsSoftmax
 from flows.history import history_rows
 from flows.round import Timeouts, run_round
-from flows.state import load_state, save_state
+from flows.leaf_state import load_state, save_state
 from tasks import LeafSession
 
 from .bkserver import BkServer

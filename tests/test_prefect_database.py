@@ -21,7 +21,7 @@ from bk_blocks.archive import read_update
 from flows.history import history_rows
 from bk_dev.prefect_database import EmbeddedPostgres, PrefectDatabaseError, check_database_url, installed_version
 from bk_dev.prefect_server import LocalPrefectServer
-from flows.state import load_state
+from flows.leaf_state import load_state
 
 from .bkserver import BkServer
 from .conftest import credentials_for

@@ -24,7 +24,7 @@ from bk_blocks.client import BranchKeyClient
 from bk_blocks.notifications import NotificationListener
 from flows.history import RoundRecord, append_record, history_rows
 from flows.round import _check_in_step
-from flows.state import LeafState, hold_work_dir, load_state
+from flows.leaf_state import LeafState, hold_work_dir, load_state
 from tasks.aggregation import answer_from_run
 
 

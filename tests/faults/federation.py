@@ -26,7 +26,7 @@ import numpy as np
 from bk_blocks.archive import read_aggregate, read_update
 from bk_blocks.files import sha256_file
 from flows.history import history_rows
-from flows.state import LeafState, load_state
+from flows.leaf_state import LeafState, load_state
 
 from ..bkserver import BkServer
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import flows.round
 from bk_blocks import BranchKeyCredentials
-from flows.state import LeafState
+from flows.leaf_state import LeafState
 from flows.training import federated_training
 
 PARTICIPANT = "tests.faults.participant:NoisyModel"

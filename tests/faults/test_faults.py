@@ -13,7 +13,7 @@ import pytest
 from bk_blocks.files import sha256_file
 from bk_server.faults import CRASH_ENV, CRASH_EXIT_CODE
 from flows.history import history_rows
-from flows.state import save_state
+from flows.leaf_state import save_state
 from tasks.upload import idempotency_key
 
 from ..faulty_proxy import FaultyProxy

@@ -1,0 +1,66 @@
+"""When a round closes and how its aggregation runs: the closing rule, and one worker thread that
+runs FedAvg for closed rounds in order, retrying what a retry can fix."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bk_blocks.errors import ArchiveError
+
+from .faults import crash_point
+from .fedavg import AggregationError, WeightedUpdate, fedavg
+from .store import Branch
+
+log = logging.getLogger(__name__)
+
+AGGREGATION_ATTEMPTS = 3
+
+
+def round_is_due(branch: Branch, leaves_in: int, now: float) -> str | None:
+    """Why the branch's open round closes now: `full` (min_updates leaves are in) or `deadline`
+    (its deadline passed with a quorum in); None while it stays open."""
+    if branch.run_status == "stop" or branch.round == 0:
+        return None
+    if leaves_in >= branch.min_updates:
+        return "full"
+    if (branch.round_deadline_s is not None and now - branch.round_opened_at >= branch.round_deadline_s
+            and leaves_in >= (branch.quorum or 1)):
+        return "deadline"
+    return None
+
+
+def write_aggregate(inputs: list[WeightedUpdate], out: Path, what: str) -> bool:
+    """FedAvg of `inputs` into `out`; an I/O error is retried (AGGREGATION_ATTEMPTS in all), a bad
+    input is not. Whether the aggregate was written."""
+    for attempt in range(1, AGGREGATION_ATTEMPTS + 1):
+        try:
+            fedavg(inputs, out, on_layer=lambda _: crash_point("fedavg-layer-written"))
+            return True
+        except OSError as exc:
+            log.warning("aggregation of %s hit %s (attempt %d of %d)", what, exc, attempt, AGGREGATION_ATTEMPTS)
+            time.sleep(attempt)
+        except (AggregationError, ArchiveError):
+            log.exception("aggregation of %s failed", what)
+            return False
+    log.error("aggregation of %s failed %d times", what, AGGREGATION_ATTEMPTS)
+    return False
+
+
+class AggregationQueue:
+    """Closed rounds waiting for FedAvg, aggregated one at a time on a thread of their own, so an
+    aggregation never holds up the requests that keep arriving."""
+
+    def __init__(self, aggregate: Callable[[str, int, int], None]) -> None:
+        self._aggregate = aggregate
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedavg")
+
+    def submit(self, branch_id: str, run_number: int, round_number: int) -> None:
+        self._executor.submit(self._aggregate, branch_id, run_number, round_number)
+
+    def close(self) -> None:
+        """Finish the aggregations already queued, then stop."""
+        self._executor.shutdown(wait=True, cancel_futures=False)
