@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OFFICIAL := .venvs
 
-.PHONY: setup official-clients system-deps broker test test-faults demo bench clean
+.PHONY: setup official-clients system-deps broker test test-unit test-faults demo bench clean
 
 # Root runs apt-get and the broker itself; anyone else through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -56,6 +56,10 @@ broker: system-deps
 test: setup official-clients system-deps broker
 	PREFECT_HOME=$$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit tier alone: pure rules in-process (no server process, broker or Prefect server), in seconds.
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 # The fault suite alone: one fault at a time against a federation of real processes, with its summary table.
 test-faults: setup system-deps broker

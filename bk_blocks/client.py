@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import requests
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .archive import inspect_aggregate, inspect_update, write_update
 from .errors import (
@@ -100,22 +101,26 @@ def read_platform_credentials(source: str | os.PathLike[str] | dict[str, Any]) -
     return identity, str(data["session_token"])
 
 
-@dataclass(frozen=True)
-class ConnectionOptions:
-    """How to reach the platform: its API, TLS, proxies, timeouts, and the notification transport."""
+class ConnectionOptions(BaseModel):
+    """How to reach the platform: its API, TLS, proxies, timeouts, and the notification transport.
+    (`BranchKeySettings` reads the same fields from `BRANCHKEY_*` variables.)"""
+
+    model_config = ConfigDict(frozen=True)
 
     host: str = "https://app.branchkey.com"
     verify_tls: bool = True
     proxies: dict[str, str] | None = None
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 120.0
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=120.0, gt=0)
     notification_transport: Literal["amqp", "websocket"] = "websocket"
     amqp_host: str | None = None
-    amqp_port: int = 5672
+    amqp_port: int = Field(default=5672, ge=1, le=65535)
     amqp_tls: bool = False
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "host", check_host(self.host))
+    @field_validator("host")
+    @classmethod
+    def _host_is_a_url(cls, value: str) -> str:
+        return check_host(value)
 
     @property
     def amqp_hostname(self) -> str:

@@ -84,7 +84,7 @@ class BranchKeyCredentials(CredentialsBlock):
 
     def connection_options(self) -> ConnectionOptions:
         """How to reach the platform, as the client takes it."""
-        return ConnectionOptions(**self.model_dump(include=set(ConnectionOptions.__dataclass_fields__)))
+        return ConnectionOptions(**self.model_dump(include=set(ConnectionOptions.model_fields)))
 
     def get_client(self, logger: logging.Logger | logging.LoggerAdapter | None = None) -> BranchKeyClient:
         """A `BranchKeyClient` for this leaf (use it as a context manager), logging to `logger`,

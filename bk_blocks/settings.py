@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .client import ConnectionOptions
 from .credentials import BranchKeyCredentials
 
 
-class BranchKeySettings(BaseSettings):
-    """The same fields as the Block, read from `BRANCHKEY_<FIELD>` variables.
+class BranchKeySettings(BaseSettings, ConnectionOptions):
+    """The same fields as the Block, read from `BRANCHKEY_<FIELD>` variables (the connection
+    fields are `ConnectionOptions`').
 
     `BRANCHKEY_CREDENTIALS_FILE` may point at the platform's credentials JSON instead of
     giving the six identity values one by one.
@@ -20,7 +22,7 @@ class BranchKeySettings(BaseSettings):
 
     # hide_input_in_errors: a validation error must not echo the values, the session token among them.
     model_config = SettingsConfigDict(env_prefix="BRANCHKEY_", env_file=".env", extra="ignore",
-                                      hide_input_in_errors=True)
+                                      hide_input_in_errors=True, frozen=False)
 
     credentials_file: Path | None = Field(default=None, description="The platform's credentials JSON.")
     leaf_id: str | None = None
@@ -29,15 +31,6 @@ class BranchKeySettings(BaseSettings):
     tree_id: str | None = None
     branch_id: str | None = None
     owner_id: str | None = None
-    host: str = "https://app.branchkey.com"
-    verify_tls: bool = True
-    proxies: dict[str, str] | None = None
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 120.0
-    notification_transport: Literal["amqp", "websocket"] = "websocket"
-    amqp_host: str | None = None
-    amqp_port: int = 5672
-    amqp_tls: bool = False
 
     @model_validator(mode="after")
     def _identity_is_complete(self) -> "BranchKeySettings":
@@ -49,8 +42,7 @@ class BranchKeySettings(BaseSettings):
         return self
 
     def connection_settings(self) -> dict[str, Any]:
-        return self.model_dump(include={"host", "verify_tls", "proxies", "connect_timeout_s", "read_timeout_s",
-                                        "notification_transport", "amqp_host", "amqp_port", "amqp_tls"})
+        return self.model_dump(include=set(ConnectionOptions.model_fields))
 
     def to_block(self) -> BranchKeyCredentials:
         """The `BranchKeyCredentials` Block these settings describe (save it with `.save(name)`)."""

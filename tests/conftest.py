@@ -16,7 +16,7 @@ from bk_blocks import BranchKeyCredentials  # noqa: E402
 from bk_blocks.archive import write_update  # noqa: E402
 from tasks import LeafSession  # noqa: E402
 
-from .bkserver import BkServer, broker_available, in_ci  # noqa: E402
+from .support.bkserver import BkServer, broker_available, in_ci  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -110,30 +110,6 @@ def update_file(tmp_path: Path, model: Callable[[int], list[np.ndarray]]) -> Cal
                             layers if layers is not None else model(seed), **kwargs)
 
     return make
-
-
-def fedavg_reference(updates: list[tuple[float, list[np.ndarray]]]) -> list[np.ndarray]:
-    """FedAvg computed directly in numpy (float64), cast back like the protocol says."""
-    total = sum(w for w, _ in updates)
-    result = []
-    for index, layer in enumerate(updates[0][1]):
-        mean = sum(w / total * u[index].astype(np.float64) for w, u in updates)
-        if layer.dtype.kind == "b":
-            result.append(mean >= 0.5)
-        elif layer.dtype.kind in "iu":
-            result.append(np.rint(mean).astype(layer.dtype))
-        else:
-            result.append(mean.astype(layer.dtype))
-    return result
-
-
-def credentials_for(server: BkServer, leaf: dict[str, str], transport: str = "websocket",
-                    host: str | None = None) -> BranchKeyCredentials:
-    """The Block for one leaf of a test federation, pointed at `host` (default: the server)."""
-    return BranchKeyCredentials.from_platform_json(
-        leaf, host=host or server.url, notification_transport=transport, amqp_host="127.0.0.1",
-        connect_timeout_s=5, read_timeout_s=60,
-    )
 
 
 @pytest.fixture

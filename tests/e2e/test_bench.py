@@ -1,0 +1,58 @@
+"""The README's benchmark commands run and report what they measure (their figures are not judged here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def _bench(script: str, tmp_path: Path) -> Any:
+    """Run `bench/<script> --quick --json` as the README shows it; its parsed output."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    result = subprocess.run([sys.executable, f"bench/{script}", "--quick", "--json", "--workdir", str(tmp_path)],
+                            cwd=PROJECT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_aggregate_benchmark_checks_fedavg_against_the_naive_result(tmp_path: Path) -> None:
+    rows = _bench("aggregate.py", tmp_path)
+    fedavg = [row for row in rows if row["method"].startswith("fedavg")]
+    assert fedavg and all(row["check"] == "OK" for row in fedavg), rows
+    assert all(row["peak_rss_mb"] > 0 and row["seconds"] > 0 for row in rows)
+
+
+def test_client_benchmark_measures_transfers_and_notification_latency(tmp_path: Path) -> None:
+    report = _bench("client.py", tmp_path)
+    assert {row["client"] for row in report["transfer"]} >= {"bk_blocks"}
+    assert all(row["upload_mb_s"] > 0 and row["download_mb_s"] > 0 for row in report["transfer"])
+    assert report["latency"] and all(row["p50_ms"] > 0 for row in report["latency"])
+
+
+@pytest.mark.rabbitmq
+def test_orchestration_benchmark_measures_every_transport(tmp_path: Path, rabbitmq: None) -> None:
+    report = _bench("orchestration.py", tmp_path)
+    assert {row["transport"] for row in report["rows"]} == {"websocket", "amqp"}
+    assert all(row["overhead_p50"] >= 0 and row["samples"] > 0 for row in report["rows"])
+
+
+@pytest.mark.e2e
+def test_deployed_round_benchmark_breaks_each_run_into_its_phases(tmp_path: Path) -> None:
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    result = subprocess.run([sys.executable, "bench/deployed_round.py", "--rounds", "2", "--json",
+                             "--workdir", str(tmp_path)], cwd=PROJECT, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples: list[dict[str, Any]] = json.loads(result.stdout)
+    assert len(samples) == 3, "one measured run per leaf"
+    for sample in samples:
+        parts = sample["queued"] + sample["launch"] + sample["start"] + sample["tasks"] + sample["finish"]
+        assert parts == pytest.approx(sample["total"], abs=1e-6) and min(sample.values()) >= 0, sample

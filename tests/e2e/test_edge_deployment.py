@@ -1,0 +1,306 @@
+"""End to end, as a user deploys it: `prefect server start`, bk_server with RabbitMQ,
+`bk edge setup`, `prefect deploy --all` of the project's prefect.yaml, one process worker
+per leaf, triggered retraining runs, then the rounds' interval schedule firing.
+
+One federation is run once for the module; each test checks one thing it must show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from bk_blocks.archive import read_aggregate, read_update
+from bk_server.cli import write_credentials
+from bk_dev.processes import spawn, stop_group
+from flows.history import history_rows
+from flows.observability import artifact_key
+from bk_dev.prefect_server import LocalPrefectServer
+
+from ..support.bkserver import BkServer
+from ..support.reference import fedavg_reference
+from ..support.flow_helpers import artifacts
+from ..support.process_helpers import left_running, new_marker
+
+pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq]
+
+PROJECT = Path(__file__).resolve().parents[2]
+LEAVES = ("leaf-1", "leaf-2", "leaf-3")
+TRAINING_ROUNDS = 2
+INTERVAL_S = 20
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# The message Prefect's server gives a run it cancels under a CANCEL_NEW concurrency limit.
+SKIPPED_TICK = "Deployment concurrency limit reached."
+LEAF_BUSY = "is in use by another run of this leaf"
+
+
+@dataclass
+class EdgeFederation:
+    """What the scenario left behind to check: the servers' addresses, the leaves' dirs, and the
+    pairs of runs of one leaf started at once (to collide)."""
+
+    api: str
+    server: BkServer
+    work_root: Path
+    leaf_names: dict[str, str]
+    collisions: dict[str, tuple[str, str]]
+
+
+def _run(command: list[str], env: dict[str, str]) -> str:
+    """Run a CLI command as a user would, failing the test with its output if it fails."""
+    result = subprocess.run(command, env=env, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def _api(api: str, method: str, path: str, body: Any = None) -> Any:
+    """Call the Prefect REST API; a 503 (SQLite busy under the workers' load) is retried, as Prefect's client does."""
+    for attempt in range(10):
+        response = httpx.request(method, f"{api}{path}", json=body, timeout=30)
+        if response.status_code != 503:
+            break
+        time.sleep(0.5 * (attempt + 1))
+    response.raise_for_status()
+    return response.json() if response.content else None
+
+
+def _flow_runs(api: str) -> list[dict[str, Any]]:
+    return _api(api, "POST", "/flow_runs/filter", {"sort": "START_TIME_ASC", "limit": 200})
+
+
+def _deployments(api: str) -> dict[str, dict[str, Any]]:
+    return {d["name"]: d for d in _api(api, "POST", "/deployments/filter", {"limit": 50})}
+
+
+def _wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _all_settled(api: str) -> bool:
+    return all(run["state_type"] in TERMINAL for run in _flow_runs(api) if run["state_type"] != "SCHEDULED")
+
+
+def _set_rounds_schedules(api: str, deployments: dict[str, dict[str, Any]], active: bool,
+                          interval_s: float | None = None) -> None:
+    """Activate (with a new interval, all anchored alike) or pause every leaf's rounds schedule."""
+    anchor = (datetime.now(timezone.utc) + timedelta(seconds=3)).isoformat()
+    for leaf in LEAVES:
+        deployment = deployments[f"{leaf}-rounds"]
+        for schedule in deployment["schedules"]:
+            body: dict[str, Any] = {"active": active}
+            if interval_s is not None:
+                body["schedule"] = {"interval": interval_s, "anchor_date": anchor, "timezone": "UTC"}
+            _api(api, "PATCH", f"/deployments/{deployment['id']}/schedules/{schedule['id']}", body)
+
+
+def _pause_every_schedule(api: str, deployments: dict[str, dict[str, Any]]) -> None:
+    for deployment in deployments.values():
+        for schedule in deployment["schedules"]:
+            _api(api, "PATCH", f"/deployments/{deployment['id']}/schedules/{schedule['id']}", {"active": False})
+    for run in _flow_runs(api):
+        if run["state_type"] == "SCHEDULED" and run["auto_scheduled"]:
+            _api(api, "DELETE", f"/flow_runs/{run['id']}")
+
+
+def _create_run(api: str, deployment: dict[str, Any]) -> str:
+    return _api(api, "POST", f"/deployments/{deployment['id']}/create_flow_run", {})["id"]
+
+
+def _catch_up(api: str, deployments: dict[str, dict[str, Any]], work_root: Path) -> None:
+    """Run a round for any idle leaf behind the others, until every run has settled with the
+    leaves level: pausing a schedule can delete some leaves' runs of a tick after others started
+    theirs, and those would wait for the missing updates until their timeout."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        active = {r["deployment_id"] for r in _flow_runs(api) if r["state_type"] not in TERMINAL}
+        done = {leaf: len(history_rows(work_root / leaf)) for leaf in LEAVES}
+        busy = {leaf: deployments[f"{leaf}-rounds"]["id"] in active for leaf in LEAVES}
+        if not any(busy.values()) and len(set(done.values())) == 1 and _all_settled(api):
+            return
+        target = max(done[leaf] + busy[leaf] for leaf in LEAVES)
+        for leaf in LEAVES:
+            if not busy[leaf] and done[leaf] < target:
+                _create_run(api, deployments[f"{leaf}-rounds"])
+        time.sleep(1)
+    raise AssertionError(f"the leaves did not settle level: {[len(history_rows(work_root / leaf)) for leaf in LEAVES]}")
+
+
+@pytest.fixture(scope="module")
+def edge(rabbitmq: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeFederation]:
+    """Deploy the project to a real Prefect server and three workers; run the federation; tear down."""
+    root = tmp_path_factory.mktemp("edge")
+    marker = new_marker()
+    bin_dir = str(Path(sys.executable).parent)
+    prefect = LocalPrefectServer(root / "prefect-home", settings={
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0",
+        "PREFECT_LOGGING_LEVEL": "WARNING", "PATH": f"{bin_dir}:{os.environ['PATH']}", marker[0]: marker[1],
+    })
+    server = BkServer(root / "bk", amqp=True)
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        prefect.start()
+        server.start()
+        # The machine that deploys has none of the workers' variables: they are resolved on the workers.
+        deployer_env = prefect.client_env()
+        env = deployer_env | {"BRANCHKEY_PROJECT_DIR": str(PROJECT), "BRANCHKEY_WORK_ROOT": str(root / "leaves")}
+        federation = server.federation(leaves=3, tree="edge", branch="edge")
+        paths = write_credentials(root / "creds", federation.leaves)
+        _run(["bk", "edge", "setup", *(f"{leaf}={path}" for leaf, path in zip(LEAVES, paths)),
+              "--host", server.url, "--transport", "amqp", "--amqp-host", "127.0.0.1"], deployer_env)
+        _run(["prefect", "--no-prompt", "deploy", "--name", "leaf-1-rounds"], deployer_env)
+        assert set(_deployments(prefect.api_url)) == {"leaf-1-rounds"}
+        _run(["prefect", "--no-prompt", "deploy", "--all"], deployer_env)
+        deployments = _deployments(prefect.api_url)
+        _pause_every_schedule(prefect.api_url, deployments)
+        for leaf in LEAVES:
+            workers.append(spawn(["prefect", "worker", "start", "--pool", "branchkey-edge", "--work-queue", leaf,
+                                  "--name", f"edge-{leaf}"], root / f"worker-{leaf}.log", env=env))
+        for leaf in LEAVES:
+            _run(["prefect", "deployment", "run", f"federated-training/{leaf}-nightly",
+                  "--param", f"rounds_per_run={TRAINING_ROUNDS}"], env)
+        _wait_until(lambda: sum(r["state_type"] == "COMPLETED" and r["parent_task_run_id"] is None
+                                for r in _flow_runs(prefect.api_url)) >= len(LEAVES), 300,
+                    "the triggered retraining runs")
+        _wait_until(lambda: _all_settled(prefect.api_url), 120, "the retraining runs to settle")
+        collisions = {leaf: (_create_run(prefect.api_url, deployments[f"{leaf}-rounds"]),
+                             _create_run(prefect.api_url, deployments[f"{leaf}-rounds"])) for leaf in LEAVES}
+        _catch_up(prefect.api_url, deployments, root / "leaves")
+        _set_rounds_schedules(prefect.api_url, deployments, active=True, interval_s=INTERVAL_S)
+        _wait_until(lambda: {r["deployment_id"] for r in _flow_runs(prefect.api_url)
+                             if r["auto_scheduled"] and r["state_type"] == "COMPLETED"}
+                    >= {deployments[f"{leaf}-rounds"]["id"] for leaf in LEAVES}, 240,
+                    "the interval schedule to fire a round for every leaf")
+        _pause_every_schedule(prefect.api_url, deployments)
+        _catch_up(prefect.api_url, deployments, root / "leaves")
+        names = {leaf: json.loads(Path(p).read_text())["name"] for leaf, p in zip(LEAVES, paths)}
+        yield EdgeFederation(prefect.api_url, server, root / "leaves", names, collisions)
+    finally:
+        for worker in workers:
+            stop_group(worker)
+        prefect.stop()
+        server.stop()
+        server.cleanup_broker()
+        leftovers = left_running(marker)
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+        assert not leftovers, f"processes left running after the teardown: {leftovers}"
+
+
+def _skipped_while_its_leaf_ran(run: dict[str, Any], runs: list[dict[str, Any]],
+                                leaf_of: dict[str, str]) -> bool:
+    """A run cancelled because another run of its leaf was under way, as prefect.yaml asks: the
+    server's CANCEL_NEW limit skips a tick that comes while the leaf's previous round still runs
+    (a round slower than the interval), and the flow cancels a run that finds the work dir held."""
+    message = run["state"]["message"] or ""
+    leaf = leaf_of.get(run["deployment_id"])
+    if leaf is None or run["state_type"] != "CANCELLED" or not (message == SKIPPED_TICK or LEAF_BUSY in message):
+        return False
+    cancelled_at = datetime.fromisoformat(run["state"]["timestamp"])
+    return any(other["state_type"] == "COMPLETED" and leaf_of.get(other["deployment_id"]) == leaf
+               and datetime.fromisoformat(other["start_time"]) <= cancelled_at
+               <= datetime.fromisoformat(other["end_time"]) for other in runs)
+
+
+def test_every_flow_run_completed_but_the_colliding_ones(edge: EdgeFederation) -> None:
+    collided = {run_id for pair in edge.collisions.values() for run_id in pair}
+    runs = [r for r in _flow_runs(edge.api) if r["id"] not in collided]
+    assert len(runs) >= 2 * len(LEAVES), "a retraining run and scheduled rounds per leaf"
+    assert [r for r in runs if r["state_type"] == "COMPLETED"], "no run completed"
+    leaf_of = {d["id"]: name.rsplit("-", 1)[0] for name, d in _deployments(edge.api).items()}
+    unexplained = [(r["name"], r["state_name"], r["state"]["message"]) for r in runs
+                   if r["state_type"] != "COMPLETED" and not _skipped_while_its_leaf_ran(r, runs, leaf_of)]
+    assert unexplained == []
+
+
+def test_two_runs_of_one_leaf_at_once_end_one_completed_one_cancelled(edge: EdgeFederation) -> None:
+    states = {r["id"]: r["state_type"] for r in _flow_runs(edge.api)}
+    for leaf, pair in edge.collisions.items():
+        assert sorted(states[run_id] for run_id in pair) == ["CANCELLED", "COMPLETED"], leaf
+
+
+def test_each_leaf_ran_on_its_own_queue(edge: EdgeFederation) -> None:
+    runs = [r for r in _flow_runs(edge.api) if r["deployment_id"]]
+    deployments = {d["id"]: d for d in _deployments(edge.api).values()}
+    for run in runs:
+        leaf = deployments[run["deployment_id"]]["name"].rsplit("-", 1)[0]
+        assert run["work_queue_name"] == leaf, (run["name"], run["work_queue_name"])
+
+
+def test_every_round_aggregate_is_the_fedavg_of_the_leaves_uploads(edge: EdgeFederation) -> None:
+    histories = {leaf: history_rows(edge.work_root / leaf) for leaf in LEAVES}
+    rounds = [r["round"] for r in histories["leaf-1"]]
+    assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) >= TRAINING_ROUNDS + 1
+    for index, round_number in enumerate(rounds):
+        aggregation_ids = {histories[leaf][index]["aggregation_id"] for leaf in LEAVES}
+        assert len(aggregation_ids) == 1, f"round {round_number}: leaves disagree on the aggregate"
+        (aggregation_id,) = aggregation_ids
+        updates = [read_update(edge.work_root / leaf / "updates" / f"run1-round{round_number}.npz") for leaf in LEAVES]
+        expected = fedavg_reference(updates)
+        for leaf in LEAVES:
+            downloaded = read_aggregate(edge.work_root / leaf / "models" / f"{aggregation_id}.npz")
+            for got, want in zip(downloaded, expected, strict=True):
+                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_round_history_artifacts_exist_for_every_leaf(edge: EdgeFederation) -> None:
+    for leaf in LEAVES:
+        rounds = len(history_rows(edge.work_root / leaf))
+        versions = artifacts(edge.api, artifact_key("history", edge.leaf_names[leaf]))
+        assert len(versions) == rounds, f"{leaf}: one history version per round"
+        assert [row["round"] for row in json.loads(versions[0]["data"])] == list(range(1, rounds + 1))
+
+
+def test_runs_are_named_and_tagged_by_leaf_and_branch(edge: EdgeFederation) -> None:
+    """The retraining run does its rounds itself; every other round is a run of the rounds deployment."""
+    leaf = edge.leaf_names["leaf-1"]
+    branch_id = history_rows(edge.work_root / "leaf-1")[0]["branch_id"]
+    runs = [r for r in _flow_runs(edge.api) if r["state_type"] == "COMPLETED" and leaf in r["name"]]
+    rounds = [r for r in runs if r["name"].startswith(f"{leaf}-round-")]
+    assert [r["name"] for r in runs if r not in rounds] == [f"{leaf}-training"]
+    assert len(rounds) == len(history_rows(edge.work_root / "leaf-1")) - TRAINING_ROUNDS
+    for run in runs:
+        assert {f"leaf:{leaf}", f"branch:{branch_id}"} <= set(run["tags"])
+
+
+def test_serve_runs_one_leafs_rounds_on_its_interval_without_a_worker(server: BkServer, tmp_path: Path) -> None:
+    marker = new_marker()
+    prefect = LocalPrefectServer(tmp_path / "prefect-home", settings={
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", marker[0]: marker[1]})
+    serving: subprocess.Popen[bytes] | None = None
+    try:
+        env = prefect.start().client_env()
+        federation = server.federation(leaves=1)
+        (path,) = write_credentials(tmp_path / "creds", federation.leaves)
+        _run(["bk", "edge", "setup", f"solo={path}", "--host", server.url], env)
+        serving = spawn(["bk", "edge", "serve", "solo", "--participant", "flows.examples.digits:DigitsSoftmax",
+                         "--work-dir", str(tmp_path / "solo"), "--interval-s", "4", "--cron", "",
+                         "--participant-options", '{"leaf_index": 0, "leaves": 1}'], tmp_path / "serve.log", env=env)
+        _wait_until(lambda: sum(r["state_type"] == "COMPLETED" for r in _flow_runs(prefect.api_url)) >= 2, 180,
+                    "two scheduled rounds served")
+        assert {d for d in _deployments(prefect.api_url)} == {"solo-rounds"}
+    finally:
+        if serving is not None:
+            stop_group(serving)
+        prefect.stop()
+    assert [row["round"] for row in history_rows(tmp_path / "solo")][:2] == [1, 2]
+    assert left_running(marker) == []

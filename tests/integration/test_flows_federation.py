@@ -1,0 +1,146 @@
+"""A federation of Prefect flows: three leaves, five rounds, over each transport; what it records."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bk_server.cli import write_credentials
+from flows.history import history_rows
+from flows.observability import artifact_key
+from flows.simulation import federated_simulation
+
+from ..support.bkserver import BkServer
+from ..support.flow_helpers import artifacts, events
+
+ROUNDS = 5
+
+
+@pytest.fixture(scope="module", params=["websocket", "amqp"])
+def simulated(request: pytest.FixtureRequest, prefect_api: str,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BkServer, Path, dict]]:
+    """Run the digits simulation (3 leaves, 5 rounds) once per transport; return server, work root, results."""
+    if request.param == "amqp":
+        request.getfixturevalue("rabbitmq")
+    root = tmp_path_factory.mktemp(f"federation-{request.param}")
+    server = BkServer(root / "data", amqp=request.param == "amqp").start()
+    try:
+        federation = server.federation(leaves=3)
+        write_credentials(root / "creds", federation.leaves)
+        results = federated_simulation(server.url, str(root / "creds"), str(root / "leaves"), rounds=ROUNDS,
+                                       transport=request.param, amqp_host="127.0.0.1", aggregation_timeout_s=120)
+        yield server, root / "leaves", results
+    finally:
+        server.stop()
+        if server.amqp:
+            server.cleanup_broker()
+
+
+def test_every_leaf_completes_every_round_and_accuracy_rises(simulated: tuple[BkServer, Path, dict]) -> None:
+    _, _, results = simulated
+    assert len(results) == 3
+    for rounds in results.values():
+        assert [r.status for r in rounds] == ["completed"] * ROUNDS
+        accuracy = [r.eval_metrics["accuracy"] for r in rounds]
+        assert accuracy[-1] > accuracy[0], accuracy
+    aggregation_ids = {tuple(r.record.aggregation_id for r in rounds) for rounds in results.values()}
+    assert len(aggregation_ids) == 1, "all leaves took part in the same aggregations"
+
+
+def test_history_has_one_correct_row_per_round(simulated: tuple[BkServer, Path, dict]) -> None:
+    server, leaves, results = simulated
+    for leaf_dir in sorted(leaves.iterdir()):
+        rows = history_rows(leaf_dir)
+        assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+        assert {r["status"] for r in rows} == {"completed"}
+        first = rows[0]
+        assert first["leaf_name"] == leaf_dir.name and first["run_number"] == 1
+        assert first["weighting"] > 0 and first["bytes_up"] > 0 and first["bytes_down"] > 0
+        assert first["eval_metrics"]["accuracy"] > 0 and "loss" in first["train_metrics"]
+        assert first["flow_run_id"] and first["finished_at"] > first["started_at"]
+        assert all(r["round_s"] >= (r["train_s"] or 0) for r in rows)
+    status = server.status(next(iter(results.values()))[0].record.branch_id)
+    assert [r["aggregation_id"] for r in status["rounds"] if r["status"] == "aggregated"] == [
+        r["aggregation_id"] for r in history_rows(sorted(leaves.iterdir())[0])]
+
+
+def test_metrics_reach_the_platform(simulated: tuple[BkServer, Path, dict]) -> None:
+    server, _, results = simulated
+    branch_id = next(iter(results.values()))[0].record.branch_id
+    metrics = server.status(branch_id)["metrics"]
+    assert {m["mode"] for m in metrics} == {"train", "test"}
+    assert len(metrics) == 3 * ROUNDS * 2
+
+
+def test_artifacts_hold_the_history_and_a_summary(simulated: tuple[BkServer, Path, dict], prefect_api: str) -> None:
+    _, leaves, _ = simulated
+    leaf = sorted(leaves.iterdir())[0].name
+    table = artifacts(prefect_api, artifact_key("history", leaf))
+    assert len(table) >= ROUNDS, "one version per round under a stable key"
+    latest = json.loads(table[0]["data"])
+    assert [row["round"] for row in latest][-ROUNDS:] == list(range(1, ROUNDS + 1))
+    assert "eval_accuracy" in latest[0]
+    summary = artifacts(prefect_api, artifact_key("summary", leaf))[0]["data"]
+    assert f"Round {ROUNDS} of run 1" in summary and "eval accuracy" in summary
+
+
+def test_a_completed_event_per_round_names_leaf_and_branch(simulated: tuple[BkServer, Path, dict],
+                                                           prefect_api: str) -> None:
+    _, _, results = simulated
+    record = next(iter(results.values()))[0].record
+    found = events(prefect_api, "branchkey.round.completed", f"branchkey.leaf.{record.leaf_id}", ROUNDS)
+    assert len(found) == ROUNDS
+    event = found[0]
+    assert event["resource"]["prefect.resource.name"] == record.leaf_name
+    assert any(r["prefect.resource.id"] == f"branchkey.branch.{record.branch_id}" for r in event["related"])
+    assert "accuracy" in event["payload"]["eval_metrics"]
+
+
+def test_federation_artifact_puts_every_leaf_side_by_side_per_round(simulated: tuple[BkServer, Path, dict],
+                                                                  prefect_api: str) -> None:
+    _, leaves, results = simulated
+    branch_id = next(iter(results.values()))[0].record.branch_id
+    latest = json.loads(artifacts(prefect_api, artifact_key("federation", branch_id))[0]["data"])
+    assert [row["round"] for row in latest] == list(range(1, ROUNDS + 1))
+    for row in latest:
+        assert row["leaves"] == 3
+        accuracies = [row[f"{leaf.name} accuracy"] for leaf in sorted(leaves.iterdir())]
+        assert row["mean accuracy"] == pytest.approx(sum(accuracies) / 3, abs=1e-4)
+
+
+def test_federation_summary_embeds_a_chart_the_ui_renders(simulated: tuple[BkServer, Path, dict],
+                                                          prefect_api: str) -> None:
+    _, _, results = simulated
+    branch_id = next(iter(results.values()))[0].record.branch_id
+    summary = artifacts(prefect_api, artifact_key("federation-summary", branch_id))[0]["data"]
+    assert f"Round {ROUNDS} of run 1: 3 of 3 leaves" in summary
+    assert "](data:image/svg+xml;base64," in summary, "an image as a data URI (inline <svg> is stripped)"
+
+
+def test_training_run_is_named_by_leaf_and_its_round_steps_by_round(
+        simulated: tuple[BkServer, Path, dict], prefect_api: str) -> None:
+    _, _, results = simulated
+    record = next(iter(results.values()))[0].record
+    runs = httpx.post(f"{prefect_api}/flow_runs/filter", timeout=30, json={
+        "flow_runs": {"tags": {"all_": [f"leaf:{record.leaf_name}", f"branch:{record.branch_id}"]}}, "limit": 50,
+    }).json()
+    assert [run["name"] for run in runs] == [f"{record.leaf_name}-training"]
+    expected = {f"{step}-round-{n}" for n in range(1, ROUNDS + 1)
+                for step in ("upload", "wait-for-aggregation", "download", "send-test-metrics")}
+    deadline = time.monotonic() + 30
+    while True:
+        # Task runs reach the server as events, which it records a moment later.
+        tasks = httpx.post(f"{prefect_api}/task_runs/filter", timeout=30, json={
+            "task_runs": {"flow_run_id": {"any_": [runs[0]["id"]]}}, "limit": 200,
+        }).json()
+        names = {task["name"] for task in tasks}
+        if expected <= names or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert expected <= names
+    assert all(f"leaf:{record.leaf_name}" in task["tags"] for task in tasks)

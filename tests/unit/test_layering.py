@@ -1,0 +1,112 @@
+"""The layering the code promises: the client needs no Prefect, each layer imports only those
+below it, the product never imports the development platform, and one error root."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+import pytest
+
+from bk_blocks.errors import BranchKeyError
+
+PROJECT = Path(__file__).resolve().parents[2]
+# Lowest first: a package may import itself and the packages before it, never those after it.
+LAYERS = ("bk_blocks", "tasks", "flows", "deployments")
+DEV_ONLY = ("bk_server", "bk_dev")
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """The top-level packages a module imports (absolute imports, at any depth of the module)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted((PROJECT / package).rglob("*.py"))
+
+
+def test_client_and_archive_import_no_prefect() -> None:
+    code = ("import sys, json, bk_blocks.client, bk_blocks.archive, bk_blocks.compat; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'bk_server', 'bk_dev'))))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+@pytest.mark.parametrize("package", LAYERS)
+def test_product_never_imports_the_development_platform(package: str) -> None:
+    offenders = {str(path.relative_to(PROJECT)): sorted(_imported_packages(path) & set(DEV_ONLY))
+                 for path in _modules(package)}
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+@pytest.mark.parametrize("index", range(len(LAYERS)))
+def test_each_layer_imports_only_the_layers_below_it(index: int) -> None:
+    above = set(LAYERS[index + 1:])
+    offenders = {str(path.relative_to(PROJECT)): sorted(_imported_packages(path) & above)
+                 for path in _modules(LAYERS[index])}
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_every_exception_the_product_defines_derives_from_one_root() -> None:
+    strays = []
+    for package in LAYERS:
+        for path in _modules(package):
+            module = importlib.import_module(".".join(path.relative_to(PROJECT).with_suffix("").parts))
+            for name, value in vars(module).items():
+                if (inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == module.__name__
+                        and not issubclass(value, BranchKeyError)):
+                    strays.append(f"{module.__name__}.{name}")
+    assert strays == []
+
+
+def _module_level_registries(path: Path) -> list[str]:
+    """Module-level names bound to a mutable container (a dict, list or set display or call)."""
+    found = []
+    for node in ast.parse(path.read_text(), str(path)).body:
+        targets, value = ([node.target], node.value) if isinstance(node, ast.AnnAssign) else (
+            (node.targets, node.value) if isinstance(node, ast.Assign) else ([], None))
+        mutable = isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)) or (
+            isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+            and value.func.id in ("dict", "list", "set", "defaultdict", "OrderedDict"))
+        if mutable:
+            found += [f"{path.relative_to(PROJECT)}:{target.id}" for target in targets if isinstance(target, ast.Name)
+                      and target.id != "__all__"]
+    return found
+
+
+@pytest.mark.parametrize("package", ("tasks", "flows"))
+def test_tasks_and_flows_keep_no_module_level_registry(package: str) -> None:
+    assert [name for path in _modules(package) for name in _module_level_registries(path)] == []
+
+
+def _declared_distributions() -> set[str]:
+    """Every distribution pyproject.toml names, in its dependencies or an optional extra."""
+    project = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    return {re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+            for requirement in requirements}
+
+
+def test_every_package_imported_directly_is_declared() -> None:
+    ours = set(LAYERS) | set(DEV_ONLY) | {path.stem for path in _modules("bench")}
+    distributions = packages_distributions()
+    imported = {name for package in (*LAYERS, *DEV_ONLY, "bench") for path in _modules(package)
+                for name in _imported_packages(path)} - ours - set(sys.stdlib_module_names)
+    undeclared = {name: distributions.get(name) for name in imported
+                  if not {d.lower().replace("_", "-") for d in distributions.get(name, [name])} & _declared_distributions()}
+    assert undeclared == {}
