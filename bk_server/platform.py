@@ -369,7 +369,8 @@ class Platform:
         out = self.settings.aggregates_dir / f"{round_.aggregation_id}.npz"
         inputs = [WeightedUpdate(self.settings.uploads_dir / f"{u.file_id}.npz", u.weighting) for u in uploads]
         what = f"round {run_number}/{round_number} of branch {branch_id}"
-        if not write_aggregate(inputs, out, what) or not out.exists():
+        write_aggregate(inputs, out, what)
+        if not out.exists():
             self.store.fail_round(branch_id, run_number, round_number)
             return
         branch = self.require_branch(branch_id)

@@ -33,21 +33,21 @@ def round_is_due(branch: Branch, leaves_in: int, now: float) -> str | None:
     return None
 
 
-def write_aggregate(inputs: list[WeightedUpdate], out: Path, what: str) -> bool:
-    """FedAvg of `inputs` into `out`; an I/O error is retried (AGGREGATION_ATTEMPTS in all), a bad
-    input is not. Whether the aggregate was written."""
+def write_aggregate(inputs: list[WeightedUpdate], out: Path, what: str) -> None:
+    """FedAvg of `inputs` into `out` (written atomically); an I/O error is retried
+    (AGGREGATION_ATTEMPTS in all), a bad input is not. Whether `out` exists afterwards says
+    whether the round has its aggregate (one written before a restart counts too)."""
     for attempt in range(1, AGGREGATION_ATTEMPTS + 1):
         try:
             fedavg(inputs, out, on_layer=lambda _: crash_point("fedavg-layer-written"))
-            return True
+            return
         except OSError as exc:
             log.warning("aggregation of %s hit %s (attempt %d of %d)", what, exc, attempt, AGGREGATION_ATTEMPTS)
             time.sleep(attempt)
         except (AggregationError, ArchiveError):
             log.exception("aggregation of %s failed", what)
-            return False
+            return
     log.error("aggregation of %s failed %d times", what, AGGREGATION_ATTEMPTS)
-    return False
 
 
 class AggregationQueue:

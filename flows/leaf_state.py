@@ -168,4 +168,5 @@ def hold_work_dir(work_dir: Path) -> Iterator[None]:
         _remove_leftovers(key)
         yield
     finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)

@@ -179,6 +179,8 @@ def _upload(session: LeafSession, work_dir: Path, state: LeafState, timeouts: Ti
     and its aggregation announced, so the latest notice not yet consumed answers it.
     """
     started = time.perf_counter()
+    if mark:
+        session.forget_mark(state.run_number, state.round)
     while True:
         try:
             receipt = upload_weights(session, Path(state.archive or ""), state.round, state.run_number,

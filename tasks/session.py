@@ -60,7 +60,8 @@ class LeafSession:
     def mark_round(self, run_number: int, round_number: int) -> None:
         """Mark the notice stream before a round's first upload attempt (a retry keeps the first
         mark: the aggregation answering an upload accepted before the retry comes after it)."""
-        self._marks.setdefault((run_number, round_number), self.client.mark())
+        if (run_number, round_number) not in self._marks:
+            self._marks[(run_number, round_number)] = self.client.mark()
 
     def mark_of(self, run_number: int, round_number: int) -> int | None:
         """The round's mark (None when the upload was not marked: a resumed round); it stays

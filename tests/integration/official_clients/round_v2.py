@@ -1,6 +1,6 @@
 """One leaf's round with the official branchkey 2.7 client, as its README shows.
 
-Run by tests/test_official_clients.py in a separate venv holding only `branchkey==2.7.*`.
+Run by tests/integration/test_official_clients.py in a separate venv holding only `branchkey==2.7.*`.
 Usage: round_v2.py CREDENTIALS_JSON HOST SEED WEIGHTING OUT_DIR
 """
 

@@ -1,6 +1,6 @@
 """One leaf's round with the official branchkey 3.0 client (WebSocket notifications).
 
-Run by tests/test_official_clients.py in a separate venv holding only `branchkey==3.0.*`.
+Run by tests/integration/test_official_clients.py in a separate venv holding only `branchkey==3.0.*`.
 Usage: round_v3.py CREDENTIALS_JSON HOST SEED WEIGHTING OUT_DIR
 """
 
