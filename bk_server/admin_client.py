@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 
+from bk_blocks.errors import error_for_response
+
 
 class AdminCallError(RuntimeError):
     """The admin API could not be reached or refused the call."""
@@ -19,9 +21,6 @@ def admin_call(base_url: str, token: str, method: str, path: str, body: dict[str
     except httpx.HTTPError as exc:
         raise AdminCallError(f"cannot reach the server at {base_url}: {exc}") from exc
     if response.status_code >= 400:
-        try:
-            message = response.json().get("error", response.text)
-        except ValueError:
-            message = response.text
-        raise AdminCallError(f"server refused ({response.status_code}): {message}")
+        raise AdminCallError(str(error_for_response(response.status_code, response.content, response.reason_phrase,
+                                                    "server")))
     return response.json()["data"]

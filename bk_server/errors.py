@@ -3,6 +3,8 @@ names the problem, sent as `{"error": "..."}`."""
 
 from __future__ import annotations
 
+from bk_blocks.protocol import ERROR_CODE_RUN_BLOCKED, ERROR_CODE_STALE_ROUND
+
 
 class PlatformError(Exception):
     """A request the platform refuses; `status_code` is what the client sees."""
@@ -35,7 +37,7 @@ class RunBlocked(PlatformError):
     """Uploads are only taken while the branch's run is `start`."""
 
     status_code = 409
-    code = "run_blocked"
+    code = ERROR_CODE_RUN_BLOCKED
 
 
 class StaleRound(PlatformError):
@@ -43,7 +45,7 @@ class StaleRound(PlatformError):
     round with `x-bk-run-number` / `x-bk-round`); `code` lets the client tell it apart."""
 
     status_code = 409
-    code = "stale_round"
+    code = ERROR_CODE_STALE_ROUND
 
 
 class Gone(PlatformError):

@@ -25,7 +25,7 @@ import numpy as np
 
 from bk_blocks.archive import UpdateInfo
 from bk_blocks.files import remove_temporaries
-from bk_blocks.protocol import METRIC_MODES, RUN_STATUSES
+from bk_blocks.protocol import METRIC_MODES, RUN_BLOCKED_TEXT, RUN_STATUSES
 
 from .errors import (
     BadRequest,
@@ -224,7 +224,7 @@ class Platform:
         """The leaf's branch if its run takes uploads (`start`), else 409 `run is blocked`."""
         branch = self.require_branch(leaf.branch_id)
         if branch.run_status != "start":
-            raise RunBlocked(f"run is blocked: the branch's run is '{branch.run_status}', uploads need 'start'")
+            raise RunBlocked(f"{RUN_BLOCKED_TEXT}: the branch's run is '{branch.run_status}', uploads need 'start'")
         return branch
 
     def find_idempotent(self, leaf: Leaf, key: str | None, digest: str) -> Upload | None:
