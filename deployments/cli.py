@@ -22,7 +22,7 @@ from .edge_cli import app as edge_app
 app = App(name="bk", help="prefect-branchkey, leaf side.")
 app.command(edge_app)
 COLUMNS = ("run_number", "round", "status", "leaf_name", "aggregation_id", "weighting", "round_s", "wait_s",
-           "bytes_up", "bytes_down", "finished_at")
+           "bytes_up", "bytes_down", "update_norm", "upload_precision", "finished_at")
 
 
 def _flatten(row: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +59,7 @@ def history(*, work_dir: Path = Path("."), format: Literal["table", "csv", "json
         writer.writeheader()
         writer.writerows(rows)
     else:
-        shown = [c for c in columns if c not in ("leaf_name", "bytes_up", "bytes_down", "finished_at")]
+        shown = [c for c in columns if c not in ("leaf_name", "bytes_down", "finished_at")]
         table = Table(title=f"BranchKey round history: {work_dir}")
         for column in shown:
             table.add_column(column.replace("_", " "), no_wrap=True)

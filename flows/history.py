@@ -28,6 +28,7 @@ SCHEMA = pa.schema([
     ("train_s", pa.float64()), ("upload_s", pa.float64()), ("wait_s", pa.float64()),
     ("download_s", pa.float64()), ("evaluate_s", pa.float64()), ("round_s", pa.float64()),
     ("bytes_up", pa.int64()), ("bytes_down", pa.int64()),
+    ("update_norm", pa.float64()), ("upload_precision", pa.string()),
     ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
     ("flow_run_id", pa.string()),
 ])
@@ -39,6 +40,8 @@ class RoundRecord:
 
     Durations are seconds; `round_s` runs from the start of training to the metrics
     being sent (writing this row, the artifacts and the event come after it).
+    `update_norm` is the L2 distance of the leaf's update to the global model it trained
+    from (None in a run's first round), `upload_precision` the dtype policy it was sent in.
     """
 
     branch_id: str
@@ -60,6 +63,8 @@ class RoundRecord:
     round_s: float | None = None
     bytes_up: int = 0
     bytes_down: int = 0
+    update_norm: float | None = None
+    upload_precision: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
     flow_run_id: str | None = None

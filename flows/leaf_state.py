@@ -61,6 +61,9 @@ class LeafState:
     started_at: float | None = None
     counted_in: list[int] | None = None
     wait_expired: bool = False
+    update_norm: float | None = None
+    upload_precision: str | None = None
+    model_dtypes: list[str] = field(default_factory=list)
 
     @property
     def last_aggregation(self) -> str | None:
@@ -80,6 +83,7 @@ class LeafState:
         self.aggregation_id, self.bytes_down, self.durations, self.started_at = None, 0, {}, None
         self.eval_metrics, self.evaluated, self.sent_metrics = {}, False, []
         self.counted_in, self.wait_expired = None, False
+        self.update_norm, self.upload_precision = None, None
 
 
 def state_path(work_dir: Path) -> Path:

@@ -33,7 +33,7 @@ from .history import RoundRecord
 
 SPARK = "▁▂▃▄▅▆▇█"
 TABLE_COLUMNS = ("run_number", "round", "status", "aggregation_id", "weighting", "train_s", "wait_s", "round_s",
-                 "bytes_up", "bytes_down")
+                 "bytes_up", "bytes_down", "update_norm", "upload_precision")
 
 
 def artifact_key(kind: str, name: str) -> str:
@@ -214,7 +214,8 @@ def round_event(record: RoundRecord, *, failed: bool = False, error: str | None 
         "run_number": record.run_number, "round": record.round, "status": record.status,
         "aggregation_id": record.aggregation_id, "file_id": record.file_id,
         "train_metrics": record.train_metrics, "eval_metrics": record.eval_metrics,
-        "round_s": record.round_s,
+        "round_s": record.round_s, "bytes_up": record.bytes_up, "update_norm": record.update_norm,
+        "upload_precision": record.upload_precision,
     }
     if error is not None:
         payload["error"] = error

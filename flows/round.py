@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import flow, tags
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
@@ -49,7 +50,9 @@ from tasks import (
 
 from .history import RoundRecord, append_record, utc_from_timestamp
 from .observability import emit_round_event, label_flow_run, run_tags
+from .history import history_rows
 from .participant import Participant, check_result, load_participant
+from .update_transforms import RECENT_NORMS, UpdatePolicy, prepare_update, read_back
 from .publication import Publication, publishing
 from .leaf_state import LeafBusyError, LeafState, hold_work_dir, load_state, resolve_work_dir, save_state
 
@@ -90,6 +93,7 @@ def run_round(
     work_dir: Path,
     timeouts: Timeouts = Timeouts(),
     publication: Publication | None = None,
+    policy: UpdatePolicy = UpdatePolicy(),
 ) -> RoundResult:
     """Run (or resume) the leaf's current round; state is saved after every step. The rows it
     recorded (`completed`, `resynced`) are published in the background by `publication` (a
@@ -97,17 +101,17 @@ def run_round(
     work_dir = Path(work_dir)
     with nullcontext(publication) if publication else publishing(session.credentials.leaf_name, work_dir) as pub:
         try:
-            return _run_round(session, participant, work_dir, timeouts)
+            return _run_round(session, participant, work_dir, timeouts, policy)
         finally:
             pub.notify()
 
 
 def _run_round(session: LeafSession, participant: Participant, work_dir: Path,
-               timeouts: Timeouts) -> RoundResult:
+               timeouts: Timeouts, policy: UpdatePolicy) -> RoundResult:
     """The round, or `resynced` when the leaf turned out to be out of step and resynced instead
     (nothing uploaded): the caller decides whether the platform's open round is one to run."""
     try:
-        return _attempt_round(session, participant, work_dir, timeouts)
+        return _attempt_round(session, participant, work_dir, timeouts, policy)
     except OutOfSyncError as exc:
         record = _resync(session, work_dir, timeouts, str(exc))
         state = load_state(work_dir, session.credentials.leaf_id)
@@ -115,7 +119,7 @@ def _run_round(session: LeafSession, participant: Participant, work_dir: Path,
 
 
 def _attempt_round(session: LeafSession, participant: Participant, work_dir: Path,
-                   timeouts: Timeouts) -> RoundResult:
+                   timeouts: Timeouts, policy: UpdatePolicy) -> RoundResult:
     state = load_state(work_dir, session.credentials.leaf_id)
     resumed = state.phase != "idle"
     if not resumed:
@@ -128,7 +132,7 @@ def _attempt_round(session: LeafSession, participant: Participant, work_dir: Pat
             run_logger(__name__).info("participant declined round %d", state.round)
             save_state(work_dir, state)
             return RoundResult("declined", state.run_number, state.round)
-        _train(participant, work_dir, state)
+        _train(participant, work_dir, state, policy)
     try:
         return _finish(session, participant, work_dir, state, timeouts, resumed)
     except RunStoppedError:
@@ -157,17 +161,28 @@ def _timed(state: LeafState, step: str, started: float) -> None:
     state.durations[step] = state.durations.get(step, 0.0) + time.perf_counter() - started
 
 
-def _train(participant: Participant, work_dir: Path, state: LeafState) -> None:
+def _train(participant: Participant, work_dir: Path, state: LeafState, policy: UpdatePolicy) -> None:
+    """Train from the global model, then check, guard and cast the update (`update_transforms`)
+    and write the archive the round uploads; nothing is saved when the update is refused."""
     state.started_at = time.time()
     started = time.perf_counter()
-    global_model = read_aggregate(state.global_model) if state.global_model else None
+    global_model = _global_model(state)
     result = check_result(participant.train(global_model, state.round))
+    recent = [row["update_norm"] for row in history_rows(work_dir, last=RECENT_NORMS) if row["status"] == "completed"]
+    prepared = prepare_update(result.parameters, global_model, policy, recent)
     archive = write_update(work_dir / "updates" / f"run{state.run_number}-round{state.round}.npz",
-                           result.weighting, result.parameters)
+                           result.weighting, prepared.parameters)
     _timed(state, "train_s", started)
     state.archive, state.weighting, state.train_metrics = str(archive), result.weighting, dict(result.metrics)
+    state.update_norm, state.upload_precision = prepared.update_norm, prepared.precision
+    state.model_dtypes = [layer.dtype.str for layer in result.parameters]
     state.phase = "trained"
     save_state(work_dir, state)
+
+
+def _global_model(state: LeafState) -> list[np.ndarray] | None:
+    """The global model the leaf holds, in the dtypes its participant trains in."""
+    return read_back(read_aggregate(state.global_model), state.model_dtypes) if state.global_model else None
 
 
 def _upload(session: LeafSession, work_dir: Path, state: LeafState, timeouts: Timeouts,
@@ -259,7 +274,7 @@ def _send_round_metrics(session: LeafSession, participant: Participant, work_dir
     resends it under the same idempotency key, which the platform stores once."""
     if not state.evaluated:
         started = time.perf_counter()
-        state.eval_metrics = participant.evaluate(read_aggregate(state.global_model or ""), state.round)
+        state.eval_metrics = participant.evaluate(_global_model(state) or [], state.round)
         _timed(state, "evaluate_s", started)
         state.evaluated = True
         save_state(work_dir, state)
@@ -366,7 +381,7 @@ def _record(leaf: BranchKeyCredentials, state: LeafState, status: str,
         wait_s=durations.get("wait_s"), download_s=durations.get("download_s"),
         evaluate_s=durations.get("evaluate_s"),
         round_s=finished - state.started_at if state.started_at else None, bytes_up=state.bytes_up,
-        bytes_down=state.bytes_down, started_at=utc_from_timestamp(state.started_at),
+        bytes_down=state.bytes_down, update_norm=state.update_norm, upload_precision=state.upload_precision, started_at=utc_from_timestamp(state.started_at),
         finished_at=utc_from_timestamp(finished), flow_run_id=flow_run.get_id(),
     )
 
@@ -384,6 +399,8 @@ def federated_round(
     participant_options: dict[str, Any] | None = None,
     aggregation_timeout_s: float = 3600,
     run_timeout_s: float = 6 * 3600,
+    upload_precision: str = "native",
+    max_update_norm_ratio: float | None = None,
 ) -> RoundResult | State:
     """One federated round for one leaf (or the rest of an interrupted one).
 
@@ -391,8 +408,10 @@ def federated_round(
     `work_dir` holds the leaf's state, models and history between runs (`~` and
     `$VARIABLES` are expanded on the machine that runs the round). The run is named
     `<leaf>-round-<n>` and tagged by leaf and branch; it ends Cancelled if another run of
-    the leaf holds the work dir.
+    the leaf holds the work dir. `upload_precision` (`native`, `float32`, `float16`) and
+    `max_update_norm_ratio` (the update guard; None: off) are `flows.update_transforms`'.
     """
+    policy = UpdatePolicy(upload_precision, max_update_norm_ratio)
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
     model = load_participant(participant, participant_options)
@@ -401,7 +420,7 @@ def federated_round(
             expected = load_state(directory, block.leaf_id).round
             label_flow_run(round_name(block, expected), run_tags(block))
             result = _round_in_step(session, model, directory,
-                                    Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s))
+                                    Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s), policy)
     except LeafBusyError as exc:
         return cancelled_as_busy(exc)
     if result.round != expected:
@@ -410,13 +429,13 @@ def federated_round(
 
 
 def _round_in_step(session: LeafSession, participant: Participant, work_dir: Path,
-                   timeouts: Timeouts) -> RoundResult:
+                   timeouts: Timeouts, policy: UpdatePolicy) -> RoundResult:
     """The leaf's round; after a resync, the platform's open round (up to MAX_RESYNCS times)."""
-    result = run_round(session, participant, work_dir, timeouts)
+    result = run_round(session, participant, work_dir, timeouts, policy=policy)
     for _ in range(MAX_RESYNCS):
         if result.status != "resynced":
             break
-        result = run_round(session, participant, work_dir, timeouts)
+        result = run_round(session, participant, work_dir, timeouts, policy=policy)
     return result
 
 

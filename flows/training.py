@@ -21,6 +21,7 @@ from .observability import label_flow_run, run_tags
 from .participant import Participant, load_participant
 from .publication import Publication, publishing
 from .round import RoundResult, Timeouts, cancelled_as_busy, run_round
+from .update_transforms import UpdatePolicy
 from .leaf_state import LeafBusyError, hold_work_dir, load_state, resolve_work_dir
 
 
@@ -45,6 +46,8 @@ def federated_training(
     run_timeout_s: float = 6 * 3600,
     rounds_per_run: int | None = None,
     run_poll_s: float = 10,
+    upload_precision: str = "native",
+    max_update_norm_ratio: float | None = None,
 ) -> list[RoundResult] | State:
     """Run this leaf's rounds until one of: round `rounds` is done (counted in the work dir
     across flow runs; None: no limit), `rounds_per_run` rounds completed in this flow run (a
@@ -55,8 +58,10 @@ def federated_training(
     The rounds run in this flow run, their steps as tasks named by round
     (`upload-round-3`): a subflow run per round cost the Prefect server a dozen API calls
     and the leaf about a second between rounds. A deployment that runs one round per flow
-    run uses `federated-round`.
+    run uses `federated-round`. `upload_precision` and `max_update_norm_ratio` (the update
+    guard) are `flows.update_transforms`'; a bad value fails the run before any round.
     """
+    policy = UpdatePolicy(upload_precision, max_update_norm_ratio)
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
     model = load_participant(participant, participant_options)
@@ -65,15 +70,15 @@ def federated_training(
     try:
         with (hold_work_dir(directory), publishing(block.leaf_name, directory) as publication,
               LeafSession(block) as session, tags(*run_tags(block))):
-            return _round_loop(session, publication, model, directory, timeouts, rounds, rounds_per_run,
+            return _round_loop(session, publication, policy, model, directory, timeouts, rounds, rounds_per_run,
                                target_metric, target_value)
     except LeafBusyError as exc:
         return cancelled_as_busy(exc)
 
 
-def _round_loop(session: LeafSession, publication: Publication, model: Participant, directory: Path,
-                timeouts: Timeouts, rounds: int | None, rounds_per_run: int | None, target_metric: str | None,
-                target_value: float | None) -> list[RoundResult]:
+def _round_loop(session: LeafSession, publication: Publication, policy: UpdatePolicy, model: Participant,
+                directory: Path, timeouts: Timeouts, rounds: int | None, rounds_per_run: int | None,
+                target_metric: str | None, target_value: float | None) -> list[RoundResult]:
     """The training loop: one round after another, with a progress artifact."""
     logger = get_run_logger()
     block = session.credentials
@@ -82,7 +87,7 @@ def _round_loop(session: LeafSession, publication: Publication, model: Participa
     goal = _goal(first, rounds, rounds_per_run)
     progress = create_progress_artifact(progress=0.0, description=f"{block.leaf_name}: rounds {first}..{goal}")
     while _more_rounds(load_state(directory, block.leaf_id).round, rounds, results, rounds_per_run):
-        result = run_round(session, model, directory, timeouts, publication)
+        result = run_round(session, model, directory, timeouts, publication, policy)
         results.append(result)
         if result.status == "stopped":
             logger.info("the platform stopped the run; ending at round %d", result.round)

@@ -1,0 +1,96 @@
+"""The update transforms in a real round: float16 uploads through bk-server's FedAvg and back
+into the model's dtypes, and the guard that keeps a diverged update from leaving the site."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bk_blocks.archive import read_aggregate, read_update
+from flows.examples.digits import DigitsSoftmax
+from flows.history import history_rows
+from flows.leaf_state import load_state
+from flows.participant import Participant, TrainResult
+from flows.round import RoundResult, run_round
+from flows.update_transforms import UpdatePolicy, UpdateRefusedError
+from tasks import LeafSession
+
+from ..support.bkserver import BkServer, credentials_for
+from ..support.reference import fedavg_reference
+
+FLOAT16 = UpdatePolicy(upload_precision="float16")
+
+
+@pytest.fixture(autouse=True)
+def _prefect(prefect_api: str) -> None:
+    """Every round here runs against the session's Prefect server."""
+
+
+class Diverging(Participant):
+    """Trains fine for `good_rounds`, then returns NaN weights."""
+
+    def __init__(self, good_rounds: int) -> None:
+        self.good_rounds = good_rounds
+
+    def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
+        value = np.nan if round_number > self.good_rounds else float(round_number)
+        return TrainResult(10.0, [np.full(4, value, np.float32)])
+
+
+def two_leaves(server: BkServer, open_session: Callable[..., LeafSession], tmp_path: Path,
+               participants: tuple[Participant, Participant], policy: UpdatePolicy) -> list[RoundResult]:
+    """One round of a two-leaf federation, both leaves at once."""
+    federation = server.federation(leaves=2)
+    sessions = [open_session(credentials_for(server, leaf)) for leaf in federation.leaves]
+    results: list[RoundResult] = [None, None]  # type: ignore[list-item]
+
+    def leaf(index: int) -> None:
+        results[index] = run_round(sessions[index], participants[index], tmp_path / f"leaf-{index}", policy=policy)
+
+    threads = [threading.Thread(target=leaf, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results
+
+
+def test_float16_uploads_are_averaged_in_float16_by_the_platform(
+        server: BkServer, open_session: Callable[..., LeafSession], tmp_path: Path) -> None:
+    participants = (DigitsSoftmax(leaf_index=0, leaves=2), DigitsSoftmax(leaf_index=1, leaves=2))
+    results = two_leaves(server, open_session, tmp_path, participants, FLOAT16)
+    assert [r.status for r in results] == ["completed", "completed"]
+    updates = [read_update(tmp_path / f"leaf-{i}" / "updates" / "run1-round1.npz") for i in range(2)]
+    assert all(layer.dtype == np.float16 for _, layers in updates for layer in layers)
+    aggregate = read_aggregate(results[0].global_model or "")
+    for got, want in zip(aggregate, fedavg_reference(updates), strict=True):
+        assert got.dtype == np.float16
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_float16_round_records_its_precision_and_the_models_own_dtypes(
+        server: BkServer, open_session: Callable[..., LeafSession], tmp_path: Path) -> None:
+    participants = (DigitsSoftmax(leaf_index=0, leaves=2), DigitsSoftmax(leaf_index=1, leaves=2))
+    two_leaves(server, open_session, tmp_path, participants, FLOAT16)
+    row = history_rows(tmp_path / "leaf-0")[0]
+    assert row["upload_precision"] == "float16"
+    assert row["bytes_up"] == (tmp_path / "leaf-0" / "updates" / "run1-round1.npz").stat().st_size
+    state = load_state(tmp_path / "leaf-0", row["leaf_id"])
+    assert state.model_dtypes and set(state.model_dtypes) == {np.dtype(np.float32).str}
+
+
+def test_diverged_update_fails_the_round_and_nothing_is_uploaded(
+        server: BkServer, open_session: Callable[..., LeafSession], tmp_path: Path) -> None:
+    federation = server.federation(leaves=1)
+    session = open_session(credentials_for(server, federation.leaves[0]))
+    participant = Diverging(good_rounds=1)
+    assert run_round(session, participant, tmp_path / "leaf").status == "completed"
+    with pytest.raises(UpdateRefusedError, match="layer 0 holds NaN"):
+        run_round(session, participant, tmp_path / "leaf")
+    assert server.status(federation.branch_id)["rounds"][1]["updates"] == 0
+    state = load_state(tmp_path / "leaf", federation.leaves[0]["id"])
+    assert (state.round, state.phase) == (2, "idle")
