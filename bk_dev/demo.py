@@ -123,10 +123,24 @@ def history_view(histories: Mapping[str, Sequence[dict[str, Any]]]) -> Table:
     for leaf in histories:
         table.add_column(leaf)
     table.add_column("mean")
+    epsilons = round_epsilons(histories)
+    if epsilons:
+        table.add_column("epsilon (largest leaf's)")
     for row in federation_table(histories):
         cells = [row.get(f"{leaf} {metric}") for leaf in histories] + [row.get(f"mean {metric}")]
-        table.add_row(str(row["round"]), *(f"{c:.3f}" if c is not None else "-" for c in cells))
+        extra = [f"{epsilons[row['round']]:.2f}" if row["round"] in epsilons else "-"] if epsilons else []
+        table.add_row(str(row["round"]), *(f"{c:.3f}" if c is not None else "-" for c in cells), *extra)
     return table
+
+
+def round_epsilons(histories: Mapping[str, Sequence[dict[str, Any]]]) -> dict[int, float]:
+    """With DP on: per round, the largest cumulative epsilon of any leaf after it."""
+    epsilons: dict[int, float] = {}
+    for rows in histories.values():
+        for row in rows:
+            if row.get("dp_epsilon") is not None:
+                epsilons[row["round"]] = max(epsilons.get(row["round"], 0.0), row["dp_epsilon"])
+    return epsilons
 
 
 def latest_artifact_id(api: str, key: str) -> str | None:
@@ -155,6 +169,11 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def dp_arguments(dp: Sequence[float] | None) -> list[str]:
+    """`bk simulate`'s DP options for `--dp CLIP_NORM NOISE_MULTIPLIER` (none without it)."""
+    return [] if dp is None else ["--dp-clip-norm", str(dp[0]), "--dp-noise-multiplier", str(dp[1])]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="make demo", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("demo-data"), help="where runs keep their files")
@@ -167,6 +186,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "the default), sqlite, or a database URL (default: $PREFECT_API_DATABASE_CONNECTION_URL "
                              "if set, else postgres)")
     parser.add_argument("--no-keep", dest="keep", action="store_false", help="stop the servers at the end")
+    parser.add_argument("--dp", nargs=2, type=float, metavar=("CLIP_NORM", "NOISE_MULTIPLIER"),
+                        help="client-side differential privacy on every leaf: clip each update's delta to CLIP_NORM "
+                             "and add Gaussian noise of NOISE_MULTIPLIER clip norms (e.g. --dp 1.0 0.3)")
     return parser.parse_args(argv)
 
 
@@ -198,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         simulation = spawn([sys.executable, "-m", "deployments.cli", "simulate", "--host", platform.url,
                             "--credentials-dir", str(run_dir / "credentials"), "--work-root", str(run_dir / "leaves"),
                             "--rounds", str(args.rounds), "--transport", transport, "--amqp-host", "127.0.0.1",
-                            "--aggregation-timeout-s", str(AGGREGATION_TIMEOUT_S)],
+                            "--aggregation-timeout-s", str(AGGREGATION_TIMEOUT_S), *dp_arguments(args.dp)],
                            run_dir / "simulation.log", env=prefect.client_env())
         code = follow(console, simulation, run_dir / "leaves", names, args.rounds)
         console.print(history_view(leaf_histories(run_dir / "leaves", names)))

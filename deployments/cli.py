@@ -22,7 +22,8 @@ from .edge_cli import app as edge_app
 app = App(name="bk", help="prefect-branchkey, leaf side.")
 app.command(edge_app)
 COLUMNS = ("run_number", "round", "status", "leaf_name", "aggregation_id", "weighting", "round_s", "wait_s",
-           "bytes_up", "bytes_down", "update_norm", "upload_precision", "finished_at")
+           "bytes_up", "bytes_down", "update_norm", "upload_precision", "dp_epsilon", "dp_delta", "clip_norm",
+           "noise_multiplier", "finished_at")
 
 
 def _flatten(row: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +74,9 @@ def history(*, work_dir: Path = Path("."), format: Literal["table", "csv", "json
 def simulate(*, host: str, credentials_dir: Path, work_root: Path, rounds: int = 10,
              transport: Literal["websocket", "amqp"] = "websocket", amqp_host: str | None = None,
              participant: str = "flows.examples.digits:DigitsSoftmax", participant_options: str = "{}",
-             aggregation_timeout_s: float = 600) -> None:
+             aggregation_timeout_s: float = 600, upload_precision: Literal["native", "float32", "float16"] = "native",
+             max_update_norm_ratio: float | None = None, dp_clip_norm: float | None = None,
+             dp_noise_multiplier: float = 1.0, dp_delta: float = 1e-5, dp_epsilon_budget: float | None = None) -> None:
     """Run every leaf of CREDENTIALS_DIR at once against HOST: a whole federation on one machine.
 
     Parameters
@@ -97,14 +100,30 @@ def simulate(*, host: str, credentials_dir: Path, work_root: Path, rounds: int =
     aggregation_timeout_s
         How long a leaf waits for a round's aggregation (should another leaf fail, the others
         wait this long before they give up).
+    upload_precision
+        native (as trained), float32 or float16 (half the bytes), for every leaf.
+    max_update_norm_ratio
+        The update guard: refuse an update further from the global model than this many times
+        the leaf's recent median (off by default).
+    dp_clip_norm
+        Turns client-side differential privacy on: each update's delta is clipped to this L2 norm.
+    dp_noise_multiplier
+        Gaussian noise of this many clip norms per coordinate.
+    dp_delta
+        The delta each leaf's epsilon is reported for.
+    dp_epsilon_budget
+        A leaf stops before the round that would take it past this epsilon.
     """
     try:
         options = parse_options(participant_options)
     except ParticipantError as exc:
         print(f"bk simulate: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    update_options = {"upload_precision": upload_precision, "max_update_norm_ratio": max_update_norm_ratio,
+                      "dp_clip_norm": dp_clip_norm, "dp_noise_multiplier": dp_noise_multiplier, "dp_delta": dp_delta,
+                      "dp_epsilon_budget": dp_epsilon_budget}
     federated_simulation(host, str(credentials_dir), str(work_root), participant, options, rounds, transport,
-                         amqp_host, aggregation_timeout_s)
+                         amqp_host, aggregation_timeout_s, update_options)
 
 
 def main() -> None:

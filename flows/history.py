@@ -29,6 +29,8 @@ SCHEMA = pa.schema([
     ("download_s", pa.float64()), ("evaluate_s", pa.float64()), ("round_s", pa.float64()),
     ("bytes_up", pa.int64()), ("bytes_down", pa.int64()),
     ("update_norm", pa.float64()), ("upload_precision", pa.string()),
+    ("dp_epsilon", pa.float64()), ("dp_delta", pa.float64()), ("clip_norm", pa.float64()),
+    ("noise_multiplier", pa.float64()),
     ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
     ("flow_run_id", pa.string()),
 ])
@@ -41,7 +43,9 @@ class RoundRecord:
     Durations are seconds; `round_s` runs from the start of training to the metrics
     being sent (writing this row, the artifacts and the event come after it).
     `update_norm` is the L2 distance of the leaf's update to the global model it trained
-    from (None in a run's first round), `upload_precision` the dtype policy it was sent in.
+    from (None in a run's first round; before DP clipping), `upload_precision` the dtype policy
+    it was sent in; with DP on, `dp_epsilon` is the leaf's cumulative epsilon at `dp_delta`
+    after this round, and `clip_norm`, `noise_multiplier` the settings it was noised with.
     """
 
     branch_id: str
@@ -65,6 +69,10 @@ class RoundRecord:
     bytes_down: int = 0
     update_norm: float | None = None
     upload_precision: str | None = None
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    clip_norm: float | None = None
+    noise_multiplier: float | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
     flow_run_id: str | None = None

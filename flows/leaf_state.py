@@ -63,6 +63,10 @@ class LeafState:
     wait_expired: bool = False
     update_norm: float | None = None
     upload_precision: str | None = None
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    clip_norm: float | None = None
+    noise_multiplier: float | None = None
     model_dtypes: list[str] = field(default_factory=list)
 
     @property
@@ -84,6 +88,7 @@ class LeafState:
         self.eval_metrics, self.evaluated, self.sent_metrics = {}, False, []
         self.counted_in, self.wait_expired = None, False
         self.update_norm, self.upload_precision = None, None
+        self.dp_epsilon, self.dp_delta, self.clip_norm, self.noise_multiplier = None, None, None, None
 
 
 def state_path(work_dir: Path) -> Path:

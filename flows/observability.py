@@ -33,7 +33,8 @@ from .history import RoundRecord
 
 SPARK = "▁▂▃▄▅▆▇█"
 TABLE_COLUMNS = ("run_number", "round", "status", "aggregation_id", "weighting", "train_s", "wait_s", "round_s",
-                 "bytes_up", "bytes_down", "update_norm", "upload_precision")
+                 "bytes_up", "bytes_down", "update_norm", "upload_precision", "dp_epsilon", "dp_delta", "clip_norm",
+                 "noise_multiplier")
 
 
 def artifact_key(kind: str, name: str) -> str:
@@ -215,7 +216,8 @@ def round_event(record: RoundRecord, *, failed: bool = False, error: str | None 
         "aggregation_id": record.aggregation_id, "file_id": record.file_id,
         "train_metrics": record.train_metrics, "eval_metrics": record.eval_metrics,
         "round_s": record.round_s, "bytes_up": record.bytes_up, "update_norm": record.update_norm,
-        "upload_precision": record.upload_precision,
+        "upload_precision": record.upload_precision, "dp_epsilon": record.dp_epsilon, "dp_delta": record.dp_delta,
+        "clip_norm": record.clip_norm, "noise_multiplier": record.noise_multiplier,
     }
     if error is not None:
         payload["error"] = error

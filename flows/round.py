@@ -52,6 +52,7 @@ from .history import RoundRecord, append_record, utc_from_timestamp
 from .observability import emit_round_event, label_flow_run, run_tags
 from .history import history_rows
 from .participant import Participant, check_result, load_participant
+from .privacy import PrivacyLedger, PrivacyPolicy, check_budget_at_start
 from .update_transforms import RECENT_NORMS, UpdatePolicy, prepare_update, read_back
 from .publication import Publication, publishing
 from .leaf_state import LeafBusyError, LeafState, hold_work_dir, load_state, resolve_work_dir, save_state
@@ -132,6 +133,8 @@ def _attempt_round(session: LeafSession, participant: Participant, work_dir: Pat
             run_logger(__name__).info("participant declined round %d", state.round)
             save_state(work_dir, state)
             return RoundResult("declined", state.run_number, state.round)
+        if _budget_spent(session.credentials, work_dir, state, policy.privacy):
+            return RoundResult("budget-spent", state.run_number, state.round)
         _train(participant, work_dir, state, policy)
     try:
         return _finish(session, participant, work_dir, state, timeouts, resumed)
@@ -175,9 +178,43 @@ def _train(participant: Participant, work_dir: Path, state: LeafState, policy: U
     _timed(state, "train_s", started)
     state.archive, state.weighting, state.train_metrics = str(archive), result.weighting, dict(result.metrics)
     state.update_norm, state.upload_precision = prepared.update_norm, prepared.precision
+    _account(work_dir, state, policy.privacy)
     state.model_dtypes = [layer.dtype.str for layer in result.parameters]
     state.phase = "trained"
     save_state(work_dir, state)
+
+
+def _account(work_dir: Path, state: LeafState, privacy: PrivacyPolicy) -> None:
+    """With DP on, count the noised update just written in the leaf's privacy ledger and note
+    the leaf's epsilon after it (a crash before the state is saved retrains: it over-counts)."""
+    if privacy.clip_norm is None:
+        return
+    ledger = PrivacyLedger(work_dir)
+    ledger.record(privacy.noise_multiplier)
+    state.dp_epsilon, state.dp_delta = ledger.epsilon(privacy.delta), privacy.delta
+    state.clip_norm, state.noise_multiplier = privacy.clip_norm, privacy.noise_multiplier
+
+
+def _budget_spent(leaf: BranchKeyCredentials, work_dir: Path, state: LeafState, privacy: PrivacyPolicy) -> bool:
+    """Whether this round would take the leaf past its DP budget; if so the round is declined
+    (nothing trained or uploaded), said in the log, a `budget-spent` history row and its event."""
+    if privacy.clip_norm is None or privacy.epsilon_budget is None:
+        return False
+    ledger = PrivacyLedger(work_dir)
+    after = ledger.epsilon(privacy.delta, privacy.noise_multiplier)
+    if after <= privacy.epsilon_budget:
+        return False
+    state.dp_epsilon, state.dp_delta = ledger.epsilon(privacy.delta), privacy.delta
+    state.clip_norm, state.noise_multiplier = privacy.clip_norm, privacy.noise_multiplier
+    record = _record(leaf, state, "budget-spent")
+    append_record(work_dir, record)
+    emit_round_event(record)
+    run_logger(__name__).warning("round %d declined: it would take this leaf to epsilon %.3g (delta %g), past its "
+                                 "budget of %g; nothing was trained or uploaded", state.round, after, privacy.delta,
+                                 privacy.epsilon_budget)
+    state.clear_round()
+    save_state(work_dir, state)
+    return True
 
 
 def _global_model(state: LeafState) -> list[np.ndarray] | None:
@@ -381,7 +418,9 @@ def _record(leaf: BranchKeyCredentials, state: LeafState, status: str,
         wait_s=durations.get("wait_s"), download_s=durations.get("download_s"),
         evaluate_s=durations.get("evaluate_s"),
         round_s=finished - state.started_at if state.started_at else None, bytes_up=state.bytes_up,
-        bytes_down=state.bytes_down, update_norm=state.update_norm, upload_precision=state.upload_precision, started_at=utc_from_timestamp(state.started_at),
+        bytes_down=state.bytes_down, update_norm=state.update_norm, upload_precision=state.upload_precision,
+        dp_epsilon=state.dp_epsilon, dp_delta=state.dp_delta, clip_norm=state.clip_norm,
+        noise_multiplier=state.noise_multiplier, started_at=utc_from_timestamp(state.started_at),
         finished_at=utc_from_timestamp(finished), flow_run_id=flow_run.get_id(),
     )
 
@@ -401,6 +440,10 @@ def federated_round(
     run_timeout_s: float = 6 * 3600,
     upload_precision: str = "native",
     max_update_norm_ratio: float | None = None,
+    dp_clip_norm: float | None = None,
+    dp_noise_multiplier: float = 1.0,
+    dp_delta: float = 1e-5,
+    dp_epsilon_budget: float | None = None,
 ) -> RoundResult | State:
     """One federated round for one leaf (or the rest of an interrupted one).
 
@@ -409,11 +452,15 @@ def federated_round(
     `$VARIABLES` are expanded on the machine that runs the round). The run is named
     `<leaf>-round-<n>` and tagged by leaf and branch; it ends Cancelled if another run of
     the leaf holds the work dir. `upload_precision` (`native`, `float32`, `float16`) and
-    `max_update_norm_ratio` (the update guard; None: off) are `flows.update_transforms`'.
+    `max_update_norm_ratio` (the update guard; None: off) are `flows.update_transforms`'; the
+    `dp_*` parameters are `flows.privacy`'s (`dp_clip_norm` None: no DP). A bad value, or a
+    DP budget already spent, fails the run before the round.
     """
-    policy = UpdatePolicy(upload_precision, max_update_norm_ratio)
+    policy = UpdatePolicy(upload_precision, max_update_norm_ratio,
+                          PrivacyPolicy(dp_clip_norm, dp_noise_multiplier, dp_delta, dp_epsilon_budget))
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
+    check_budget_at_start(policy.privacy, directory)
     model = load_participant(participant, participant_options)
     try:
         with hold_work_dir(directory), LeafSession(block) as session, tags(*run_tags(block)):

@@ -45,9 +45,12 @@ def federated_simulation(
     transport: Literal["websocket", "amqp"] = "websocket",
     amqp_host: str | None = None,
     aggregation_timeout_s: float = 600,
+    update_options: dict[str, Any] | None = None,
 ) -> dict[str, list[RoundResult]]:
     """Run every leaf of `credentials_dir` for `rounds` rounds; leaf i gets `leaf_index=i, leaves=N`
-    added to the participant options (for splitting a data set across leaves)."""
+    added to the participant options (for splitting a data set across leaves). `update_options`
+    are `federated_training`'s update parameters for every leaf (`upload_precision`,
+    `max_update_norm_ratio`, `dp_clip_norm`, `dp_noise_multiplier`, `dp_delta`, `dp_epsilon_budget`)."""
     logger = get_run_logger()
     blocks = leaf_credentials(Path(credentials_dir), host, transport)
     if amqp_host:
@@ -61,7 +64,8 @@ def federated_simulation(
     def train(index: int, block: BranchKeyCredentials) -> list[RoundResult]:
         options = {**(participant_options or {}), "leaf_index": index, "leaves": len(blocks)}
         return federated_training(block, participant, str(work_dirs[block.leaf_name]), rounds=rounds,
-                                  participant_options=options, aggregation_timeout_s=aggregation_timeout_s)
+                                  participant_options=options, aggregation_timeout_s=aggregation_timeout_s,
+                                  **(update_options or {}))
 
     with ThreadPoolExecutor(max_workers=len(blocks), thread_name_prefix="leaf") as pool:
         futures = {b.leaf_name: pool.submit(contextvars.copy_context().run, train, i, b) for i, b in enumerate(blocks)}

@@ -21,6 +21,7 @@ from .observability import label_flow_run, run_tags
 from .participant import Participant, load_participant
 from .publication import Publication, publishing
 from .round import RoundResult, Timeouts, cancelled_as_busy, run_round
+from .privacy import PrivacyPolicy, check_budget_at_start
 from .update_transforms import UpdatePolicy
 from .leaf_state import LeafBusyError, hold_work_dir, load_state, resolve_work_dir
 
@@ -48,6 +49,10 @@ def federated_training(
     run_poll_s: float = 10,
     upload_precision: str = "native",
     max_update_norm_ratio: float | None = None,
+    dp_clip_norm: float | None = None,
+    dp_noise_multiplier: float = 1.0,
+    dp_delta: float = 1e-5,
+    dp_epsilon_budget: float | None = None,
 ) -> list[RoundResult] | State:
     """Run this leaf's rounds until one of: round `rounds` is done (counted in the work dir
     across flow runs; None: no limit), `rounds_per_run` rounds completed in this flow run (a
@@ -59,11 +64,15 @@ def federated_training(
     (`upload-round-3`): a subflow run per round cost the Prefect server a dozen API calls
     and the leaf about a second between rounds. A deployment that runs one round per flow
     run uses `federated-round`. `upload_precision` and `max_update_norm_ratio` (the update
-    guard) are `flows.update_transforms`'; a bad value fails the run before any round.
+    guard) are `flows.update_transforms`', the `dp_*` parameters `flows.privacy`'s; a bad value,
+    or a DP budget already spent, fails the run before any round, and the run ends at the round
+    that would exceed the budget.
     """
-    policy = UpdatePolicy(upload_precision, max_update_norm_ratio)
+    policy = UpdatePolicy(upload_precision, max_update_norm_ratio,
+                          PrivacyPolicy(dp_clip_norm, dp_noise_multiplier, dp_delta, dp_epsilon_budget))
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
+    check_budget_at_start(policy.privacy, directory)
     model = load_participant(participant, participant_options)
     label_flow_run(f"{block.leaf_name}-training", run_tags(block))
     timeouts = Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s, run_poll_s=run_poll_s)
@@ -91,6 +100,9 @@ def _round_loop(session: LeafSession, publication: Publication, policy: UpdatePo
         results.append(result)
         if result.status == "stopped":
             logger.info("the platform stopped the run; ending at round %d", result.round)
+            break
+        if result.status == "budget-spent":
+            logger.info("the leaf's privacy budget is spent; ending at round %d", result.round)
             break
         if result.status == "declined":
             time.sleep(timeouts.run_poll_s)

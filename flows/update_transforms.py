@@ -4,7 +4,9 @@
 2. guard: no NaN or infinity, and (when configured) the L2 norm of the delta to the global
    model no larger than `max_update_norm_ratio` times the leaf's recent median: a diverged
    local model must not poison the federation;
-3. cast the float layers to the upload precision: `native` (as `train()` returned them, the
+3. differential privacy (when `privacy.clip_norm` is set): the delta clipped and noised
+   (`flows.privacy`);
+4. cast the float layers to the upload precision: `native` (as `train()` returned them, the
    default), `float32`, or `float16` (half of float32's bytes). The aggregate is read back into
    the model's own dtypes (`read_back`). Every leaf of a branch must upload the same dtypes:
    the platform refuses an update whose layers differ from the round's.
@@ -18,13 +20,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from bk_blocks.errors import BranchKeyError
 
 from .participant import ParticipantError
+from .privacy import PrivacyPolicy, privatize
 
 PRECISIONS = ("native", "float32", "float16")
 # How many of the leaf's latest update norms the guard's median looks at, and how many it needs.
@@ -46,6 +49,7 @@ class UpdatePolicy:
 
     upload_precision: str = "native"
     max_update_norm_ratio: float | None = None
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
     def __post_init__(self) -> None:
         if self.upload_precision not in PRECISIONS:
@@ -67,13 +71,19 @@ class PreparedUpdate:
 
 
 def prepare_update(parameters: Sequence[np.ndarray], global_model: Sequence[np.ndarray] | None,
-                   policy: UpdatePolicy, recent_norms: Sequence[float]) -> PreparedUpdate:
-    """Check, guard and cast a round's update (see the module docstring for the order)."""
+                   policy: UpdatePolicy, recent_norms: Sequence[float],
+                   rng: np.random.Generator | None = None) -> PreparedUpdate:
+    """Check, guard, privatize and cast a round's update (in the module docstring's order);
+    `rng` draws the DP noise (default: seeded from the OS)."""
     check_against_model(parameters, global_model)
     check_finite(parameters)
     norm = delta_norm(parameters, global_model) if global_model is not None else None
     if norm is not None and policy.max_update_norm_ratio is not None:
         check_norm(norm, recent_norms, policy.max_update_norm_ratio)
+    dp = policy.privacy
+    if dp.clip_norm is not None:
+        parameters = privatize(parameters, global_model, dp.clip_norm, dp.noise_multiplier,
+                               rng or np.random.default_rng())
     return PreparedUpdate(cast(parameters, policy.upload_precision), norm, policy.upload_precision)
 
 

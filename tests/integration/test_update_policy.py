@@ -16,6 +16,7 @@ from flows.history import history_rows
 from flows.leaf_state import load_state
 from flows.participant import Participant, TrainResult
 from flows.round import RoundResult, run_round
+from flows.privacy import PrivacyPolicy
 from flows.update_transforms import UpdatePolicy, UpdateRefusedError
 from tasks import LeafSession
 
@@ -94,3 +95,18 @@ def test_diverged_update_fails_the_round_and_nothing_is_uploaded(
     assert server.status(federation.branch_id)["rounds"][1]["updates"] == 0
     state = load_state(tmp_path / "leaf", federation.leaves[0]["id"])
     assert (state.round, state.phase) == (2, "idle")
+
+
+def test_round_that_would_exceed_the_dp_budget_is_declined_and_uploads_nothing(
+        server: BkServer, open_session: Callable[..., LeafSession], tmp_path: Path) -> None:
+    federation = server.federation(leaves=1)
+    session = open_session(credentials_for(server, federation.leaves[0]))
+    policy = UpdatePolicy(privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=8.0))
+    participant = DigitsSoftmax(leaf_index=0, leaves=1)
+    statuses = [run_round(session, participant, tmp_path / "leaf", policy=policy).status for _ in range(3)]
+    assert statuses == ["completed", "completed", "budget-spent"]
+    assert server.status(federation.branch_id)["rounds"][2]["updates"] == 0
+    rows = history_rows(tmp_path / "leaf")
+    assert [row["status"] for row in rows] == ["completed", "completed", "budget-spent"]
+    assert 0 < rows[0]["dp_epsilon"] < rows[1]["dp_epsilon"] == rows[2]["dp_epsilon"] <= 8.0
+    assert {(row["clip_norm"], row["noise_multiplier"], row["dp_delta"]) for row in rows} == {(1.0, 1.0, 1e-5)}

@@ -1,0 +1,126 @@
+"""Client-side differential privacy for a leaf's updates, with the site's budget accounted.
+
+Each round with DP on, the update's difference to the global model (the delta) is clipped to
+L2 norm `clip_norm` and Gaussian noise of standard deviation `noise_multiplier * clip_norm` is
+added to every coordinate; the leaf uploads global model + noised delta. What one round
+releases about the site's data is then a Gaussian mechanism of sensitivity `clip_norm`; the
+rounds compose, and `dp-accounting`'s RDP accountant turns them into the site's epsilon for
+`delta`. The ledger of noised rounds lives in the work dir (`privacy.json`), so epsilon is
+cumulative across flow runs and across the leaf's deployments. A round is counted when its
+noised update is written, before it is sent: a crash can only over-count, never under-count.
+
+This is local DP on updates: it bounds what anyone who sees the uploads (the platform
+included) can learn about the site's records. It is not secure aggregation, and it says
+nothing about what the site's own metrics reveal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+from dp_accounting import rdp
+
+from bk_blocks.errors import BranchKeyError
+from bk_blocks.files import atomic_write
+
+LEDGER = "privacy.json"
+
+
+class PrivacyPolicyError(BranchKeyError, ValueError):
+    """A differential-privacy setting is unusable, or the budget is spent (refused at flow start)."""
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """A deployment's DP settings; `clip_norm=None` turns DP off."""
+
+    clip_norm: float | None = None
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+    epsilon_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise PrivacyPolicyError(f"dp_clip_norm must be a positive number (or None: DP off), got {self.clip_norm!r}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise PrivacyPolicyError(f"dp_noise_multiplier must be a positive number, got {self.noise_multiplier!r}")
+        if not 0 < self.delta < 1:
+            raise PrivacyPolicyError(f"dp_delta must be between 0 and 1 (exclusive), got {self.delta!r}")
+        if self.epsilon_budget is not None and not (math.isfinite(self.epsilon_budget) and self.epsilon_budget > 0):
+            raise PrivacyPolicyError(f"dp_epsilon_budget must be a positive number (or None: no budget), "
+                                     f"got {self.epsilon_budget!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip_norm is not None
+
+
+def privatize(parameters: Sequence[np.ndarray], global_model: Sequence[np.ndarray] | None, clip_norm: float,
+              noise_multiplier: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Global model + the clipped, noised delta, layer by layer in float64 then back in each
+    layer's dtype; non-float layers pass unchanged. Without a global model (a run's first round)
+    the delta is taken from a zero model."""
+    floats = [i for i, layer in enumerate(parameters) if layer.dtype.kind == "f"]
+    bases = [np.zeros(1) if global_model is None else global_model[i].astype(np.float64) for i in floats]
+    norm = math.sqrt(sum(float(np.sum((parameters[i].astype(np.float64) - base) ** 2))
+                         for i, base in zip(floats, bases)))
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    result = list(parameters)
+    for i, base in zip(floats, bases):
+        layer = parameters[i]
+        delta = (layer.astype(np.float64) - base) * scale
+        delta += rng.normal(0.0, noise_multiplier * clip_norm, size=layer.shape)
+        result[i] = (base + delta).astype(layer.dtype)
+    return result
+
+
+class PrivacyLedger:
+    """The noised rounds a leaf has released, by noise multiplier, kept in its work dir."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.path = Path(work_dir) / LEDGER
+
+    def rounds(self) -> dict[float, int]:
+        """Noised rounds released so far, by noise multiplier."""
+        if not self.path.exists():
+            return {}
+        data = json.loads(self.path.read_text())
+        return {float(z): int(n) for z, n in data["rounds_by_noise_multiplier"].items()}
+
+    def epsilon(self, delta: float, extra_round_at: float | None = None) -> float:
+        """The site's epsilon at `delta` for every round released (plus one more at `extra_round_at`)."""
+        rounds = self.rounds()
+        if extra_round_at is not None:
+            rounds[extra_round_at] = rounds.get(extra_round_at, 0) + 1
+        if not rounds:
+            return 0.0
+        accountant = rdp.RdpAccountant()
+        for noise_multiplier, count in rounds.items():
+            accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), count=count)
+        return float(accountant.get_epsilon(delta))
+
+    def record(self, noise_multiplier: float) -> None:
+        """Count one more noised round, atomically."""
+        rounds = self.rounds()
+        rounds[noise_multiplier] = rounds.get(noise_multiplier, 0) + 1
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(self.path, "w") as handle:
+            json.dump({"rounds_by_noise_multiplier": {repr(z): n for z, n in rounds.items()}}, handle)
+
+
+def check_budget_at_start(policy: PrivacyPolicy, work_dir: Path) -> None:
+    """Refuse to start a flow whose next round would already exceed the budget."""
+    if not policy.enabled or policy.epsilon_budget is None:
+        return
+    next_epsilon = PrivacyLedger(work_dir).epsilon(policy.delta, policy.noise_multiplier)
+    if next_epsilon > policy.epsilon_budget:
+        spent = PrivacyLedger(work_dir).epsilon(policy.delta)
+        raise PrivacyPolicyError(f"dp_epsilon_budget {policy.epsilon_budget:g} is spent: this leaf is at epsilon "
+                                 f"{spent:.3g} (delta {policy.delta:g}) and one more round would make it "
+                                 f"{next_epsilon:.3g}; raise the budget or the noise, or stop training here")
