@@ -29,6 +29,8 @@ from dp_accounting import rdp
 from bk_blocks.errors import BranchKeyError
 from bk_blocks.files import atomic_write
 
+from .deltas import apply_delta, delta_norm
+
 LEDGER = "privacy.json"
 
 
@@ -63,20 +65,16 @@ class PrivacyPolicy:
 
 def privatize(parameters: Sequence[np.ndarray], global_model: Sequence[np.ndarray] | None, clip_norm: float,
               noise_multiplier: float, rng: np.random.Generator) -> list[np.ndarray]:
-    """Global model + the clipped, noised delta, layer by layer in float64 then back in each
-    layer's dtype; non-float layers pass unchanged. Without a global model (a run's first round)
-    the delta is taken from a zero model."""
+    """Global model + the clipped, noised delta, in each layer's dtype; non-float layers pass
+    unchanged. Without a global model (a run's first round) the delta is taken from a zero
+    model. Chunk by chunk: one new copy of the model, no float64 copy of a layer."""
     floats = [i for i, layer in enumerate(parameters) if layer.dtype.kind == "f"]
-    bases = [np.zeros(1) if global_model is None else global_model[i].astype(np.float64) for i in floats]
-    norm = math.sqrt(sum(float(np.sum((parameters[i].astype(np.float64) - base) ** 2))
-                         for i, base in zip(floats, bases)))
+    norm = delta_norm(parameters, global_model)
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     result = list(parameters)
-    for i, base in zip(floats, bases):
-        layer = parameters[i]
-        delta = (layer.astype(np.float64) - base) * scale
-        delta += rng.normal(0.0, noise_multiplier * clip_norm, size=layer.shape)
-        result[i] = (base + delta).astype(layer.dtype)
+    for i in floats:
+        base = global_model[i] if global_model is not None else None
+        result[i] = apply_delta(parameters[i], base, scale, noise_multiplier * clip_norm, rng)
     return result
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from bk_blocks.errors import BranchKeyError
 
+from .deltas import chunks, delta_norm
 from .participant import ParticipantError
 from .privacy import PrivacyPolicy, privatize
 
@@ -102,20 +103,9 @@ def check_against_model(parameters: Sequence[np.ndarray], global_model: Sequence
 def check_finite(parameters: Sequence[np.ndarray]) -> None:
     """Refuse an update holding NaN or infinity, naming the first layer that does."""
     for index, layer in enumerate(parameters):
-        if layer.dtype.kind == "f" and not np.isfinite(layer).all():
+        if layer.dtype.kind == "f" and not all(np.isfinite(chunk).all() for chunk in chunks(layer)):
             raise UpdateRefusedError(f"update refused: layer {index} holds NaN or infinity (the local model "
                                      "diverged); nothing was uploaded")
-
-
-def delta_norm(parameters: Sequence[np.ndarray], global_model: Sequence[np.ndarray]) -> float:
-    """The L2 norm of the update's difference to the global model, over every float layer,
-    accumulated in float64 one layer at a time (never a copy of the whole model)."""
-    total = 0.0
-    for mine, theirs in zip(parameters, global_model):
-        if mine.dtype.kind == "f":
-            difference = mine.astype(np.float64) - theirs.astype(np.float64)
-            total += float(np.dot(difference.ravel(), difference.ravel()))
-    return math.sqrt(total)
 
 
 def check_norm(norm: float, recent_norms: Sequence[float], ratio: float) -> None:

@@ -1,0 +1,53 @@
+"""An update's difference to the global model, worked chunk by chunk so that no transform ever
+holds a float64 copy of a layer: its norm, and the model that a scaled, noised delta makes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+# Elements per chunk (8 MB of float64 temporaries).
+CHUNK = 1 << 20
+
+
+def chunks(layer: np.ndarray) -> Iterator[np.ndarray]:
+    """The layer's elements as flat views of CHUNK elements: the transforms work chunk by chunk,
+    so their temporaries stay a few MB whatever the model's size."""
+    flat = layer.reshape(-1)
+    for start in range(0, flat.size, CHUNK):
+        yield flat[start:start + CHUNK]
+
+
+def delta_norm(parameters: Sequence[np.ndarray], global_model: Sequence[np.ndarray] | None) -> float:
+    """The L2 norm of the update's difference to the global model (to a zero model when None),
+    over every float layer, in float64, chunk by chunk."""
+    total = 0.0
+    for index, mine in enumerate(parameters):
+        if mine.dtype.kind != "f":
+            continue
+        theirs = chunks(global_model[index]) if global_model is not None else None
+        for a in chunks(mine):
+            difference = np.subtract(a, next(theirs), dtype=np.float64) if theirs else a.astype(np.float64)
+            total += float(np.dot(difference, difference))
+    return math.sqrt(total)
+
+
+def apply_delta(layer: np.ndarray, base: np.ndarray | None, scale: float, noise_std: float,
+                rng: np.random.Generator) -> np.ndarray:
+    """`base + scale * (layer - base) + N(0, noise_std^2)`, in the layer's dtype (`base` None: a
+    zero model), written into one new array chunk by chunk."""
+    out = np.empty_like(layer)
+    noise_dtype = np.float64 if layer.dtype == np.float64 else np.float32
+    bases = chunks(base) if base is not None else None
+    for mine, target in zip(chunks(layer), chunks(out)):
+        reference = next(bases) if bases is not None else None
+        delta = (mine if reference is None else np.subtract(mine, reference, dtype=noise_dtype)).astype(
+            noise_dtype, copy=reference is None)
+        delta *= scale
+        delta += noise_std * rng.standard_normal(delta.shape, dtype=noise_dtype)
+        if reference is not None:
+            delta += reference
+        target[...] = delta
+    return out
