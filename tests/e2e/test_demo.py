@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.history import history_rows
+
 from ..support.bkserver import in_ci
 from ..support.process_helpers import left_running, new_marker, processes_with
 
@@ -139,6 +141,21 @@ def test_amqp_demo_with_no_keep_finishes_and_stops_everything(demo_dir: Path, ra
         output, _ = demo.process.communicate(timeout=300)
         assert demo.process.returncode == 0, output
         assert "(amqp notifications)" in output and "2 rounds in" in output
+        assert left_running(demo.marker) == []
+    finally:
+        demo.kill()
+
+
+def test_demo_with_dp_prints_epsilon_beside_accuracy_and_records_it(tmp_path: Path) -> None:
+    demo = Demo(tmp_path, "--rounds", "2", "--no-keep", "--dp", "1.0", "0.1")
+    try:
+        output, _ = demo.process.communicate(timeout=300)
+        assert demo.process.returncode == 0, output
+        assert "epsilon" in output and "2 rounds in" in output
+        (run,) = tmp_path.iterdir()
+        for leaf in sorted((run / "leaves").iterdir()):
+            epsilons = [row["dp_epsilon"] for row in history_rows(leaf)]
+            assert len(epsilons) == 2 and 0 < epsilons[0] < epsilons[1], leaf.name
         assert left_running(demo.marker) == []
     finally:
         demo.kill()
