@@ -117,12 +117,24 @@ def summary_markdown(leaf_name: str, rows: Sequence[dict[str, Any]]) -> str:
                 continue
             previous = f"{series[-2]:.4f}" if len(series) > 1 else "-"
             lines.append(f"| {source} {name} | {series[-1]:.4f} | {previous} | {sparkline(series)} |")
+    lines += _privacy_lines(rows)
     for name in sorted(latest["eval_metrics"]):
         points = [(r["round"], r["eval_metrics"][name]) for r in completed
                   if name in r["eval_metrics"] and r["run_number"] == latest["run_number"]]
         chart = line_chart_svg(f"{leaf_name}: global model {name} per round", {name: points})
         lines += ["", markdown_image(f"{name} per round", chart)]
     return "\n".join(lines)
+
+
+def _privacy_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """With DP on: the leaf's cumulative epsilon, its settings, and whether its budget is spent."""
+    noised = [r for r in rows if r.get("dp_epsilon") is not None]
+    if not noised:
+        return []
+    last = noised[-1]
+    spent = " The privacy budget is spent: the leaf declines further rounds." if last["status"] == "budget-spent" else ""
+    return ["", f"Differential privacy: epsilon {last['dp_epsilon']:.3g} at delta {last['dp_delta']:g} so far "
+                f"(clip norm {last['clip_norm']:g}, noise multiplier {last['noise_multiplier']:g}).{spent}"]
 
 
 def publish_artifacts(leaf_name: str, rows: Sequence[dict[str, Any]], flow_run_id: str | None = None) -> None:
