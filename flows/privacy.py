@@ -112,9 +112,10 @@ class PrivacyLedger:
             json.dump({"rounds_by_noise_multiplier": {repr(z): n for z, n in rounds.items()}}, handle)
 
 
-def check_budget_at_start(policy: PrivacyPolicy, work_dir: Path) -> None:
-    """Refuse to start a flow whose next round would already exceed the budget."""
-    if not policy.enabled or policy.epsilon_budget is None:
+def check_budget_at_start(policy: PrivacyPolicy, work_dir: Path, round_in_progress: bool = False) -> None:
+    """Refuse to start a flow whose next round would already exceed the budget. A round in
+    progress (its noised update already counted) may always finish: it releases nothing new."""
+    if not policy.enabled or policy.epsilon_budget is None or round_in_progress:
         return
     next_epsilon = PrivacyLedger(work_dir).epsilon(policy.delta, policy.noise_multiplier)
     if next_epsilon > policy.epsilon_budget:

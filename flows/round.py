@@ -460,7 +460,7 @@ def federated_round(
                           PrivacyPolicy(dp_clip_norm, dp_noise_multiplier, dp_delta, dp_epsilon_budget))
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
-    check_budget_at_start(policy.privacy, directory)
+    check_budget_at_start(policy.privacy, directory, load_state(directory, block.leaf_id).phase != "idle")
     model = load_participant(participant, participant_options)
     try:
         with hold_work_dir(directory), LeafSession(block) as session, tags(*run_tags(block)):

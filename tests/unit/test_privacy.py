@@ -78,6 +78,14 @@ def test_a_spent_budget_is_refused_at_start(tmp_path: Path) -> None:
         check_budget_at_start(PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10), tmp_path)
 
 
+def test_a_round_in_progress_may_finish_on_a_spent_budget(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path)
+    for _ in range(3):
+        ledger.record(1.0)
+    check_budget_at_start(PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10), tmp_path,
+                          round_in_progress=True)
+
+
 def test_a_budget_with_room_for_a_round_starts(tmp_path: Path) -> None:
     check_budget_at_start(PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10), tmp_path)
 
