@@ -38,7 +38,7 @@ def apply_delta(layer: np.ndarray, base: np.ndarray | None, scale: float, noise_
                 rng: np.random.Generator) -> np.ndarray:
     """`base + scale * (layer - base) + N(0, noise_std^2)`, in the layer's dtype (`base` None: a
     zero model), written into one new array chunk by chunk."""
-    out = np.empty_like(layer)
+    out = np.empty(layer.shape, layer.dtype)
     noise_dtype = np.float64 if layer.dtype == np.float64 else np.float32
     bases = chunks(base) if base is not None else None
     for mine, target in zip(chunks(layer), chunks(out)):

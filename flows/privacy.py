@@ -2,9 +2,10 @@
 
 Each round with DP on, the update's difference to the global model (the delta) is clipped to
 L2 norm `clip_norm` and Gaussian noise of standard deviation `noise_multiplier * clip_norm` is
-added to every coordinate; the leaf uploads global model + noised delta. What one round
-releases about the site's data is then a Gaussian mechanism of sensitivity `clip_norm`; the
-rounds compose, and `dp-accounting`'s RDP accountant turns them into the site's epsilon for
+added to every coordinate; the leaf uploads global model + noised delta. Changing the site's
+records can move the clipped delta anywhere within the ball of radius `clip_norm`, so one round
+is a Gaussian mechanism of sensitivity 2 * `clip_norm` (noise `noise_multiplier / 2` times the
+sensitivity); the rounds compose, and `dp-accounting`'s RDP accountant turns them into the site's epsilon for
 `delta`. The ledger of noised rounds lives in the work dir (`privacy.json`), so epsilon is
 cumulative across flow runs and across the leaf's deployments. A round is counted when its
 noised update is written, before it is sent: a crash can only over-count, never under-count.
@@ -32,6 +33,8 @@ from bk_blocks.files import atomic_write
 from .deltas import apply_delta, delta_norm
 
 LEDGER = "privacy.json"
+# Two clipped deltas (with and without a change to the site's records) differ by up to 2 clip norms.
+SENSITIVITY_IN_CLIP_NORMS = 2.0
 
 
 class PrivacyPolicyError(BranchKeyError, ValueError):
@@ -100,7 +103,8 @@ class PrivacyLedger:
             return 0.0
         accountant = rdp.RdpAccountant()
         for noise_multiplier, count in rounds.items():
-            accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), count=count)
+            accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier / SENSITIVITY_IN_CLIP_NORMS),
+                               count=count)
         return float(accountant.get_epsilon(delta))
 
     def record(self, noise_multiplier: float) -> None:

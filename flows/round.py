@@ -171,7 +171,8 @@ def _train(participant: Participant, work_dir: Path, state: LeafState, policy: U
     started = time.perf_counter()
     global_model = _global_model(state)
     result = check_result(participant.train(global_model, state.round))
-    recent = [row["update_norm"] for row in history_rows(work_dir, last=RECENT_NORMS) if row["status"] == "completed"]
+    recent = [row["update_norm"] for row in history_rows(work_dir, last=RECENT_NORMS)
+              if row["status"] == "completed" and row["run_number"] == state.run_number]
     prepared = prepare_update(result.parameters, global_model, policy, recent)
     archive = write_update(work_dir / "updates" / f"run{state.run_number}-round{state.round}.npz",
                            result.weighting, prepared.parameters)
@@ -460,11 +461,12 @@ def federated_round(
                           PrivacyPolicy(dp_clip_norm, dp_noise_multiplier, dp_delta, dp_epsilon_budget))
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
-    check_budget_at_start(policy.privacy, directory, load_state(directory, block.leaf_id).phase != "idle")
     model = load_participant(participant, participant_options)
     try:
         with hold_work_dir(directory), LeafSession(block) as session, tags(*run_tags(block)):
-            expected = load_state(directory, block.leaf_id).round
+            state = load_state(directory, block.leaf_id)
+            check_budget_at_start(policy.privacy, directory, state.phase != "idle")
+            expected = state.round
             label_flow_run(round_name(block, expected), run_tags(block))
             result = _round_in_step(session, model, directory,
                                     Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s), policy)

@@ -72,13 +72,13 @@ def federated_training(
                           PrivacyPolicy(dp_clip_norm, dp_noise_multiplier, dp_delta, dp_epsilon_budget))
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
-    check_budget_at_start(policy.privacy, directory, load_state(directory, block.leaf_id).phase != "idle")
     model = load_participant(participant, participant_options)
     label_flow_run(f"{block.leaf_name}-training", run_tags(block))
     timeouts = Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s, run_poll_s=run_poll_s)
     try:
         with (hold_work_dir(directory), publishing(block.leaf_name, directory) as publication,
               LeafSession(block) as session, tags(*run_tags(block))):
+            check_budget_at_start(policy.privacy, directory, load_state(directory, block.leaf_id).phase != "idle")
             return _round_loop(session, publication, policy, model, directory, timeouts, rounds, rounds_per_run,
                                target_metric, target_value)
     except LeafBusyError as exc:

@@ -85,7 +85,10 @@ def prepare_update(parameters: Sequence[np.ndarray], global_model: Sequence[np.n
     if dp.clip_norm is not None:
         parameters = privatize(parameters, global_model, dp.clip_norm, dp.noise_multiplier,
                                rng or np.random.default_rng())
-    return PreparedUpdate(cast(parameters, policy.upload_precision), norm, policy.upload_precision)
+    prepared = cast(parameters, policy.upload_precision)
+    if policy.upload_precision != "native":
+        check_finite(prepared, policy.upload_precision)
+    return PreparedUpdate(prepared, norm, policy.upload_precision)
 
 
 def check_against_model(parameters: Sequence[np.ndarray], global_model: Sequence[np.ndarray] | None) -> None:
@@ -100,12 +103,13 @@ def check_against_model(parameters: Sequence[np.ndarray], global_model: Sequence
                                    f"has {theirs.dtype} {theirs.shape}")
 
 
-def check_finite(parameters: Sequence[np.ndarray]) -> None:
-    """Refuse an update holding NaN or infinity, naming the first layer that does."""
+def check_finite(parameters: Sequence[np.ndarray], cast_to: str | None = None) -> None:
+    """Refuse an update holding NaN or infinity, naming the first layer that does (after a cast
+    to `cast_to`: values beyond its range, which the cast turned into infinity)."""
     for index, layer in enumerate(parameters):
         if layer.dtype.kind == "f" and not all(np.isfinite(chunk).all() for chunk in chunks(layer)):
-            raise UpdateRefusedError(f"update refused: layer {index} holds NaN or infinity (the local model "
-                                     "diverged); nothing was uploaded")
+            why = f"values beyond {cast_to}'s range" if cast_to else "NaN or infinity (the local model diverged)"
+            raise UpdateRefusedError(f"update refused: layer {index} holds {why}; nothing was uploaded")
 
 
 def check_norm(norm: float, recent_norms: Sequence[float], ratio: float) -> None:
@@ -126,7 +130,7 @@ def cast(parameters: Sequence[np.ndarray], precision: str) -> list[np.ndarray]:
     if precision == "native":
         return list(parameters)
     dtype = np.dtype(precision)
-    return [layer.astype(dtype) if layer.dtype.kind == "f" else layer for layer in parameters]
+    return [layer.astype(dtype, copy=False) if layer.dtype.kind == "f" else layer for layer in parameters]
 
 
 def read_back(layers: list[np.ndarray], dtypes: Sequence[str]) -> list[np.ndarray]:

@@ -101,7 +101,7 @@ def test_round_that_would_exceed_the_dp_budget_is_declined_and_uploads_nothing(
         server: BkServer, open_session: Callable[..., LeafSession], tmp_path: Path) -> None:
     federation = server.federation(leaves=1)
     session = open_session(credentials_for(server, federation.leaves[0]))
-    policy = UpdatePolicy(privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=8.0))
+    policy = UpdatePolicy(privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=2.0, epsilon_budget=8.0))
     participant = DigitsSoftmax(leaf_index=0, leaves=1)
     statuses = [run_round(session, participant, tmp_path / "leaf", policy=policy).status for _ in range(3)]
     assert statuses == ["completed", "completed", "budget-spent"]
@@ -109,4 +109,4 @@ def test_round_that_would_exceed_the_dp_budget_is_declined_and_uploads_nothing(
     rows = history_rows(tmp_path / "leaf")
     assert [row["status"] for row in rows] == ["completed", "completed", "budget-spent"]
     assert 0 < rows[0]["dp_epsilon"] < rows[1]["dp_epsilon"] == rows[2]["dp_epsilon"] <= 8.0
-    assert {(row["clip_norm"], row["noise_multiplier"], row["dp_delta"]) for row in rows} == {(1.0, 1.0, 1e-5)}
+    assert {(row["clip_norm"], row["noise_multiplier"], row["dp_delta"]) for row in rows} == {(1.0, 2.0, 1e-5)}

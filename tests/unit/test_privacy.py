@@ -43,6 +43,23 @@ def test_noise_is_added_to_the_global_model_not_to_the_raw_update() -> None:
     assert float(np.mean(result[0])) == pytest.approx(10.0, abs=0.01)
 
 
+def test_fortran_ordered_layers_are_privatized_in_place_of_garbage() -> None:
+    layer = np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4))
+    result = privatize([layer], [np.zeros((3, 4), np.float32)], clip_norm=1e3, noise_multiplier=1e-9,
+                       rng=np.random.default_rng(0))
+    np.testing.assert_allclose(result[0], layer, atol=1e-3)
+
+
+def test_one_round_is_accounted_at_sensitivity_twice_the_clip_norm(tmp_path: Path) -> None:
+    """A change of the site's records can move the clipped delta across the whole ball: 2 C."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(0.5))
+    assert PrivacyLedger(tmp_path).epsilon(1e-5, 1.0) == pytest.approx(accountant.get_epsilon(1e-5))
+
+
 def test_non_float_layers_pass_unchanged() -> None:
     counts = np.arange(5, dtype=np.int64)
     result = privatize([np.zeros(3, np.float32), counts], [np.zeros(3, np.float32), counts], 1.0, 1.0,
@@ -87,7 +104,7 @@ def test_a_round_in_progress_may_finish_on_a_spent_budget(tmp_path: Path) -> Non
 
 
 def test_a_budget_with_room_for_a_round_starts(tmp_path: Path) -> None:
-    check_budget_at_start(PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10), tmp_path)
+    check_budget_at_start(PrivacyPolicy(clip_norm=1.0, noise_multiplier=2.0, epsilon_budget=10), tmp_path)
 
 
 @pytest.mark.parametrize(("settings", "named"), [

@@ -51,6 +51,11 @@ def test_update_with_nan_is_refused_naming_the_layer() -> None:
         prepare_update(parameters, GLOBAL, UpdatePolicy(), [])
 
 
+def test_update_beyond_float16s_range_is_refused_after_the_cast() -> None:
+    with pytest.raises(UpdateRefusedError, match="layer 0 holds values beyond float16's range"):
+        prepare_update(update(1e6), GLOBAL, UpdatePolicy(upload_precision="float16"), [])
+
+
 def test_update_far_beyond_the_recent_median_is_refused() -> None:
     with pytest.raises(UpdateRefusedError, match="median of this leaf's last 3 updates"):
         prepare_update(update(100.0), GLOBAL, UpdatePolicy(max_update_norm_ratio=10), [1.0, 1.2, 0.9])
