@@ -61,12 +61,9 @@ class LeafState:
     started_at: float | None = None
     counted_in: list[int] | None = None
     wait_expired: bool = False
-    update_norm: float | None = None
-    upload_precision: str | None = None
-    dp_epsilon: float | None = None
-    dp_delta: float | None = None
-    clip_norm: float | None = None
-    noise_multiplier: float | None = None
+    # What the round's update was made with, for its history row: update_norm, upload_precision,
+    # and with DP dp_epsilon, dp_delta, clip_norm, noise_multiplier.
+    update_facts: dict[str, float | str | None] = field(default_factory=dict)
     model_dtypes: list[str] = field(default_factory=list)
 
     @property
@@ -87,8 +84,7 @@ class LeafState:
         self.aggregation_id, self.bytes_down, self.durations, self.started_at = None, 0, {}, None
         self.eval_metrics, self.evaluated, self.sent_metrics = {}, False, []
         self.counted_in, self.wait_expired = None, False
-        self.update_norm, self.upload_precision = None, None
-        self.dp_epsilon, self.dp_delta, self.clip_norm, self.noise_multiplier = None, None, None, None
+        self.update_facts = {}
 
 
 def state_path(work_dir: Path) -> Path:

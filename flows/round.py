@@ -178,7 +178,7 @@ def _train(participant: Participant, work_dir: Path, state: LeafState, policy: U
                            result.weighting, prepared.parameters)
     _timed(state, "train_s", started)
     state.archive, state.weighting, state.train_metrics = str(archive), result.weighting, dict(result.metrics)
-    state.update_norm, state.upload_precision = prepared.update_norm, prepared.precision
+    state.update_facts = {"update_norm": prepared.update_norm, "upload_precision": prepared.precision}
     _account(work_dir, state, policy.privacy)
     state.model_dtypes = [layer.dtype.str for layer in result.parameters]
     state.phase = "trained"
@@ -192,8 +192,13 @@ def _account(work_dir: Path, state: LeafState, privacy: PrivacyPolicy) -> None:
         return
     ledger = PrivacyLedger(work_dir)
     ledger.record(privacy.noise_multiplier)
-    state.dp_epsilon, state.dp_delta = ledger.epsilon(privacy.delta), privacy.delta
-    state.clip_norm, state.noise_multiplier = privacy.clip_norm, privacy.noise_multiplier
+    state.update_facts |= _privacy_facts(ledger, privacy)
+
+
+def _privacy_facts(ledger: PrivacyLedger, privacy: PrivacyPolicy) -> dict[str, float | str | None]:
+    """The history row's DP columns: the leaf's epsilon so far and the settings."""
+    return {"dp_epsilon": ledger.epsilon(privacy.delta), "dp_delta": privacy.delta, "clip_norm": privacy.clip_norm,
+            "noise_multiplier": privacy.noise_multiplier}
 
 
 def _budget_spent(leaf: BranchKeyCredentials, work_dir: Path, state: LeafState, privacy: PrivacyPolicy) -> bool:
@@ -205,8 +210,7 @@ def _budget_spent(leaf: BranchKeyCredentials, work_dir: Path, state: LeafState, 
     after = ledger.epsilon(privacy.delta, privacy.noise_multiplier)
     if after <= privacy.epsilon_budget:
         return False
-    state.dp_epsilon, state.dp_delta = ledger.epsilon(privacy.delta), privacy.delta
-    state.clip_norm, state.noise_multiplier = privacy.clip_norm, privacy.noise_multiplier
+    state.update_facts = _privacy_facts(ledger, privacy)
     record = _record(leaf, state, "budget-spent")
     append_record(work_dir, record)
     emit_round_event(record)
@@ -419,10 +423,8 @@ def _record(leaf: BranchKeyCredentials, state: LeafState, status: str,
         wait_s=durations.get("wait_s"), download_s=durations.get("download_s"),
         evaluate_s=durations.get("evaluate_s"),
         round_s=finished - state.started_at if state.started_at else None, bytes_up=state.bytes_up,
-        bytes_down=state.bytes_down, update_norm=state.update_norm, upload_precision=state.upload_precision,
-        dp_epsilon=state.dp_epsilon, dp_delta=state.dp_delta, clip_norm=state.clip_norm,
-        noise_multiplier=state.noise_multiplier, started_at=utc_from_timestamp(state.started_at),
-        finished_at=utc_from_timestamp(finished), flow_run_id=flow_run.get_id(),
+        bytes_down=state.bytes_down, started_at=utc_from_timestamp(state.started_at),
+        finished_at=utc_from_timestamp(finished), flow_run_id=flow_run.get_id(), **state.update_facts,
     )
 
 
