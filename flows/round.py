@@ -165,15 +165,14 @@ def _timed(state: LeafState, step: str, started: float) -> None:
 
 
 def _train(participant: Participant, work_dir: Path, state: LeafState, policy: UpdatePolicy) -> None:
-    """Train from the global model, then check, guard and cast the update (`update_transforms`)
-    and write the archive the round uploads; nothing is saved when the update is refused."""
+    """Train from the global model, then check, guard, privatize and cast the update
+    (`update_transforms`) and write the archive the round uploads; nothing is saved when the
+    update is refused."""
     state.started_at = time.time()
     started = time.perf_counter()
     global_model = _global_model(state)
     result = check_result(participant.train(global_model, state.round))
-    recent = [row["update_norm"] for row in history_rows(work_dir, last=RECENT_NORMS)
-              if row["status"] == "completed" and row["run_number"] == state.run_number]
-    prepared = prepare_update(result.parameters, global_model, policy, recent)
+    prepared = prepare_update(result.parameters, global_model, policy, _recent_norms(work_dir, state, policy))
     archive = write_update(work_dir / "updates" / f"run{state.run_number}-round{state.round}.npz",
                            result.weighting, prepared.parameters)
     _timed(state, "train_s", started)
@@ -183,6 +182,15 @@ def _train(participant: Participant, work_dir: Path, state: LeafState, policy: U
     state.model_dtypes = [layer.dtype.str for layer in result.parameters]
     state.phase = "trained"
     save_state(work_dir, state)
+
+
+def _recent_norms(work_dir: Path, state: LeafState, policy: UpdatePolicy) -> list[float]:
+    """The update norms of the leaf's latest completed rounds of this run, for the norm guard
+    (not read when the guard is off)."""
+    if policy.max_update_norm_ratio is None:
+        return []
+    return [row["update_norm"] for row in history_rows(work_dir, last=RECENT_NORMS)
+            if row["status"] == "completed" and row["run_number"] == state.run_number]
 
 
 def _account(work_dir: Path, state: LeafState, privacy: PrivacyPolicy) -> None:

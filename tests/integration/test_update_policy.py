@@ -110,3 +110,24 @@ def test_round_that_would_exceed_the_dp_budget_is_declined_and_uploads_nothing(
     assert [row["status"] for row in rows] == ["completed", "completed", "budget-spent"]
     assert 0 < rows[0]["dp_epsilon"] < rows[1]["dp_epsilon"] == rows[2]["dp_epsilon"] <= 8.0
     assert {(row["clip_norm"], row["noise_multiplier"], row["dp_delta"]) for row in rows} == {(1.0, 2.0, 1e-5)}
+
+
+class Jumping(Participant):
+    """Steady small updates, then one a hundred times larger (a diverging local model)."""
+
+    def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
+        base = global_model[0] if global_model is not None else np.zeros(4, np.float32)
+        step = 100.0 if round_number == 5 else 1.0
+        return TrainResult(10.0, [(base + step).astype(np.float32)])
+
+
+def test_norm_guard_refuses_an_outlier_update_in_a_real_round(
+        server: BkServer, open_session: Callable[..., LeafSession], tmp_path: Path) -> None:
+    federation = server.federation(leaves=1)
+    session = open_session(credentials_for(server, federation.leaves[0]))
+    policy = UpdatePolicy(max_update_norm_ratio=20)
+    statuses = [run_round(session, Jumping(), tmp_path / "leaf", policy=policy).status for _ in range(4)]
+    assert statuses == ["completed"] * 4
+    with pytest.raises(UpdateRefusedError, match="100.0 times the median"):
+        run_round(session, Jumping(), tmp_path / "leaf", policy=policy)
+    assert server.status(federation.branch_id)["rounds"][4]["updates"] == 0
