@@ -43,8 +43,7 @@ def apply_delta(layer: np.ndarray, base: np.ndarray | None, scale: float, noise_
     bases = chunks(base) if base is not None else None
     for mine, target in zip(chunks(layer), chunks(out)):
         reference = next(bases) if bases is not None else None
-        delta = (mine if reference is None else np.subtract(mine, reference, dtype=noise_dtype)).astype(
-            noise_dtype, copy=reference is None)
+        delta = mine.astype(noise_dtype) if reference is None else np.subtract(mine, reference, dtype=noise_dtype)
         delta *= scale
         delta += noise_std * rng.standard_normal(delta.shape, dtype=noise_dtype)
         if reference is not None:

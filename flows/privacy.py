@@ -67,12 +67,14 @@ class PrivacyPolicy:
 
 
 def privatize(parameters: Sequence[np.ndarray], global_model: Sequence[np.ndarray] | None, clip_norm: float,
-              noise_multiplier: float, rng: np.random.Generator) -> list[np.ndarray]:
+              noise_multiplier: float, rng: np.random.Generator, norm: float | None = None) -> list[np.ndarray]:
     """Global model + the clipped, noised delta, in each layer's dtype; non-float layers pass
     unchanged. Without a global model (a run's first round) the delta is taken from a zero
-    model. Chunk by chunk: one new copy of the model, no float64 copy of a layer."""
+    model. `norm` is the delta's norm when the caller has it. Chunk by chunk: one new copy of
+    the model, no float64 copy of a layer."""
     floats = [i for i, layer in enumerate(parameters) if layer.dtype.kind == "f"]
-    norm = delta_norm(parameters, global_model)
+    if norm is None:
+        norm = delta_norm(parameters, global_model)
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     result = list(parameters)
     for i in floats:
@@ -116,14 +118,22 @@ class PrivacyLedger:
             json.dump({"rounds_by_noise_multiplier": {repr(z): n for z, n in rounds.items()}}, handle)
 
 
+def epsilon_past_budget(policy: PrivacyPolicy, ledger: PrivacyLedger) -> float | None:
+    """The epsilon one more noised round would take the leaf to, when that passes the budget;
+    None when it does not (or there is no budget, or DP is off)."""
+    if not policy.enabled or policy.epsilon_budget is None:
+        return None
+    after = ledger.epsilon(policy.delta, policy.noise_multiplier)
+    return after if after > policy.epsilon_budget else None
+
+
 def check_budget_at_start(policy: PrivacyPolicy, work_dir: Path, round_in_progress: bool = False) -> None:
     """Refuse to start a flow whose next round would already exceed the budget. A round in
     progress (its noised update already counted) may always finish: it releases nothing new."""
-    if not policy.enabled or policy.epsilon_budget is None or round_in_progress:
-        return
-    next_epsilon = PrivacyLedger(work_dir).epsilon(policy.delta, policy.noise_multiplier)
-    if next_epsilon > policy.epsilon_budget:
-        spent = PrivacyLedger(work_dir).epsilon(policy.delta)
+    ledger = PrivacyLedger(work_dir)
+    next_epsilon = None if round_in_progress else epsilon_past_budget(policy, ledger)
+    if next_epsilon is not None:
+        spent = ledger.epsilon(policy.delta)
         raise PrivacyPolicyError(f"dp_epsilon_budget {policy.epsilon_budget:g} is spent: this leaf is at epsilon "
                                  f"{spent:.3g} (delta {policy.delta:g}) and one more round would make it "
                                  f"{next_epsilon:.3g}; raise the budget or the noise, or stop training here")

@@ -52,7 +52,7 @@ from .history import RoundRecord, append_record, utc_from_timestamp
 from .observability import emit_round_event, label_flow_run, run_tags
 from .history import history_rows
 from .participant import Participant, check_result, load_participant
-from .privacy import PrivacyLedger, PrivacyPolicy, check_budget_at_start
+from .privacy import PrivacyLedger, PrivacyPolicy, check_budget_at_start, epsilon_past_budget
 from .update_transforms import RECENT_NORMS, UpdatePolicy, prepare_update, read_back
 from .publication import Publication, publishing
 from .leaf_state import LeafBusyError, LeafState, hold_work_dir, load_state, resolve_work_dir, save_state
@@ -212,11 +212,9 @@ def _privacy_facts(ledger: PrivacyLedger, privacy: PrivacyPolicy) -> dict[str, f
 def _budget_spent(leaf: BranchKeyCredentials, work_dir: Path, state: LeafState, privacy: PrivacyPolicy) -> bool:
     """Whether this round would take the leaf past its DP budget; if so the round is declined
     (nothing trained or uploaded), said in the log, a `budget-spent` history row and its event."""
-    if privacy.clip_norm is None or privacy.epsilon_budget is None:
-        return False
     ledger = PrivacyLedger(work_dir)
-    after = ledger.epsilon(privacy.delta, privacy.noise_multiplier)
-    if after <= privacy.epsilon_budget:
+    after = epsilon_past_budget(privacy, ledger)
+    if after is None:
         return False
     state.update_facts = _privacy_facts(ledger, privacy)
     record = _record(leaf, state, "budget-spent")

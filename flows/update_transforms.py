@@ -84,7 +84,7 @@ def prepare_update(parameters: Sequence[np.ndarray], global_model: Sequence[np.n
     dp = policy.privacy
     if dp.clip_norm is not None:
         parameters = privatize(parameters, global_model, dp.clip_norm, dp.noise_multiplier,
-                               rng or np.random.default_rng())
+                               rng or np.random.default_rng(), norm)
     prepared = cast(parameters, policy.upload_precision)
     if policy.upload_precision != "native":
         check_finite(prepared, policy.upload_precision)
