@@ -343,6 +343,12 @@ class BranchKeyClient:
                                  what="branch config")
         return response.json()["data"]
 
+    def branch_name(self) -> str | None:
+        """The branch's name from its configuration (3.x call); None when the platform gives none."""
+        branch = self.branch_config().get("branch")
+        name = branch.get("name") if isinstance(branch, dict) else None
+        return name.strip() or None if isinstance(name, str) else None
+
     def write_update(self, path: str | os.PathLike[str], weighting: float, layers: Sequence[np.ndarray],
                      *, compress: bool = False) -> Path:
         """Write an update archive (uncompressed unless asked: compression saves little on weights)."""

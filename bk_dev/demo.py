@@ -41,6 +41,8 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 REFRESH_S = 0.5
 # A demo round takes seconds; should a leaf fail, the others give up on its round after this.
 AGGREGATION_TIMEOUT_S = 120
+# The demo federation's branch name (its federation artifacts are keyed by it).
+DEMO_BRANCH = "digits"
 
 
 def choose_transport(requested: str | None) -> tuple[str, str | None]:
@@ -152,10 +154,11 @@ def latest_artifact_id(api: str, key: str) -> str | None:
     return found[0]["id"] if found else None
 
 
-def dashboard_urls(ui: str, api: str, branch_id: str, names: Sequence[str]) -> dict[str, str]:
-    """The Prefect UI pages that show the federation: its history table, summary, and each leaf's."""
-    keys = {"federation history (every leaf per round)": artifact_key("federation", branch_id),
-            "federation summary (accuracy chart)": artifact_key("federation-summary", branch_id)}
+def dashboard_urls(ui: str, api: str, branch: str, names: Sequence[str]) -> dict[str, str]:
+    """The Prefect UI pages that show the federation (found by its branch's name): its history
+    table, summary, and each leaf's."""
+    keys = {"federation history (every leaf per round)": artifact_key("federation", branch),
+            "federation summary (accuracy chart)": artifact_key("federation-summary", branch)}
     keys.update({f"{leaf} history": artifact_key("history", leaf) for leaf in names})
     urls = {label: f"{ui}/artifacts/artifact/{artifact_id}" for label, key in keys.items()
             if (artifact_id := latest_artifact_id(api, key))}
@@ -208,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         prefect.launch()
         platform.start()
-        federation = platform.create_federation(args.leaves, tree="demo", branch="digits")
+        federation = platform.create_federation(args.leaves, tree="demo", branch=DEMO_BRANCH)
         names = [leaf["name"] for leaf in federation["leaves"]]
         write_credentials(run_dir / "credentials", federation["leaves"])
         console.print(f"Demo in {run_dir}: bk-server on {platform.url} ({transport} notifications), "
@@ -228,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(f"[red]The federation failed (exit {code}); see {run_dir / 'simulation.log'}[/red]")
             return 1
         console.print(f"{args.rounds} rounds in {time.monotonic() - started:.0f} s. The dashboard, in the Prefect UI:")
-        for label, url in dashboard_urls(prefect.url, prefect.api_url, federation["branch_id"], names).items():
+        for label, url in dashboard_urls(prefect.url, prefect.api_url, DEMO_BRANCH, names).items():
             console.print(f"  {label}: {url}", soft_wrap=True)
         if args.keep:
             console.print("The servers stay up for the UI; Ctrl-C stops them.")

@@ -1,7 +1,8 @@
 """The round history: a Parquet dataset with one row per leaf per round.
 
 Each row is its own file, written atomically under a name fixed by (run, round, leaf,
-and the status unless `completed`): appending never rewrites an earlier file, a crash
+and the status unless `completed`; a drift check's `evaluated` row also by its time, and it
+sorts after its round's row): appending never rewrites an earlier file, a crash
 mid-write leaves only a temporary file that readers ignore, recording the same round
 again replaces its row, and a `resynced` row never replaces a `completed` one.
 """
@@ -31,6 +32,10 @@ SCHEMA = pa.schema([
     ("update_norm", pa.float64()), ("upload_precision", pa.string()),
     ("dp_epsilon", pa.float64()), ("dp_delta", pa.float64()), ("clip_norm", pa.float64()),
     ("noise_multiplier", pa.float64()),
+    ("tree_id", pa.string()), ("branch_name", pa.string()),
+    ("primary_metric", pa.string()), ("best_run_number", pa.int64()), ("best_round", pa.int64()),
+    ("best_value", pa.float64()), ("metric_drop", pa.float64()), ("metric_drop_alert", pa.float64()),
+    ("served", pa.bool_()),
     ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
     ("flow_run_id", pa.string()),
 ])
@@ -46,6 +51,9 @@ class RoundRecord:
     from (None in a run's first round; before DP clipping), `upload_precision` the dtype policy
     it was sent in; with DP on, `dp_epsilon` is the leaf's cumulative epsilon at `dp_delta`
     after this round, and `clip_norm`, `noise_multiplier` the settings it was noised with.
+    `primary_metric` judges the global models (`flows.promotion`): `best_*` name the best one so
+    far, `metric_drop` is how far this round's fell below it (0 when it is the best),
+    `metric_drop_alert` the drop that raises an alert, and `served` whether the site now serves it.
     """
 
     branch_id: str
@@ -73,6 +81,15 @@ class RoundRecord:
     dp_delta: float | None = None
     clip_norm: float | None = None
     noise_multiplier: float | None = None
+    tree_id: str | None = None
+    branch_name: str | None = None
+    primary_metric: str | None = None
+    best_run_number: int | None = None
+    best_round: int | None = None
+    best_value: float | None = None
+    metric_drop: float | None = None
+    metric_drop_alert: float | None = None
+    served: bool | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
     flow_run_id: str | None = None
@@ -87,6 +104,10 @@ def append_record(work_dir: Path, record: RoundRecord) -> Path:
     directory = history_dir(work_dir)
     directory.mkdir(parents=True, exist_ok=True)
     suffix = "" if record.status == "completed" else f"-{record.status}"
+    if record.status == "evaluated":
+        # A drift check of the round's model: after the round's own row, one file per check.
+        stamp = int((record.finished_at or datetime.now(timezone.utc)).timestamp() * 1000)
+        suffix = f"~evaluated-{stamp}"
     path = directory / f"run-{record.run_number:04d}-round-{record.round:06d}-{record.leaf_id}{suffix}.parquet"
     row = asdict(record)
     row["train_metrics"] = list(row["train_metrics"].items())

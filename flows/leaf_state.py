@@ -65,6 +65,12 @@ class LeafState:
     # and with DP dp_epsilon, dp_delta, clip_norm, noise_multiplier.
     update_facts: dict[str, float | str | None] = field(default_factory=dict)
     model_dtypes: list[str] = field(default_factory=list)
+    # The best global model so far by the primary metric, and the one the site serves
+    # (`flows.promotion`): run_number, round, aggregation_id, metric, value.
+    best: dict[str, Any] | None = None
+    serving: dict[str, Any] | None = None
+    # What the round's global model was judged as, for its history row (`flows.promotion`).
+    model_facts: dict[str, float | int | str | bool | None] = field(default_factory=dict)
 
     @property
     def last_aggregation(self) -> str | None:
@@ -84,7 +90,7 @@ class LeafState:
         self.aggregation_id, self.bytes_down, self.durations, self.started_at = None, 0, {}, None
         self.eval_metrics, self.evaluated, self.sent_metrics = {}, False, []
         self.counted_in, self.wait_expired = None, False
-        self.update_facts = {}
+        self.update_facts, self.model_facts = {}, {}
 
 
 def state_path(work_dir: Path) -> Path:

@@ -1,11 +1,12 @@
 """What a leaf and a federation show in Prefect: history tables, summaries with charts,
 flow run names and tags, round events.
 
-Artifact keys are stable per leaf (and per federation), so the UI keeps one artifact
-with a version per round. Flow runs are named by leaf and round and tagged
-`leaf:<name>` and `branch:<id>`, for the UI's filters. Events
-`branchkey.round.completed` / `branchkey.round.failed` name the leaf and its branch as
-resources and carry the metrics, for Automations.
+Artifact keys are stable per leaf (and per federation, by the branch's name), so the UI keeps
+one artifact with a version per round. Flow runs are named by leaf and round and tagged
+`leaf:<name>`, `branch:<branch name>` and `branch-id:<id>`, for the UI's filters (the name is
+the id when the platform gives none). Events `branchkey.round.completed` /
+`branchkey.round.failed` name the leaf and its branch as resources and carry the metrics, for
+Automations.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .history import RoundRecord
 SPARK = "▁▂▃▄▅▆▇█"
 TABLE_COLUMNS = ("run_number", "round", "status", "aggregation_id", "weighting", "train_s", "wait_s", "round_s",
                  "bytes_up", "bytes_down", "update_norm", "upload_precision", "dp_epsilon", "dp_delta", "clip_norm",
-                 "noise_multiplier")
+                 "noise_multiplier", "best_round", "metric_drop", "served")
 
 
 def artifact_key(kind: str, name: str) -> str:
@@ -43,14 +44,15 @@ def artifact_key(kind: str, name: str) -> str:
     return f"branchkey-{kind}-{slug}"
 
 
-def leaf_tags(leaf_name: str, branch_id: str) -> list[str]:
-    """The tags of a leaf's runs and events: by leaf and by branch, so the UI's filters find them."""
-    return ["branchkey", f"leaf:{leaf_name}", f"branch:{branch_id}"]
+def leaf_tags(leaf_name: str, branch_id: str, branch_name: str | None = None) -> list[str]:
+    """The tags of a leaf's runs and events: by leaf, by branch name and by branch id, so the
+    UI's filters find them by what a person knows."""
+    return ["branchkey", f"leaf:{leaf_name}", f"branch:{branch_name or branch_id}", f"branch-id:{branch_id}"]
 
 
-def run_tags(credentials: BranchKeyCredentials) -> list[str]:
+def run_tags(credentials: BranchKeyCredentials, branch_name: str | None = None) -> list[str]:
     """The tags of a leaf's flow runs."""
-    return leaf_tags(credentials.leaf_name, credentials.branch_id)
+    return leaf_tags(credentials.leaf_name, credentials.branch_id, branch_name)
 
 
 def label_flow_run(name: str, tags: Sequence[str]) -> None:
@@ -100,14 +102,23 @@ def _cell(value: Any) -> Any:
     return round(value, 3) if isinstance(value, float) else value
 
 
+def branch_label(rows: Sequence[dict[str, Any]]) -> str:
+    """`branch <name>` of the latest row that knows it ('' for none), for titles."""
+    names = [r.get("branch_name") or r.get("branch_id") for r in rows if r.get("branch_name") or r.get("branch_id")]
+    return f"branch {names[-1]}" if names else ""
+
+
 def summary_markdown(leaf_name: str, rows: Sequence[dict[str, Any]]) -> str:
-    """The leaf's latest metrics and their trend, as markdown."""
+    """The leaf's latest metrics and their trend, its best and served global model, as markdown."""
     completed = [r for r in rows if r["status"] == "completed"]
+    branch = branch_label(rows)
+    title = f"# {leaf_name}" + (f" ({branch})" if branch else "")
     if not completed:
-        return f"# {leaf_name}\n\nNo completed round yet."
+        return f"{title}\n\nNo completed round yet."
     latest = completed[-1]
-    lines = [f"# {leaf_name}", "",
+    lines = [title, "",
              f"Round {latest['round']} of run {latest['run_number']}, aggregation `{latest['aggregation_id']}`.", "",
+             *_best_lines(latest),
              "| metric | latest | previous | trend |", "|---|---|---|---|"]
     names = sorted(set(latest["eval_metrics"]) | set(latest["train_metrics"]))
     for source in ("eval", "train"):
@@ -118,12 +129,46 @@ def summary_markdown(leaf_name: str, rows: Sequence[dict[str, Any]]) -> str:
             previous = f"{series[-2]:.4f}" if len(series) > 1 else "-"
             lines.append(f"| {source} {name} | {series[-1]:.4f} | {previous} | {sparkline(series)} |")
     lines += _privacy_lines(rows)
+    lines += _evaluation_lines(rows)
     for name in sorted(latest["eval_metrics"]):
         points = [(r["round"], r["eval_metrics"][name]) for r in completed
                   if name in r["eval_metrics"] and r["run_number"] == latest["run_number"]]
         chart = line_chart_svg(f"{leaf_name}: global model {name} per round", {name: points})
         lines += ["", markdown_image(f"{name} per round", chart)]
     return "\n".join(lines)
+
+
+def _best_lines(latest: dict[str, Any]) -> list[str]:
+    """Which global model is the best by the primary metric, and whether the latest one is served."""
+    if latest.get("best_round") is None:
+        return []
+    metric = latest["primary_metric"]
+    best = (f"**Best global model:** round {latest['best_round']} of run {latest['best_run_number']} "
+            f"({metric} {latest['best_value']:.4f}).")
+    if latest.get("served"):
+        served = f"**Served:** round {latest['round']}, the latest."
+    else:
+        worse = (f"is {latest['metric_drop']:.4f} {metric} worse" if latest.get("metric_drop") is not None
+                 else f"reported no {metric}")
+        served = f"**Served:** the best (round {latest['best_round']}); round {latest['round']}'s model {worse} and was not promoted."
+    return [best, "", served, ""]
+
+
+def _evaluation_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The latest drift check (an `evaluated` row) against the value its model had after its round."""
+    checks = [r for r in rows if r["status"] == "evaluated"]
+    if not checks:
+        return []
+    check = checks[-1]
+    metric = check.get("primary_metric") or ""
+    value = check["eval_metrics"].get(metric)
+    at_round = [r["eval_metrics"].get(metric) for r in rows if r["status"] == "completed"
+                and (r["run_number"], r["round"]) == (check["run_number"], check["round"])]
+    then = f", {at_round[-1]:.4f} when its round ended" if at_round and at_round[-1] is not None else ""
+    now = f"{metric} {value:.4f}" if value is not None else "no " + metric
+    when = check["finished_at"].strftime("%Y-%m-%d %H:%M UTC") if check.get("finished_at") else "-"
+    return ["", f"**Drift check** ({when}, evaluation only): the served model of round {check['round']} scores "
+                f"{now} on today's data{then}."]
 
 
 def _privacy_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -143,9 +188,9 @@ def publish_artifacts(leaf_name: str, rows: Sequence[dict[str, Any]], flow_run_i
     with get_client(sync_client=True) as client:
         for artifact in (
             TableArtifact(table=history_table(rows), key=artifact_key("history", leaf_name),
-                          description=f"BranchKey round history of {leaf_name}"),
+                          description=f"BranchKey round history of {leaf_name}, {branch_label(rows)}"),
             MarkdownArtifact(markdown=summary_markdown(leaf_name, rows), key=artifact_key("summary", leaf_name),
-                             description=f"Latest federated round of {leaf_name}"),
+                             description=f"Latest federated round of {leaf_name}, {branch_label(rows)}"),
         ):
             client.create_artifact(ArtifactCreate(
                 type=artifact.type, key=artifact.key, description=artifact.description,
@@ -238,12 +283,30 @@ def round_event(record: RoundRecord, *, failed: bool = False, error: str | None 
         related.append({"prefect.resource.id": f"prefect.flow-run.{record.flow_run_id}",
                         "prefect.resource.role": "flow-run"})
     related += [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
-                for tag in leaf_tags(record.leaf_name, record.branch_id)]
+                for tag in leaf_tags(record.leaf_name, record.branch_id, record.branch_name)]
     return Event(
         event="branchkey.round.failed" if failed else f"branchkey.round.{record.status}",
         resource={"prefect.resource.id": f"branchkey.leaf.{record.leaf_id}",
                   "prefect.resource.name": record.leaf_name, "branchkey.branch-id": record.branch_id},
         related=related, payload=payload, occurred=record.finished_at or datetime.now(timezone.utc),
+        **({"id": event_id} if event_id is not None else {}),
+    )
+
+
+def metric_dropped_event(record: RoundRecord, event_id: UUID | None = None) -> Event:
+    """`branchkey.metric.dropped`: the leaf's new global model fell more than its alert allows
+    below the best one; about the leaf, labelled with the metric, for the metric-drop automation."""
+    value = record.eval_metrics.get(record.primary_metric or "")
+    return Event(
+        event="branchkey.metric.dropped",
+        resource={"prefect.resource.id": f"branchkey.leaf.{record.leaf_id}",
+                  "prefect.resource.name": record.leaf_name, "branchkey.branch-id": record.branch_id,
+                  "branchkey.metric": record.primary_metric or ""},
+        related=[{"prefect.resource.id": f"branchkey.branch.{record.branch_id}", "prefect.resource.role": "branch"}],
+        payload={"metric": record.primary_metric, "value": value, "best_value": record.best_value,
+                 "best_round": record.best_round, "drop": record.metric_drop, "alert_above": record.metric_drop_alert,
+                 "run_number": record.run_number, "round": record.round},
+        occurred=record.finished_at or datetime.now(timezone.utc),
         **({"id": event_id} if event_id is not None else {}),
     )
 

@@ -2,7 +2,9 @@
 
 Modelled on the Xaynet SDK's `ParticipantABC`: `train` takes the current global model
 (None in the first round: initialise) and returns the update; `evaluate` and
-`participate` are optional. Flows name the participant as `"package.module:Class"` plus
+`participate` are optional. A participant declares its evaluation metrics and which way is
+better (`metrics = {"accuracy": "max", "loss": "min"}`): the leaf keeps its best global model
+by the primary one, and alert set-up checks the metric it watches. Flows name the participant as `"package.module:Class"` plus
 JSON options, so a deployment can configure it without code. A flow run builds one
 participant and keeps it for all its rounds; what must outlive the flow run (the global
 model, the round counter) lives in the leaf's work dir.
@@ -14,7 +16,8 @@ import importlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -34,8 +37,14 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+METRIC_DIRECTIONS = ("max", "min")
+
+
 class Participant(ABC):
     """A leaf's model: train on the global model, optionally evaluate it, optionally sit a round out."""
+
+    # The metrics `evaluate` reports, each with the direction that is better ("max" or "min").
+    metrics: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
@@ -48,6 +57,23 @@ class Participant(ABC):
     def participate(self, round_number: int) -> bool:
         """Whether to take part in this round (a device on battery may decline)."""
         return True
+
+    def serve(self, model: Path, served: "ServedModel") -> None:
+        """The model the site serves changed to `model` (a copy the leaf keeps); by default nothing
+        is done, a participant that serves predictions reloads it here."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """Which global model the site serves: its run, round and aggregation, and its value of the
+    primary metric (None when the participant did not report it); `best` when it is the best so far."""
+
+    run_number: int
+    round: int
+    aggregation_id: str
+    metric: str | None
+    value: float | None
+    best: bool
 
 
 def parse_options(options: dict[str, Any] | str | None) -> dict[str, Any]:
@@ -64,17 +90,25 @@ def parse_options(options: dict[str, Any] | str | None) -> dict[str, Any]:
 
 def load_participant(path: str, options: dict[str, Any] | str | None = None) -> Participant:
     """Instantiate `"package.module:Class"` with keyword `options` (a dict or a JSON object text)."""
+    keywords = parse_options(options)
+    return participant_class(path)(**keywords)
+
+
+def participant_class(path: str) -> type[Participant]:
+    """The Participant subclass `"package.module:Class"` names (imported, not instantiated)."""
     module_name, sep, class_name = path.partition(":")
     if not sep or not module_name or not class_name:
         raise ParticipantError(f"participant must be 'package.module:Class', got {path!r}")
-    keywords = parse_options(options)
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
         raise ParticipantError(f"cannot import participant {path!r}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, Participant)):
         raise ParticipantError(f"{path!r} is not a Participant subclass")
-    return cls(**keywords)
+    for name, direction in cls.metrics.items():
+        if direction not in METRIC_DIRECTIONS:
+            raise ParticipantError(f"{path!r} declares metric {name!r} as {direction!r}; it must be 'max' or 'min'")
+    return cls
 
 
 def check_result(result: Any) -> TrainResult:

@@ -36,13 +36,15 @@ from websockets.exceptions import ConnectionClosed
 from bk_blocks.files import atomic_write
 
 from .history import RoundRecord, file_round, history_files, rows_of
-from .observability import publish_artifacts, round_event
+from .assets import model_asset_events
+from .observability import metric_dropped_event, publish_artifacts, round_event
+from .promotion import metric_dropped
 
 # Rounds shown in the history artifact: the latest ones (the Parquet history keeps them all).
 ARTIFACT_ROWS = 50
 MARKER = "published.json"
 # History rows that become an artifact version and an event (every row the round flow records).
-PUBLISHED_STATUSES = ("completed", "resynced")
+PUBLISHED_STATUSES = ("completed", "resynced", "evaluated")
 # A marker's file name that sorts after every history file of its round.
 _WHOLE_ROUND = "\uffff"
 LOCK = ".published.lock"
@@ -55,7 +57,8 @@ logger = logging.getLogger(__name__)
 
 
 def round_event_id(leaf_id: str, run_number: int, round_number: int, status: str = "completed") -> uuid.UUID:
-    """The id of a round's event (`completed`, `resynced`): the same for every publication of it."""
+    """The id of a round's event (`completed`, `resynced`, `metric-dropped`): the same for every
+    publication of it."""
     return uuid.uuid5(EVENT_NAMESPACE, f"{leaf_id}/{run_number}/{round_number}/{status}")
 
 
@@ -162,7 +165,20 @@ def _publish_round(leaf_name: str, rows: list[dict[str, object]], events: EventS
     publish_artifacts(leaf_name, rows, flow_run_id=str(row["flow_run_id"]) if row["flow_run_id"] else None)
     record = RoundRecord(**row)  # type: ignore[arg-type]
     events.send(round_event(record, event_id=round_event_id(record.leaf_id, record.run_number, record.round,
-                                                            record.status)))
+                                                            _event_status(record))))
+    if metric_dropped(row):
+        events.send(metric_dropped_event(record, round_event_id(record.leaf_id, record.run_number, record.round,
+                                                                "metric-dropped")))
+    for event in model_asset_events(record):
+        events.send(event)
+
+
+def _event_status(record: RoundRecord) -> str:
+    """What tells a row's event apart from the round's others: its status, and for a drift check
+    (several per round) also its time."""
+    if record.status == "evaluated" and record.finished_at is not None:
+        return f"evaluated-{int(record.finished_at.timestamp() * 1000)}"
+    return record.status
 
 
 class Publication:

@@ -52,6 +52,7 @@ from .history import RoundRecord, append_record, utc_from_timestamp
 from .observability import emit_round_event, label_flow_run, run_tags
 from .history import history_rows
 from .participant import Participant, check_result, load_participant
+from .promotion import PromotionPolicy, promote, promotion_policy
 from .privacy import PrivacyLedger, PrivacyPolicy, check_budget_at_start, epsilon_past_budget
 from .update_transforms import RECENT_NORMS, UpdatePolicy, prepare_update, read_back
 from .publication import Publication, publishing
@@ -95,24 +96,27 @@ def run_round(
     timeouts: Timeouts = Timeouts(),
     publication: Publication | None = None,
     policy: UpdatePolicy = UpdatePolicy(),
+    promotion: PromotionPolicy | None = None,
 ) -> RoundResult:
     """Run (or resume) the leaf's current round; state is saved after every step. The rows it
     recorded (`completed`, `resynced`) are published in the background by `publication` (a
-    training run's), else by one this call opens and closes, everything published, at its end."""
+    training run's), else by one this call opens and closes, everything published, at its end.
+    `promotion` judges the new global model (default: by the participant's primary metric)."""
     work_dir = Path(work_dir)
+    promotion = promotion or promotion_policy(participant, None, False, None)
     with nullcontext(publication) if publication else publishing(session.credentials.leaf_name, work_dir) as pub:
         try:
-            return _run_round(session, participant, work_dir, timeouts, policy)
+            return _run_round(session, participant, work_dir, timeouts, policy, promotion)
         finally:
             pub.notify()
 
 
 def _run_round(session: LeafSession, participant: Participant, work_dir: Path,
-               timeouts: Timeouts, policy: UpdatePolicy) -> RoundResult:
+               timeouts: Timeouts, policy: UpdatePolicy, promotion: PromotionPolicy) -> RoundResult:
     """The round, or `resynced` when the leaf turned out to be out of step and resynced instead
     (nothing uploaded): the caller decides whether the platform's open round is one to run."""
     try:
-        return _attempt_round(session, participant, work_dir, timeouts, policy)
+        return _attempt_round(session, participant, work_dir, timeouts, policy, promotion)
     except OutOfSyncError as exc:
         record = _resync(session, work_dir, timeouts, str(exc))
         state = load_state(work_dir, session.credentials.leaf_id)
@@ -120,7 +124,7 @@ def _run_round(session: LeafSession, participant: Participant, work_dir: Path,
 
 
 def _attempt_round(session: LeafSession, participant: Participant, work_dir: Path,
-                   timeouts: Timeouts, policy: UpdatePolicy) -> RoundResult:
+                   timeouts: Timeouts, policy: UpdatePolicy, promotion: PromotionPolicy) -> RoundResult:
     state = load_state(work_dir, session.credentials.leaf_id)
     resumed = state.phase != "idle"
     if not resumed:
@@ -133,11 +137,11 @@ def _attempt_round(session: LeafSession, participant: Participant, work_dir: Pat
             run_logger(__name__).info("participant declined round %d", state.round)
             save_state(work_dir, state)
             return RoundResult("declined", state.run_number, state.round)
-        if _budget_spent(session.credentials, work_dir, state, policy.privacy):
+        if _budget_spent(session, work_dir, state, policy.privacy):
             return RoundResult("budget-spent", state.run_number, state.round)
         _train(participant, work_dir, state, policy)
     try:
-        return _finish(session, participant, work_dir, state, timeouts, resumed)
+        return _finish(session, participant, work_dir, state, timeouts, resumed, promotion)
     except RunStoppedError:
         state.clear_round()
         save_state(work_dir, state)
@@ -145,19 +149,19 @@ def _attempt_round(session: LeafSession, participant: Participant, work_dir: Pat
     except OutOfSyncError:
         raise
     except Exception as exc:
-        emit_round_event(_record(session.credentials, state, "failed"), failed=True, error=f"{type(exc).__name__}: {exc}")
+        emit_round_event(_record(session, state, "failed"), failed=True, error=f"{type(exc).__name__}: {exc}")
         raise
 
 
 def _finish(session: LeafSession, participant: Participant, work_dir: Path, state: LeafState,
-            timeouts: Timeouts, resumed: bool) -> RoundResult:
+            timeouts: Timeouts, resumed: bool, promotion: PromotionPolicy) -> RoundResult:
     if state.phase == "trained":
         _upload(session, work_dir, state, timeouts, mark=not resumed)
     if state.phase == "uploaded":
         _await_aggregation(session, work_dir, state, timeouts, resumed)
     if state.phase == "aggregated":
         _download(session, work_dir, state)
-    return _evaluate_and_record(session, participant, work_dir, state)
+    return _evaluate_and_record(session, participant, work_dir, state, promotion)
 
 
 def _timed(state: LeafState, step: str, started: float) -> None:
@@ -209,7 +213,7 @@ def _privacy_facts(ledger: PrivacyLedger, privacy: PrivacyPolicy) -> dict[str, f
             "noise_multiplier": privacy.noise_multiplier}
 
 
-def _budget_spent(leaf: BranchKeyCredentials, work_dir: Path, state: LeafState, privacy: PrivacyPolicy) -> bool:
+def _budget_spent(session: LeafSession, work_dir: Path, state: LeafState, privacy: PrivacyPolicy) -> bool:
     """Whether this round would take the leaf past its DP budget; if so the round is declined
     (nothing trained or uploaded), said in the log, a `budget-spent` history row and its event."""
     ledger = PrivacyLedger(work_dir)
@@ -217,7 +221,7 @@ def _budget_spent(leaf: BranchKeyCredentials, work_dir: Path, state: LeafState, 
     if after is None:
         return False
     state.update_facts = _privacy_facts(ledger, privacy)
-    record = _record(leaf, state, "budget-spent")
+    record = _record(session, state, "budget-spent")
     append_record(work_dir, record)
     emit_round_event(record)
     run_logger(__name__).warning("round %d declined: it would take this leaf to epsilon %.3g (delta %g), past its "
@@ -303,10 +307,11 @@ def _download(session: LeafSession, work_dir: Path, state: LeafState) -> None:
 
 
 def _evaluate_and_record(session: LeafSession, participant: Participant, work_dir: Path,
-                         state: LeafState) -> RoundResult:
+                         state: LeafState, promotion: PromotionPolicy) -> RoundResult:
     _send_round_metrics(session, participant, work_dir, state)
+    promote(participant, work_dir, state, promotion)
     eval_metrics = dict(state.eval_metrics)
-    record = _record(session.credentials, state, "completed", eval_metrics)
+    record = _record(session, state, "completed", eval_metrics)
     append_record(work_dir, record)
     result = RoundResult("completed", state.run_number, state.round, record, state.global_model, eval_metrics)
     state.round += 1
@@ -378,7 +383,7 @@ def _resync(session: LeafSession, work_dir: Path, timeouts: Timeouts,
         return None
     counted = state.file_id if state.phase in ("uploaded", "aggregated") else None
     adopted = _adopt(session, work_dir, state, details)
-    record = _record_resync(session.credentials, work_dir, state, adopted, counted, details)
+    record = _record_resync(session, work_dir, state, adopted, counted, details)
     logger.warning("resynced with the platform (%s): the leaf was at %s, now at run %d round %d with aggregation "
                    "%s; no update was sent for the rounds it missed", reason, before, state.run_number, state.round,
                    state.last_aggregation or "none")
@@ -403,12 +408,12 @@ def _adopt(session: LeafSession, work_dir: Path, state: LeafState,
     return adopted
 
 
-def _record_resync(leaf: BranchKeyCredentials, work_dir: Path, state: LeafState,
+def _record_resync(session: LeafSession, work_dir: Path, state: LeafState,
                    adopted: AggregationRef | None, counted: str | None, details: RunDetails) -> RoundRecord:
     """Write the `resynced` row (at the round whose aggregate was adopted, else the round before
     the open one, so it sorts before the row of the round the leaf completes next) and the
     state, now idle in the open round."""
-    record = _record(leaf, state, "resynced")
+    record = _record(session, state, "resynced")
     record.round = adopted.round if adopted else max((details.round or 1) - 1, 0)
     record.file_id, record.aggregation_id = counted, adopted.aggregation_id if adopted else None
     append_record(work_dir, record)
@@ -417,8 +422,9 @@ def _record_resync(leaf: BranchKeyCredentials, work_dir: Path, state: LeafState,
     return record
 
 
-def _record(leaf: BranchKeyCredentials, state: LeafState, status: str,
+def _record(session: LeafSession, state: LeafState, status: str,
             eval_metrics: dict[str, float] | None = None) -> RoundRecord:
+    leaf = session.credentials
     durations = state.durations
     finished = time.time()
     return RoundRecord(
@@ -430,7 +436,8 @@ def _record(leaf: BranchKeyCredentials, state: LeafState, status: str,
         evaluate_s=durations.get("evaluate_s"),
         round_s=finished - state.started_at if state.started_at else None, bytes_up=state.bytes_up,
         bytes_down=state.bytes_down, started_at=utc_from_timestamp(state.started_at),
-        finished_at=utc_from_timestamp(finished), flow_run_id=flow_run.get_id(), **state.update_facts,
+        finished_at=utc_from_timestamp(finished), flow_run_id=flow_run.get_id(), tree_id=leaf.tree_id,
+        branch_name=session.branch_name, **state.update_facts, **state.model_facts,
     )
 
 
@@ -453,6 +460,9 @@ def federated_round(
     dp_noise_multiplier: float = 1.0,
     dp_delta: float = 1e-5,
     dp_epsilon_budget: float | None = None,
+    primary_metric: str | None = None,
+    keep_best_model: bool = False,
+    metric_drop_alert: float | None = None,
 ) -> RoundResult | State:
     """One federated round for one leaf (or the rest of an interrupted one).
 
@@ -462,22 +472,25 @@ def federated_round(
     `<leaf>-round-<n>` and tagged by leaf and branch; it ends Cancelled if another run of
     the leaf holds the work dir. `upload_precision` (`native`, `float32`, `float16`) and
     `max_update_norm_ratio` (the update guard; None: off) are `flows.update_transforms`'; the
-    `dp_*` parameters are `flows.privacy`'s (`dp_clip_norm` None: no DP). A bad value, or a
-    DP budget already spent, fails the run before the round.
+    `dp_*` parameters are `flows.privacy`'s (`dp_clip_norm` None: no DP). `primary_metric`
+    (default: the participant's), `keep_best_model` and `metric_drop_alert` are
+    `flows.promotion`'s. A bad value, or a DP budget already spent, fails the run before the round.
     """
     policy = UpdatePolicy(upload_precision, max_update_norm_ratio,
                           PrivacyPolicy(dp_clip_norm, dp_noise_multiplier, dp_delta, dp_epsilon_budget))
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
     model = load_participant(participant, participant_options)
+    promotion = promotion_policy(model, primary_metric, keep_best_model, metric_drop_alert)
     try:
-        with hold_work_dir(directory), LeafSession(block) as session, tags(*run_tags(block)):
+        with hold_work_dir(directory), LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):
             state = load_state(directory, block.leaf_id)
             check_budget_at_start(policy.privacy, directory, state.phase != "idle")
             expected = state.round
-            label_flow_run(round_name(block, expected), run_tags(block))
+            label_flow_run(round_name(block, expected), run_tags(block, session.branch_name))
             result = _round_in_step(session, model, directory,
-                                    Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s), policy)
+                                    Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s), policy,
+                                    promotion)
     except LeafBusyError as exc:
         return cancelled_as_busy(exc)
     if result.round != expected:
@@ -486,13 +499,13 @@ def federated_round(
 
 
 def _round_in_step(session: LeafSession, participant: Participant, work_dir: Path,
-                   timeouts: Timeouts, policy: UpdatePolicy) -> RoundResult:
+                   timeouts: Timeouts, policy: UpdatePolicy, promotion: PromotionPolicy) -> RoundResult:
     """The leaf's round; after a resync, the platform's open round (up to MAX_RESYNCS times)."""
-    result = run_round(session, participant, work_dir, timeouts, policy=policy)
+    result = run_round(session, participant, work_dir, timeouts, policy=policy, promotion=promotion)
     for _ in range(MAX_RESYNCS):
         if result.status != "resynced":
             break
-        result = run_round(session, participant, work_dir, timeouts, policy=policy)
+        result = run_round(session, participant, work_dir, timeouts, policy=policy, promotion=promotion)
     return result
 
 

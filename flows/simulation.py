@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.exceptions import PrefectException
 
 from bk_blocks import BranchKeyCredentials
+from tasks import LeafSession
 
 from .history import history_rows
 from .observability import label_flow_run, publish_federation_artifacts
@@ -57,7 +58,10 @@ def federated_simulation(
         blocks = [b.model_copy(update={"amqp_host": amqp_host}) for b in blocks]
     logger.info("simulating %d leaves for %d rounds over %s", len(blocks), rounds, transport)
     branch_id = blocks[0].branch_id
-    label_flow_run(f"federation-{len(blocks)}-leaves-{rounds}-rounds", ["branchkey", f"branch:{branch_id}"])
+    with LeafSession(blocks[0]) as session:
+        branch = session.branch_name
+    label_flow_run(f"{branch}-{len(blocks)}-leaves-{rounds}-rounds",
+                   ["branchkey", f"branch:{branch}", f"branch-id:{branch_id}"])
 
     work_dirs = {b.leaf_name: Path(work_root) / b.leaf_name for b in blocks}
 
@@ -69,14 +73,14 @@ def federated_simulation(
 
     with ThreadPoolExecutor(max_workers=len(blocks), thread_name_prefix="leaf") as pool:
         futures = {b.leaf_name: pool.submit(contextvars.copy_context().run, train, i, b) for i, b in enumerate(blocks)}
-        _publish_while_running(branch_id, work_dirs, list(futures.values()))
+        _publish_while_running(branch, work_dirs, list(futures.values()))
         results = {name: future.result() for name, future in futures.items()}
     for name, rounds_done in results.items():
         logger.info("%s: %s", name, json.dumps([(r.round, r.status, r.eval_metrics) for r in rounds_done]))
     return results
 
 
-def _publish_while_running(branch_id: str, work_dirs: dict[str, Path], futures: list[Future]) -> None:
+def _publish_while_running(branch: str, work_dirs: dict[str, Path], futures: list[Future]) -> None:
     """Republish the federation artifacts each time every leaf has recorded one more round,
     until every leaf is done or one failed (the others then end at their aggregation timeout).
 
@@ -91,7 +95,7 @@ def _publish_while_running(branch_id: str, work_dirs: dict[str, Path], futures: 
         finished = not running or any(f.exception() for f in done)
         if published is None or complete > published[0] or (finished and recorded != published[1]):
             try:
-                publish_federation_artifacts(branch_id, histories)
+                publish_federation_artifacts(branch, histories)
                 published = (complete, recorded)
             except (httpx.HTTPError, PrefectException) as exc:
                 get_run_logger().warning("could not publish the federation artifacts (retrying): %s", exc)

@@ -22,6 +22,7 @@ from .participant import Participant, load_participant
 from .publication import Publication, publishing
 from .round import RoundResult, Timeouts, cancelled_as_busy, run_round
 from .privacy import PrivacyPolicy, check_budget_at_start
+from .promotion import PromotionPolicy, promotion_policy
 from .update_transforms import UpdatePolicy
 from .leaf_state import LeafBusyError, hold_work_dir, load_state, resolve_work_dir
 
@@ -53,6 +54,9 @@ def federated_training(
     dp_noise_multiplier: float = 1.0,
     dp_delta: float = 1e-5,
     dp_epsilon_budget: float | None = None,
+    primary_metric: str | None = None,
+    keep_best_model: bool = False,
+    metric_drop_alert: float | None = None,
 ) -> list[RoundResult] | State:
     """Run this leaf's rounds until one of: round `rounds` is done (counted in the work dir
     across flow runs; None: no limit), `rounds_per_run` rounds completed in this flow run (a
@@ -64,29 +68,31 @@ def federated_training(
     (`upload-round-3`): a subflow run per round cost the Prefect server a dozen API calls
     and the leaf about a second between rounds. A deployment that runs one round per flow
     run uses `federated-round`. `upload_precision` and `max_update_norm_ratio` (the update
-    guard) are `flows.update_transforms`', the `dp_*` parameters `flows.privacy`'s; a bad value,
-    or a DP budget already spent, fails the run before any round, and the run ends at the round
-    that would exceed the budget.
+    guard) are `flows.update_transforms`', the `dp_*` parameters `flows.privacy`'s, and
+    `primary_metric` (default: the participant's), `keep_best_model` and `metric_drop_alert`
+    `flows.promotion`'s; a bad value, or a DP budget already spent, fails the run before any
+    round, and the run ends at the round that would exceed the budget.
     """
     policy = UpdatePolicy(upload_precision, max_update_norm_ratio,
                           PrivacyPolicy(dp_clip_norm, dp_noise_multiplier, dp_delta, dp_epsilon_budget))
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
     model = load_participant(participant, participant_options)
-    label_flow_run(f"{block.leaf_name}-training", run_tags(block))
+    promotion = promotion_policy(model, primary_metric, keep_best_model, metric_drop_alert)
     timeouts = Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s, run_poll_s=run_poll_s)
-    try:
-        with (hold_work_dir(directory), publishing(block.leaf_name, directory) as publication,
-              LeafSession(block) as session, tags(*run_tags(block))):
-            check_budget_at_start(policy.privacy, directory, load_state(directory, block.leaf_id).phase != "idle")
-            return _round_loop(session, publication, policy, model, directory, timeouts, rounds, rounds_per_run,
-                               target_metric, target_value)
-    except LeafBusyError as exc:
-        return cancelled_as_busy(exc)
+    with LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):
+        label_flow_run(f"{block.leaf_name}-training", run_tags(block, session.branch_name))
+        try:
+            with hold_work_dir(directory), publishing(block.leaf_name, directory) as publication:
+                check_budget_at_start(policy.privacy, directory, load_state(directory, block.leaf_id).phase != "idle")
+                return _round_loop(session, publication, policy, promotion, model, directory, timeouts, rounds,
+                                   rounds_per_run, target_metric, target_value)
+        except LeafBusyError as exc:
+            return cancelled_as_busy(exc)
 
 
-def _round_loop(session: LeafSession, publication: Publication, policy: UpdatePolicy, model: Participant,
-                directory: Path, timeouts: Timeouts, rounds: int | None, rounds_per_run: int | None,
+def _round_loop(session: LeafSession, publication: Publication, policy: UpdatePolicy, promotion: PromotionPolicy,
+                model: Participant, directory: Path, timeouts: Timeouts, rounds: int | None, rounds_per_run: int | None,
                 target_metric: str | None, target_value: float | None) -> list[RoundResult]:
     """The training loop: one round after another, with a progress artifact."""
     logger = get_run_logger()
@@ -96,7 +102,7 @@ def _round_loop(session: LeafSession, publication: Publication, policy: UpdatePo
     goal = _goal(first, rounds, rounds_per_run)
     progress = create_progress_artifact(progress=0.0, description=f"{block.leaf_name}: rounds {first}..{goal}")
     while _more_rounds(load_state(directory, block.leaf_id).round, rounds, results, rounds_per_run):
-        result = run_round(session, model, directory, timeouts, publication, policy)
+        result = run_round(session, model, directory, timeouts, publication, policy, promotion)
         results.append(result)
         if result.status == "stopped":
             logger.info("the platform stopped the run; ending at round %d", result.round)

@@ -7,9 +7,11 @@ logger that writes to whichever Prefect run is current (the task's, else the flo
 
 from __future__ import annotations
 
-from bk_blocks import BranchKeyClient, BranchKeyCredentials, BranchKeySettings
+import requests
 
-from .loggers import CurrentRunLogger
+from bk_blocks import BranchKeyClient, BranchKeyCredentials, BranchKeySettings, BranchKeyError
+
+from .loggers import CurrentRunLogger, run_logger
 
 # The credentials parameter that means: read BRANCHKEY_* settings on the machine that runs the flow.
 FROM_ENVIRONMENT = "$env"
@@ -38,6 +40,7 @@ class LeafSession:
         self.credentials = credentials
         self.client: BranchKeyClient = credentials.get_client(logger=CurrentRunLogger("bk_blocks.client"))
         self._marks: dict[tuple[int, int], int] = {}
+        self._branch_name: str | None = None
 
     @classmethod
     def open(cls, credentials: BranchKeyCredentials | str) -> "LeafSession":
@@ -56,6 +59,20 @@ class LeafSession:
     def close(self) -> None:
         """Stop the listener and release the client's connections."""
         self.client.close()
+
+    @property
+    def branch_name(self) -> str:
+        """The branch's name as the platform knows it, asked once per session; its id when the
+        platform gives no name or cannot be asked (said once in the log: a round never fails
+        over a label)."""
+        if self._branch_name is None:
+            try:
+                self._branch_name = self.client.branch_name() or self.credentials.branch_id
+            except (BranchKeyError, requests.RequestException, ValueError, KeyError) as exc:
+                run_logger(__name__).warning("could not read the branch's name from the platform (%s); using "
+                                             "its id %s", exc, self.credentials.branch_id)
+                self._branch_name = self.credentials.branch_id
+        return self._branch_name
 
     def mark_round(self, run_number: int, round_number: int) -> None:
         """Mark the notice stream before a round's first upload attempt (a retry keeps the first

@@ -34,6 +34,8 @@ def non_iid_split(labels: np.ndarray, leaves: int, skew: float, rng: np.random.G
 class DigitsSoftmax(Participant):
     """One leaf's share of the digits data and a softmax-regression model trained with SGD."""
 
+    metrics = {"accuracy": "max", "loss": "min"}
+
     def __init__(self, leaf_index: int = 0, leaves: int = 3, epochs: int = 1, learning_rate: float = 0.1,
                  batch_size: int = 32, skew: float = 0.8, seed: int = 7) -> None:
         from sklearn.datasets import load_digits

@@ -278,7 +278,7 @@ def test_runs_are_named_and_tagged_by_leaf_and_branch(edge: EdgeFederation) -> N
     assert [r["name"] for r in runs if r not in rounds] == [f"{leaf}-training"]
     assert len(rounds) == len(history_rows(edge.work_root / "leaf-1")) - TRAINING_ROUNDS
     for run in runs:
-        assert {f"leaf:{leaf}", f"branch:{branch_id}"} <= set(run["tags"])
+        assert {f"leaf:{leaf}", "branch:edge", f"branch-id:{branch_id}"} <= set(run["tags"])
 
 
 def test_serve_runs_one_leafs_rounds_on_its_interval_without_a_worker(server: BkServer, tmp_path: Path) -> None:

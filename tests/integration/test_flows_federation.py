@@ -19,6 +19,7 @@ from ..support.bkserver import BkServer
 from ..support.flow_helpers import artifacts, events
 
 ROUNDS = 5
+BRANCH = "fed-digits"
 
 
 @pytest.fixture(scope="module", params=["websocket", "amqp"])
@@ -30,7 +31,7 @@ def simulated(request: pytest.FixtureRequest, prefect_api: str,
     root = tmp_path_factory.mktemp(f"federation-{request.param}")
     server = BkServer(root / "data", amqp=request.param == "amqp").start()
     try:
-        federation = server.federation(leaves=3)
+        federation = server.federation(leaves=3, branch=BRANCH)
         write_credentials(root / "creds", federation.leaves)
         results = federated_simulation(server.url, str(root / "creds"), str(root / "leaves"), rounds=ROUNDS,
                                        transport=request.param, amqp_host="127.0.0.1", aggregation_timeout_s=120)
@@ -103,9 +104,8 @@ def test_a_completed_event_per_round_names_leaf_and_branch(simulated: tuple[BkSe
 
 def test_federation_artifact_puts_every_leaf_side_by_side_per_round(simulated: tuple[BkServer, Path, dict],
                                                                   prefect_api: str) -> None:
-    _, leaves, results = simulated
-    branch_id = next(iter(results.values()))[0].record.branch_id
-    latest = json.loads(artifacts(prefect_api, artifact_key("federation", branch_id))[0]["data"])
+    _, leaves, _ = simulated
+    latest = json.loads(artifacts(prefect_api, artifact_key("federation", BRANCH))[0]["data"])
     assert [row["round"] for row in latest] == list(range(1, ROUNDS + 1))
     for row in latest:
         assert row["leaves"] == 3
@@ -115,9 +115,7 @@ def test_federation_artifact_puts_every_leaf_side_by_side_per_round(simulated: t
 
 def test_federation_summary_embeds_a_chart_the_ui_renders(simulated: tuple[BkServer, Path, dict],
                                                           prefect_api: str) -> None:
-    _, _, results = simulated
-    branch_id = next(iter(results.values()))[0].record.branch_id
-    summary = artifacts(prefect_api, artifact_key("federation-summary", branch_id))[0]["data"]
+    summary = artifacts(prefect_api, artifact_key("federation-summary", BRANCH))[0]["data"]
     assert f"Round {ROUNDS} of run 1: 3 of 3 leaves" in summary
     assert "](data:image/svg+xml;base64," in summary, "an image as a data URI (inline <svg> is stripped)"
 
@@ -127,7 +125,8 @@ def test_training_run_is_named_by_leaf_and_its_round_steps_by_round(
     _, _, results = simulated
     record = next(iter(results.values()))[0].record
     runs = httpx.post(f"{prefect_api}/flow_runs/filter", timeout=30, json={
-        "flow_runs": {"tags": {"all_": [f"leaf:{record.leaf_name}", f"branch:{record.branch_id}"]}}, "limit": 50,
+        "flow_runs": {"tags": {"all_": [f"leaf:{record.leaf_name}", f"branch:{BRANCH}",
+                                        f"branch-id:{record.branch_id}"]}}, "limit": 50,
     }).json()
     assert [run["name"] for run in runs] == [f"{record.leaf_name}-training"]
     expected = {f"{step}-round-{n}" for n in range(1, ROUNDS + 1)
@@ -144,3 +143,44 @@ def test_training_run_is_named_by_leaf_and_its_round_steps_by_round(
         time.sleep(0.5)
     assert expected <= names
     assert all(f"leaf:{record.leaf_name}" in task["tags"] for task in tasks)
+
+def test_federation_artifacts_are_titled_by_the_branch_name(simulated: tuple[BkServer, Path, dict],
+                                                            prefect_api: str) -> None:
+    summary = artifacts(prefect_api, artifact_key("federation-summary", BRANCH))[0]
+    assert summary["key"] == f"branchkey-federation-summary-{BRANCH}"
+    assert f"Federation {BRANCH}" in summary["data"] and BRANCH in summary["description"]
+
+
+def test_leaf_artifacts_name_the_branch(simulated: tuple[BkServer, Path, dict], prefect_api: str) -> None:
+    _, leaves, _ = simulated
+    leaf = sorted(leaves.iterdir())[0].name
+    summary = artifacts(prefect_api, artifact_key("summary", leaf))[0]
+    assert f"branch {BRANCH}" in summary["description"] and f"# {leaf} (branch {BRANCH})" in summary["data"]
+
+
+def test_every_round_materializes_the_global_model_from_each_leafs_update(
+        simulated: tuple[BkServer, Path, dict], prefect_api: str) -> None:
+    _, _, results = simulated
+    record = next(iter(results.values()))[0].record
+    key = f"branchkey://{record.tree_id}/{record.branch_id}/global-model"
+    found = events(prefect_api, "prefect.asset.materialization.succeeded", key, 3 * ROUNDS)
+    assert len(found) == 3 * ROUNDS, "one materialization per leaf per round"
+    assert found[0]["resource"]["prefect.resource.name"] == f"{BRANCH} global model"
+    upstream = {r["prefect.resource.id"] for e in found for r in e["related"] if r["prefect.resource.role"] == "asset"}
+    assert upstream == {f"branchkey://{record.tree_id}/{record.branch_id}/leaves/{rounds[0].record.leaf_id}/update"
+                        for rounds in results.values()}
+    rounds_seen = sorted({(e["payload"]["round"], e["payload"]["aggregation_id"]) for e in found})
+    assert rounds_seen == [(r.round, r.record.aggregation_id) for r in next(iter(results.values()))]
+
+
+def test_history_and_summary_name_the_best_round_by_accuracy(simulated: tuple[BkServer, Path, dict],
+                                                             prefect_api: str) -> None:
+    _, leaves, _ = simulated
+    leaf_dir = sorted(leaves.iterdir())[0]
+    rows = history_rows(leaf_dir)
+    best = max(rows, key=lambda r: r["eval_metrics"]["accuracy"])
+    assert rows[-1]["primary_metric"] == "accuracy" and rows[-1]["best_round"] == best["round"]
+    assert rows[-1]["best_value"] == pytest.approx(best["eval_metrics"]["accuracy"])
+    assert (leaf_dir / "models" / "best.npz").samefile(leaf_dir / "models" / f"{best['aggregation_id']}.npz")
+    summary = artifacts(prefect_api, artifact_key("summary", leaf_dir.name))[0]["data"]
+    assert f"**Best global model:** round {best['round']} of run 1" in summary

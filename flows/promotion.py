@@ -1,0 +1,121 @@
+"""Which global model a leaf keeps as its best, and which one the site serves.
+
+After each completed round the leaf judges the new global model by the primary metric of its
+own evaluation. A better one than the best so far is kept as `models/best.npz`. The served
+model, `models/serving.npz` (what the site's application loads; the participant's `serve()`
+hears of each change), follows the latest global model, or with `keep_best_model` only ever
+the best: a worse aggregate never replaces it. Both files are hard links to the downloaded
+aggregate, replaced atomically, so no round copies a model and a crash leaves the old file
+whole. The verdict goes into the round's history row: the best round, the drop from the best,
+and whether this round's model is now served.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .leaf_state import LeafState
+from .participant import Participant, ParticipantError, ServedModel
+
+BEST_MODEL = "best.npz"
+SERVED_MODEL = "serving.npz"
+
+
+@dataclass(frozen=True)
+class MetricGoal:
+    """The metric a leaf's global models are judged by, and whether higher or lower is better."""
+
+    name: str
+    direction: str = "max"
+
+    def drop(self, value: float, best: float) -> float:
+        """How much worse `value` is than `best` (negative when it is better)."""
+        return best - value if self.direction == "max" else value - best
+
+
+@dataclass(frozen=True)
+class PromotionPolicy:
+    """A deployment's promotion settings: the metric goal, whether only the best model is served,
+    and the drop from the best that raises a `branchkey.metric.dropped` event (None: never)."""
+
+    goal: MetricGoal
+    keep_best_model: bool = False
+    metric_drop_alert: float | None = None
+
+
+def metric_goal(participant: Participant, primary_metric: str | None) -> MetricGoal:
+    """The goal for `primary_metric` (default: accuracy if declared or nothing is, else the first
+    declared metric); a name the participant does not declare is refused, naming the ones it does."""
+    declared = type(participant).metrics
+    if primary_metric is None:
+        primary_metric = "accuracy" if "accuracy" in declared or not declared else next(iter(declared))
+    if declared and primary_metric not in declared:
+        raise ParticipantError(f"primary_metric {primary_metric!r} is not a metric the participant declares "
+                               f"({', '.join(sorted(declared))})")
+    return MetricGoal(primary_metric, declared.get(primary_metric, "max"))
+
+
+def promotion_policy(participant: Participant, primary_metric: str | None, keep_best_model: bool,
+                     metric_drop_alert: float | None) -> PromotionPolicy:
+    """The flow parameters as a policy; a negative alert threshold is refused, naming it."""
+    if metric_drop_alert is not None and not metric_drop_alert >= 0:
+        raise ParticipantError(f"metric_drop_alert must be a number >= 0 (or None: no alert), got {metric_drop_alert!r}")
+    return PromotionPolicy(metric_goal(participant, primary_metric), keep_best_model, metric_drop_alert)
+
+
+def promote(participant: Participant, work_dir: Path, state: LeafState, policy: PromotionPolicy) -> None:
+    """Judge the round's global model (in `state`), keep it as best if it is, switch the served
+    model when the policy says so, and note the verdict in `state.model_facts`. Safe to repeat
+    after a crash: the same model is judged the same way."""
+    model = Path(state.global_model or "")
+    value = state.eval_metrics.get(policy.goal.name)
+    here = {"run_number": state.run_number, "round": state.round, "aggregation_id": state.aggregation_id or "",
+            "metric": policy.goal.name, "value": value}
+    best = state.best if state.best and state.best.get("metric") == policy.goal.name else None
+    drop = policy.goal.drop(value, best["value"]) if best is not None and value is not None else None
+    is_best = value is not None and (best is None or drop < 0 or _same_model(best, here))
+    if is_best:
+        _link(model, work_dir / "models" / BEST_MODEL)
+        state.best = best = here
+    served = is_best or not policy.keep_best_model or best is None
+    if served and not _same_model(state.serving, here):
+        _link(model, work_dir / "models" / SERVED_MODEL)
+        state.serving = here
+        participant.serve(work_dir / "models" / SERVED_MODEL, _served_model(here, is_best))
+    state.model_facts = {
+        "primary_metric": policy.goal.name, "best_run_number": best["run_number"] if best else None,
+        "best_round": best["round"] if best else None, "best_value": best["value"] if best else None,
+        "metric_drop": max(drop, 0.0) if drop is not None else None,
+        "metric_drop_alert": policy.metric_drop_alert, "served": _same_model(state.serving, here),
+    }
+
+
+def metric_dropped(row: dict[str, Any]) -> bool:
+    """Whether a history row's global model fell further below the leaf's best than its alert allows."""
+    drop, limit = row.get("metric_drop"), row.get("metric_drop_alert")
+    return drop is not None and limit is not None and drop > limit
+
+
+def _same_model(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
+    return a is not None and (a["run_number"], a["round"], a["aggregation_id"]) == (
+        b["run_number"], b["round"], b["aggregation_id"])
+
+
+def _served_model(entry: dict[str, Any], best: bool) -> ServedModel:
+    return ServedModel(entry["run_number"], entry["round"], entry["aggregation_id"], entry["metric"],
+                       entry["value"], best)
+
+
+def _link(source: Path, target: Path) -> None:
+    """Make `target` the same file as `source`, atomically (a copy where links are not possible)."""
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
