@@ -30,6 +30,7 @@ from rich.table import Table
 
 from bk_server.cli import write_credentials
 from flows.history import history_rows
+from flows.assets import MATERIALIZED, global_model_asset
 from flows.observability import artifact_key, federation_table, primary_metric, sparkline
 
 from .local_platform import LocalServer
@@ -154,14 +155,29 @@ def latest_artifact_id(api: str, key: str) -> str | None:
     return found[0]["id"] if found else None
 
 
-def dashboard_urls(ui: str, api: str, branch: str, names: Sequence[str]) -> dict[str, str]:
+def latest_event_page(ui: str, api: str, name: str, resource_id: str) -> str | None:
+    """The UI page of the newest event of this name about this resource."""
+    response = httpx.post(f"{api}/events/filter", timeout=30, json={
+        "filter": {"event": {"name": [name]}, "resource": {"id": [resource_id]},
+                   "occurred": {"since": "2000-01-01T00:00:00Z"}, "order": "DESC"}, "limit": 1})
+    response.raise_for_status()
+    found = response.json()["events"]
+    return f"{ui}/events/event/{found[0]['occurred'][:10]}/{found[0]['id']}" if found else None
+
+
+def dashboard_urls(ui: str, api: str, federation: dict[str, Any], names: Sequence[str]) -> dict[str, str]:
     """The Prefect UI pages that show the federation (found by its branch's name): its history
-    table, summary, and each leaf's."""
-    keys = {"federation history (every leaf per round)": artifact_key("federation", branch),
-            "federation summary (accuracy chart)": artifact_key("federation-summary", branch)}
+    table, summary, each leaf's history and summary (with its best round), and the latest
+    materialization of the global model asset (its upstream updates: the lineage)."""
+    keys = {"federation history (every leaf per round)": artifact_key("federation", DEMO_BRANCH),
+            "federation summary (accuracy chart)": artifact_key("federation-summary", DEMO_BRANCH)}
     keys.update({f"{leaf} history": artifact_key("history", leaf) for leaf in names})
+    keys.update({f"{leaf} summary (best round)": artifact_key("summary", leaf) for leaf in names[:1]})
     urls = {label: f"{ui}/artifacts/artifact/{artifact_id}" for label, key in keys.items()
             if (artifact_id := latest_artifact_id(api, key))}
+    asset = global_model_asset(federation["tree_id"], federation["branch_id"]).key
+    if page := latest_event_page(ui, api, MATERIALIZED, asset):
+        urls["global model asset (latest materialization and its upstream updates)"] = page
     urls["flow runs (filter by the leaf:/branch: tags)"] = f"{ui}/runs"
     return urls
 
@@ -231,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(f"[red]The federation failed (exit {code}); see {run_dir / 'simulation.log'}[/red]")
             return 1
         console.print(f"{args.rounds} rounds in {time.monotonic() - started:.0f} s. The dashboard, in the Prefect UI:")
-        for label, url in dashboard_urls(prefect.url, prefect.api_url, DEMO_BRANCH, names).items():
+        for label, url in dashboard_urls(prefect.url, prefect.api_url, federation, names).items():
             console.print(f"  {label}: {url}", soft_wrap=True)
         if args.keep:
             console.print("The servers stay up for the UI; Ctrl-C stops them.")

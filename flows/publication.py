@@ -1,7 +1,8 @@
 """Publishing a leaf's recorded rounds to Prefect off the round's path: artifacts and round events.
 
 A round is done once its history row is on disk. What Prefect shows of it (the leaf's history
-and summary artifacts, the `branchkey.round.completed` event) is derived from that row and
+and summary artifacts, the `branchkey.round.completed` event, `branchkey.metric.dropped` past
+the leaf's alert, the global model's asset materialization) is derived from that row and
 sent by a background thread, so the leaf's next round does not wait for the Prefect API.
 Nothing is lost if the process dies first: the work dir's `published.json` names the last
 round published, written only once the round's artifacts are stored and its event is sent,

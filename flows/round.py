@@ -1,7 +1,8 @@
 """One federated round for one leaf, resumable at every step.
 
 wait for run -> check the leaf is in step -> train -> write archive -> upload -> wait for
-aggregation -> download -> evaluate -> send metrics -> record history. After each step
+aggregation -> download -> evaluate -> send metrics -> judge the model (best, served:
+`flows.promotion`) -> record history. After each step
 the leaf's state is saved in its work directory; a rerun continues from the step that did
 not finish.
 

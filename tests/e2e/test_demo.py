@@ -114,12 +114,7 @@ def test_demo_runs_its_prefect_server_on_postgresql_without_lock_errors(finished
 def test_dashboard_renders_the_federation_history_rows(finished_demo: tuple[Demo, str], chromium: str,
                                                       tmp_path: Path) -> None:
     _, url = finished_demo
-    profile = tmp_path / "chromium-profile"
-    command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
-    dom = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    subprocess.run([*command, f"--screenshot={tmp_path / 'federation-history.png'}", url], capture_output=True,
-                   timeout=120)
-    assert (tmp_path / "federation-history.png").stat().st_size > 0
+    dom = render(chromium, url, tmp_path, "federation-history.png")
     rows = re.findall(r"<tr\b.*?</tr>", dom, flags=re.S)
     body = [row for row in rows if "<td" in row]
     assert len(body) == ROUNDS, f"{len(body)} table rows rendered; screenshot in {tmp_path}"
@@ -127,6 +122,46 @@ def test_dashboard_renders_the_federation_history_rows(finished_demo: tuple[Demo
         cells = [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td\b.*?</td>", row, flags=re.S)]
         assert str(round_number) in cells and any(re.fullmatch(r"0\.\d+", c) for c in cells), cells
     assert "digits-leaf-1 accuracy" in dom and "mean accuracy" in dom
+
+
+def page_url(demo: Demo, label: str) -> str:
+    """The dashboard URL the demo printed under `label`."""
+    return next(m.group(1) for line in demo.lines if (m := re.search(rf"{re.escape(label)}: (\S+)", line)))
+
+
+def render(chromium: str, url: str, tmp_path: Path, screenshot: str) -> str:
+    """The page's DOM after its scripts ran, and a screenshot of it saved as `screenshot` in tmp_path."""
+    command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    dom = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    subprocess.run([*command, f"--screenshot={tmp_path / screenshot}", url], capture_output=True, timeout=120)
+    assert (tmp_path / screenshot).stat().st_size > 0
+    return dom
+
+
+@pytest.mark.browser
+def test_dashboard_titles_the_federation_summary_with_the_branch_name(finished_demo: tuple[Demo, str],
+                                                                      chromium: str, tmp_path: Path) -> None:
+    demo, _ = finished_demo
+    dom = render(chromium, page_url(demo, "federation summary (accuracy chart)"), tmp_path, "federation-summary.png")
+    assert "Federation digits" in dom, f"screenshot in {tmp_path}"
+
+
+@pytest.mark.browser
+def test_dashboard_shows_the_best_round_in_a_leafs_summary(finished_demo: tuple[Demo, str], chromium: str,
+                                                           tmp_path: Path) -> None:
+    demo, _ = finished_demo
+    dom = render(chromium, page_url(demo, "digits-leaf-1 summary (best round)"), tmp_path, "leaf-summary.png")
+    assert re.search(r"Best global model:.{0,40}round \d+ of run 1", dom, flags=re.S), f"screenshot in {tmp_path}"
+
+
+@pytest.mark.browser
+def test_dashboard_shows_the_global_models_materialization_and_its_upstream_update(
+        finished_demo: tuple[Demo, str], chromium: str, tmp_path: Path) -> None:
+    demo, _ = finished_demo
+    dom = render(chromium, page_url(demo, "global model asset (latest materialization and its upstream updates)"),
+                 tmp_path, "global-model-asset.png")
+    assert "prefect.asset.materialization.succeeded" in dom and "/global-model" in dom, f"screenshot in {tmp_path}"
+    assert re.search(r"/leaves/[0-9a-f-]+/update", dom), "the upstream update asset is shown"
 
 
 def test_ctrl_c_after_the_demo_stops_every_server(finished_demo: tuple[Demo, str]) -> None:
