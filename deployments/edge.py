@@ -20,6 +20,7 @@ from prefect.workers.process import ProcessWorker
 
 from bk_blocks import BranchKeyCredentials
 from bk_blocks.errors import BranchKeyError
+from flows.assets import check_asset_keys
 
 DEFAULT_POOL = "branchkey-edge"
 BLOCK_NAME = re.compile(r"^[a-z0-9-]+$")
@@ -84,8 +85,10 @@ def leaf_block(spec: LeafSpec, host: str, transport: Literal["websocket", "amqp"
                **settings: Any) -> BranchKeyCredentials:
     """The `BranchKeyCredentials` Block of the leaf's credentials JSON, or EdgeSetupError naming the file."""
     try:
-        return BranchKeyCredentials.from_platform_json(spec.credentials_file, host=host,
-                                                       notification_transport=transport, **settings)
+        block = BranchKeyCredentials.from_platform_json(spec.credentials_file, host=host,
+                                                        notification_transport=transport, **settings)
+        check_asset_keys(block.tree_id, block.branch_id, block.leaf_id, block.leaf_name)
+        return block
     except (OSError, ValueError) as exc:
         raise EdgeSetupError(f"cannot read leaf credentials {spec.credentials_file}: {exc}") from None
 

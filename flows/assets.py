@@ -44,11 +44,19 @@ def update_asset(tree_id: str, branch_id: str, leaf_id: str, leaf_name: str) -> 
                   f"The model update leaf {leaf_name} uploads each round.")
 
 
+def check_asset_keys(tree_id: str, branch_id: str, leaf_id: str, leaf_name: str) -> None:
+    """Refuse, before any round, a leaf whose asset keys Prefect would refuse (an id with a space
+    or a control character): its rounds' materializations could never be published."""
+    global_model_asset(tree_id, branch_id)
+    update_asset(tree_id, branch_id, leaf_id, leaf_name)
+
+
 def _asset(key: str, name: str, description: str) -> Asset:
     try:
         return Asset(key=key, properties=AssetProperties(name=name, description=description))
     except ValidationError as exc:
-        raise AssetKeyError(f"asset key {key!r} is refused by Prefect: {exc.errors()[0]['msg']}") from None
+        raise AssetKeyError(f"asset key {key!r} is refused by Prefect ({exc.errors()[0]['msg']}): check the "
+                            "tree and branch ids of the leaf's credentials") from None
 
 
 def model_asset_events(record: RoundRecord) -> list[Event]:

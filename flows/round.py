@@ -53,6 +53,7 @@ from .history import RoundRecord, append_record, utc_from_timestamp
 from .observability import emit_round_event, label_flow_run, run_tags
 from .history import history_rows
 from .participant import Participant, check_result, load_participant
+from .assets import check_asset_keys
 from .promotion import PromotionPolicy, promote, promotion_policy
 from .privacy import PrivacyLedger, PrivacyPolicy, check_budget_at_start, epsilon_past_budget
 from .update_transforms import RECENT_NORMS, UpdatePolicy, prepare_update, read_back
@@ -483,6 +484,7 @@ def federated_round(
     directory = resolve_work_dir(work_dir)
     model = load_participant(participant, participant_options)
     promotion = promotion_policy(model, primary_metric, keep_best_model, metric_drop_alert)
+    check_asset_keys(block.tree_id, block.branch_id, block.leaf_id, block.leaf_name)
     try:
         with hold_work_dir(directory), LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):
             state = load_state(directory, block.leaf_id)

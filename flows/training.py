@@ -22,6 +22,7 @@ from .participant import Participant, load_participant
 from .publication import Publication, publishing
 from .round import RoundResult, Timeouts, cancelled_as_busy, run_round
 from .privacy import PrivacyPolicy, check_budget_at_start
+from .assets import check_asset_keys
 from .promotion import PromotionPolicy, promotion_policy
 from .update_transforms import UpdatePolicy
 from .leaf_state import LeafBusyError, hold_work_dir, load_state, resolve_work_dir
@@ -79,6 +80,7 @@ def federated_training(
     directory = resolve_work_dir(work_dir)
     model = load_participant(participant, participant_options)
     promotion = promotion_policy(model, primary_metric, keep_best_model, metric_drop_alert)
+    check_asset_keys(block.tree_id, block.branch_id, block.leaf_id, block.leaf_name)
     timeouts = Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s, run_poll_s=run_poll_s)
     with LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):
         label_flow_run(f"{block.leaf_name}-training", run_tags(block, session.branch_name))
