@@ -23,9 +23,10 @@ app = App(name="bk", help="prefect-branchkey, leaf side.")
 app.command(edge_app)
 COLUMNS = ("run_number", "round", "status", "leaf_name", "aggregation_id", "weighting", "round_s", "wait_s",
            "bytes_up", "bytes_down", "update_norm", "upload_precision", "dp_epsilon", "dp_delta", "clip_norm",
-           "noise_multiplier", "finished_at")
+           "noise_multiplier", "primary_metric", "best_round", "metric_drop", "metric_drop_alert", "served",
+           "finished_at")
 # Per-deployment settings a history row records: the table says them once when they never changed.
-SETTINGS = ("upload_precision", "dp_delta", "clip_norm", "noise_multiplier")
+SETTINGS = ("upload_precision", "dp_delta", "clip_norm", "noise_multiplier", "primary_metric", "metric_drop_alert")
 
 
 def _flatten(row: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +68,8 @@ def history(*, work_dir: Path = Path("."), format: Literal["table", "csv", "json
 
 def _print_table(work_dir: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
     """The history for people: one column per per-round value; the settings that were the same
-    in every round (upload precision, DP clip norm, noise multiplier, delta) said once below."""
+    in every round (upload precision, DP clip norm, noise multiplier, delta, the primary metric
+    and its alert) said once below."""
     constant = {c: rows[0].get(c) for c in SETTINGS if rows and len({row.get(c) for row in rows}) == 1}
     hidden = {"leaf_name", "bytes_down", "finished_at", *constant}
     shown = [c for c in columns if c not in hidden and any(row.get(c) is not None for row in rows)]
@@ -80,7 +82,7 @@ def _print_table(work_dir: Path, rows: list[dict[str, Any]], columns: list[str])
     settings = [f"{name.replace('_', ' ')} {_text(value)}" for name, value in constant.items() if value is not None]
     if settings:
         table.caption = "In every round: " + ", ".join(settings)
-    Console(width=max(170, Console().width)).print(table)
+    Console(width=max(400, Console().width)).print(table)
 
 
 @app.command
