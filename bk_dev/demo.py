@@ -32,6 +32,7 @@ from bk_server.cli import write_credentials
 from flows.history import history_rows
 from flows.assets import MATERIALIZED, global_model_asset
 from flows.observability import artifact_key, federation_table, primary_metric, sparkline
+from flows.sampling import SamplingError, leaves_per_round
 
 from .local_platform import LocalServer
 from .prefect_database import PrefectDatabaseError
@@ -44,6 +45,10 @@ REFRESH_S = 0.5
 AGGREGATION_TIMEOUT_S = 120
 # The demo federation's branch name (its federation artifacts are keyed by it).
 DEMO_BRANCH = "digits"
+# With client sampling, the platform closes a round this long after it opened (with one update in).
+SAMPLED_DEADLINE_S = 120
+# The final history shows every leaf's column up to this many leaves, the mean only beyond.
+MAX_LEAF_COLUMNS = 6
 
 
 def choose_transport(requested: str | None) -> tuple[str, str | None]:
@@ -90,7 +95,7 @@ def progress_view(histories: Mapping[str, Sequence[dict[str, Any]]], rounds: int
 
 
 def follow(console: Console, simulation: subprocess.Popen[bytes], leaves_dir: Path, names: Sequence[str],
-           rounds: int) -> int:
+           rounds: int, per_round: int) -> int:
     """Show progress until the simulation process ends; return its exit code."""
     if console.is_terminal:
         with Live(progress_view(leaf_histories(leaves_dir, names), rounds), console=console,
@@ -101,16 +106,17 @@ def follow(console: Console, simulation: subprocess.Popen[bytes], leaves_dir: Pa
             live.update(progress_view(leaf_histories(leaves_dir, names), rounds))
         return simulation.returncode
     printed = 0
+    who = "every leaf" if per_round == len(names) else f"its {per_round} drawn leaves"
     while True:
         running = simulation.poll() is None
-        histories = leaf_histories(leaves_dir, names)
-        table = federation_table(histories)
-        complete = min(len(rows) for rows in histories.values())
-        for round_number in range(printed + 1, complete + 1):
-            mean = table[round_number - 1].get("mean accuracy")
+        table = federation_table(leaf_histories(leaves_dir, names))
+        for row in table[printed:]:
+            if row["leaves"] < per_round:
+                break
+            mean = row.get("mean accuracy")
             accuracy = f", mean global model accuracy {mean:.3f}" if mean is not None else ""
-            console.print(f"round {round_number} of {rounds} done by every leaf{accuracy}")
-        printed = max(printed, complete)
+            console.print(f"round {row['round']} of {rounds} done by {who}{accuracy}")
+            printed += 1
         if not running:
             return simulation.returncode
         time.sleep(REFRESH_S)
@@ -123,16 +129,20 @@ def history_view(histories: Mapping[str, Sequence[dict[str, Any]]]) -> Table:
     table = Table(title=f"Global model {metric} per round, as each leaf measured it on its own test data",
                   title_justify="left")
     table.add_column("round")
-    for leaf in histories:
+    shown = list(histories) if len(histories) <= MAX_LEAF_COLUMNS else []
+    for leaf in shown:
         table.add_column(leaf)
+    if not shown:
+        table.add_column("leaves reported")
     table.add_column("mean")
     epsilons = round_epsilons(histories)
     if epsilons:
         table.add_column("epsilon (largest leaf's)")
     for row in federation_table(histories):
-        cells = [row.get(f"{leaf} {metric}") for leaf in histories] + [row.get(f"mean {metric}")]
+        cells = [row.get(f"{leaf} {metric}") for leaf in shown] + [row.get(f"mean {metric}")]
         extra = [f"{epsilons[row['round']]:.2f}" if row["round"] in epsilons else "-"] if epsilons else []
-        table.add_row(str(row["round"]), *(f"{c:.3f}" if c is not None else "-" for c in cells), *extra)
+        reported = [] if shown else [str(row["leaves"])]
+        table.add_row(str(row["round"]), *reported, *(f"{c:.3f}" if c is not None else "-" for c in cells), *extra)
     return table
 
 
@@ -171,7 +181,7 @@ def dashboard_urls(ui: str, api: str, federation: dict[str, Any], names: Sequenc
     materialization of the global model asset (its upstream updates: the lineage)."""
     keys = {"federation history (every leaf per round)": artifact_key("federation", DEMO_BRANCH),
             "federation summary (accuracy chart)": artifact_key("federation-summary", DEMO_BRANCH)}
-    keys.update({f"{leaf} history": artifact_key("history", leaf) for leaf in names})
+    keys.update({f"{leaf} history": artifact_key("history", leaf) for leaf in names[:MAX_LEAF_COLUMNS]})
     keys.update({f"{leaf} summary (best round)": artifact_key("summary", leaf) for leaf in names[:1]})
     urls = {label: f"{ui}/artifacts/artifact/{artifact_id}" for label, key in keys.items()
             if (artifact_id := latest_artifact_id(api, key))}
@@ -193,6 +203,24 @@ def dp_arguments(dp: Sequence[float] | None) -> list[str]:
     return [] if dp is None else ["--dp-clip-norm", str(dp[0]), "--dp-noise-multiplier", str(dp[1])]
 
 
+def round_rules(leaves: int, per_round: int, deadline_s: float | None) -> dict[str, Any]:
+    """The branch's round rules: close at `per_round` updates; with sampling (or a deadline
+    asked for), also at the deadline with one update in."""
+    if per_round == leaves and deadline_s is None:
+        return {"min_updates": per_round}
+    return {"min_updates": per_round, "quorum": 1, "round_deadline_s": deadline_s or SAMPLED_DEADLINE_S}
+
+
+def dask_arguments(args: argparse.Namespace) -> list[str]:
+    """`bk simulate`'s sampling and Dask options."""
+    extra = ["--fraction", str(args.fraction), "--seed", str(args.seed)]
+    if args.dask_address:
+        extra += ["--dask-address", args.dask_address]
+    if args.workers:
+        extra += ["--workers", str(args.workers)]
+    return extra
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="make demo", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("demo-data"), help="where runs keep their files")
@@ -205,6 +233,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "the default), sqlite, or a database URL (default: $PREFECT_API_DATABASE_CONNECTION_URL "
                              "if set, else postgres)")
     parser.add_argument("--no-keep", dest="keep", action="store_false", help="stop the servers at the end")
+    parser.add_argument("--fraction", type=float, default=1.0,
+                        help="the fraction of leaves drawn for each round (client sampling), e.g. 0.3")
+    parser.add_argument("--seed", type=int, default=0, help="the seed the leaves of each round are drawn from")
+    parser.add_argument("--round-deadline-s", type=float, default=None,
+                        help="the platform closes a round this long after it opened with the updates in (default "
+                             "with sampling: %d s, so a failed leaf cannot stall the federation)" % SAMPLED_DEADLINE_S)
+    parser.add_argument("--dask-address", help="run the leaves on the Dask cluster at this address "
+                                               "(default: a local cluster, one worker process per core)")
+    parser.add_argument("--workers", type=int, help="worker processes of the local Dask cluster")
     parser.add_argument("--dp", nargs=2, type=float, metavar=("CLIP_NORM", "NOISE_MULTIPLIER"),
                         help="client-side differential privacy on every leaf: clip each update's delta to CLIP_NORM "
                              "and add Gaussian noise of NOISE_MULTIPLIER clip norms (e.g. --dp 1.0 0.3)")
@@ -216,6 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     console = Console()
+    try:
+        per_round = leaves_per_round(args.leaves, args.fraction)
+    except SamplingError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 2
     transport, note = choose_transport(args.transport)
     if note:
         console.print(f"[yellow]{note}[/yellow]")
@@ -227,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         prefect.launch()
         platform.start()
-        federation = platform.create_federation(args.leaves, tree="demo", branch=DEMO_BRANCH)
+        federation = platform.create_federation(args.leaves, tree="demo", branch=DEMO_BRANCH,
+                                                **round_rules(args.leaves, per_round, args.round_deadline_s))
         names = [leaf["name"] for leaf in federation["leaves"]]
         write_credentials(run_dir / "credentials", federation["leaves"])
         console.print(f"Demo in {run_dir}: bk-server on {platform.url} ({transport} notifications), "
@@ -239,9 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         simulation = spawn([sys.executable, "-m", "deployments.cli", "simulate", "--host", platform.url,
                             "--credentials-dir", str(run_dir / "credentials"), "--work-root", str(run_dir / "leaves"),
                             "--rounds", str(args.rounds), "--transport", transport, "--amqp-host", "127.0.0.1",
-                            "--aggregation-timeout-s", str(AGGREGATION_TIMEOUT_S), *dp_arguments(args.dp)],
+                            "--aggregation-timeout-s", str(AGGREGATION_TIMEOUT_S), *dp_arguments(args.dp),
+                            *dask_arguments(args)],
                            run_dir / "simulation.log", env=prefect.client_env())
-        code = follow(console, simulation, run_dir / "leaves", names, args.rounds)
+        code = follow(console, simulation, run_dir / "leaves", names, args.rounds, per_round)
         console.print(history_view(leaf_histories(run_dir / "leaves", names)))
         if code != 0:
             console.print(f"[red]The federation failed (exit {code}); see {run_dir / 'simulation.log'}[/red]")

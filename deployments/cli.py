@@ -1,5 +1,5 @@
 """`bk`: the leaf-side command line: `bk history` (a work dir's round history), `bk simulate`
-(a whole federation on one machine) and `bk edge` (deployments to edge workers)."""
+(a whole federation on a Dask cluster) and `bk edge` (deployments to edge workers)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from cyclopts import App
 from rich.console import Console
@@ -15,7 +15,9 @@ from rich.table import Table
 
 from flows.history import history_rows
 from flows.participant import ParticipantError, parse_options
-from flows.simulation import federated_simulation
+from bk_blocks.errors import UsageError
+from flows.sampling import SamplingError
+from flows.simulation import SimulationError, simulate as simulate_on_dask
 
 from .edge_cli import app as edge_app
 
@@ -86,24 +88,40 @@ def _print_table(work_dir: Path, rows: list[dict[str, Any]], columns: list[str])
 
 
 @app.command
-def simulate(*, host: str, credentials_dir: Path, work_root: Path, rounds: int = 10,
+def simulate(*, host: str | None = None, credentials_dir: Path | None = None, work_root: Path | None = None,
+             leaves: int = 3, rounds: int = 10, fraction: float = 1.0, leaves_per_round: int | None = None,
+             seed: int = 0, dask_address: str | None = None, workers: int | None = None,
              transport: Literal["websocket", "amqp"] = "websocket", amqp_host: str | None = None,
              participant: str = "flows.examples.digits:DigitsSoftmax", participant_options: str = "{}",
              aggregation_timeout_s: float = 600, upload_precision: Literal["native", "float32", "float16"] = "native",
              max_update_norm_ratio: float | None = None, dp_clip_norm: float | None = None,
              dp_noise_multiplier: float = 1.0, dp_delta: float = 1e-5, dp_epsilon_budget: float | None = None) -> None:
-    """Run every leaf of CREDENTIALS_DIR at once against HOST: a whole federation on one machine.
+    """Simulate a federation: every leaf of CREDENTIALS_DIR against HOST, each leaf's rounds on a
+    Dask worker. Without --host, a local bk-server and Prefect server are started for LEAVES new
+    leaves (as `make demo` does) and stopped at the end.
 
     Parameters
     ----------
     host
-        The platform's API, e.g. http://127.0.0.1:8080 for a local bk-server.
+        The platform's API, e.g. http://127.0.0.1:8080 for a local bk-server; none: start one.
     credentials_dir
-        One credentials JSON per leaf, as the platform issued them.
+        One credentials JSON per leaf, as the platform issued them (with --host).
     work_root
-        Each leaf's work dir is WORK_ROOT/<leaf name>.
+        Each leaf's work dir is WORK_ROOT/<leaf name>; on a cluster, a directory every worker reaches.
+    leaves
+        Without --host: how many leaves the local federation has.
     rounds
         Rounds to run.
+    fraction
+        The fraction of the leaves drawn for each round (client sampling), in (0, 1].
+    leaves_per_round
+        How many leaves each round draws (instead of a fraction).
+    seed
+        The seed the leaves of each round are drawn from (the same seed draws the same leaves).
+    dask_address
+        The Dask scheduler to run the leaves on, e.g. tcp://10.0.0.5:8786; default: a local cluster.
+    workers
+        Worker processes of the local cluster (default: one per core).
     transport
         How aggregation notices arrive.
     amqp_host
@@ -113,8 +131,7 @@ def simulate(*, host: str, credentials_dir: Path, work_root: Path, rounds: int =
     participant_options
         The participant's keyword options, a JSON object.
     aggregation_timeout_s
-        How long a leaf waits for a round's aggregation (should another leaf fail, the others
-        wait this long before they give up).
+        How long a leaf waits for a round's aggregation.
     upload_precision
         native (as trained), float32 or float16 (half the bytes), for every leaf.
     max_update_norm_ratio
@@ -129,16 +146,32 @@ def simulate(*, host: str, credentials_dir: Path, work_root: Path, rounds: int =
     dp_epsilon_budget
         A leaf stops before the round that would take it past this epsilon.
     """
+    if host is None:
+        from bk_dev.demo import main as local_federation
+
+        arguments = ["--no-keep", "--leaves", str(leaves), "--rounds", str(rounds), "--fraction", str(fraction),
+                     "--seed", str(seed), "--transport", transport]
+        arguments += ["--dask-address", dask_address] if dask_address else []
+        arguments += ["--workers", str(workers)] if workers else []
+        raise SystemExit(local_federation(arguments))
+    if credentials_dir is None or work_root is None:
+        _fail("simulate", UsageError("--credentials-dir and --work-root are needed with --host"))
     try:
         options = parse_options(participant_options)
-    except ParticipantError as exc:
-        print(f"bk simulate: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    update_options = {"upload_precision": upload_precision, "max_update_norm_ratio": max_update_norm_ratio,
-                      "dp_clip_norm": dp_clip_norm, "dp_noise_multiplier": dp_noise_multiplier, "dp_delta": dp_delta,
-                      "dp_epsilon_budget": dp_epsilon_budget}
-    federated_simulation(host, str(credentials_dir), str(work_root), participant, options, rounds, transport,
-                         amqp_host, aggregation_timeout_s, update_options)
+        simulate_on_dask(host, str(credentials_dir), str(work_root), dask_address=dask_address, workers=workers,
+                         participant=participant, participant_options=options, rounds=rounds, transport=transport,
+                         amqp_host=amqp_host, aggregation_timeout_s=aggregation_timeout_s, fraction=fraction,
+                         leaves_per_round=leaves_per_round, seed=seed, update_options={
+                             "upload_precision": upload_precision, "max_update_norm_ratio": max_update_norm_ratio,
+                             "dp_clip_norm": dp_clip_norm, "dp_noise_multiplier": dp_noise_multiplier,
+                             "dp_delta": dp_delta, "dp_epsilon_budget": dp_epsilon_budget})
+    except (ParticipantError, SimulationError, SamplingError) as exc:
+        _fail("simulate", exc)
+
+
+def _fail(command: str, error: Exception) -> NoReturn:
+    print(f"bk {command}: {error}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main() -> None:

@@ -491,7 +491,7 @@ def federated_round(
             check_budget_at_start(policy.privacy, directory, state.phase != "idle")
             expected = state.round
             label_flow_run(round_name(block, expected), run_tags(block, session.branch_name))
-            result = _round_in_step(session, model, directory,
+            result = round_in_step(session, model, directory,
                                     Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s), policy,
                                     promotion)
     except LeafBusyError as exc:
@@ -501,7 +501,7 @@ def federated_round(
     return result
 
 
-def _round_in_step(session: LeafSession, participant: Participant, work_dir: Path,
+def round_in_step(session: LeafSession, participant: Participant, work_dir: Path,
                    timeouts: Timeouts, policy: UpdatePolicy, promotion: PromotionPolicy) -> RoundResult:
     """The leaf's round; after a resync, the platform's open round (up to MAX_RESYNCS times)."""
     result = run_round(session, participant, work_dir, timeouts, policy=policy, promotion=promotion)

@@ -1,38 +1,135 @@
-"""Simulate a federation: N leaves training concurrently against a BranchKey server,
-each leaf its own `federated-training` flow run (visible in the UI under this one), and
-the federation's side-by-side history published as artifacts while the rounds go by."""
+"""Simulate a federation on a Dask cluster (Prefect's `DaskTaskRunner`): every leaf's round is a
+task run on a Dask worker process, tagged by leaf, and the federation's side-by-side history is
+published as artifacts round by round.
+
+Each round draws its leaves (`flows.sampling`); every drawn leaf runs its round as a task
+(`<leaf>-round-<n>`), the undrawn ones sit it out, and the next round starts once every drawn
+leaf's task has ended. A leaf that fails does not stop the federation: the platform closes the
+round at its deadline with the others' updates, and the leaf resumes from its work dir when next
+drawn. A local cluster (one worker process per core by default) and a cluster reached by address
+run the same code; leaves keep their state in `work_root/<leaf>`, which every worker must reach
+(a shared filesystem on a real cluster). A drawn round's leaves wait for each other's uploads, so
+the cluster must run that many tasks at once: a local cluster is sized for it, a cluster by
+address is refused when it has fewer threads.
+"""
 
 from __future__ import annotations
 
-import contextvars
 import json
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+import math
+import os
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import distributed
 import httpx
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import PrefectException
+from prefect.futures import PrefectFuture
+from prefect_dask import DaskTaskRunner
 
 from bk_blocks import BranchKeyCredentials
+from bk_blocks.errors import BranchKeyError
+from bk_blocks.files import atomic_write
 from tasks import LeafSession
 
 from .history import history_rows
-from .observability import label_flow_run, publish_federation_artifacts
-from .round import RoundResult
-from .training import federated_training
+from .leaf_state import hold_work_dir
+from .observability import artifact_key, label_flow_run, publish_federation_artifacts, run_tags
+from .participant import load_participant
+from .privacy import PrivacyPolicy
+from .promotion import promotion_policy
+from .round import RoundResult, Timeouts, round_in_step
+from .sampling import SamplingPlan, sampling_plan
+from .update_transforms import UpdatePolicy
 
-# How often the federation artifacts are brought up to date while the leaves train, in seconds.
+# How often the federation artifacts are brought up to date while a round runs, in seconds.
 FEDERATION_REFRESH_S = 1.0
+# How long the simulation waits for a Dask scheduler given by address to answer, in seconds.
+CONNECT_TIMEOUT_S = 10
+SAMPLING_FILE = "sampling.json"
+# How often the simulation looks whether a leaf's task has ended, in seconds.
+POLL_S = 0.05
+
+
+class SimulationError(BranchKeyError, ValueError):
+    """A simulation that cannot start as asked (no leaves, no cluster at the address, too few threads)."""
 
 
 def leaf_credentials(credentials_dir: Path, host: str, transport: str) -> list[BranchKeyCredentials]:
     """One Block per credentials JSON in the directory (sorted by file name)."""
     paths = sorted(Path(credentials_dir).glob("*.json"))
     if not paths:
-        raise FileNotFoundError(f"no leaf credentials (*.json) in {credentials_dir}")
+        raise SimulationError(f"no leaf credentials (*.json) in {credentials_dir}")
     return [BranchKeyCredentials.from_platform_json(path, host=host, notification_transport=transport)
             for path in paths]
+
+
+def dask_runner(address: str | None, workers: int | None, tasks_at_once: int) -> DaskTaskRunner:
+    """The task runner: the cluster at `address` (refused, naming it, when it does not answer or has
+    fewer than `tasks_at_once` threads), else a local cluster of `workers` processes (default: one
+    per core) with threads enough for `tasks_at_once` leaves."""
+    if address:
+        threads = cluster_threads(address)
+        if threads < tasks_at_once:
+            raise SimulationError(f"the Dask cluster at {address} runs {threads} tasks at once; a round needs "
+                                  f"{tasks_at_once} (its leaves wait for each other's uploads)")
+        return DaskTaskRunner(address=address)
+    processes = workers or os.cpu_count() or 1
+    if processes < 1:
+        raise SimulationError(f"workers must be at least 1, got {workers}")
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
+        "n_workers": processes, "threads_per_worker": math.ceil(tasks_at_once / processes), "processes": True,
+        "dashboard_address": None})
+
+
+def cluster_threads(address: str) -> int:
+    """How many tasks the Dask cluster at `address` runs at once; SimulationError naming the
+    address when no scheduler answers there."""
+    try:
+        with distributed.Client(address, timeout=CONNECT_TIMEOUT_S) as client:
+            return sum(client.nthreads().values())
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise SimulationError(f"no Dask scheduler answers at {address}: {exc}") from None
+
+
+@task(name="leaf-round", cache_policy=NO_CACHE)
+def leaf_round(block: BranchKeyCredentials, participant: str, options: dict[str, Any], work_dir: Path,
+               timeouts: Timeouts, policy: UpdatePolicy) -> RoundResult:
+    """One leaf's round on a Dask worker: the participant built here, the round resumed from the
+    leaf's work dir if an earlier attempt (on any worker) stopped mid-way."""
+    model = load_participant(participant, options)
+    with hold_work_dir(work_dir), LeafSession(block) as session:
+        return round_in_step(session, model, work_dir, timeouts, policy, promotion_policy(model, None, False, None))
+
+
+def simulate(host: str, credentials_dir: str, work_root: str, *, dask_address: str | None = None,
+             workers: int | None = None, **options: Any) -> dict[str, list[RoundResult]]:
+    """Check the leaves and the sampling, set up the Dask task runner (nothing starts when the
+    cluster at `dask_address` does not answer), then run `federated_simulation` on it with
+    `options` (its parameters)."""
+    blocks = leaf_credentials(Path(credentials_dir), host, options.get("transport", "websocket"))
+    plan = sampling_plan([b.leaf_name for b in blocks], options.get("fraction", 1.0),
+                         options.get("leaves_per_round"), options.get("seed", 0))
+    _check_quorum(blocks[0], plan)
+    runner = dask_runner(dask_address, workers, plan.per_round)
+    return federated_simulation.with_options(task_runner=runner)(host, credentials_dir, work_root, **options)
+
+
+def _check_quorum(block: BranchKeyCredentials, plan: SamplingPlan) -> None:
+    """Refuse a platform whose branch closes a round at another number of updates than the leaves
+    drawn per round (when its branch config says: the official platform's may not)."""
+    with LeafSession(block) as session:
+        branch = session.client.branch_config().get("branch", {})
+    needed = branch.get("min_updates") if isinstance(branch, dict) else None
+    if isinstance(needed, int) and needed != plan.per_round:
+        raise SimulationError(f"the branch closes a round at {needed} updates but each round draws {plan.per_round} "
+                              f"of the {len(plan.leaves)} leaves: set the branch's min_updates to {plan.per_round} "
+                              "or draw that many")
 
 
 @flow(name="federated-simulation")
@@ -47,57 +144,100 @@ def federated_simulation(
     amqp_host: str | None = None,
     aggregation_timeout_s: float = 600,
     update_options: dict[str, Any] | None = None,
+    fraction: float = 1.0,
+    leaves_per_round: int | None = None,
+    seed: int = 0,
 ) -> dict[str, list[RoundResult]]:
-    """Run every leaf of `credentials_dir` for `rounds` rounds; leaf i gets `leaf_index=i, leaves=N`
-    added to the participant options (for splitting a data set across leaves). `update_options`
-    are `federated_training`'s update parameters for every leaf (`upload_precision`,
-    `max_update_norm_ratio`, `dp_clip_norm`, `dp_noise_multiplier`, `dp_delta`, `dp_epsilon_budget`)."""
+    """Run `rounds` rounds of the leaves in `credentials_dir`, each round drawing `fraction` of them
+    (or `leaves_per_round`) from `seed`; leaf i gets `leaf_index=i, leaves=N` added to the
+    participant options (for splitting a data set across leaves). `update_options` are the round's
+    update parameters (`upload_precision`, `max_update_norm_ratio`, `dp_clip_norm`,
+    `dp_noise_multiplier`, `dp_delta`, `dp_epsilon_budget`). Run it with a Dask task runner
+    (`simulate` sets one up); returns each leaf's round results."""
     logger = get_run_logger()
-    blocks = leaf_credentials(Path(credentials_dir), host, transport)
-    if amqp_host:
-        blocks = [b.model_copy(update={"amqp_host": amqp_host}) for b in blocks]
-    logger.info("simulating %d leaves for %d rounds over %s", len(blocks), rounds, transport)
-    branch_id = blocks[0].branch_id
+    blocks = _with_amqp_host(leaf_credentials(Path(credentials_dir), host, transport), amqp_host)
+    plan = sampling_plan([b.leaf_name for b in blocks], fraction, leaves_per_round, seed)
     with LeafSession(blocks[0]) as session:
         branch = session.branch_name
     label_flow_run(f"{branch}-{len(blocks)}-leaves-{rounds}-rounds",
-                   ["branchkey", f"branch:{branch}", f"branch-id:{branch_id}"])
-
-    work_dirs = {b.leaf_name: Path(work_root) / b.leaf_name for b in blocks}
-
-    def train(index: int, block: BranchKeyCredentials) -> list[RoundResult]:
-        options = {**(participant_options or {}), "leaf_index": index, "leaves": len(blocks)}
-        return federated_training(block, participant, str(work_dirs[block.leaf_name]), rounds=rounds,
-                                  participant_options=options, aggregation_timeout_s=aggregation_timeout_s,
-                                  **(update_options or {}))
-
-    with ThreadPoolExecutor(max_workers=len(blocks), thread_name_prefix="leaf") as pool:
-        futures = {b.leaf_name: pool.submit(contextvars.copy_context().run, train, i, b) for i, b in enumerate(blocks)}
-        _publish_while_running(branch, work_dirs, list(futures.values()))
-        results = {name: future.result() for name, future in futures.items()}
-    for name, rounds_done in results.items():
-        logger.info("%s: %s", name, json.dumps([(r.round, r.status, r.eval_metrics) for r in rounds_done]))
+                   ["branchkey", f"branch:{branch}", f"branch-id:{blocks[0].branch_id}"])
+    logger.info("simulating %d leaves, %d per round, for %d rounds over %s", len(blocks), plan.per_round, rounds,
+                transport)
+    root = Path(work_root)
+    root.mkdir(parents=True, exist_ok=True)
+    _record_plan(root, plan, rounds)
+    policy = _update_policy(update_options or {})
+    timeouts = Timeouts(aggregation_s=aggregation_timeout_s)
+    by_name = {b.leaf_name: (i, b) for i, b in enumerate(blocks)}
+    results: dict[str, list[RoundResult]] = {b.leaf_name: [] for b in blocks}
+    for round_number in range(1, rounds + 1):
+        futures = {}
+        for name in plan.chosen(round_number):
+            index, block = by_name[name]
+            options = {**(participant_options or {}), "leaf_index": index, "leaves": len(blocks)}
+            futures[name] = leaf_round.with_options(task_run_name=f"{name}-round-{round_number}",
+                                                    tags=run_tags(block, branch)).submit(
+                block, participant, options, root / name, timeouts, policy)
+        _publish_while_running(branch, {b.leaf_name: root / b.leaf_name for b in blocks}, futures)
+        for name, future in futures.items():
+            _collect(name, future, results[name], round_number)
+    for name, done in results.items():
+        logger.info("%s: %s", name, json.dumps([(r.round, r.status, r.eval_metrics) for r in done]))
     return results
 
 
-def _publish_while_running(branch: str, work_dirs: dict[str, Path], futures: list[Future]) -> None:
-    """Republish the federation artifacts each time every leaf has recorded one more round,
-    until every leaf is done or one failed (the others then end at their aggregation timeout).
+def _with_amqp_host(blocks: list[BranchKeyCredentials], amqp_host: str | None) -> list[BranchKeyCredentials]:
+    return [b.model_copy(update={"amqp_host": amqp_host}) for b in blocks] if amqp_host else blocks
 
-    Once per federation round, not per leaf record: each publication is two writes to the
-    Prefect server, whose SQLite database is already busy with every leaf's runs.
-    """
-    published: tuple[int, int] | None = None
+
+def _update_policy(options: Mapping[str, Any]) -> UpdatePolicy:
+    """The round's update policy from `update_options` (the flows' parameter names)."""
+    return UpdatePolicy(options.get("upload_precision", "native"), options.get("max_update_norm_ratio"),
+                        PrivacyPolicy(options.get("dp_clip_norm"), options.get("dp_noise_multiplier", 1.0),
+                                      options.get("dp_delta", 1e-5), options.get("dp_epsilon_budget")))
+
+
+def _record_plan(root: Path, plan: SamplingPlan, rounds: int) -> None:
+    """Keep the drawn leaves per round in the work root and as a table artifact."""
+    table = plan.table(rounds)
+    with atomic_write(root / SAMPLING_FILE, "w") as handle:
+        json.dump({"seed": plan.seed, "per_round": plan.per_round, "rounds": table}, handle, indent=1)
+    create_table_artifact(table=table, key=artifact_key("sampling", f"{len(plan.leaves)}-leaves-seed-{plan.seed}"),
+                          description=f"Leaves drawn per round ({plan.per_round} of {len(plan.leaves)}, seed {plan.seed})")
+
+
+def _collect(name: str, future: PrefectFuture[RoundResult], into: list[RoundResult], round_number: int) -> None:
+    """A leaf's round result; a leaf that failed is logged and left to resume when next drawn."""
+    try:
+        into.append(future.result())
+    except Exception as exc:  # noqa: BLE001 - a leaf's participant may raise anything; the others go on
+        get_run_logger().warning("%s failed round %d (%s: %s); the federation goes on without it and it resumes "
+                                 "from its work dir when next drawn", name, round_number, type(exc).__name__, exc)
+
+
+def _publish_while_running(branch: str, work_dirs: dict[str, Path], futures: dict[str, PrefectFuture]) -> None:
+    """Republish the federation artifacts each time the leaves have recorded more rounds, until
+    every drawn leaf's task of the round has ended (at most once per FEDERATION_REFRESH_S: each
+    publication is two writes to the Prefect server)."""
+    published: int | None = None
+    pending = [f.wrapped_future for f in futures.values()]
     while True:
-        done, running = wait(futures, timeout=FEDERATION_REFRESH_S, return_when=FIRST_EXCEPTION)
+        running = [f for f in pending if not f.done()]
         histories = {name: history_rows(path) for name, path in work_dirs.items()}
-        complete, recorded = min(map(len, histories.values())), sum(map(len, histories.values()))
-        finished = not running or any(f.exception() for f in done)
-        if published is None or complete > published[0] or (finished and recorded != published[1]):
+        recorded = sum(map(len, histories.values()))
+        if recorded != published:
             try:
                 publish_federation_artifacts(branch, histories)
-                published = (complete, recorded)
+                published = recorded
             except (httpx.HTTPError, PrefectException) as exc:
                 get_run_logger().warning("could not publish the federation artifacts (retrying): %s", exc)
-        if finished:
+        if not running:
             return
+        _wait_any(running, FEDERATION_REFRESH_S)
+
+
+def _wait_any(futures: list[Any], timeout: float) -> None:
+    """Until one of the futures (Dask's or the standard library's) is done, or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not any(f.done() for f in futures) and time.monotonic() < deadline:
+        time.sleep(POLL_S)

@@ -47,10 +47,16 @@ def test_client_and_archive_import_no_prefect() -> None:
     assert json.loads(result.stdout) == []
 
 
+# The one exception: `bk simulate` without --host starts the development platform (as `make demo`
+# does), importing it only then.
+DEV_PLATFORM_USERS = {"deployments/cli.py": ["bk_dev"]}
+
+
 @pytest.mark.parametrize("package", LAYERS)
 def test_product_never_imports_the_development_platform(package: str) -> None:
     offenders = {str(path.relative_to(PROJECT)): sorted(_imported_packages(path) & set(DEV_ONLY))
                  for path in _modules(package)}
+    offenders = {path: names for path, names in offenders.items() if names != DEV_PLATFORM_USERS.get(path)}
     assert {path: names for path, names in offenders.items() if names} == {}
 
 
