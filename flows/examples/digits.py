@@ -67,8 +67,16 @@ class DigitsSoftmax(Participant):
         return TrainResult(float(self.y_train.size), [weights, bias], {"loss": loss, "accuracy": accuracy})
 
     def evaluate(self, global_model: list[np.ndarray], round_number: int) -> dict[str, float]:
+        """Loss and accuracy on this leaf's test share; none when the share is empty (a leaf of a
+        large federation may draw no test sample)."""
+        if not self.y_test.size:
+            return {}
         loss, accuracy = self._score(global_model[0], global_model[1], self.x_test, self.y_test)
         return {"loss": loss, "accuracy": accuracy}
+
+    def participate(self, round_number: int) -> bool:
+        """Only a leaf with training data takes part."""
+        return self.y_train.size > 0
 
     def _start_from(self, global_model: list[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
         if global_model is None:

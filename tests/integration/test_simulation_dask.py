@@ -1,0 +1,145 @@
+"""A simulated federation on real Dask clusters: a local one, one started beforehand and reached by
+its address, client sampling checked against the platform's records, and a worker killed mid-round."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import distributed
+import numpy as np
+import pytest
+
+from bk_server.cli import write_credentials
+from flows.history import history_rows
+from flows.participant import Participant, TrainResult
+from flows.simulation import SAMPLING_FILE, SimulationError, simulate
+
+from ..support.bkserver import BkServer
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+class Steady(Participant):
+    """A small model whose evaluation of round 2 pauses once on leaf 0 (so a test can kill its worker
+    there, after its update was counted); the pause's pid is written to `pause_file`."""
+
+    metrics = {"accuracy": "max"}
+
+    def __init__(self, leaf_index: int = 0, leaves: int = 1, pause_file: str = "") -> None:
+        self.leaf_index, self.pause_file = leaf_index, pause_file
+
+    def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
+        base = global_model[0] if global_model is not None else np.zeros(8, np.float32)
+        return TrainResult(1.0 + self.leaf_index, [base + np.float32(self.leaf_index + 1)])
+
+    def evaluate(self, global_model: list[np.ndarray], round_number: int) -> dict[str, float]:
+        pause = Path(self.pause_file) if self.pause_file else None
+        if pause is not None and self.leaf_index == 0 and round_number == 2 and not pause.exists():
+            pause.write_text(str(os.getpid()))
+            time.sleep(60)
+        return {"accuracy": float(global_model[0][0])}
+
+
+def federation_files(server: BkServer, root: Path, leaves: int, per_round: int) -> Path:
+    """A federation of `leaves` whose rounds close at `per_round` updates; its credentials dir."""
+    federation = server.federation(leaves=leaves, min_updates=per_round, quorum=1, round_deadline_s=60)
+    write_credentials(root / "creds", federation.leaves)
+    return root / "creds"
+
+
+def platform_rounds(server: BkServer, work_root: Path) -> list[tuple[int, list[str]]]:
+    """Per aggregated round of the platform: its updates and the leaves (by name) they came from."""
+    leaf_id = {row["leaf_id"]: path.name for path in work_root.iterdir() if path.is_dir()
+               for row in history_rows(path)[:1]}
+    branch_id = next(row["branch_id"] for path in work_root.iterdir() if path.is_dir() for row in history_rows(path))
+    return [(r["updates"], sorted(leaf_id[i] for i in r["leaves"]))
+            for r in server.status(branch_id)["rounds"] if r["status"] == "aggregated"]
+
+
+def test_each_drawn_leaf_sends_one_update_per_round_on_a_local_cluster(server: BkServer, tmp_path: Path) -> None:
+    creds = federation_files(server, tmp_path, leaves=6, per_round=3)
+    results = simulate(server.url, str(creds), str(tmp_path / "leaves"), workers=2, participant=f"{__name__}:Steady",
+                       rounds=3, fraction=0.5, seed=11, aggregation_timeout_s=120)
+    drawn = [row["chosen"].split(", ") for row in json.loads((tmp_path / "leaves" / SAMPLING_FILE).read_text())["rounds"]]
+    assert platform_rounds(server, tmp_path / "leaves") == [(3, sorted(leaves)) for leaves in drawn]
+    assert sum(r.status == "completed" for done in results.values() for r in done) == 9
+
+
+def test_a_cluster_started_beforehand_is_reached_by_its_address(server: BkServer, tmp_path: Path) -> None:
+    creds = federation_files(server, tmp_path, leaves=4, per_round=4)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
+        results = simulate(server.url, str(creds), str(tmp_path / "leaves"), dask_address=cluster.scheduler_address,
+                           participant=f"{__name__}:Steady", rounds=2, aggregation_timeout_s=120)
+    assert {name: [r.status for r in done] for name, done in results.items()} == {
+        name: ["completed", "completed"] for name in results}
+
+
+def test_an_address_where_no_scheduler_answers_is_refused_and_nothing_starts(server: BkServer,
+                                                                            tmp_path: Path) -> None:
+    creds = federation_files(server, tmp_path, leaves=2, per_round=2)
+    with pytest.raises(SimulationError, match="no Dask scheduler answers at tcp://127.0.0.1:9"):
+        simulate(server.url, str(creds), str(tmp_path / "leaves"), dask_address="tcp://127.0.0.1:9",
+                 participant=f"{__name__}:Steady", rounds=1)
+    assert not (tmp_path / "leaves").exists()
+
+
+def test_a_cluster_with_fewer_threads_than_a_rounds_leaves_is_refused(server: BkServer, tmp_path: Path) -> None:
+    creds = federation_files(server, tmp_path, leaves=3, per_round=3)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        with pytest.raises(SimulationError, match="runs 2 tasks at once; a round needs 3"):
+            simulate(server.url, str(creds), str(tmp_path / "leaves"), dask_address=cluster.scheduler_address,
+                     participant=f"{__name__}:Steady", rounds=1)
+
+
+def test_a_platform_closing_rounds_at_another_count_than_the_draw_is_refused(server: BkServer,
+                                                                          tmp_path: Path) -> None:
+    creds = federation_files(server, tmp_path, leaves=4, per_round=4)
+    with pytest.raises(SimulationError, match="closes a round at 4 updates but each round draws 2"):
+        simulate(server.url, str(creds), str(tmp_path / "leaves"), participant=f"{__name__}:Steady", rounds=1,
+                 fraction=0.5)
+
+
+@pytest.fixture
+def cluster() -> Iterator[distributed.LocalCluster]:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True,
+                                  dashboard_address=None) as started:
+        yield started
+
+
+def test_a_worker_killed_mid_round_resumes_the_leaf_elsewhere_counting_its_update_once(
+        server: BkServer, tmp_path: Path, cluster: distributed.LocalCluster) -> None:
+    creds = federation_files(server, tmp_path, leaves=2, per_round=2)
+    pause = tmp_path / "paused.pid"
+    killer = _kill_when_paused(pause)
+    results = simulate(server.url, str(creds), str(tmp_path / "leaves"), dask_address=cluster.scheduler_address,
+                       participant=f"{__name__}:Steady", participant_options={"pause_file": str(pause)}, rounds=3,
+                       aggregation_timeout_s=120)
+    killer.join(timeout=5)
+    assert pause.exists(), "the leaf paused in round 2 and its worker was killed there"
+    assert {name: [r.status for r in done] for name, done in results.items()} == {
+        name: ["completed"] * 3 for name in results}
+    assert [updates for updates, _ in platform_rounds(server, tmp_path / "leaves")] == [2, 2, 2]
+    first = sorted((tmp_path / "leaves").iterdir())[0]
+    assert [(r["round"], r["status"]) for r in history_rows(first)] == [(n, "completed") for n in (1, 2, 3)]
+
+
+def _kill_when_paused(pause: Path) -> threading.Thread:
+    """A thread that SIGKILLs the worker process that wrote `pause` as soon as it appears."""
+
+    def kill() -> None:
+        deadline = time.monotonic() + 120
+        while not pause.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        if pause.exists():
+            os.kill(int(pause.read_text()), signal.SIGKILL)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
