@@ -505,11 +505,12 @@ class Platform:
         if not self.settings.extensions:
             return {"run_status": branch.run_status, "run_number": branch.run_number}
         latest = self.store.latest_aggregate(branch.id)
+        statistics = self.store.latest_aggregate(branch.id, FEDERATED_ANALYTICS)
         aggregating = self.store.aggregating_rounds(branch.id, branch.run_number)
+        ref = lambda a: None if a is None else {  # noqa: E731
+            "aggregation_id": a.id, "run_number": a.run_number, "round": a.round}
         return {"run_status": branch.run_status, "run_number": branch.run_number, "round": branch.round,
-                "aggregating": aggregating,
-                "latest_aggregation": None if latest is None else {
-                    "aggregation_id": latest.id, "run_number": latest.run_number, "round": latest.round}}
+                "aggregating": aggregating, "latest_aggregation": ref(latest), "latest_statistics": ref(statistics)}
 
     def branch_config(self, branch: Branch) -> dict[str, Any]:
         """The 3.x branch config document: branch, service, model_config and timestamps."""

@@ -260,11 +260,11 @@ class Store:
                                       "status = 'aggregating' ORDER BY round", (branch_id, run_number)).fetchall()
         return [row["round"] for row in rows]
 
-    def latest_aggregate(self, branch_id: str) -> Aggregate | None:
-        """The branch's most recent model aggregate, by run and round (a combined statistics result
-        is no model to resync to)."""
-        return self._one(Aggregate, "SELECT * FROM aggregates WHERE branch_id = ? AND kind = 'federated_learning' "
-                                    "ORDER BY run_number DESC, round DESC LIMIT 1", branch_id)
+    def latest_aggregate(self, branch_id: str, kind: str = "federated_learning") -> Aggregate | None:
+        """The branch's most recent aggregate of a payload kind (models by default: a combined
+        statistics result is no model to resync to), by run and round."""
+        return self._one(Aggregate, "SELECT * FROM aggregates WHERE branch_id = ? AND kind = ? "
+                                    "ORDER BY run_number DESC, round DESC LIMIT 1", branch_id, kind)
 
     def metrics_of_branch(self, branch_id: str) -> list[dict[str, Any]]:
         with self._lock:

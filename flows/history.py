@@ -33,7 +33,10 @@ SCHEMA = pa.schema([
     ("noise_multiplier", pa.float64()),
     ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
     ("flow_run_id", pa.string()),
+    ("round_kind", pa.string()),
 ])
+LEARNING = "learning"
+ANALYTICS = "analytics"
 
 
 @dataclass
@@ -76,6 +79,7 @@ class RoundRecord:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     flow_run_id: str | None = None
+    round_kind: str = LEARNING
 
 
 def history_dir(work_dir: Path) -> Path:
@@ -87,6 +91,7 @@ def append_record(work_dir: Path, record: RoundRecord) -> Path:
     directory = history_dir(work_dir)
     directory.mkdir(parents=True, exist_ok=True)
     suffix = "" if record.status == "completed" else f"-{record.status}"
+    suffix += "" if record.round_kind == LEARNING else f"-{record.round_kind}"
     path = directory / f"run-{record.run_number:04d}-round-{record.round:06d}-{record.leaf_id}{suffix}.parquet"
     row = asdict(record)
     row["train_metrics"] = list(row["train_metrics"].items())
@@ -97,10 +102,17 @@ def append_record(work_dir: Path, record: RoundRecord) -> Path:
     return path
 
 
-def history_files(work_dir: Path) -> list[Path]:
-    """The work dir's history files, one per round, in (run, round) order."""
+def history_files(work_dir: Path, kinds: tuple[str, ...] = (LEARNING,)) -> list[Path]:
+    """The work dir's history files of these round kinds (training rounds unless asked), one per
+    round, in (run, round) order."""
     directory = history_dir(work_dir)
-    return sorted(directory.glob("*.parquet")) if directory.exists() else []
+    files = sorted(directory.glob("*.parquet")) if directory.exists() else []
+    return [f for f in files if file_kind(f) in kinds]
+
+
+def file_kind(path: Path) -> str:
+    """The kind of round a history file records, from its name (analytics rows say so)."""
+    return ANALYTICS if path.name.endswith(f"-{ANALYTICS}.parquet") else LEARNING
 
 
 def file_round(path: Path) -> tuple[int, int]:
@@ -125,9 +137,10 @@ def _read_files(files: list[Path]) -> pa.Table:
     return table.sort_by([("run_number", "ascending"), ("round", "ascending"), ("leaf_name", "ascending")])
 
 
-def history_rows(work_dir: Path, last: int | None = None) -> list[dict[str, Any]]:
-    """The history (the `last` rounds, or all) as plain dicts, metrics as dicts."""
-    return rows_of(_latest(history_files(work_dir), last))
+def history_rows(work_dir: Path, last: int | None = None,
+                 kinds: tuple[str, ...] = (LEARNING,)) -> list[dict[str, Any]]:
+    """The history (the `last` rounds, or all, of these kinds) as plain dicts, metrics as dicts."""
+    return rows_of(_latest(history_files(work_dir, kinds), last))
 
 
 def rows_of(files: list[Path]) -> list[dict[str, Any]]:
@@ -136,6 +149,7 @@ def rows_of(files: list[Path]) -> list[dict[str, Any]]:
     for row in rows:
         row["train_metrics"] = dict(row["train_metrics"] or [])
         row["eval_metrics"] = dict(row["eval_metrics"] or [])
+        row["round_kind"] = row["round_kind"] or LEARNING
     return rows
 
 

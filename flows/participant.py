@@ -49,6 +49,11 @@ class Participant(ABC):
         """Whether to take part in this round (a device on battery may decline)."""
         return True
 
+    def statistics(self) -> dict[str, np.ndarray]:
+        """Raw columns (name to 1-D values) for a federated-statistics round; they are reduced to
+        count, sums, min, max and NaN count on the site, so no raw value leaves it (none by default)."""
+        return {}
+
 
 def parse_options(options: dict[str, Any] | str | None) -> dict[str, Any]:
     """Participant options from a dict or a JSON object text (empty for None or blank)."""
