@@ -11,11 +11,14 @@ bytes under the same idempotency key and counts once.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +35,7 @@ from .history import ANALYTICS, RoundRecord, append_record, utc_from_timestamp
 from .leaf_state import hold_work_dir, resolve_work_dir
 from .observability import artifact_key, label_flow_run, run_tags
 from .participant import ParticipantError, load_participant, parse_options
+from .simulation import leaf_credentials
 
 STATISTICS_DIR = "statistics"
 _STATISTICS = ("n", "completeness", "mean", "variance", "std", "min", "max")
@@ -154,3 +158,31 @@ def _metrics(table: list[dict[str, Any]], prefix: str) -> dict[str, float]:
     """The history row's metrics: `<column>.<statistic>` for the federation's or (`site `) the site's."""
     return {f"{row['column']}.{name}": float(row[prefix + name]) for row in table for name in _STATISTICS
             if row.get(prefix + name) is not None}
+
+
+@flow(name="federation-statistics")
+def federation_statistics(
+    host: str,
+    credentials_dir: str,
+    work_root: str,
+    participant: str = "flows.examples.digits:DigitsSoftmax",
+    participant_options: dict[str, Any] | None = None,
+    statistics: str | None = None,
+    transport: str = "websocket",
+    amqp_host: str | None = None,
+    timeout_s: float = 600,
+) -> dict[str, StatisticsResult]:
+    """Every leaf of `credentials_dir` runs its `federated-statistics` at once (a whole federation's
+    statistics round on one machine); leaf i gets `leaf_index=i, leaves=N` added to the options."""
+    blocks = leaf_credentials(Path(credentials_dir), host, transport)
+    if amqp_host:
+        blocks = [b.model_copy(update={"amqp_host": amqp_host}) for b in blocks]
+
+    def one(index: int, block: BranchKeyCredentials) -> StatisticsResult:
+        options = {**(participant_options or {}), "leaf_index": index, "leaves": len(blocks)}
+        return federated_statistics(block, str(Path(work_root) / block.leaf_name), participant, options, statistics,
+                                    timeout_s=timeout_s)
+
+    with ThreadPoolExecutor(max_workers=len(blocks), thread_name_prefix="leaf") as pool:
+        futures = {b.leaf_name: pool.submit(contextvars.copy_context().run, one, i, b) for i, b in enumerate(blocks)}
+        return {name: future.result() for name, future in futures.items()}
