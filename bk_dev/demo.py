@@ -165,12 +165,11 @@ def dashboard_urls(ui: str, api: str, branch_id: str, names: Sequence[str]) -> d
     return urls
 
 
-def statistics_view(table: Sequence[Mapping[str, Any]]) -> Table:
-    """The federation's per-pixel mean and std from the statistics round, laid out as the 8x8 image."""
-    cells = {row["column"]: f"{row['mean']:.2f}±{row['std']:.2f}" for row in table}
+def statistics_view(table: Sequence[Mapping[str, Any]], statistic: str) -> Table:
+    """One of the federation's per-pixel statistics from the statistics round, laid out as the 8x8 image."""
+    cells = {row["column"]: f"{row[statistic]:.2f}" for row in table}
     side = 8
-    view = Table(title=f"Statistics round: per-pixel mean±std over {table[0]['n']} training images of every leaf "
-                       "(pixel values 0..1; from six numbers per pixel per leaf, no raw pixel sent)",
+    view = Table(title=f"Per-pixel {statistic} over the {table[0]['n']} training images of every leaf",
                  title_justify="left")
     for column in range(side):
         view.add_column(str(column))
@@ -194,8 +193,11 @@ def run_statistics(console: Console, platform: LocalServer, prefect: LocalPrefec
     if process.returncode != 0:
         raise StatisticsFailed(f"the statistics round failed (exit {process.returncode}); see "
                                f"{run_dir / 'statistics.log'}")
-    tables = json.loads(output.read_text())
-    console.print(statistics_view(next(iter(tables.values()))))
+    table = next(iter(json.loads(output.read_text()).values()))
+    console.print("Statistics round done: each leaf sent six numbers per pixel (count, sum, sum of squares, "
+                  "min, max, NaN count), no raw pixel; pixel values are 0..1.")
+    for statistic in ("mean", "std"):
+        console.print(statistics_view(table, statistic))
     platform.run(branch_id, "stop")
     platform.run(branch_id, "start")
 
