@@ -21,19 +21,25 @@ from ..support.bkserver import BkServer
 from ..support.flow_helpers import artifacts
 
 
-@pytest.fixture(scope="module")
-def statistics_round(prefect_api: str, tmp_path_factory: pytest.TempPathFactory
+@pytest.fixture(scope="module", params=["websocket", "amqp"])
+def statistics_round(request: pytest.FixtureRequest, prefect_api: str, tmp_path_factory: pytest.TempPathFactory
                      ) -> Iterator[tuple[BkServer, Path, dict[str, StatisticsResult]]]:
-    """One statistics round of three digits leaves over WebSocket; return server, work root, results."""
-    root = tmp_path_factory.mktemp("statistics")
-    server = BkServer(root / "data").start()
+    """One statistics round of three digits leaves per transport (the combined result is announced
+    like an aggregate on both); return server, work root, results."""
+    if request.param == "amqp":
+        request.getfixturevalue("rabbitmq")
+    root = tmp_path_factory.mktemp(f"statistics-{request.param}")
+    server = BkServer(root / "data", amqp=request.param == "amqp").start()
     try:
         federation = server.federation(leaves=3)
         write_credentials(root / "creds", federation.leaves)
         yield server, root / "leaves", federation_statistics(server.url, str(root / "creds"), str(root / "leaves"),
+                                                             transport=request.param, amqp_host="127.0.0.1",
                                                              timeout_s=120)
     finally:
         server.stop()
+        if server.amqp:
+            server.cleanup_broker()
 
 
 def test_every_leaf_gets_the_same_combined_statistics(statistics_round) -> None:
