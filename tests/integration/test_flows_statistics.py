@@ -15,7 +15,8 @@ from flows.examples.digits import DigitsSoftmax
 from flows.history import ANALYTICS, history_rows
 from flows.observability import artifact_key
 from flows.participant import Participant, ParticipantError, TrainResult
-from flows.statistics import StatisticsResult, federation_statistics, load_columns
+from flows.simulation import leaf_credentials
+from flows.statistics import StatisticsResult, federated_statistics, federation_statistics, load_columns
 
 from ..support.bkserver import BkServer
 from ..support.flow_helpers import artifacts
@@ -115,3 +116,14 @@ def test_participant_without_statistics_is_refused() -> None:
 def test_statistics_callable_that_is_not_importable_is_refused() -> None:
     with pytest.raises(ParticipantError, match="cannot import statistics callable 'nowhere:columns'"):
         load_columns(None, None, "nowhere:columns")
+
+
+def test_rerun_after_the_round_counts_once(statistics_round) -> None:
+    server, leaves, results = statistics_round
+    block = leaf_credentials(leaves.parent / "creds", server.url, "websocket")[0]
+    again = federated_statistics(block, str(leaves / block.leaf_name), "flows.examples.digits:DigitsSoftmax",
+                                 {"leaf_index": 0, "leaves": 3}, timeout_s=30)
+    assert again.aggregation_id == results[block.leaf_name].aggregation_id
+    rounds = server.status(server.federations[0].branch_id)["rounds"]
+    assert [(r["round"], r["updates"]) for r in rounds] == [(1, 3), (2, 0)]
+    assert len(history_rows(leaves / block.leaf_name, kinds=(ANALYTICS,))) == 1
