@@ -100,7 +100,7 @@ def schema_of(info: AnalyticsInfo, assignments: Mapping[str, Assignment]) -> dic
             raise AnalyticsRejected(
                 f"field '{name}' has no operation: it is not part of a column's six-value bundle and the branch "
                 f"configuration assigns it none (unassigned_field)", "unassigned_field")
-        _check_operation(spec, assignment, info.fields, name in assignments)
+        _check_operation(spec, assignment, info.fields)
         schema[name] = {"shape": list(spec.shape), "dtype": spec.dtype} | assignment.as_json()
     for name in assignments:
         if name not in info.fields:
@@ -131,7 +131,7 @@ def _bundle_assignment(name: str, fields: Mapping[str, FieldSpec]) -> Assignment
     return Assignment(BUNDLE_COMBINERS[suffix])
 
 
-def _check_operation(spec: FieldSpec, assignment: Assignment, fields: Mapping[str, FieldSpec], named: bool) -> None:
+def _check_operation(spec: FieldSpec, assignment: Assignment, fields: Mapping[str, FieldSpec]) -> None:
     """Refuse a numeric operation on a string field, and a mean whose weight is not one count."""
     if assignment.op in _NUMERIC_OPERATIONS and spec.kind not in _NUMERIC_KINDS:
         raise AnalyticsRejected(f"field '{spec.name}' holds {_dtype_text(spec.dtype)} values, which '{assignment.op}' "

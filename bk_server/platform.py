@@ -28,6 +28,15 @@ from bk_blocks.archive import FEDERATED_ANALYTICS, FEDERATED_LEARNING, PAYLOAD_K
 from bk_blocks.files import remove_temporaries
 from bk_blocks.protocol import METRIC_MODES, RUN_BLOCKED_TEXT, RUN_STATUSES
 
+from .analytics import (
+    AnalyticsRejected,
+    assignments_json,
+    check_against,
+    check_values,
+    load_assignments,
+    parse_assignments,
+    schema_of,
+)
 from .errors import (
     BadRequest,
     Forbidden,
@@ -37,15 +46,6 @@ from .errors import (
     StaleRound,
     Unauthorized,
     UploadRejected,
-)
-from .analytics import (
-    AnalyticsRejected,
-    assignments_json,
-    check_against,
-    check_values,
-    load_assignments,
-    parse_assignments,
-    schema_of,
 )
 from .faults import crash_point
 from .fedavg import WeightedUpdate
@@ -340,8 +340,9 @@ class Platform:
         return json.dumps(schema)
 
     def set_field_operations(self, branch_id: str, fields: Any) -> dict[str, Any]:
-        """Assign the operations that combine a branch's named analytics fields (bundles need none);
-        they apply from the next run's first payload, which freezes them with its fields."""
+        """Assign the operations that combine a branch's named analytics fields (bundles need none).
+        A run takes them with its first statistics payload, which freezes them with its fields; a run
+        already frozen keeps its own and refuses payloads that would now combine otherwise."""
         self.require_branch(branch_id)
         assignments = parse_assignments(fields)
         self.store.set_field_operations(branch_id, assignments_json(assignments))

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from bk_blocks.errors import ArchiveError
 
@@ -51,7 +52,7 @@ def write_aggregate(inputs: list[WeightedUpdate], out: Path, what: str) -> None:
     log.error("aggregation of %s failed %d times", what, AGGREGATION_ATTEMPTS)
 
 
-def write_combined(inputs: list[Path], schema: dict, out: Path, what: str) -> None:
+def write_combined(inputs: list[Path], schema: dict[str, dict[str, Any]], out: Path, what: str) -> None:
     """The statistics payloads of a round combined field by field into `out`, retried like
     `write_aggregate`: an I/O error again, a bad input never."""
     for attempt in range(1, AGGREGATION_ATTEMPTS + 1):

@@ -248,3 +248,18 @@ def test_unusable_field_operations_refused(stats: Statistics, fields: Any, messa
 def test_learning_upload_still_works_with_the_new_columns(stats: Statistics, tmp_path: Path) -> None:
     path = write_update(tmp_path / "u.npz", 1.0, [np.ones(3, np.float32)])
     assert stats.send(0, path).status_code == 201
+
+
+def test_operation_reassigned_mid_run_refused_until_a_new_run(stats: Statistics) -> None:
+    stats.assign({"cases": "sum"})
+    stats.fields(0, cases=3)
+    stats.fields(1, cases=4)
+    stats.assign({"cases": "max"})
+    reply = stats.fields(0, cases=5)
+    assert refusal(reply)[:2] == (422, "operation_changed")
+    assert "field 'cases' would combine by 'max' but this run combines it by 'sum'" in refusal(reply)[2]
+    stats.run("stop")
+    stats.run("start")
+    assert stats.fields(0, cases=5).status_code == 201 and stats.fields(1, cases=2).status_code == 201
+    assert stats.combined(stats.settled(2)["aggregation_id"])["cases"].tolist() == [5]
+
