@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .client import AggregationRef, BranchKeyClient, ConnectionOptions, LeafIdentity, RunDetails, UploadReply
 from .errors import (
     AggregationTimeoutError,
+    AnalyticsError,
     ArchiveError,
     ArchiveRejectedError,
     AuthenticationError,
@@ -52,6 +53,7 @@ __all__ = [
     "AggregationNotice",
     "AggregationRef",
     "AggregationTimeoutError",
+    "AnalyticsError",
     "ArchiveError",
     "ArchiveRejectedError",
     "AuthenticationError",

@@ -27,7 +27,8 @@ import numpy as np
 import requests
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .archive import inspect_aggregate, inspect_update, write_update
+from .analytics import inspect_analytics, write_statistics
+from .archive import FEDERATED_ANALYTICS, inspect_aggregate, inspect_update, write_update
 from .errors import (
     ArchiveError,
     ArchiveRejectedError,
@@ -166,6 +167,7 @@ class RunDetails:
     round: int | None = None
     latest_aggregation: AggregationRef | None = None
     aggregating: tuple[int, ...] = ()
+    latest_statistics: AggregationRef | None = None
 
     @property
     def tells_round(self) -> bool:
@@ -178,7 +180,8 @@ class RunDetails:
         return cls(str(data["run_status"]), int(data["run_number"]),
                    round_number if isinstance(round_number, int) and round_number >= 0 else None,
                    AggregationRef.parse(data.get("latest_aggregation")),
-                   tuple(n for n in aggregating if isinstance(n, int)) if isinstance(aggregating, list) else ())
+                   tuple(n for n in aggregating if isinstance(n, int)) if isinstance(aggregating, list) else (),
+                   AggregationRef.parse(data.get("latest_statistics")))
 
 
 @dataclass(frozen=True)
@@ -376,6 +379,8 @@ class BranchKeyClient:
         path = Path(path)
         try:
             info = inspect_update(path)
+            if info.kind == FEDERATED_ANALYTICS:
+                inspect_analytics(path)
         except ArchiveError as exc:
             raise ArchiveRejectedError(f"{path.name} is not a valid update: {exc}") from None
         except OSError as exc:
@@ -404,8 +409,26 @@ class BranchKeyClient:
         self.log.info("uploaded %s (%d bytes, weighting %g) as %s", path.name, size, info.weighting, reply.file_id)
         return reply
 
+    def write_statistics(self, path: str | os.PathLike[str], columns: dict[str, Any], nan_policy: str = "omit",
+                         fields: dict[str, Any] | None = None) -> Path:
+        """Reduce raw columns to their six-value bundles (plus pre-reduced `fields`) into an analytics
+        archive, as the official `save_analytics` does; no raw value is written."""
+        try:
+            return write_statistics(path, columns, nan_policy, fields)
+        except ArchiveError as exc:
+            raise ArchiveRejectedError(f"cannot write statistics: {exc}") from None
+
     def download(self, file_id: str, dest_dir: str | os.PathLike[str]) -> Path:
         """Download an aggregate to `dest_dir/<file_id>.npz`, atomically: never a partial file."""
+        return self._download(file_id, dest_dir, inspect_aggregate, "aggregate")
+
+    def download_statistics(self, file_id: str, dest_dir: str | os.PathLike[str]) -> Path:
+        """Download a combined statistics result to `dest_dir/<file_id>.npz`, atomically."""
+        return self._download(file_id, dest_dir, lambda path: inspect_analytics(path, combined=True),
+                              "combined statistics")
+
+    def _download(self, file_id: str, dest_dir: str | os.PathLike[str], check: Any, what: str) -> Path:
+        """Fetch a platform file by id into `dest_dir`, checked by `check` before it takes its name."""
         check_file_id(file_id)
         dest_dir = Path(dest_dir)
         dest_dir.mkdir(parents=True, exist_ok=True)
@@ -417,10 +440,10 @@ class BranchKeyClient:
             with atomic_write(target) as handle:
                 received = self._fetch(url, handle)
                 handle.flush()
-                inspect_aggregate(handle.name)
+                check(handle.name)
         except ArchiveError as exc:
-            raise TransientError(f"downloaded aggregate {file_id} is damaged ({exc}); download it again") from None
-        self.log.info("downloaded aggregate %s (%d bytes)", file_id, received)
+            raise TransientError(f"downloaded {what} {file_id} is damaged ({exc}); download it again") from None
+        self.log.info("downloaded %s %s (%d bytes)", what, file_id, received)
         return target
 
     def _fetch(self, url: str, handle: io.BufferedWriter) -> int:

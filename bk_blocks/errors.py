@@ -6,7 +6,8 @@
     ├── UnsafeFileIdError (ValueError)       a file id that is not a bare name
     ├── ArchiveError (ValueError)            not a valid update or aggregate archive
     │   ├── NotAnArchiveError, PickledArrayError, WeightingError, LayerError,
-    │   └── ArchiveTooLargeError, UnsupportedPayloadError
+    │   ├── ArchiveTooLargeError, UnsupportedPayloadError
+    │   └── AnalyticsError                   a federated_analytics archive or column that cannot be sent
     ├── TransientError                       a retry may fix it: 5xx, timeouts, dropped connections
     │   └── NotificationTimeout
     ├── RequestRefusedError                  the platform said no (4xx): final
@@ -76,6 +77,15 @@ class ArchiveTooLargeError(ArchiveError):
 
 class UnsupportedPayloadError(ArchiveError):
     """The archive declares a payload kind this code does not handle (yet)."""
+
+
+class AnalyticsError(ArchiveError):
+    """A statistics payload that cannot be written or sent: a bad column, field name, dtype or bundle;
+    `field` names the field (or column) at fault when there is one."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class TransientError(BranchKeyError):

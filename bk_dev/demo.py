@@ -1,5 +1,6 @@
 """The demo federation (`make demo`): a local platform, a Prefect server with its UI, and
-three leaves learning handwritten digits together for ten rounds.
+three leaves learning handwritten digits together for ten rounds, after a statistics round
+that pools the per-pixel mean and std of their training images (no raw pixel leaves a leaf).
 
 Starts `bk-server` (WebSocket notifications; AMQP when `BK_DEMO_TRANSPORT=amqp` and a
 RabbitMQ broker answers on 127.0.0.1) and `prefect server start`, each on a free port and
@@ -13,6 +14,7 @@ until Ctrl-C (or exits at once with `--no-keep`). Ctrl-C at any moment stops eve
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -192,6 +194,47 @@ def dashboard_urls(ui: str, api: str, federation: dict[str, Any], names: Sequenc
     return urls
 
 
+def statistics_view(table: Sequence[Mapping[str, Any]], statistic: str) -> Table:
+    """One of the federation's per-pixel statistics from the statistics round, laid out as the 8x8 image."""
+    cells = {row["column"]: f"{row[statistic]:.2f}" for row in table}
+    side = 8
+    view = Table(title=f"Per-pixel {statistic} over the {table[0]['n']} training images of every leaf",
+                 title_justify="left")
+    for column in range(side):
+        view.add_column(str(column))
+    for row in range(side):
+        view.add_row(*(cells.get(f"pixel_{row * side + column:02d}", "-") for column in range(side)))
+    return view
+
+
+def run_statistics(console: Console, platform: LocalServer, prefect: LocalPrefectServer, run_dir: Path,
+                   branch_id: str, transport: str, children: list[subprocess.Popen[bytes]]) -> None:
+    """The statistics round (`bk statistics`, every leaf at once, its process added to `children`)
+    in run 1, printed; then a new run for training, so the training rounds count from 1."""
+    output = run_dir / "statistics.json"
+    process = spawn([sys.executable, "-m", "deployments.cli", "statistics", "--host", platform.url,
+                     "--credentials-dir", str(run_dir / "credentials"), "--work-root", str(run_dir / "leaves"),
+                     "--transport", transport, "--amqp-host", "127.0.0.1", "--timeout-s", str(AGGREGATION_TIMEOUT_S),
+                     "--output", str(output)], run_dir / "statistics.log", env=prefect.client_env())
+    children.append(process)
+    while process.poll() is None:
+        time.sleep(REFRESH_S)
+    if process.returncode != 0:
+        raise StatisticsFailed(f"the statistics round failed (exit {process.returncode}); see "
+                               f"{run_dir / 'statistics.log'}")
+    table = next(iter(json.loads(output.read_text()).values()))
+    console.print("Statistics round done: each leaf sent six numbers per pixel (count, sum, sum of squares, "
+                  "min, max, NaN count), no raw pixel; pixel values are 0..1.")
+    for statistic in ("mean", "std"):
+        console.print(statistics_view(table, statistic))
+    platform.run(branch_id, "stop")
+    platform.run(branch_id, "start")
+
+
+class StatisticsFailed(RuntimeError):
+    """The demo's statistics round did not complete."""
+
+
 def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
     """SIGTERM stops the demo as Ctrl-C does (SIGINT is handled even when a shell started the demo
     in the background, which would otherwise leave it ignored)."""
@@ -265,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefect = LocalPrefectServer(run_dir / "prefect", database=args.prefect_db)
     platform = LocalServer(run_dir / "platform" / "data", amqp_url=AMQP_URL if transport == "amqp" else None)
     simulation: subprocess.Popen[bytes] | None = None
+    children: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
     try:
         prefect.launch()
@@ -277,8 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{args.leaves} leaves; Prefect server on {prefect.url} "
                       f"({describe_database(args.prefect_db)}) starting ...")
         prefect.wait_ready()
-        console.print(f"Prefect server up after {time.monotonic() - started:.0f} s; "
-                      f"{args.rounds} rounds of federated digits:")
+        console.print(f"Prefect server up after {time.monotonic() - started:.0f} s; a statistics round first:")
+        run_statistics(console, platform, prefect, run_dir, federation["branch_id"], transport, children)
+        console.print(f"{args.rounds} rounds of federated digits:")
         simulation = spawn([sys.executable, "-m", "deployments.cli", "simulate", "--host", platform.url,
                             "--credentials-dir", str(run_dir / "credentials"), "--work-root", str(run_dir / "leaves"),
                             "--rounds", str(args.rounds), "--transport", transport, "--amqp-host", "127.0.0.1",
@@ -301,15 +346,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("Stopping the demo ...")
         return 130
-    except PrefectDatabaseError as exc:
+    except (PrefectDatabaseError, StatisticsFailed) as exc:
         console.print(f"[red]{exc}[/red]")
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            if simulation is not None:
-                stop_group(simulation)
+            for child in [*children, *([simulation] if simulation is not None else [])]:
+                stop_group(child)
         finally:
             try:
                 platform.stop()

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from .errors import Unauthorized
+from .errors import BadRequest, Unauthorized
 from .platform import Platform
 
 
@@ -65,3 +65,15 @@ def branch_status(branch_id: str, platform: AdminDep) -> dict[str, Any]:
 @router.get("/branches")
 def list_branches(platform: AdminDep) -> dict[str, Any]:
     return {"data": [platform.branch_config(b)["branch"] for b in platform.store.branches()]}
+
+
+@router.put("/branches/{branch_id}/fields")
+async def assign_field_operations(branch_id: str, request: Request, platform: AdminDep) -> dict[str, Any]:
+    """Assign the operations that combine the branch's named analytics fields: `{"fields": {"n": "sum", ...}}`."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("body must be JSON text: {\"fields\": {\"<field>\": \"<operation>\"}}") from None
+    fields = body.get("fields") if isinstance(body, dict) else None
+    assigned = await anyio.to_thread.run_sync(platform.set_field_operations, branch_id, fields)
+    return {"data": {"fields": assigned}}

@@ -13,6 +13,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse
 
+from bk_blocks.analytics import AnalyticsInfo, inspect_analytics
 from bk_blocks.archive import (
     FEDERATED_ANALYTICS,
     ArchiveError,
@@ -85,8 +86,8 @@ async def upload(
         if earlier is not None:
             received.path.unlink(missing_ok=True)
             return created(platform.receipt(earlier))
-        info = await anyio.to_thread.run_sync(_inspect, received.path, settings.max_decompressed_bytes)
-        staged = StagedUpload(received.path, received.size, received.digest, info)
+        info, analytics = await anyio.to_thread.run_sync(_inspect, received.path, settings.max_decompressed_bytes)
+        staged = StagedUpload(received.path, received.size, received.digest, info, analytics)
         upload = await anyio.to_thread.run_sync(
             platform.accept_upload, leaf, staged, received.metadata, idempotency_key, expected
         )
@@ -106,15 +107,15 @@ def _expected_round(run_number: str | None, round_number: str | None) -> tuple[i
     return int(run_number), int(round_number)
 
 
-def _inspect(path: Path, max_decompressed_bytes: int) -> UpdateInfo:
-    """Validate a received archive; an invalid one becomes a 422 naming the problem."""
+def _inspect(path: Path, max_decompressed_bytes: int) -> tuple[UpdateInfo, AnalyticsInfo | None]:
+    """Validate a received archive (a model update, or a statistics payload and its fields); an
+    invalid one becomes a 422 naming the problem."""
     try:
         info = inspect_update(path, max_decompressed_bytes=max_decompressed_bytes)
+        analytics = inspect_analytics(path) if info.kind == FEDERATED_ANALYTICS else None
     except ArchiveError as exc:
         raise UploadRejected(f"archive rejected: {exc}") from None
-    if info.kind == FEDERATED_ANALYTICS:
-        raise UploadRejected("federated_analytics archives are not supported yet by this server")
-    return info
+    return info, analytics
 
 
 @router.get("/api/v1/file/download/{file_id}")

@@ -162,6 +162,23 @@ def status(*, branch: str, data_dir: Path | None = None, server: str | None = No
     print(json.dumps(admin_call(url, token, "GET", f"/branches/{branch}"), indent=2))
 
 
+@app.command
+def fields(*assignments: str, branch: str, data_dir: Path | None = None, server: str | None = None,
+           admin_token: str | None = None) -> None:
+    """Assign the operations that combine BRANCH's named analytics fields, replacing earlier ones:
+    `n_cases=sum`, `lowest=min`, `highest=max`, `site_kind=must_match`, `spacing=mean:n_cases`
+    (a mean weighted by a count field). Bundle entries (`<col>_n` ...) need none."""
+    url, token = _admin_target(data_dir, server, admin_token)
+    body: dict[str, object] = {}
+    for assignment in assignments:
+        name, sep, operation = assignment.partition("=")
+        if not sep or not name or not operation:
+            raise AdminCallError(f"assignment must be FIELD=OPERATION, got {assignment!r}")
+        op, _, weight = operation.partition(":")
+        body[name] = {"op": op, "weight": weight} if weight else op
+    print(json.dumps(admin_call(url, token, "PUT", f"/branches/{branch}/fields", {"fields": body})))
+
+
 def main() -> None:
     try:
         app()

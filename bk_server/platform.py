@@ -23,10 +23,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bk_blocks.archive import UpdateInfo
+from bk_blocks.analytics import BUNDLE_COMBINERS, AnalyticsInfo
+from bk_blocks.archive import FEDERATED_ANALYTICS, FEDERATED_LEARNING, PAYLOAD_KINDS, UpdateInfo
 from bk_blocks.files import remove_temporaries
 from bk_blocks.protocol import METRIC_MODES, RUN_BLOCKED_TEXT, RUN_STATUSES
 
+from .analytics import (
+    AnalyticsRejected,
+    assignments_json,
+    check_against,
+    check_values,
+    load_assignments,
+    parse_assignments,
+    schema_of,
+)
 from .errors import (
     BadRequest,
     Forbidden,
@@ -40,7 +50,7 @@ from .errors import (
 from .faults import crash_point
 from .fedavg import WeightedUpdate
 from .notifications import Notifier, aggregation_message, run_status_message
-from .scheduling import AggregationQueue, round_is_due, write_aggregate
+from .scheduling import AggregationQueue, round_is_due, write_aggregate, write_combined
 from .settings import ServerSettings
 from .signing import DownloadSigner
 from .store import Aggregate, Branch, Leaf, Round, Store, Upload
@@ -85,6 +95,7 @@ class StagedUpload:
     size: int
     digest: str
     info: UpdateInfo
+    analytics: AnalyticsInfo | None = None
 
 
 class BrokerProvisioner(Protocol):
@@ -270,16 +281,22 @@ class Platform:
             round_ = self._open_round(branch)
             accepted = self.store.accepted_uploads(branch.id, branch.run_number, branch.round)
             others = [u for u in accepted if u.leaf_id != leaf.id]
-            self._check_signature(round_, others, signature)
+            self._check_kind(staged.info.kind, others)
+            schema = None
+            if staged.analytics is None:
+                self._check_signature(round_, others, signature)
+            else:
+                schema = self._check_statistics(branch, round_, staged.analytics, staged.path, others)
+                signature = round_.signature or ""
             upload = Upload(str(uuid.uuid4()), leaf.id, branch.id, branch.run_number, branch.round, "accepted",
                             staged.info.weighting, staged.size, staged.digest, metadata, idempotency_key or None,
-                            time.time())
+                            time.time(), staged.info.kind)
             target = self.settings.uploads_dir / f"{upload.file_id}.npz"
             replaced = [u for u in accepted if u.leaf_id == leaf.id]
             staged.path.replace(target)
             try:
                 with self.store.transaction() as db:
-                    self.store.insert_upload(db, upload, signature, [u.file_id for u in replaced])
+                    self.store.insert_upload(db, upload, signature, [u.file_id for u in replaced], schema)
             except BaseException:
                 target.unlink(missing_ok=True)
                 raise
@@ -302,6 +319,34 @@ class Platform:
         if round_ is None:
             raise NotFound(f"round {branch.round} of run {branch.run_number} is missing from the database")
         return round_
+
+    @staticmethod
+    def _check_kind(kind: str, others: list[Upload]) -> None:
+        """Refuse a payload of the other kind than the round's (learning and analytics never share a round)."""
+        if any(u.kind != kind for u in others):
+            held = next(u.kind for u in others if u.kind != kind)
+            raise AnalyticsRejected(f"this round already holds {held} payloads; a {kind} payload cannot join it "
+                                    f"(learning and analytics payloads never share a round) (payload_kind_mismatch)",
+                                    "payload_kind_mismatch")
+
+    def _check_statistics(self, branch: Branch, round_: Round, analytics: AnalyticsInfo, path: Path,
+                          others: list[Upload]) -> str:
+        """The payload's field schema (JSON) once it agrees with the branch's field operations, the
+        run's frozen fields and, for `must_match` fields, the round's earlier payloads."""
+        schema = schema_of(analytics, load_assignments(self.store.field_operations(branch.id)))
+        if round_.analytics_schema is not None:
+            check_against(json.loads(round_.analytics_schema), schema)
+        check_values(path, schema, [self.settings.uploads_dir / f"{u.file_id}.npz" for u in others])
+        return json.dumps(schema)
+
+    def set_field_operations(self, branch_id: str, fields: Any) -> dict[str, Any]:
+        """Assign the operations that combine a branch's named analytics fields (bundles need none).
+        A run takes them with its first statistics payload, which freezes them with its fields; a run
+        already frozen keeps its own and refuses payloads that would now combine otherwise."""
+        self.require_branch(branch_id)
+        assignments = parse_assignments(fields)
+        self.store.set_field_operations(branch_id, assignments_json(assignments))
+        return {name: a.as_json() for name, a in assignments.items()}
 
     @staticmethod
     def _check_signature(round_: Round, others: list[Upload], signature: str) -> None:
@@ -369,16 +414,22 @@ class Platform:
         out = self.settings.aggregates_dir / f"{round_.aggregation_id}.npz"
         inputs = [WeightedUpdate(self.settings.uploads_dir / f"{u.file_id}.npz", u.weighting) for u in uploads]
         what = f"round {run_number}/{round_number} of branch {branch_id}"
-        write_aggregate(inputs, out, what)
+        kind = uploads[0].kind if uploads else FEDERATED_LEARNING
+        if kind == FEDERATED_ANALYTICS:
+            write_combined([u.path for u in inputs], json.loads(round_.analytics_schema or "{}"), out, what)
+        else:
+            write_aggregate(inputs, out, what)
         if not out.exists():
             self.store.fail_round(branch_id, run_number, round_number)
             return
         branch = self.require_branch(branch_id)
-        text = aggregation_message(round_.aggregation_id, **self._extras(run_number=run_number, round=round_number))
+        extras = {"kind": kind} if kind == FEDERATED_ANALYTICS else {}
+        text = aggregation_message(round_.aggregation_id,
+                                   **self._extras(run_number=run_number, round=round_number, **extras))
         with self._lock:
             with self.store.transaction() as db:
                 self.store.record_aggregate(db, Aggregate(round_.aggregation_id, branch_id, run_number, round_number,
-                                                          len(uploads), out.stat().st_size, time.time()))
+                                                          len(uploads), out.stat().st_size, time.time(), kind))
                 self.notifier.stage(db, branch.tree_id, branch_id, text)
         log.info("aggregated %s from %d updates in %.2f s", what, len(uploads), time.perf_counter() - started)
         crash_point("aggregate-committed")
@@ -455,11 +506,12 @@ class Platform:
         if not self.settings.extensions:
             return {"run_status": branch.run_status, "run_number": branch.run_number}
         latest = self.store.latest_aggregate(branch.id)
+        statistics = self.store.latest_aggregate(branch.id, FEDERATED_ANALYTICS)
         aggregating = self.store.aggregating_rounds(branch.id, branch.run_number)
+        ref = lambda a: None if a is None else {  # noqa: E731
+            "aggregation_id": a.id, "run_number": a.run_number, "round": a.round}
         return {"run_status": branch.run_status, "run_number": branch.run_number, "round": branch.round,
-                "aggregating": aggregating,
-                "latest_aggregation": None if latest is None else {
-                    "aggregation_id": latest.id, "run_number": latest.run_number, "round": latest.round}}
+                "aggregating": aggregating, "latest_aggregation": ref(latest), "latest_statistics": ref(statistics)}
 
     def branch_config(self, branch: Branch) -> dict[str, Any]:
         """The 3.x branch config document: branch, service, model_config and timestamps."""
@@ -470,8 +522,11 @@ class Platform:
                 "run_status": branch.run_status, "run_number": branch.run_number, "round": branch.round,
                 "min_updates": branch.min_updates, "quorum": branch.quorum, "round_deadline_s": branch.round_deadline_s,
             },
-            "service": {"aggregation": "fedavg", "payload_kinds": ["federated_learning"],
-                        "max_upload_bytes": self.settings.max_upload_bytes},
+            "service": {"aggregation": "fedavg", "payload_kinds": list(PAYLOAD_KINDS),
+                        "max_upload_bytes": self.settings.max_upload_bytes,
+                        "analytics": {"bundle_combiners": dict(BUNDLE_COMBINERS),
+                                      "field_operations": {name: a.as_json() for name, a in load_assignments(
+                                          self.store.field_operations(branch.id)).items()}}},
             "model_config": {},
             "created_at": iso(branch.created_at),
             "updated_at": iso(branch.updated_at),

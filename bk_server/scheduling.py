@@ -8,10 +8,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from bk_blocks.errors import ArchiveError
 
 from .faults import crash_point
+from .analytics import combine
 from .fedavg import AggregationError, WeightedUpdate, fedavg
 from .store import Branch
 
@@ -48,6 +50,22 @@ def write_aggregate(inputs: list[WeightedUpdate], out: Path, what: str) -> None:
             log.exception("aggregation of %s failed", what)
             return
     log.error("aggregation of %s failed %d times", what, AGGREGATION_ATTEMPTS)
+
+
+def write_combined(inputs: list[Path], schema: dict[str, dict[str, Any]], out: Path, what: str) -> None:
+    """The statistics payloads of a round combined field by field into `out`, retried like
+    `write_aggregate`: an I/O error again, a bad input never."""
+    for attempt in range(1, AGGREGATION_ATTEMPTS + 1):
+        try:
+            combine(inputs, schema, out)
+            return
+        except OSError as exc:
+            log.warning("combining %s hit %s (attempt %d of %d)", what, exc, attempt, AGGREGATION_ATTEMPTS)
+            time.sleep(attempt)
+        except (ArchiveError, ValueError):
+            log.exception("combining %s failed", what)
+            return
+    log.error("combining %s failed %d times", what, AGGREGATION_ATTEMPTS)
 
 
 class AggregationQueue:

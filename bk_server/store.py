@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
+_BRANCH_COLUMNS = ("id, tree_id, name, min_updates, quorum, round_deadline_s, run_status, run_number, round, "
+                   "round_opened_at, created_at, updated_at")
+
+
 @dataclass(frozen=True)
 class Branch:
     id: str
@@ -104,6 +108,7 @@ class Upload:
     metadata: str | None
     idempotency_key: str | None
     created_at: float
+    kind: str = "federated_learning"
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ class Round:
     aggregation_id: str | None
     opened_at: float
     closed_at: float | None
+    analytics_schema: str | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,7 @@ class Aggregate:
     updates: int
     size: int
     created_at: float
+    kind: str = "federated_learning"
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,15 @@ class Store:
             self._conn.execute("ALTER TABLE metrics ADD COLUMN idempotency_key TEXT")
         self._conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS metrics_idempotency ON metrics (leaf_id, idempotency_key) "
                            "WHERE idempotency_key IS NOT NULL")
+        self._add_column("uploads", "kind", "TEXT NOT NULL DEFAULT 'federated_learning'")
+        self._add_column("aggregates", "kind", "TEXT NOT NULL DEFAULT 'federated_learning'")
+        self._add_column("rounds", "analytics_schema", "TEXT")
+        self._add_column("branches", "field_operations", "TEXT")
+
+    def _add_column(self, table: str, column: str, declaration: str) -> None:
+        """Add a column the analytics payloads need, unless the table has it already."""
+        if column not in {row["name"] for row in self._conn.execute(f"PRAGMA table_info({table})")}:
+            self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         with self._lock:
@@ -190,10 +206,21 @@ class Store:
         return self._all(Leaf, "SELECT * FROM leaves WHERE branch_id = ? ORDER BY created_at, name", branch_id)
 
     def branch(self, branch_id: str) -> Branch | None:
-        return self._one(Branch, "SELECT * FROM branches WHERE id = ?", branch_id)
+        return self._one(Branch, f"SELECT {_BRANCH_COLUMNS} FROM branches WHERE id = ?", branch_id)
 
     def branches(self) -> list[Branch]:
-        return self._all(Branch, "SELECT * FROM branches ORDER BY created_at")
+        return self._all(Branch, f"SELECT {_BRANCH_COLUMNS} FROM branches ORDER BY created_at")
+
+    def field_operations(self, branch_id: str) -> str | None:
+        """The branch's analytics field operations, as JSON text (None when none were assigned)."""
+        with self._lock:
+            row = self._conn.execute("SELECT field_operations FROM branches WHERE id = ?", (branch_id,)).fetchone()
+        return None if row is None else row["field_operations"]
+
+    def set_field_operations(self, branch_id: str, operations: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE branches SET field_operations=?, updated_at=? WHERE id=?",
+                       (operations, time.time(), branch_id))
 
     def round(self, branch_id: str, run_number: int, round_number: int) -> Round | None:
         return self._one(
@@ -233,10 +260,11 @@ class Store:
                                       "status = 'aggregating' ORDER BY round", (branch_id, run_number)).fetchall()
         return [row["round"] for row in rows]
 
-    def latest_aggregate(self, branch_id: str) -> Aggregate | None:
-        """The branch's most recent aggregate, by run and round."""
-        return self._one(Aggregate, "SELECT * FROM aggregates WHERE branch_id = ? "
-                                    "ORDER BY run_number DESC, round DESC LIMIT 1", branch_id)
+    def latest_aggregate(self, branch_id: str, kind: str = "federated_learning") -> Aggregate | None:
+        """The branch's most recent aggregate of a payload kind (models by default: a combined
+        statistics result is no model to resync to), by run and round."""
+        return self._one(Aggregate, "SELECT * FROM aggregates WHERE branch_id = ? AND kind = ? "
+                                    "ORDER BY run_number DESC, round DESC LIMIT 1", branch_id, kind)
 
     def metrics_of_branch(self, branch_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -268,7 +296,7 @@ class Store:
         quorum, deadline) and run stopped, and its leaves (id, name, token hash)."""
         tree_id, tree_name, owner = tree
         db.execute("INSERT INTO trees VALUES (?, ?, ?, ?)", (tree_id, tree_name, owner, now))
-        db.execute("INSERT INTO branches VALUES (?, ?, ?, ?, ?, ?, 'stop', 0, 0, ?, ?, ?)",
+        db.execute(f"INSERT INTO branches ({_BRANCH_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'stop', 0, 0, ?, ?, ?)",
                    (branch[0], tree_id, branch[1], *rules, now, now, now))
         db.executemany("INSERT INTO leaves VALUES (?, ?, ?, ?, ?, ?, ?)",
                        [(leaf_id, name, tree_id, branch[0], owner, token_hash, now)
@@ -279,7 +307,8 @@ class Store:
         """Start run `run_number` of the branch at round 1, with that round open."""
         db.execute("UPDATE branches SET run_status='start', run_number=?, round=1, round_opened_at=?, updated_at=? "
                    "WHERE id=?", (run_number, now, now, branch_id))
-        db.execute("INSERT INTO rounds VALUES (?, ?, 1, 'open', NULL, NULL, ?, NULL)", (branch_id, run_number, now))
+        db.execute("INSERT INTO rounds (branch_id, run_number, round, status, opened_at) VALUES (?, ?, 1, 'open', ?)",
+                   (branch_id, run_number, now))
 
     @staticmethod
     def stop_run(db: sqlite3.Connection, branch: Branch, now: float) -> None:
@@ -300,17 +329,25 @@ class Store:
         return db.execute("SELECT run_number FROM branches WHERE id=?", (branch_id,)).fetchone()[0]
 
     @staticmethod
-    def insert_upload(db: sqlite3.Connection, upload: Upload, signature: str, replaced: list[str]) -> None:
-        """Count an accepted update in its round (which takes the update's layer signature); the
-        leaf's earlier updates to that round (`replaced` file ids) no longer count."""
+    def insert_upload(db: sqlite3.Connection, upload: Upload, signature: str, replaced: list[str],
+                      analytics_schema: str | None = None) -> None:
+        """Count an accepted update in its round (which takes the update's layer signature, or for a
+        statistics payload its fields); the leaf's earlier updates to that round (`replaced` file
+        ids) no longer count."""
         db.executemany("UPDATE uploads SET status='superseded', idempotency_key=NULL WHERE file_id=?",
                        [(file_id,) for file_id in replaced])
-        db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?)",
+        db.execute("INSERT INTO uploads (file_id, leaf_id, branch_id, run_number, round, status, weighting, size, "
+                   "digest, metadata, idempotency_key, created_at, kind) "
+                   "VALUES (?, ?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?)",
                    (upload.file_id, upload.leaf_id, upload.branch_id, upload.run_number, upload.round,
                     upload.weighting, upload.size, upload.digest, upload.metadata, upload.idempotency_key,
-                    upload.created_at))
-        db.execute("UPDATE rounds SET signature=? WHERE branch_id=? AND run_number=? AND round=?",
-                   (signature, upload.branch_id, upload.run_number, upload.round))
+                    upload.created_at, upload.kind))
+        where = (upload.branch_id, upload.run_number, upload.round)
+        if analytics_schema is None:
+            db.execute("UPDATE rounds SET signature=? WHERE branch_id=? AND run_number=? AND round=?", (signature, *where))
+        else:
+            db.execute("UPDATE rounds SET analytics_schema=? WHERE branch_id=? AND run_number=? AND round=?",
+                       (analytics_schema, *where))
 
     @staticmethod
     def close_round(db: sqlite3.Connection, branch: Branch, aggregation_id: str, now: float) -> None:
@@ -319,7 +356,8 @@ class Store:
         where = (branch.id, branch.run_number, branch.round)
         db.execute("UPDATE rounds SET status='aggregating', aggregation_id=?, closed_at=? "
                    "WHERE branch_id=? AND run_number=? AND round=?", (aggregation_id, now, *where))
-        db.execute("INSERT INTO rounds SELECT branch_id, run_number, round + 1, 'open', signature, NULL, ?, NULL "
+        db.execute("INSERT INTO rounds (branch_id, run_number, round, status, signature, opened_at, analytics_schema) "
+                   "SELECT branch_id, run_number, round + 1, 'open', signature, ?, analytics_schema "
                    "FROM rounds WHERE branch_id=? AND run_number=? AND round=?", (now, *where))
         db.execute("UPDATE branches SET round=?, round_opened_at=?, updated_at=? WHERE id=?",
                    (branch.round + 1, now, now, branch.id))
@@ -327,9 +365,10 @@ class Store:
     @staticmethod
     def record_aggregate(db: sqlite3.Connection, aggregate: Aggregate) -> None:
         """The aggregate of a round is written: store it and mark its round aggregated."""
-        db.execute("INSERT OR REPLACE INTO aggregates VALUES (?, ?, ?, ?, ?, ?, ?)",
+        db.execute("INSERT OR REPLACE INTO aggregates (id, branch_id, run_number, round, updates, size, created_at, "
+                   "kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                    (aggregate.id, aggregate.branch_id, aggregate.run_number, aggregate.round, aggregate.updates,
-                    aggregate.size, aggregate.created_at))
+                    aggregate.size, aggregate.created_at, aggregate.kind))
         db.execute("UPDATE rounds SET status='aggregated' WHERE branch_id=? AND run_number=? AND round=?",
                    (aggregate.branch_id, aggregate.run_number, aggregate.round))
 

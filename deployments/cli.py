@@ -1,5 +1,6 @@
 """`bk`: the leaf-side command line: `bk history` (a work dir's round history), `bk simulate`
-(a whole federation on a Dask cluster) and `bk edge` (deployments to edge workers)."""
+(a whole federation on a Dask cluster), `bk statistics` (a whole federation's statistics round)
+and `bk edge` (deployments to edge workers)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from flows.participant import ParticipantError, parse_options
 from bk_blocks.errors import UsageError
 from flows.sampling import SamplingError
 from flows.simulation import SimulationError, simulate as simulate_on_dask
+from flows.statistics import federation_statistics
 
 from .edge_cli import app as edge_app
 
@@ -172,6 +174,57 @@ def simulate(*, host: str | None = None, credentials_dir: Path | None = None, wo
 def _fail(command: str, error: Exception) -> NoReturn:
     print(f"bk {command}: {error}", file=sys.stderr)
     raise SystemExit(2)
+
+
+@app.command
+def statistics(*, host: str, credentials_dir: Path, work_root: Path,
+               transport: Literal["websocket", "amqp"] = "websocket", amqp_host: str | None = None,
+               participant: str = "flows.examples.digits:DigitsSoftmax", participant_options: str = "{}",
+               source: str | None = None, timeout_s: float = 600, output: Path | None = None) -> None:
+    """Run every leaf of CREDENTIALS_DIR's statistics round at once against HOST; print (or write to
+    OUTPUT as JSON) the federation's per-column statistics as the first leaf received them.
+
+    Parameters
+    ----------
+    host
+        The platform's API, e.g. http://127.0.0.1:8080 for a local bk-server.
+    credentials_dir
+        One credentials JSON per leaf, as the platform issued them.
+    work_root
+        Each leaf's work dir is WORK_ROOT/<leaf name>.
+    transport
+        How the combined result's notice arrives.
+    amqp_host
+        RabbitMQ host, when it is not the API's host.
+    participant
+        `package.module:Class` whose `statistics()` gives the raw columns; leaf i gets
+        `leaf_index=i, leaves=N` added to its options.
+    participant_options
+        The participant's keyword options, a JSON object.
+    source
+        Instead of the participant's hook: `package.module:function` returning the columns.
+    timeout_s
+        How long a leaf waits for the combined result.
+    output
+        Write the per-leaf tables as JSON here instead of printing the first leaf's.
+    """
+    try:
+        options = parse_options(participant_options)
+    except ParticipantError as exc:
+        print(f"bk statistics: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    results = federation_statistics(host, str(credentials_dir), str(work_root), participant, options, source,
+                                    transport, amqp_host, timeout_s)
+    if output is not None:
+        output.write_text(json.dumps({leaf: result.table for leaf, result in results.items()}, indent=1))
+        return
+    table = Table(title="Federated statistics per column", title_justify="left")
+    first = next(iter(results.values())).table
+    for column in first[0]:
+        table.add_column(column)
+    for row in first:
+        table.add_row(*(_text(value) for value in row.values()))
+    Console().print(table)
 
 
 def main() -> None:

@@ -38,7 +38,10 @@ SCHEMA = pa.schema([
     ("served", pa.bool_()),
     ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
     ("flow_run_id", pa.string()),
+    ("round_kind", pa.string()),
 ])
+LEARNING = "learning"
+ANALYTICS = "analytics"
 
 
 @dataclass
@@ -93,6 +96,7 @@ class RoundRecord:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     flow_run_id: str | None = None
+    round_kind: str = LEARNING
 
 
 def history_dir(work_dir: Path) -> Path:
@@ -108,6 +112,7 @@ def append_record(work_dir: Path, record: RoundRecord) -> Path:
         # A drift check of the round's model: after the round's own row, one file per check.
         stamp = int((record.finished_at or datetime.now(timezone.utc)).timestamp() * 1000)
         suffix = f"~evaluated-{stamp}"
+    suffix += "" if record.round_kind == LEARNING else f"-{record.round_kind}"
     path = directory / f"run-{record.run_number:04d}-round-{record.round:06d}-{record.leaf_id}{suffix}.parquet"
     row = asdict(record)
     row["train_metrics"] = list(row["train_metrics"].items())
@@ -118,10 +123,17 @@ def append_record(work_dir: Path, record: RoundRecord) -> Path:
     return path
 
 
-def history_files(work_dir: Path) -> list[Path]:
-    """The work dir's history files, one per round, in (run, round) order."""
+def history_files(work_dir: Path, kinds: tuple[str, ...] = (LEARNING,)) -> list[Path]:
+    """The work dir's history files of these round kinds (training rounds unless asked), one per
+    round, in (run, round) order."""
     directory = history_dir(work_dir)
-    return sorted(directory.glob("*.parquet")) if directory.exists() else []
+    files = sorted(directory.glob("*.parquet")) if directory.exists() else []
+    return [f for f in files if file_kind(f) in kinds]
+
+
+def file_kind(path: Path) -> str:
+    """The kind of round a history file records, from its name (analytics rows say so)."""
+    return ANALYTICS if path.name.endswith(f"-{ANALYTICS}.parquet") else LEARNING
 
 
 def file_round(path: Path) -> tuple[int, int]:
@@ -146,9 +158,10 @@ def _read_files(files: list[Path]) -> pa.Table:
     return table.sort_by([("run_number", "ascending"), ("round", "ascending"), ("leaf_name", "ascending")])
 
 
-def history_rows(work_dir: Path, last: int | None = None) -> list[dict[str, Any]]:
-    """The history (the `last` rounds, or all) as plain dicts, metrics as dicts."""
-    return rows_of(_latest(history_files(work_dir), last))
+def history_rows(work_dir: Path, last: int | None = None,
+                 kinds: tuple[str, ...] = (LEARNING,)) -> list[dict[str, Any]]:
+    """The history (the `last` rounds, or all, of these kinds) as plain dicts, metrics as dicts."""
+    return rows_of(_latest(history_files(work_dir, kinds), last))
 
 
 def rows_of(files: list[Path]) -> list[dict[str, Any]]:
@@ -157,6 +170,7 @@ def rows_of(files: list[Path]) -> list[dict[str, Any]]:
     for row in rows:
         row["train_metrics"] = dict(row["train_metrics"] or [])
         row["eval_metrics"] = dict(row["eval_metrics"] or [])
+        row["round_kind"] = row["round_kind"] or LEARNING
     return rows
 
 

@@ -58,6 +58,11 @@ class Participant(ABC):
         """Whether to take part in this round (a device on battery may decline)."""
         return True
 
+    def statistics(self) -> dict[str, np.ndarray]:
+        """Raw columns (name to 1-D values) for a federated-statistics round; they are reduced to
+        count, sums, min, max and NaN count on the site, so no raw value leaves it (none by default)."""
+        return {}
+
     def serve(self, model: Path, served: "ServedModel") -> None:
         """The model the site serves changed to `model` (a copy the leaf keeps); by default nothing
         is done, a participant that serves predictions reloads it here."""

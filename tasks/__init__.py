@@ -8,6 +8,7 @@ from .metrics import round_metrics_key, send_metrics
 from .retries import retry_only_transient
 from .run import current_run, wait_for_run
 from .session import FROM_ENVIRONMENT, LeafSession, resolve_credentials
+from .statistics import download_statistics, upload_statistics, wait_for_statistics
 from .upload import UploadReceipt, upload_weights
 
 __all__ = [
@@ -16,12 +17,15 @@ __all__ = [
     "UploadReceipt",
     "current_run",
     "download_aggregate",
+    "download_statistics",
     "resolve_credentials",
     "retry_only_transient",
     "round_metrics_key",
     "run_logger",
     "send_metrics",
+    "upload_statistics",
     "upload_weights",
     "wait_for_aggregation",
     "wait_for_run",
+    "wait_for_statistics",
 ]

@@ -66,6 +66,11 @@ class DigitsSoftmax(Participant):
         loss, accuracy = self._score(weights, bias, self.x_train, self.y_train)
         return TrainResult(float(self.y_train.size), [weights, bias], {"loss": loss, "accuracy": accuracy})
 
+    def statistics(self) -> dict[str, np.ndarray]:
+        """Each pixel of this leaf's training images as a raw column (`pixel_00` .. `pixel_63`), for
+        the federation's per-feature mean and std (normalisation constants) before training."""
+        return {f"pixel_{index:02d}": self.x_train[:, index] for index in range(FEATURES)}
+
     def evaluate(self, global_model: list[np.ndarray], round_number: int) -> dict[str, float]:
         """Loss and accuracy on this leaf's test share; none when the share is empty (a leaf of a
         large federation may draw no test sample)."""

@@ -62,3 +62,18 @@ def test_min_updates_above_leaf_count_is_refused(server: BkServer, tmp_path: Pat
                        "--min-updates", "3", "--out", str(tmp_path / "creds"))
     assert result.returncode == 1
     assert "min_updates must be between 1 and the number of leaves" in result.stderr
+
+
+def test_field_operations_are_assigned_through_the_cli(server: BkServer) -> None:
+    federation = server.federation(leaves=1)
+    result = bk_server("fields", "n_cases=sum", "spacing=mean:n_cases", "--data-dir", str(server.data_dir),
+                       "--branch", federation.branch_id)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["fields"] == {"n_cases": {"op": "sum"},
+                                                   "spacing": {"op": "mean", "weight": "n_cases"}}
+
+
+def test_unknown_field_operation_is_a_clear_error(server: BkServer) -> None:
+    federation = server.federation(leaves=1)
+    result = bk_server("fields", "n_cases=median", "--data-dir", str(server.data_dir), "--branch", federation.branch_id)
+    assert result.returncode == 1 and "operation must be one of sum, min, max, mean, must_match" in result.stderr

@@ -17,7 +17,8 @@ def test_run_details_answer_status_and_number(server: BkServer) -> None:
     response = run_details(server, leaf)
     assert response.status_code == 200
     assert response.json() == {"data": {"run_status": "start", "run_number": 1, "round": 1,
-                                        "aggregating": [], "latest_aggregation": None}}
+                                        "aggregating": [], "latest_aggregation": None,
+                                        "latest_statistics": None}}
 
 
 def test_missing_token_is_401_with_json_error(server: BkServer) -> None:

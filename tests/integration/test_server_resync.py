@@ -27,7 +27,8 @@ def test_run_details_name_the_open_round_and_the_latest_aggregation(
     aggregation_id = close_round(server, federation, update_file, 1)
     data = run_details(server, federation.leaves[0]).json()["data"]
     assert data == {"run_status": "start", "run_number": 1, "round": 2, "aggregating": [],
-                    "latest_aggregation": {"aggregation_id": aggregation_id, "run_number": 1, "round": 1}}
+                    "latest_aggregation": {"aggregation_id": aggregation_id, "run_number": 1, "round": 1},
+                    "latest_statistics": None}
 
 
 def test_upload_reply_names_the_round_it_counts_in(server: BkServer, update_file: Callable[..., Path]) -> None:

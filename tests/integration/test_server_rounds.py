@@ -118,7 +118,8 @@ def test_stop_then_start_begins_a_new_run(server: BkServer, update_file: Callabl
     assert upload(server, federation.leaves[1], update_file()).status_code == 409
     server.run(federation.branch_id, "start")
     assert run_details(server, federation.leaves[0]).json()["data"] == {"run_status": "start", "run_number": 2, "round": 1,
-                                                                     "aggregating": [], "latest_aggregation": None}
+                                                                     "aggregating": [], "latest_aggregation": None,
+                                                                     "latest_statistics": None}
     rounds = server.status(federation.branch_id)["rounds"]
     assert [(r["run_number"], r["status"], r["updates"]) for r in rounds] == [(1, "abandoned", 0), (2, "open", 0)]
 

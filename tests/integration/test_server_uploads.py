@@ -79,7 +79,7 @@ BAD_ARCHIVES: dict[str, tuple[Callable[[Path], None], str]] = {
     "nan_in_layer": (lambda p: np.savez(p, weighting=np.array([1.0]), layer_0=np.array([1.0, np.nan])), "NaN"),
     "inf_in_layer": (lambda p: np.savez_compressed(p, weighting=np.array([1.0]), layer_0=np.array([np.inf])), "infinity"),
     "zip_bomb": (lambda p: np.savez_compressed(p, weighting=np.array([1.0]), layer_0=np.zeros(40_000_000)), "over the limit"),
-    "analytics": (lambda p: np.savez(p, __bk_payload_kind__=np.array("federated_analytics"), age_sum=np.ones(1)), "not supported yet"),
+    "analytics": (lambda p: np.savez(p, __bk_payload_kind__=np.array("federated_analytics"), age_sum=np.ones(1)), "field 'age_n' is missing from column 'age'"),
 }
 
 

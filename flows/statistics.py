@@ -1,0 +1,188 @@
+"""The `federated-statistics` flow: one leaf's part in a federated-analytics round.
+
+The leaf's raw columns (its participant's `statistics()`, or a callable named by import path)
+are reduced on the site to six-value bundles, uploaded into the platform's open round, and
+combined with the other sites'; the leaf downloads the combined bundle and publishes a table
+artifact: per column the federation's count, completeness, mean, variance, std, min and max,
+with this site's own beside them. The round goes into the leaf's history as an `analytics`
+row. The archive is kept per run in the work dir, so a rerun after a crash sends the same
+bytes under the same idempotency key and counts once.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import flow, get_run_logger, tags
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+
+from bk_blocks import BranchKeyCredentials, RunStoppedError
+from bk_blocks.analytics import NAN_OMIT, bundle_columns, read_fields, summarize
+from tasks import LeafSession, current_run, resolve_credentials
+from tasks.statistics import download_statistics, upload_statistics, wait_for_statistics
+
+from .history import ANALYTICS, RoundRecord, append_record, utc_from_timestamp
+from .leaf_state import hold_work_dir, resolve_work_dir
+from .observability import artifact_key, label_flow_run, run_tags
+from .participant import ParticipantError, load_participant, parse_options
+from .simulation import leaf_credentials
+
+STATISTICS_DIR = "statistics"
+_STATISTICS = ("n", "completeness", "mean", "variance", "std", "min", "max")
+
+
+@dataclass
+class StatisticsResult:
+    """A leaf's statistics round: where it counted, the combined result's id, and the table rows."""
+
+    run_number: int
+    round: int
+    aggregation_id: str
+    table: list[dict[str, Any]]
+
+
+def load_columns(participant: str | None, participant_options: dict[str, Any] | str | None,
+                 statistics: str | None) -> dict[str, np.ndarray]:
+    """The site's raw columns: from `statistics` (`"package.module:function"`, called with the
+    options) or else from the participant's `statistics()` hook."""
+    if statistics:
+        columns = _load_callable(statistics)(**parse_options(participant_options))
+    elif participant:
+        columns = load_participant(participant, participant_options).statistics()
+    else:
+        raise ParticipantError("name a participant (with a statistics() hook) or a statistics callable")
+    if not isinstance(columns, Mapping) or not columns:
+        raise ParticipantError("the statistics source returned no columns (a mapping of name to raw values)")
+    return dict(columns)
+
+
+def _load_callable(path: str) -> Callable[..., Any]:
+    module_name, sep, name = path.partition(":")
+    if not sep or not module_name or not name:
+        raise ParticipantError(f"statistics must be 'package.module:function', got {path!r}")
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise ParticipantError(f"cannot import statistics callable {path!r}: {exc}") from None
+    if not callable(function):
+        raise ParticipantError(f"{path!r} is not callable")
+    return function
+
+
+def statistics_table(combined: Mapping[str, np.ndarray], own: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Per column, the federation's statistics and this site's own beside them (`site ...`)."""
+    rows = []
+    mine = bundle_columns(list(own))
+    for column in bundle_columns(list(combined)):
+        federation = summarize(combined, column)
+        site = summarize(own, column) if column in mine else None
+        row: dict[str, Any] = {"column": column}
+        row |= {name: _cell(getattr(federation, name)) for name in _STATISTICS}
+        row |= {f"site {name}": _cell(getattr(site, name)) if site else None for name in _STATISTICS}
+        rows.append(row)
+    return rows
+
+
+def _cell(value: float | int) -> float | int | None:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+@flow(name="federated-statistics")
+def federated_statistics(
+    credentials: BranchKeyCredentials | str,
+    work_dir: str,
+    participant: str | None = None,
+    participant_options: dict[str, Any] | None = None,
+    statistics: str | None = None,
+    nan_policy: str = NAN_OMIT,
+    timeout_s: float = 600,
+    run_timeout_s: float = 3600,
+) -> StatisticsResult:
+    """Reduce this site's columns, upload them, wait for the federation's combined bundle, publish
+    the table artifact and record an `analytics` history row.
+
+    The columns come from `statistics` (`"package.module:function"`, called with
+    `participant_options`) or else from `participant`'s `statistics()` hook. `nan_policy` is
+    `omit` (NaN left out and counted in `<col>_nan`) or `raise`.
+    """
+    logger = get_run_logger()
+    block = resolve_credentials(credentials)
+    directory = resolve_work_dir(work_dir)
+    columns = load_columns(participant, participant_options, statistics)
+    label_flow_run(f"{block.leaf_name}-statistics", run_tags(block))
+    with hold_work_dir(directory), LeafSession(block) as session, tags(*run_tags(block)):
+        started = time.time()
+        details = current_run(session, 0, 10.0, run_timeout_s)
+        if details.run_status == "stop":
+            raise RunStoppedError("the branch's run is stopped: start a run for the statistics round")
+        archive = directory / STATISTICS_DIR / f"run-{details.run_number:04d}.npz"
+        if not archive.exists():
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            session.client.write_statistics(archive, columns, nan_policy)
+        own = read_fields(archive)
+        receipt = upload_statistics(session, archive, details.run_number, 0)
+        uploaded = time.time()
+        run_number, round_number = receipt.counted_in or (details.run_number, details.round or 0)
+        aggregation_id = receipt.aggregation_id or wait_for_statistics(session, details.run_number, 0,
+                                                                      receipt.counted_in, timeout_s)
+        waited = time.time()
+        path = download_statistics(session, aggregation_id, directory / STATISTICS_DIR)
+        table = statistics_table(read_fields(path, combined=True), own)
+        create_table_artifact(table=table, key=artifact_key("statistics", block.leaf_name),
+                              description=f"BranchKey federated statistics of run {run_number} round "
+                                          f"{round_number}: the federation's and {block.leaf_name}'s own, per column")
+        finished = time.time()
+        append_record(directory, RoundRecord(
+            branch_id=block.branch_id, leaf_id=block.leaf_id, leaf_name=block.leaf_name, run_number=run_number,
+            round=round_number, status="completed", file_id=receipt.file_id, aggregation_id=aggregation_id,
+            train_metrics=_metrics(table, "site "), eval_metrics=_metrics(table, ""), upload_s=uploaded - started,
+            wait_s=waited - uploaded, download_s=finished - waited, round_s=finished - started,
+            bytes_up=receipt.size, bytes_down=path.stat().st_size, started_at=utc_from_timestamp(started),
+            finished_at=utc_from_timestamp(finished), flow_run_id=flow_run.get_id(), round_kind=ANALYTICS))
+    logger.info("statistics of run %d round %d combined as %s: %d column(s)", run_number, round_number,
+                aggregation_id, len(table))
+    return StatisticsResult(run_number, round_number, aggregation_id, table)
+
+
+def _metrics(table: list[dict[str, Any]], prefix: str) -> dict[str, float]:
+    """The history row's metrics: `<column>.<statistic>` for the federation's or (`site `) the site's."""
+    return {f"{row['column']}.{name}": float(row[prefix + name]) for row in table for name in _STATISTICS
+            if row.get(prefix + name) is not None}
+
+
+@flow(name="federation-statistics")
+def federation_statistics(
+    host: str,
+    credentials_dir: str,
+    work_root: str,
+    participant: str = "flows.examples.digits:DigitsSoftmax",
+    participant_options: dict[str, Any] | None = None,
+    statistics: str | None = None,
+    transport: str = "websocket",
+    amqp_host: str | None = None,
+    timeout_s: float = 600,
+) -> dict[str, StatisticsResult]:
+    """Every leaf of `credentials_dir` runs its `federated-statistics` at once (a whole federation's
+    statistics round on one machine); leaf i gets `leaf_index=i, leaves=N` added to the options."""
+    blocks = leaf_credentials(Path(credentials_dir), host, transport)
+    if amqp_host:
+        blocks = [b.model_copy(update={"amqp_host": amqp_host}) for b in blocks]
+
+    def one(index: int, block: BranchKeyCredentials) -> StatisticsResult:
+        options = {**(participant_options or {}), "leaf_index": index, "leaves": len(blocks)}
+        return federated_statistics(block, str(Path(work_root) / block.leaf_name), participant, options, statistics,
+                                    timeout_s=timeout_s)
+
+    with ThreadPoolExecutor(max_workers=len(blocks), thread_name_prefix="leaf") as pool:
+        futures = {b.leaf_name: pool.submit(contextvars.copy_context().run, one, i, b) for i, b in enumerate(blocks)}
+        return {name: future.result() for name, future in futures.items()}
