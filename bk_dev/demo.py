@@ -276,6 +276,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "the default), sqlite, or a database URL (default: $PREFECT_API_DATABASE_CONNECTION_URL "
                              "if set, else postgres)")
     parser.add_argument("--no-keep", dest="keep", action="store_false", help="stop the servers at the end")
+    parser.add_argument("--no-statistics", dest="statistics", action="store_false",
+                        help="no statistics round before training (there is none with client sampling: it needs "
+                             "every leaf)")
     parser.add_argument("--fraction", type=float, default=1.0,
                         help="the fraction of leaves drawn for each round (client sampling), e.g. 0.3")
     parser.add_argument("--seed", type=int, default=0, help="the seed the leaves of each round are drawn from")
@@ -321,8 +324,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{args.leaves} leaves; Prefect server on {prefect.url} "
                       f"({describe_database(args.prefect_db)}) starting ...")
         prefect.wait_ready()
-        console.print(f"Prefect server up after {time.monotonic() - started:.0f} s; a statistics round first:")
-        run_statistics(console, platform, prefect, run_dir, federation["branch_id"], transport, children)
+        if args.statistics and per_round == args.leaves:
+            console.print(f"Prefect server up after {time.monotonic() - started:.0f} s; a statistics round first:")
+            run_statistics(console, platform, prefect, run_dir, federation["branch_id"], transport, children)
+        else:
+            console.print(f"Prefect server up after {time.monotonic() - started:.0f} s.")
         console.print(f"{args.rounds} rounds of federated digits:")
         simulation = spawn([sys.executable, "-m", "deployments.cli", "simulate", "--host", platform.url,
                             "--credentials-dir", str(run_dir / "credentials"), "--work-root", str(run_dir / "leaves"),

@@ -151,7 +151,7 @@ def simulate(*, host: str | None = None, credentials_dir: Path | None = None, wo
     if host is None:
         from bk_dev.demo import main as local_federation
 
-        arguments = ["--no-keep", "--leaves", str(leaves), "--rounds", str(rounds), "--fraction", str(fraction),
+        arguments = ["--no-keep", "--no-statistics", "--leaves", str(leaves), "--rounds", str(rounds), "--fraction", str(fraction),
                      "--seed", str(seed), "--transport", transport]
         arguments += ["--dask-address", dask_address] if dask_address else []
         arguments += ["--workers", str(workers)] if workers else []
