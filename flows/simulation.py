@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import distributed
 import httpx
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import PrefectException
@@ -103,7 +103,7 @@ def leaf_round(block: BranchKeyCredentials, participant: str, options: dict[str,
     """One leaf's round on a Dask worker: the participant built here, the round resumed from the
     leaf's work dir if an earlier attempt (on any worker) stopped mid-way."""
     model = load_participant(participant, options)
-    with hold_work_dir(work_dir), LeafSession(block) as session:
+    with hold_work_dir(work_dir), LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):
         return round_in_step(session, model, work_dir, timeouts, policy, promotion_policy(model, None, False, None))
 
 

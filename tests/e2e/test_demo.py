@@ -188,7 +188,7 @@ def test_demo_with_dp_prints_epsilon_beside_accuracy_and_records_it(tmp_path: Pa
         assert demo.process.returncode == 0, output
         assert "epsilon" in output and "2 rounds in" in output
         (run,) = tmp_path.iterdir()
-        for leaf in sorted((run / "leaves").iterdir()):
+        for leaf in sorted(p for p in (run / "leaves").iterdir() if p.is_dir()):
             epsilons = [row["dp_epsilon"] for row in history_rows(leaf)]
             assert len(epsilons) == 2 and 0 < epsilons[0] < epsilons[1], leaf.name
         assert left_running(demo.marker) == []
