@@ -14,7 +14,7 @@ from deployments.automations import (AlertOptions, AlertTargets, alert_automatio
 from deployments.edge import EdgeSetupError
 from flows.alerts import alert_markdown
 
-TINY = "tests.support.alerting:Tiny"
+DIGITS = "tests.support.alerting:DeclaredDigits"
 TARGETS = AlertTargets(uuid4())
 RAISED = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
 
@@ -36,13 +36,13 @@ def test_failed_round_reacts_to_each_failed_round_event() -> None:
 
 
 def test_metric_drop_matches_the_metric_label_of_the_drop_event() -> None:
-    trigger = _by_name(AlertOptions(30, participant=TINY, metric="loss"))["branchkey-metric-drop"].trigger
+    trigger = _by_name(AlertOptions(30, participant=DIGITS, metric="loss"))["branchkey-metric-drop"].trigger
     assert trigger.expect == {"branchkey.metric.dropped"}
     assert trigger.match.model_dump()["branchkey.metric"] == "loss"
 
 
 def test_metric_drop_watches_the_participants_primary_metric_by_default() -> None:
-    assert watched_metric(AlertOptions(30, participant=TINY)) == "accuracy"
+    assert watched_metric(AlertOptions(30, participant=DIGITS)) == "accuracy"
 
 
 def test_without_a_participant_there_is_no_metric_drop_automation() -> None:
@@ -50,7 +50,7 @@ def test_without_a_participant_there_is_no_metric_drop_automation() -> None:
 
 
 def test_every_automation_watches_only_leaves() -> None:
-    for automation in alert_automations(AlertOptions(30, participant=TINY), TARGETS):
+    for automation in alert_automations(AlertOptions(30, participant=DIGITS), TARGETS):
         assert automation.trigger.match.model_dump()["prefect.resource.id"] == "branchkey.leaf.*"
 
 
@@ -62,7 +62,7 @@ def test_a_branch_scopes_the_automations_match_and_names() -> None:
 
 
 def test_each_automation_runs_the_alert_deployment_with_templated_parameters() -> None:
-    for automation in alert_automations(AlertOptions(30, participant=TINY), TARGETS):
+    for automation in alert_automations(AlertOptions(30, participant=DIGITS), TARGETS):
         (action,) = automation.actions
         assert isinstance(action, RunDeployment) and action.deployment_id == TARGETS.deployment_id
         assert action.parameters["leaf"] == "{{ event.resource.name }}"
@@ -72,7 +72,7 @@ def test_each_automation_runs_the_alert_deployment_with_templated_parameters() -
 
 def test_a_notification_block_adds_a_notification_to_every_automation() -> None:
     targets = AlertTargets(uuid4(), uuid4())
-    for automation in alert_automations(AlertOptions(30, participant=TINY), targets):
+    for automation in alert_automations(AlertOptions(30, participant=DIGITS), targets):
         notification = automation.actions[1]
         assert isinstance(notification, SendNotification) and notification.block_document_id == targets.notify_block_id
         assert "{{ event.resource.name }}" in notification.subject
@@ -91,7 +91,7 @@ def test_a_window_below_prefects_proactive_minimum_is_refused() -> None:
 
 def test_a_metric_the_participant_does_not_declare_is_refused_naming_the_declared_ones() -> None:
     with pytest.raises(EdgeSetupError, match=r"does not declare metric 'f1'; it declares accuracy, loss"):
-        watched_metric(AlertOptions(30, participant=TINY, metric="f1"))
+        watched_metric(AlertOptions(30, participant=DIGITS, metric="f1"))
 
 
 def test_a_participant_declaring_no_metrics_is_refused() -> None:
