@@ -4,7 +4,9 @@ worker for the leaf and one for the `ops` queue, against a real Prefect server o
 and bk_server. The leaf fails a round (its participant's evaluation raises, after the upload),
 then completes rounds on a short interval, then its worker is stopped: the failed-round and
 missed-round automations each run the alert deployment, whose runs write the leaf's alert
-artifact, and send a notification through a webhook Block.
+artifact, and send a notification through a webhook Block. The round flow does not emit
+`branchkey.metric.dropped` yet on this branch: the test posts two such events, of the contract's
+shape, for a metric watched and one not watched, to the events API.
 
 One scenario is run once for the module; each test checks one thing it must show.
 """
@@ -25,6 +27,7 @@ from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
@@ -106,6 +109,17 @@ def _pause_schedules(api: str, deployment: dict[str, Any], active: bool = False,
                 _api(api, "DELETE", f"/flow_runs/{run['id']}")
 
 
+def _drop_event(leaf: dict[str, str], branch_id: str, metric: str) -> dict[str, Any]:
+    """`branchkey.metric.dropped` as the round flow emits it: the leaf, its branch and the metric as labels."""
+    return {
+        "id": str(uuid4()), "occurred": datetime.now(timezone.utc).isoformat(), "event": "branchkey.metric.dropped",
+        "resource": {"prefect.resource.id": f"branchkey.leaf.{leaf['id']}", "prefect.resource.name": leaf["name"],
+                     "branchkey.branch-id": branch_id, "branchkey.metric": metric},
+        "payload": {"metric": metric, "value": 0.5, "best_value": 0.9, "best_round": 1, "drop": 0.4,
+                    "run_number": 1, "round": 2},
+    }
+
+
 def _alert_runs(api: str, kind: str) -> list[dict[str, Any]]:
     """The alert deployment's flow runs of this kind, oldest first."""
     alert = _deployments(api)["ops-alerts"]["id"]
@@ -161,17 +175,23 @@ def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alerting]:
              {"parameters": {"participant": "tests.support.alerting:DigitsFailingEvaluation"}})
         _wait_until(lambda: any(r["state_type"] == "FAILED" for r in _flow_runs(prefect.api_url)), 180,
                     "the round whose evaluation raises to fail")
+        for metric in ("loss", "accuracy"):
+            _api(prefect.api_url, "POST", "/events", [_drop_event(federation.leaves[0], federation.branch_id, metric)])
+        _wait_until(lambda: _completed_alert(prefect.api_url, "metric-drop"), 120, "the metric-drop alert run")
         _pause_schedules(prefect.api_url, rounds, active=True, interval_s=INTERVAL_S)
         first_completed = time.monotonic()
         _wait_until(lambda: len(history_rows(root / "leaves" / "leaf-1")) >= 1, 180, "the leaf's first round")
         _wait_until(lambda: len(history_rows(root / "leaves" / "leaf-1")) >= HEALTHY_ROUNDS
                     and time.monotonic() - first_completed > WINDOW_S + 5, 300,
                     "healthy rounds for longer than the window")
+        leaf_id = f"branchkey.leaf.{federation.leaves[0]['id']}"
+        _wait_until(lambda: len(events(prefect.api_url, "branchkey.round.completed", leaf_id, 1, timeout=1))
+                    >= len(history_rows(root / "leaves" / "leaf-1")), 60, "the last round's event at the server")
         stop_group(leaf_worker)
         stopped_at = datetime.now(timezone.utc)
         _wait_until(lambda: _completed_alert(prefect.api_url, "missed-round"), WINDOW_S + 90,
                     "the missed-round alert run after the leaf's worker stopped")
-        _wait_until(lambda: len(received) >= 2, 30, "both notifications at the webhook")
+        _wait_until(lambda: len(received) >= 3, 30, "the three notifications at the webhook")
         name = json.loads(Path(path).read_text())["name"]
         yield Alerting(prefect, name, root / "leaves" / "leaf-1", outputs, refusals, stopped_at, received)
     finally:
@@ -222,38 +242,79 @@ def test_a_failed_round_runs_the_alert_flow_with_the_leaf_and_the_error(alerting
     assert "evaluation data unreadable" in run["parameters"]["payload"]["error"]
 
 
-def test_a_stopped_worker_runs_the_missed_round_alert_once_after_the_window(alerting: Alerting) -> None:
-    (run,) = _alert_runs(alerting.prefect.api_url, "missed-round")
-    assert run["parameters"]["leaf"] == alerting.leaf_name
-    assert datetime.fromisoformat(run["created"]) > alerting.worker_stopped_at, "no alert while the leaf was healthy"
+def _completed_rounds(alerting: Alerting) -> list[datetime]:
+    """When the leaf's `branchkey.round.completed` events occurred, in order."""
     leaf_id = history_rows(alerting.work_dir)[0]["leaf_id"]
-    completed = events(alerting.prefect.api_url, "branchkey.round.completed", f"branchkey.leaf.{leaf_id}",
-                       HEALTHY_ROUNDS)
-    last_round = datetime.fromisoformat(run["parameters"]["occurred"])
-    assert last_round == max(datetime.fromisoformat(event["occurred"]) for event in completed)
-    assert datetime.fromisoformat(run["created"]) - last_round >= timedelta(seconds=WINDOW_S)
+    found = events(alerting.prefect.api_url, "branchkey.round.completed", f"branchkey.leaf.{leaf_id}", HEALTHY_ROUNDS)
+    return sorted(datetime.fromisoformat(event["occurred"]) for event in found)
+
+
+def test_a_stopped_worker_runs_the_missed_round_alert_once_after_its_last_round(alerting: Alerting) -> None:
+    last_round = _completed_rounds(alerting)[-1]
+    runs = [run for run in _alert_runs(alerting.prefect.api_url, "missed-round")
+            if datetime.fromisoformat(run["parameters"]["occurred"]) == last_round]
+    assert len(runs) == 1 and runs[0]["parameters"]["leaf"] == alerting.leaf_name
+    created = datetime.fromisoformat(runs[0]["created"])
+    assert created > alerting.worker_stopped_at and created - last_round >= timedelta(seconds=WINDOW_S)
+
+
+def test_a_missed_round_alert_follows_only_a_real_gap_of_the_window(alerting: Alerting) -> None:
+    """On a loaded machine a healthy leaf may really go a window without a round; never a shorter gap."""
+    rounds = _completed_rounds(alerting)
+    for run in _alert_runs(alerting.prefect.api_url, "missed-round"):
+        occurred = datetime.fromisoformat(run["parameters"]["occurred"])
+        following = [moment for moment in rounds if moment > occurred]
+        assert occurred in rounds and datetime.fromisoformat(run["created"]) - occurred >= timedelta(seconds=WINDOW_S)
+        assert not following or following[0] - occurred >= timedelta(seconds=WINDOW_S), (occurred, following[0])
+
+
+def test_a_metric_drop_runs_the_alert_flow_for_the_watched_metric_only(alerting: Alerting) -> None:
+    (run,) = _alert_runs(alerting.prefect.api_url, "metric-drop")
+    assert run["state_type"] == "COMPLETED" and run["parameters"]["payload"]["metric"] == "accuracy"
 
 
 def test_each_alert_is_a_version_of_the_leafs_alert_artifact(alerting: Alerting) -> None:
     versions = artifacts(alerting.prefect.api_url, artifact_key("alert", alerting.leaf_name))
-    texts = [version["data"] for version in versions]
-    assert len(texts) == 2
-    assert texts[0].startswith(f"# {alerting.leaf_name} has not completed a round") and f"{WINDOW_S} s" in texts[0]
-    assert texts[1].startswith(f"# {alerting.leaf_name} failed a round") and "evaluation data unreadable" in texts[1]
+    newest = {version["description"].rsplit(": ", 1)[1]: version["data"] for version in reversed(versions)}
+    missed, dropped, failed = newest["missed-round"], newest["metric-drop"], newest["failed-round"]
+    assert missed.startswith(f"# {alerting.leaf_name} has not completed a round") and f"{WINDOW_S} s" in missed
+    assert dropped.startswith(f"# {alerting.leaf_name} dropped below its best") and "a drop of 0.4" in dropped
+    assert failed.startswith(f"# {alerting.leaf_name} failed a round") and "evaluation data unreadable" in failed
 
 
 def test_each_alert_is_sent_through_the_notification_block(alerting: Alerting) -> None:
-    texts = sorted(body["text"] for body in alerting.hooked)
-    assert texts[0].startswith(f"BranchKey: {alerting.leaf_name} failed a round: Leaf {alerting.leaf_name} failed round 1")
-    assert texts[1].startswith(f"BranchKey: {alerting.leaf_name} has not completed a round")
+    texts = [body["text"] for body in alerting.hooked]
+    leaf = alerting.leaf_name
+    assert any(text.startswith(f"BranchKey: {leaf} failed a round: Leaf {leaf} failed round 1") for text in texts)
+    assert any(text.startswith(f"BranchKey: {leaf} has not completed a round") for text in texts)
+    assert any(text.startswith(f"BranchKey: {leaf}'s accuracy dropped below its best") for text in texts)
+
+
+def _rendered_text(chromium: str, profile: Path, url: str, expected: str, dump: Path) -> str:
+    """The page's text after its scripts ran, dumped up to three times until `expected` shows: on a
+    loaded machine the UI may not finish rendering within Chromium's virtual time budget."""
+    text = ""
+    for _ in range(3):
+        dumped = subprocess.run([chromium, *test_demo.CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+                                capture_output=True, text=True, timeout=120).stdout
+        dump.write_text(dumped)
+        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dumped))
+        if expected in text:
+            break
+    return text
 
 
 @pytest.mark.browser
-def test_automations_page_lists_the_automations(alerting: Alerting, chromium: str, tmp_path: Path) -> None:
-    url = f"{alerting.prefect.url}/automations"
-    command = [chromium, *test_demo.CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]
-    dom = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    subprocess.run([*command, f"--screenshot={tmp_path / 'automations.png'}", url], capture_output=True, timeout=120)
+def test_automations_page_renders_every_automation(alerting: Alerting, chromium: str, tmp_path: Path) -> None:
+    """The list is a virtual scroller whose items a DOM dump may not hold, so the list page is
+    checked for its count (and its screenshot saved) and each automation's own page for its name."""
+    profile, url = tmp_path / "chromium-profile", f"{alerting.prefect.url}/automations"
+    subprocess.run([chromium, *test_demo.CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                    f"--screenshot={tmp_path / 'automations.png'}", url], capture_output=True, timeout=120)
     assert (tmp_path / "automations.png").stat().st_size > 0
-    shown = set(re.findall(r"branchkey-[a-z-]+", re.sub(r"<[^>]+>", " ", dom)))
-    assert AUTOMATIONS <= shown, f"automations rendered: {shown}; screenshot in {tmp_path}"
+    listed = _rendered_text(chromium, profile, url, "3 automations", tmp_path / "automations.html")
+    assert "3 automations" in listed, f"screenshot and DOM in {tmp_path}"
+    for automation in _automations(alerting.prefect.api_url):
+        page = _rendered_text(chromium, profile, f"{url}/automation/{automation['id']}", automation["name"],
+                              tmp_path / f"{automation['name']}.html")
+        assert automation["name"] in page and automation["description"] in page, f"DOM in {tmp_path}"
