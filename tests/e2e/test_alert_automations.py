@@ -19,12 +19,10 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -43,6 +41,7 @@ from . import test_demo
 from ..support.bkserver import BkServer
 from ..support.flow_helpers import artifacts, events
 from ..support.process_helpers import left_running, new_marker
+from ..support.webhook import webhook_server
 from .test_edge_deployment import _api, _deployments, _flow_runs, _run, _wait_until
 
 pytestmark = [pytest.mark.e2e]
@@ -68,23 +67,6 @@ class Alerting:
     refusals: dict[str, str]
     worker_stopped_at: datetime
     hooked: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _hook_server(received: list[dict[str, Any]]) -> ThreadingHTTPServer:
-    """A local webhook receiver standing in for Slack: it keeps every JSON body posted to it."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            return
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def _refusal(command: list[str], env: dict[str, str]) -> str:
@@ -143,7 +125,7 @@ def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alerting]:
     })
     server = BkServer(root / "bk")
     received: list[dict[str, Any]] = []
-    hook = _hook_server(received)
+    hook = webhook_server(received)
     leaf_worker: subprocess.Popen[bytes] | None = None
     ops_worker: subprocess.Popen[bytes] | None = None
     try:
