@@ -16,6 +16,7 @@ its next one. A leaf is watched from its first completed round on.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -75,7 +76,7 @@ class AlertTargets:
 
 def check_window(seconds: float) -> timedelta:
     """The missed-round window, refused unless at least Prefect's minimum for a proactive trigger."""
-    if not seconds > 0:
+    if not (seconds > 0 and math.isfinite(seconds)):
         raise EdgeSetupError(f"--missed-round-after must be a positive number of seconds, got {seconds:g}")
     if seconds < MIN_WINDOW_S:
         raise EdgeSetupError(f"--missed-round-after {seconds:g} s is below Prefect's minimum of {MIN_WINDOW_S:g} s "

@@ -78,7 +78,7 @@ def test_a_notification_block_adds_a_notification_to_every_automation() -> None:
         assert "{{ event.resource.name }}" in notification.subject
 
 
-@pytest.mark.parametrize("seconds", [0, -5, float("nan")])
+@pytest.mark.parametrize("seconds", [0, -5, float("nan"), float("inf")])
 def test_a_window_that_is_not_positive_is_refused(seconds: float) -> None:
     with pytest.raises(EdgeSetupError, match="positive"):
         check_window(seconds)
