@@ -47,9 +47,9 @@ BODIES = {
                      "Automation: {{ automation.name }}."),
     "failed-round": ("Leaf " + LEAF + " failed round {{ event.payload.round }} at {{ event.occurred }}: "
                      "{{ event.payload.error }}. Automation: {{ automation.name }}."),
-    "metric-drop": ("Leaf " + LEAF + "'s {{ event.payload.metric }} is {{ event.payload.value }} in round "
-                    "{{ event.payload.round }}, down {{ event.payload.drop }} from its best "
-                    "{{ event.payload.best_value }} (round {{ event.payload.best_round }}). "
+    "metric-drop": ("Leaf " + LEAF + "'s {{ event.payload.metric }} is {{ event.payload.value | round(4) }} in round "
+                    "{{ event.payload.round }}, down {{ event.payload.drop | round(4) }} from its best "
+                    "{{ event.payload.best_value | round(4) }} (round {{ event.payload.best_round }}). "
                     "Automation: {{ automation.name }}."),
 }
 

@@ -269,7 +269,8 @@ def test_each_alert_is_sent_through_the_notification_block(alerting: Alerting) -
     leaf = alerting.leaf_name
     assert any(text.startswith(f"BranchKey: {leaf} failed a round: Leaf {leaf} failed round 1") for text in texts)
     assert any(text.startswith(f"BranchKey: {leaf} has not completed a round") for text in texts)
-    assert any(text.startswith(f"BranchKey: {leaf}'s accuracy dropped below its best") for text in texts)
+    assert any(text.startswith(f"BranchKey: {leaf}'s accuracy dropped below its best: Leaf {leaf}'s accuracy is 0.5 "
+                               f"in round 2, down 0.4 from its best 0.9") for text in texts)
 
 
 def _rendered_text(chromium: str, profile: Path, url: str, expected: str, dump: Path) -> str:

@@ -46,7 +46,8 @@ def test_an_alert_sends_its_text_through_the_named_notification_block(
         prefect_api: str, webhook: tuple[str, list[dict[str, Any]]]) -> None:
     url, received = webhook
     name = f"hook-{uuid.uuid4().hex[:8]}"
-    CustomWebhookNotificationBlock(name="ops", url=url, json_data={"subject": "{{subject}}", "body": "{{body}}"}).save(name)
+    CustomWebhookNotificationBlock(name="ops", url=url,
+                                   json_data={"subject": "{{subject}}", "body": "{{body}}"}).save(name)
     leaf = f"alert-{uuid.uuid4().hex[:8]}"
     text = _alert(leaf, notify_block=f"custom-webhook/{name}")
     assert received == [{"subject": f"BranchKey: {leaf} failed a round", "body": text}]

@@ -123,7 +123,8 @@ def test_a_missed_round_alert_names_the_window_the_last_round_and_what_to_check(
 
 def test_a_failed_round_alert_quotes_the_error() -> None:
     text = alert_markdown("failed-round", "digits-leaf-1", "branchkey.round.failed", "now",
-                          {"round": 2, "run_number": 1, "error": "RuntimeError: boom"}, "branchkey-failed-round", RAISED)
+                          {"round": 2, "run_number": 1, "error": "RuntimeError: boom"}, "branchkey-failed-round",
+                          RAISED)
     assert "`RuntimeError: boom`" in text
 
 
