@@ -20,7 +20,7 @@
     ├── RunStoppedError                      the run stopped while the leaf waited
     ├── AggregationTimeoutError              the bounded wait for the round's aggregate ran out
     └── (flows, deployments) StateError, WorkDirError, LeafBusyError, ParticipantError,
-        ShapeMismatchError, EdgeSetupError
+        ShapeMismatchError, EdgeSetupError, AlertNotifyError
 
 Only `TransientError` is retried by the tasks. No message ever contains the session token.
 """

@@ -49,6 +49,13 @@ class LeafSpec:
         return cls(name, Path(path))
 
 
+def require_api_url() -> None:
+    """Refuse to set anything up without PREFECT_API_URL: it would land in a throwaway local database."""
+    if not PREFECT_API_URL.value():
+        raise EdgeSetupError("PREFECT_API_URL is not set: point it at the Prefect server the workers use "
+                             "(or `prefect cloud login`), else the set-up would land in a throwaway local database")
+
+
 def register_block_types() -> None:
     """Register `BranchKeyCredentials` with the server (as `prefect block register -m bk_blocks.credentials`)."""
     BranchKeyCredentials.register_type_and_schema()
@@ -99,9 +106,7 @@ def set_up_edge(leaves: list[LeafSpec], host: str, transport: Literal["websocket
 
     Every credentials file is read first, so a bad one changes nothing on the server.
     """
-    if not PREFECT_API_URL.value():
-        raise EdgeSetupError("PREFECT_API_URL is not set: point it at the Prefect server the workers use "
-                             "(or `prefect cloud login`), else the set-up would land in a throwaway local database")
+    require_api_url()
     blocks = [leaf_block(spec, host, transport, **settings) for spec in leaves]
     register_block_types()
     ensure_work_pool(pool)

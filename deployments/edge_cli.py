@@ -9,6 +9,7 @@ from cyclopts import App
 
 from flows.participant import ParticipantError, parse_options
 
+from .automations import ALERT_DEPLOYMENT, AlertOptions, set_up_alerts
 from .edge import DEFAULT_POOL, EdgeSetupError, LeafSpec, set_up_edge
 from .serve import serve_leaf
 
@@ -48,6 +49,38 @@ def setup(*leaves: str, host: str, transport: Literal["websocket", "amqp"] = "we
         _fail(exc)
     for spec, block in zip(specs, blocks):
         print(f"leaf {block.leaf_name}: Block branchkey-credentials/{spec.name}, queue {pool}/{spec.name}")
+
+
+@app.command
+def alerts(*, missed_round_after: float, branch: str | None = None, participant: str | None = None,
+           metric: str | None = None, notify_block: str | None = None,
+           alert_deployment: str = ALERT_DEPLOYMENT) -> None:
+    """Create (or update in place) the federation's automations, after `prefect deploy --all`:
+    a leaf that missed its round, a failed round, and a metric drop, each running the alert deployment.
+
+    Parameters
+    ----------
+    missed_round_after
+        Seconds without a completed round after which a leaf is reported (at least 10).
+    branch
+        The federation's branch id; without it, every BranchKey leaf on the server is watched.
+    participant
+        `package.module:Class` whose declared `metrics` the drop automation may watch; without
+        it, no metric-drop automation.
+    metric
+        The metric watched for drops (default: the participant's primary one, accuracy if declared).
+    notify_block
+        A notification Block, `type/name` (e.g. slack-webhook/ops), to send every alert through too.
+    alert_deployment
+        The alert flow's deployment, `flow/deployment`.
+    """
+    options = AlertOptions(missed_round_after, branch, participant, metric, notify_block, alert_deployment)
+    try:
+        created = set_up_alerts(options)
+    except EdgeSetupError as exc:
+        _fail(exc)
+    for automation, new in created:
+        print(f"automation {automation.name}: {'created' if new else 'updated'} ({automation.description})")
 
 
 @app.command

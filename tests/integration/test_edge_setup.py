@@ -37,8 +37,16 @@ def leaf_json(tmp_path: Path) -> Path:
     return path
 
 
-def _deployments() -> list[dict[str, Any]]:
+ALERTS_ENTRYPOINT = "flows.alerts:branchkey_alert"
+
+
+def _all_deployments() -> list[dict[str, Any]]:
     return yaml.safe_load((PROJECT / "prefect.yaml").read_text())["deployments"]
+
+
+def _deployments() -> list[dict[str, Any]]:
+    """The leaves' deployments (the alert deployment serves no leaf)."""
+    return [deployment for deployment in _all_deployments() if deployment["entrypoint"] != ALERTS_ENTRYPOINT]
 
 
 def test_leaf_spec_without_a_name_is_named_after_its_file() -> None:
@@ -103,6 +111,12 @@ def test_every_deployment_runs_on_its_leafs_queue_one_run_at_a_time() -> None:
         assert deployment["parameters"]["credentials"] == leaf
         assert deployment["parameters"]["work_dir"] == f"$BRANCHKEY_WORK_ROOT/{leaf}"
         assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+
+
+def test_the_alert_deployment_runs_unscheduled_on_the_ops_queue_of_the_pool() -> None:
+    (alerts,) = [deployment for deployment in _all_deployments() if deployment["entrypoint"] == ALERTS_ENTRYPOINT]
+    assert alerts["name"] == "ops-alerts" and not alerts.get("schedules")
+    assert alerts["work_pool"] == {"name": "branchkey-edge", "work_queue_name": "ops"}
 
 
 def test_deployments_pull_the_code_explicitly_from_the_workers_checkout() -> None:

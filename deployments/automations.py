@@ -1,0 +1,243 @@
+"""The federation's automations: a leaf that missed its round, a failed round, a metric drop.
+
+One set per federation (a branch id), or for every BranchKey leaf on the server when no
+branch is named: each automation watches all the federation's leaves separately (`for_each`
+on the leaf's resource id), so a leaf added later is watched without setting anything up
+again, and the UI lists three automations, not three per leaf. Each runs the `branchkey-alert`
+deployment with parameters templated from the triggering event, and sends a notification
+through a Block when one is named. Created by name and updated in place: idempotent.
+
+The missed-round trigger is Prefect's heartbeat pattern: proactive, `after` and `expect` both
+`branchkey.round.completed`, so every completed round starts the leaf's window afresh and the
+automation fires once, WINDOW seconds after the leaf's last completed round, then waits for
+its next one. A leaf is watched from its first completed round on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from prefect import get_client
+from prefect.events.actions import RunDeployment, SendNotification
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+from prefect.exceptions import ObjectNotFound
+
+from flows.observability import primary_metric
+
+from .edge import EdgeSetupError, require_api_url
+
+ALERT_DEPLOYMENT = "branchkey-alert/ops-alerts"
+COMPLETED, FAILED, DROPPED = "branchkey.round.completed", "branchkey.round.failed", "branchkey.metric.dropped"
+# Prefect refuses a proactive trigger's window below 10 s.
+MIN_WINDOW_S = 10.0
+LEAF = "{{ event.resource.name }}"
+SUBJECTS = {
+    "missed-round": "BranchKey: " + LEAF + " has not completed a round",
+    "failed-round": "BranchKey: " + LEAF + " failed a round",
+    "metric-drop": "BranchKey: " + LEAF + "'s {{ event.payload.metric }} dropped below its best",
+}
+BODIES = {
+    "missed-round": ("Leaf " + LEAF + " completed no round within {window} s of its last one (round "
+                     "{{ event.payload.round }} at {{ event.occurred }}). Check its machine and worker. "
+                     "Automation: {{ automation.name }}."),
+    "failed-round": ("Leaf " + LEAF + " failed round {{ event.payload.round }} at {{ event.occurred }}: "
+                     "{{ event.payload.error }}. Automation: {{ automation.name }}."),
+    "metric-drop": ("Leaf " + LEAF + "'s {{ event.payload.metric }} is {{ event.payload.value | round(4) }} in round "
+                    "{{ event.payload.round }}, down {{ event.payload.drop | round(4) }} from its best "
+                    "{{ event.payload.best_value | round(4) }} (round {{ event.payload.best_round }}). "
+                    "Automation: {{ automation.name }}."),
+}
+
+
+@dataclass(frozen=True)
+class AlertOptions:
+    """What to watch and whom to tell: the window, the federation, the metric, the notification Block."""
+
+    missed_round_after_s: float
+    branch_id: str | None = None
+    participant: str | None = None
+    metric: str | None = None
+    notify_block: str | None = None
+    alert_deployment: str = ALERT_DEPLOYMENT
+
+
+@dataclass(frozen=True)
+class AlertTargets:
+    """The server objects the automations act through: the alert deployment and the notification Block."""
+
+    deployment_id: UUID
+    notify_block_id: UUID | None = None
+
+
+def check_window(seconds: float) -> timedelta:
+    """The missed-round window, refused unless at least Prefect's minimum for a proactive trigger."""
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise EdgeSetupError(f"--missed-round-after must be a positive number of seconds, got {seconds:g}")
+    if seconds < MIN_WINDOW_S:
+        raise EdgeSetupError(f"--missed-round-after {seconds:g} s is below Prefect's minimum of {MIN_WINDOW_S:g} s "
+                             f"for a proactive trigger")
+    return timedelta(seconds=seconds)
+
+
+def declared_metrics(participant: str) -> dict[str, str]:
+    """The participant class's `metrics` (name -> `max`/`min`), read from the class without building it."""
+    module_name, sep, class_name = participant.partition(":")
+    if not sep or not module_name or not class_name:
+        raise EdgeSetupError(f"--participant must be 'package.module:Class', got {participant!r}")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise EdgeSetupError(f"cannot import participant {participant!r}: {exc}") from None
+    metrics = getattr(cls, "metrics", None)
+    if not isinstance(metrics, dict):
+        return {}
+    return {str(name): str(direction) for name, direction in metrics.items()}
+
+
+def watched_metric(options: AlertOptions) -> str | None:
+    """The metric the drop automation matches: the one named, else the participant's primary one;
+    None without a participant (no drop automation). Refused if the participant does not declare it."""
+    if options.participant is None:
+        if options.metric is not None:
+            raise EdgeSetupError(f"--metric {options.metric} needs --participant, the class that declares it")
+        return None
+    declared = declared_metrics(options.participant)
+    if not declared:
+        raise EdgeSetupError(f"participant {options.participant} declares no metrics: give its class "
+                             f"`metrics = {{\"accuracy\": \"max\", ...}}` to watch one for drops")
+    metric = options.metric or primary_metric(sorted(declared))
+    if metric not in declared:
+        raise EdgeSetupError(f"participant {options.participant} does not declare metric {metric!r}; "
+                             f"it declares {', '.join(sorted(declared))}")
+    return metric
+
+
+def parse_block_name(text: str) -> tuple[str, str]:
+    """`type/name` of a Block (`slack-webhook/ops`) as (type slug, name)."""
+    slug, sep, name = text.partition("/")
+    if not sep or not slug or not name:
+        raise EdgeSetupError(f"--notify-block must be 'block-type/block-name' (e.g. slack-webhook/ops), got {text!r}")
+    return slug, name
+
+
+def automation_name(kind: str, options: AlertOptions) -> str:
+    """The automation's stable name, by kind and federation: what makes its creation idempotent."""
+    return f"branchkey-{kind}" + (f"-{options.branch_id}" if options.branch_id else "")
+
+
+def leaf_match(options: AlertOptions, **labels: str) -> dict[str, str]:
+    """The resource filter: the federation's leaves (every BranchKey leaf without a branch), plus `labels`."""
+    match = {"prefect.resource.id": "branchkey.leaf.*", **labels}
+    if options.branch_id:
+        match["branchkey.branch-id"] = options.branch_id
+    return match
+
+
+def alert_parameters(kind: str, options: AlertOptions) -> dict[str, Any]:
+    """The alert flow's parameters, templated from the triggering event and the automation."""
+    parameters: dict[str, Any] = {
+        "kind": kind, "leaf": LEAF, "event": "{{ event.event }}", "occurred": "{{ event.occurred | string }}",
+        "payload": "{{ event.payload }}", "automation": "{{ automation.name }}",
+    }
+    if kind == "missed-round":
+        parameters["window_s"] = options.missed_round_after_s
+    return parameters
+
+
+def alert_actions(kind: str, options: AlertOptions, targets: AlertTargets) -> list[Any]:
+    """Run the alert deployment; with a notification Block, also send the alert's short text through it."""
+    actions: list[Any] = [RunDeployment(source="selected", deployment_id=targets.deployment_id,
+                                        parameters=alert_parameters(kind, options))]
+    if targets.notify_block_id is not None:
+        body = BODIES[kind].replace("{window}", f"{options.missed_round_after_s:g}")
+        actions.append(SendNotification(block_document_id=targets.notify_block_id, subject=SUBJECTS[kind],
+                                        body=body))
+    return actions
+
+
+def alert_triggers(options: AlertOptions, metric: str | None) -> dict[str, EventTrigger]:
+    """Per kind, the trigger: the proactive missed round, the reactive failed round and metric drop."""
+    triggers = {
+        "missed-round": EventTrigger(
+            match=leaf_match(options), after={COMPLETED}, expect={COMPLETED}, for_each={"prefect.resource.id"},
+            posture=Posture.Proactive, threshold=1, within=check_window(options.missed_round_after_s)),
+        "failed-round": EventTrigger(match=leaf_match(options), expect={FAILED}, for_each={"prefect.resource.id"},
+                                     posture=Posture.Reactive, threshold=1),
+    }
+    if metric is not None:
+        triggers["metric-drop"] = EventTrigger(
+            match=leaf_match(options, **{"branchkey.metric": metric}), expect={DROPPED},
+            for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1)
+    return triggers
+
+
+DESCRIPTIONS = {
+    "missed-round": "A leaf completed no round within {window} s of its last completed one",
+    "failed-round": "A leaf's round failed (branchkey.round.failed)",
+    "metric-drop": "A leaf's {metric} fell more than the flow's metric_drop_alert below its best",
+}
+
+
+def alert_automations(options: AlertOptions, targets: AlertTargets) -> list[AutomationCore]:
+    """The federation's automations for these options (pure: nothing is read from or sent to the server)."""
+    metric = watched_metric(options)
+    scope = f" (branch {options.branch_id})" if options.branch_id else " (every BranchKey leaf)"
+    automations = []
+    for kind, trigger in alert_triggers(options, metric).items():
+        description = DESCRIPTIONS[kind].format(window=f"{options.missed_round_after_s:g}", metric=metric)
+        automations.append(AutomationCore(name=automation_name(kind, options), description=description + scope,
+                                          enabled=True, trigger=trigger,
+                                          actions=alert_actions(kind, options, targets)))
+    return automations
+
+
+def find_alert_targets(options: AlertOptions) -> AlertTargets:
+    """The alert deployment's id and the notification Block's, refused if either is missing on the server."""
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(options.alert_deployment)
+        except ObjectNotFound:
+            name = options.alert_deployment.partition("/")[2]
+            raise EdgeSetupError(f"the alert deployment {options.alert_deployment} is not deployed: run "
+                                 f"`prefect deploy --name {name}` (or `--all`) first") from None
+        block_id = None
+        if options.notify_block:
+            slug, name = parse_block_name(options.notify_block)
+            try:
+                document = client.read_block_document_by_name(name, block_type_slug=slug)
+            except ObjectNotFound:
+                raise EdgeSetupError(f"notification Block {options.notify_block} does not exist: create it first "
+                                     f"(UI: Blocks, or `prefect block create {slug}`)") from None
+            if "notify" not in (document.block_schema.capabilities if document.block_schema else []):
+                raise EdgeSetupError(f"Block {options.notify_block} is not a notification Block")
+            block_id = document.id
+    return AlertTargets(deployment.id, block_id)
+
+
+def ensure_automation(automation: AutomationCore) -> bool:
+    """Create the automation, or update the one of its name in place; True if it was created."""
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(automation.name)
+        if existing:
+            client.update_automation(existing[0].id, automation)
+            return False
+        client.create_automation(automation)
+        return True
+
+
+def set_up_alerts(options: AlertOptions) -> list[tuple[AutomationCore, bool]]:
+    """Every automation for these options on the server, each with whether it was new.
+
+    Every option is checked (and the server's deployment and Block looked up) before any
+    automation is written, so a refusal changes nothing.
+    """
+    require_api_url()
+    check_window(options.missed_round_after_s)
+    watched_metric(options)
+    automations = alert_automations(options, find_alert_targets(options))
+    return [(automation, ensure_automation(automation)) for automation in automations]

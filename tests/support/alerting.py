@@ -1,0 +1,32 @@
+"""Participants for the alert tests: digits declaring its metrics, the same failing its evaluation (a
+round that fails after its upload, with its event), and one declaring no metrics."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from flows.examples.digits import DigitsSoftmax
+from flows.participant import Participant, TrainResult
+
+
+class Undeclared(Participant):
+    """A participant that declares no metrics."""
+
+    def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
+        return TrainResult(1.0, [np.zeros(1, np.float32)])
+
+
+class DeclaredDigits(DigitsSoftmax):
+    """The digits example declaring its metrics, as participants will (accuracy higher, loss lower)."""
+
+    metrics: ClassVar[dict[str, str]] = {"accuracy": "max", "loss": "min"}
+
+
+class DigitsFailingEvaluation(DeclaredDigits):
+    """Trains and uploads as digits does, then raises evaluating the aggregate: the round fails
+    after the platform aggregated it, so the next (healthy) run resumes it."""
+
+    def evaluate(self, global_model: list[np.ndarray], round_number: int) -> dict[str, float]:
+        raise RuntimeError("evaluation data unreadable")
