@@ -129,20 +129,20 @@ def _attempt_round(session: LeafSession, participant: Participant, work_dir: Pat
                    timeouts: Timeouts, policy: UpdatePolicy, promotion: PromotionPolicy) -> RoundResult:
     state = load_state(work_dir, session.credentials.leaf_id)
     resumed = state.phase != "idle"
-    if not resumed:
-        details = _settled_run(session, state.round, timeouts)
-        if details.run_status == "stop":
-            return RoundResult("stopped", details.run_number, state.round)
-        state.start_round(details.run_number)
-        _check_in_step(state, details)
-        if not participant.participate(state.round):
-            run_logger(__name__).info("participant declined round %d", state.round)
-            save_state(work_dir, state)
-            return RoundResult("declined", state.run_number, state.round)
-        if _budget_spent(session, work_dir, state, policy.privacy):
-            return RoundResult("budget-spent", state.run_number, state.round)
-        _train(participant, work_dir, state, policy)
     try:
+        if not resumed:
+            details = _settled_run(session, state.round, timeouts)
+            if details.run_status == "stop":
+                return RoundResult("stopped", details.run_number, state.round)
+            state.start_round(details.run_number)
+            _check_in_step(state, details)
+            if not participant.participate(state.round):
+                run_logger(__name__).info("participant declined round %d", state.round)
+                save_state(work_dir, state)
+                return RoundResult("declined", state.run_number, state.round)
+            if _budget_spent(session, work_dir, state, policy.privacy):
+                return RoundResult("budget-spent", state.run_number, state.round)
+            _train(participant, work_dir, state, policy)
         return _finish(session, participant, work_dir, state, timeouts, resumed, promotion)
     except RunStoppedError:
         state.clear_round()

@@ -40,6 +40,23 @@ class Fading(Participant):
         return {"accuracy": 0.9 - 0.1 * (round_number - 1)}
 
 
+class Broken(Participant):
+    """A site whose training fails."""
+
+    def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
+        raise RuntimeError("the GPU fell off the bus")
+
+
+def test_a_round_whose_training_fails_emits_a_failed_round_event(server: BkServer, tmp_path: Path,
+                                                                 prefect_api: str) -> None:
+    federation = server.federation(leaves=1)
+    credentials = credentials_for(server, federation.leaves[0])
+    with pytest.raises(RuntimeError, match="fell off the bus"):
+        federated_training(credentials, f"{__name__}:Broken", str(tmp_path / "leaf"), rounds=1)
+    found = events(prefect_api, "branchkey.round.failed", f"branchkey.leaf.{credentials.leaf_id}", 1)
+    assert len(found) == 1 and "RuntimeError: the GPU fell off the bus" in found[0]["payload"]["error"]
+
+
 def test_a_drift_check_records_an_evaluation_and_uploads_nothing(server: BkServer, tmp_path: Path,
                                                                  prefect_api: str) -> None:
     federation = server.federation(leaves=1, branch="drift")
