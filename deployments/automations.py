@@ -15,7 +15,6 @@ its next one. A leaf is watched from its first completed round on.
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,7 +26,8 @@ from prefect.events.actions import RunDeployment, SendNotification
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 
-from flows.observability import primary_metric
+from flows.participant import ParticipantError, participant_class
+from flows.promotion import metric_goal
 
 from .edge import EdgeSetupError, require_api_url
 
@@ -84,37 +84,22 @@ def check_window(seconds: float) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def declared_metrics(participant: str) -> dict[str, str]:
-    """The participant class's `metrics` (name -> `max`/`min`), read from the class without building it."""
-    module_name, sep, class_name = participant.partition(":")
-    if not sep or not module_name or not class_name:
-        raise EdgeSetupError(f"--participant must be 'package.module:Class', got {participant!r}")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as exc:
-        raise EdgeSetupError(f"cannot import participant {participant!r}: {exc}") from None
-    metrics = getattr(cls, "metrics", None)
-    if not isinstance(metrics, dict):
-        return {}
-    return {str(name): str(direction) for name, direction in metrics.items()}
-
-
 def watched_metric(options: AlertOptions) -> str | None:
-    """The metric the drop automation matches: the one named, else the participant's primary one;
-    None without a participant (no drop automation). Refused if the participant does not declare it."""
+    """The metric the drop automation matches: the one named, else the participant's primary one
+    (the rule the round flow judges its models by); None without a participant (no drop
+    automation). Refused if the participant cannot be imported, declares no metrics or not this one."""
     if options.participant is None:
         if options.metric is not None:
             raise EdgeSetupError(f"--metric {options.metric} needs --participant, the class that declares it")
         return None
-    declared = declared_metrics(options.participant)
-    if not declared:
-        raise EdgeSetupError(f"participant {options.participant} declares no metrics: give its class "
-                             f"`metrics = {{\"accuracy\": \"max\", ...}}` to watch one for drops")
-    metric = options.metric or primary_metric(sorted(declared))
-    if metric not in declared:
-        raise EdgeSetupError(f"participant {options.participant} does not declare metric {metric!r}; "
-                             f"it declares {', '.join(sorted(declared))}")
-    return metric
+    try:
+        cls = participant_class(options.participant)
+        if not cls.metrics:
+            raise EdgeSetupError(f"participant {options.participant} declares no metrics: give its class "
+                                 f"`metrics = {{\"accuracy\": \"max\", ...}}` to watch one for drops")
+        return metric_goal(cls, options.metric).name
+    except ParticipantError as exc:
+        raise EdgeSetupError(str(exc)) from None
 
 
 def parse_block_name(text: str) -> tuple[str, str]:

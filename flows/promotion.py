@@ -47,14 +47,15 @@ class PromotionPolicy:
     metric_drop_alert: float | None = None
 
 
-def metric_goal(participant: Participant, primary_metric: str | None) -> MetricGoal:
+def metric_goal(participant: Participant | type[Participant], primary_metric: str | None) -> MetricGoal:
     """The goal for `primary_metric` (default: accuracy if declared or nothing is, else the first
-    declared metric); a name the participant does not declare is refused, naming the ones it does."""
-    declared = type(participant).metrics
+    declared metric) of a participant or its class; a name the participant does not declare is
+    refused, naming the ones it does."""
+    declared = participant.metrics
     if primary_metric is None:
         primary_metric = "accuracy" if "accuracy" in declared or not declared else next(iter(declared))
     if declared and primary_metric not in declared:
-        raise ParticipantError(f"primary_metric {primary_metric!r} is not a metric the participant declares "
+        raise ParticipantError(f"metric {primary_metric!r} is not one the participant declares "
                                f"({', '.join(sorted(declared))})")
     return MetricGoal(primary_metric, declared.get(primary_metric, "max"))
 

@@ -90,7 +90,7 @@ def test_a_window_below_prefects_proactive_minimum_is_refused() -> None:
 
 
 def test_a_metric_the_participant_does_not_declare_is_refused_naming_the_declared_ones() -> None:
-    with pytest.raises(EdgeSetupError, match=r"does not declare metric 'f1'; it declares accuracy, loss"):
+    with pytest.raises(EdgeSetupError, match=r"metric 'f1' is not one the participant declares \(accuracy, loss\)"):
         watched_metric(AlertOptions(30, participant=DIGITS, metric="f1"))
 
 

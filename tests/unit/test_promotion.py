@@ -90,8 +90,7 @@ def test_promoting_the_same_round_again_changes_nothing(tmp_path: Path, state: L
 
 
 def test_a_primary_metric_the_participant_does_not_declare_is_refused() -> None:
-    with pytest.raises(ParticipantError, match=r"primary_metric 'f1' is not a metric the participant declares "
-                                               r"\(accuracy, loss\)"):
+    with pytest.raises(ParticipantError, match=r"metric 'f1' is not one the participant declares \(accuracy, loss\)"):
         promotion_policy(Site(), "f1", False, None)
 
 
