@@ -348,7 +348,8 @@ class BranchKeyClient:
 
     def branch_name(self) -> str | None:
         """The branch's name from its configuration (3.x call); None when the platform gives none."""
-        branch = self.branch_config().get("branch")
+        config = self.branch_config()
+        branch = config.get("branch") if isinstance(config, dict) else None
         name = branch.get("name") if isinstance(branch, dict) else None
         return name.strip() or None if isinstance(name, str) else None
 

@@ -19,13 +19,13 @@ from prefect.states import State
 
 from bk_blocks import BranchKeyCredentials
 from bk_blocks.archive import read_aggregate
-from tasks import resolve_credentials, run_logger
+from tasks import LeafSession, resolve_credentials, run_logger
 
-from .history import RoundRecord, append_record, history_rows, utc_from_timestamp
+from .history import RoundRecord, append_record, file_round, history_files, history_rows, utc_from_timestamp
 from .leaf_state import LeafBusyError, LeafState, hold_work_dir, load_state, resolve_work_dir
 from .observability import label_flow_run, run_tags
 from .participant import Participant, load_participant
-from .promotion import SERVED_MODEL, MetricGoal, promotion_policy
+from .promotion import SERVED_MODEL, MetricGoal, best_of, promotion_policy, verdict
 from .publication import publishing
 from .round import cancelled_as_busy
 from .update_transforms import read_back
@@ -49,7 +49,8 @@ def evaluated_model(work_dir: Path, state: LeafState) -> tuple[Path, dict[str, A
 
 
 def evaluate_served(participant: Participant, credentials: BranchKeyCredentials, work_dir: Path,
-                    goal: MetricGoal, metric_drop_alert: float | None = None) -> RoundRecord | None:
+                    goal: MetricGoal, metric_drop_alert: float | None = None,
+                    branch_name: str | None = None) -> RoundRecord | None:
     """Evaluate the leaf's served model and record the check as an `evaluated` history row;
     None (nothing recorded) when the leaf has no model yet."""
     state = load_state(work_dir, credentials.leaf_id)
@@ -61,19 +62,16 @@ def evaluate_served(participant: Participant, credentials: BranchKeyCredentials,
     path, entry = found
     started = time.time()
     metrics = participant.evaluate(read_back(read_aggregate(path), state.model_dtypes), entry["round"])
-    best = state.best if state.best and state.best.get("metric") == goal.name else None
-    value = metrics.get(goal.name)
-    drop = goal.drop(value, best["value"]) if best and value is not None else None
     record = RoundRecord(
         branch_id=credentials.branch_id, leaf_id=credentials.leaf_id, leaf_name=credentials.leaf_name,
         run_number=entry["run_number"], round=entry["round"], status=EVALUATED,
         aggregation_id=entry["aggregation_id"], eval_metrics=dict(metrics), evaluate_s=time.time() - started,
         started_at=utc_from_timestamp(started), finished_at=utc_from_timestamp(time.time()),
-        flow_run_id=flow_run.get_id(), tree_id=credentials.tree_id, primary_metric=goal.name,
-        best_run_number=best["run_number"] if best else None, best_round=best["round"] if best else None,
-        best_value=best["value"] if best else None, metric_drop=max(drop, 0.0) if drop is not None else None,
-        metric_drop_alert=metric_drop_alert, served=True)
-    append_record(work_dir, record)
+        flow_run_id=flow_run.get_id(), tree_id=credentials.tree_id, branch_name=branch_name,
+        metric_drop_alert=metric_drop_alert, served=True,
+        **verdict(goal, best_of(state, goal), metrics.get(goal.name)))
+    files = history_files(work_dir)
+    append_record(work_dir, record, filed_under=file_round(files[-1]) if files else None)
     return record
 
 
@@ -95,11 +93,12 @@ def federated_evaluation(
     directory = resolve_work_dir(work_dir)
     model = load_participant(participant, participant_options)
     goal = promotion_policy(model, primary_metric, False, metric_drop_alert).goal
-    label_flow_run(f"{block.leaf_name}-evaluation", run_tags(block))
-    try:
-        with hold_work_dir(directory), publishing(block.leaf_name, directory) as publication, tags(*run_tags(block)):
-            record = evaluate_served(model, block, directory, goal, metric_drop_alert)
-            publication.notify()
-            return record
-    except LeafBusyError as exc:
-        return cancelled_as_busy(exc)
+    with LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):
+        label_flow_run(f"{block.leaf_name}-evaluation", run_tags(block, session.branch_name))
+        try:
+            with hold_work_dir(directory), publishing(block.leaf_name, directory) as publication:
+                record = evaluate_served(model, block, directory, goal, metric_drop_alert, session.branch_name)
+                publication.notify()
+                return record
+        except LeafBusyError as exc:
+            return cancelled_as_busy(exc)

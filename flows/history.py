@@ -103,8 +103,10 @@ def history_dir(work_dir: Path) -> Path:
     return Path(work_dir) / "history"
 
 
-def append_record(work_dir: Path, record: RoundRecord) -> Path:
-    """Write one round's row as its own Parquet file, atomically; return its path."""
+def append_record(work_dir: Path, record: RoundRecord, filed_under: tuple[int, int] | None = None) -> Path:
+    """Write one round's row as its own Parquet file, atomically; return its path. The file is
+    named after the row's (run, round), or `filed_under` (a drift check is filed after the latest
+    row, whichever model it evaluated, so it is published after everything recorded before it)."""
     directory = history_dir(work_dir)
     directory.mkdir(parents=True, exist_ok=True)
     suffix = "" if record.status == "completed" else f"-{record.status}"
@@ -113,7 +115,8 @@ def append_record(work_dir: Path, record: RoundRecord) -> Path:
         stamp = int((record.finished_at or datetime.now(timezone.utc)).timestamp() * 1000)
         suffix = f"~evaluated-{stamp}"
     suffix += "" if record.round_kind == LEARNING else f"-{record.round_kind}"
-    path = directory / f"run-{record.run_number:04d}-round-{record.round:06d}-{record.leaf_id}{suffix}.parquet"
+    run_number, round_number = filed_under or (record.run_number, record.round)
+    path = directory / f"run-{run_number:04d}-round-{round_number:06d}-{record.leaf_id}{suffix}.parquet"
     row = asdict(record)
     row["train_metrics"] = list(row["train_metrics"].items())
     row["eval_metrics"] = list(row["eval_metrics"].items())

@@ -76,7 +76,7 @@ def promote(participant: Participant, work_dir: Path, state: LeafState, policy: 
     value = state.eval_metrics.get(policy.goal.name)
     here = {"run_number": state.run_number, "round": state.round, "aggregation_id": state.aggregation_id or "",
             "metric": policy.goal.name, "value": value}
-    best = state.best if state.best and state.best.get("metric") == policy.goal.name else None
+    best = best_of(state, policy.goal)
     drop = policy.goal.drop(value, best["value"]) if best is not None and value is not None else None
     is_best = value is not None and (best is None or drop < 0 or _same_model(best, here))
     if is_best:
@@ -87,12 +87,22 @@ def promote(participant: Participant, work_dir: Path, state: LeafState, policy: 
         _link(model, work_dir / "models" / SERVED_MODEL)
         state.serving = here
         participant.serve(work_dir / "models" / SERVED_MODEL, _served_model(here, is_best))
-    state.model_facts = {
-        "primary_metric": policy.goal.name, "best_run_number": best["run_number"] if best else None,
-        "best_round": best["round"] if best else None, "best_value": best["value"] if best else None,
-        "metric_drop": max(drop, 0.0) if drop is not None else None,
-        "metric_drop_alert": policy.metric_drop_alert, "served": _same_model(state.serving, here),
-    }
+    state.model_facts = {**verdict(policy.goal, best, value), "metric_drop_alert": policy.metric_drop_alert,
+                         "served": _same_model(state.serving, here)}
+
+
+def best_of(state: LeafState, goal: MetricGoal) -> dict[str, Any] | None:
+    """The leaf's best model so far by this goal's metric (None: none judged by it yet)."""
+    return state.best if state.best and state.best.get("metric") == goal.name else None
+
+
+def verdict(goal: MetricGoal, best: dict[str, Any] | None, value: float | None) -> dict[str, Any]:
+    """A history row's judgement of a model scoring `value`: the metric, the best model (after this
+    one counted) and how far below it this one is (0 when it is the best, None without a value)."""
+    drop = goal.drop(value, best["value"]) if best is not None and value is not None else None
+    return {"primary_metric": goal.name, "best_run_number": best["run_number"] if best else None,
+            "best_round": best["round"] if best else None, "best_value": best["value"] if best else None,
+            "metric_drop": max(drop, 0.0) if drop is not None else None}
 
 
 def metric_dropped(row: dict[str, Any]) -> bool:

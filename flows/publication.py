@@ -146,30 +146,31 @@ def publish_pending(leaf_name: str, work_dir: Path, events: EventSender) -> int:
         for index, path in enumerate(files):
             if (*file_round(path), path.name) <= done:
                 continue
-            rows = rows_of(files[max(0, index + 1 - ARTIFACT_ROWS):index + 1])
-            row = rows[-1]
+            row = rows_of([path])[0]
             if row["status"] in PUBLISHED_STATUSES:
                 try:
-                    _publish_round(leaf_name, rows, events)
+                    _publish_round(leaf_name, rows_of(files[max(0, index + 1 - ARTIFACT_ROWS):index + 1]), row,
+                                   events)
                 except (PrefectHTTPStatusError, httpx.HTTPStatusError) as exc:
                     if not _is_permanent(exc):
                         raise
                     logger.error("%s: Prefect refused round %d of run %d, which is left unpublished: %s",
                                  leaf_name, row["round"], row["run_number"], exc)
                 published += 1
-            mark_published(work_dir, row["run_number"], row["round"], path.name)
+            mark_published(work_dir, *file_round(path), path.name)
         return published
 
 
-def _publish_round(leaf_name: str, rows: list[dict[str, object]], events: EventSender) -> None:
-    row = rows[-1]
+def _publish_round(leaf_name: str, rows: list[dict[str, object]], row: dict[str, object],
+                   events: EventSender) -> None:
+    """The leaf's artifacts as of `rows` (the history up to `row`), and `row`'s events."""
     publish_artifacts(leaf_name, rows, flow_run_id=str(row["flow_run_id"]) if row["flow_run_id"] else None)
     record = RoundRecord(**row)  # type: ignore[arg-type]
     events.send(round_event(record, event_id=round_event_id(record.leaf_id, record.run_number, record.round,
                                                             _event_status(record))))
     if metric_dropped(row):
         events.send(metric_dropped_event(record, round_event_id(record.leaf_id, record.run_number, record.round,
-                                                                "metric-dropped")))
+                                                                f"metric-dropped-{_event_status(record)}")))
     for event in model_asset_events(record):
         events.send(event)
 

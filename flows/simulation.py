@@ -15,6 +15,7 @@ address is refused when it has fewer threads.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -33,14 +34,15 @@ from prefect.futures import PrefectFuture
 from prefect_dask import DaskTaskRunner
 
 from bk_blocks import BranchKeyCredentials
-from bk_blocks.errors import BranchKeyError
+from bk_blocks.errors import BranchKeyError, UsageError
 from bk_blocks.files import atomic_write
 from tasks import LeafSession
 
 from .history import history_rows
 from .leaf_state import hold_work_dir
 from .observability import artifact_key, label_flow_run, publish_federation_artifacts, run_tags
-from .participant import load_participant
+from .leaves import leaf_block, leaf_credentials, leaf_files
+from .participant import Participant, ParticipantError, load_participant, participant_class
 from .privacy import PrivacyPolicy
 from .promotion import promotion_policy
 from .round import RoundResult, Timeouts, round_in_step
@@ -52,21 +54,15 @@ FEDERATION_REFRESH_S = 1.0
 # How long the simulation waits for a Dask scheduler given by address to answer, in seconds.
 CONNECT_TIMEOUT_S = 10
 SAMPLING_FILE = "sampling.json"
+DEFAULT_PARTICIPANT = "flows.examples.digits:DigitsSoftmax"
+# The participants a Dask worker keeps between rounds (one per leaf it ran; the oldest go first).
+PARTICIPANTS_PER_WORKER = 256
 # How often the simulation looks whether a leaf's task has ended, in seconds.
 POLL_S = 0.05
 
 
 class SimulationError(BranchKeyError, ValueError):
     """A simulation that cannot start as asked (no leaves, no cluster at the address, too few threads)."""
-
-
-def leaf_credentials(credentials_dir: Path, host: str, transport: str) -> list[BranchKeyCredentials]:
-    """One Block per credentials JSON in the directory (sorted by file name)."""
-    paths = sorted(Path(credentials_dir).glob("*.json"))
-    if not paths:
-        raise SimulationError(f"no leaf credentials (*.json) in {credentials_dir}")
-    return [BranchKeyCredentials.from_platform_json(path, host=host, notification_transport=transport)
-            for path in paths]
 
 
 def dask_runner(address: str | None, workers: int | None, tasks_at_once: int) -> DaskTaskRunner:
@@ -79,9 +75,9 @@ def dask_runner(address: str | None, workers: int | None, tasks_at_once: int) ->
             raise SimulationError(f"the Dask cluster at {address} runs {threads} tasks at once; a round needs "
                                   f"{tasks_at_once} (its leaves wait for each other's uploads)")
         return DaskTaskRunner(address=address)
-    processes = workers or os.cpu_count() or 1
-    if processes < 1:
+    if workers is not None and workers < 1:
         raise SimulationError(f"workers must be at least 1, got {workers}")
+    processes = workers or os.cpu_count() or 1
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
         "n_workers": processes, "threads_per_worker": math.ceil(tasks_at_once / processes), "processes": True,
         "dashboard_address": None})
@@ -98,38 +94,59 @@ def cluster_threads(address: str) -> int:
 
 
 @task(name="leaf-round", cache_policy=NO_CACHE)
-def leaf_round(block: BranchKeyCredentials, participant: str, options: dict[str, Any], work_dir: Path,
-               timeouts: Timeouts, policy: UpdatePolicy) -> RoundResult:
-    """One leaf's round on a Dask worker: the participant built here, the round resumed from the
-    leaf's work dir if an earlier attempt (on any worker) stopped mid-way."""
-    model = load_participant(participant, options)
+def leaf_round(credentials_file: Path, connection: tuple[str, str, str | None], participant: str,
+               options: dict[str, Any], work_dir: Path, timeouts: Timeouts, policy: UpdatePolicy) -> RoundResult:
+    """One leaf's round on a Dask worker: its credentials read there from their file (no token
+    travels with the task), its participant kept by the worker between rounds, the round resumed
+    from the leaf's work dir if an earlier attempt (on any worker) stopped mid-way."""
+    block = leaf_block(credentials_file, *connection)
+    model = worker_participant(block.leaf_name, participant, json.dumps(options, sort_keys=True))
     with hold_work_dir(work_dir), LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):
         return round_in_step(session, model, work_dir, timeouts, policy, promotion_policy(model, None, False, None))
 
 
+@functools.lru_cache(maxsize=PARTICIPANTS_PER_WORKER)
+def worker_participant(leaf: str, participant: str, options_json: str) -> Participant:
+    """The leaf's participant, built once per worker process and kept for its later rounds there
+    (as a flow run keeps its participant: its data loaded once, its random state going on)."""
+    return load_participant(participant, json.loads(options_json))
+
+
 def simulate(host: str, credentials_dir: str, work_root: str, *, dask_address: str | None = None,
              workers: int | None = None, **options: Any) -> dict[str, list[RoundResult]]:
-    """Check the leaves and the sampling, set up the Dask task runner (nothing starts when the
-    cluster at `dask_address` does not answer), then run `federated_simulation` on it with
-    `options` (its parameters)."""
+    """Check the leaves, the participant, the update settings, the sampling and the platform's
+    round rules, set up the Dask task runner (nothing starts when the cluster at `dask_address`
+    does not answer), then run `federated_simulation` on it with `options` (its parameters)."""
     blocks = leaf_credentials(Path(credentials_dir), host, options.get("transport", "websocket"))
+    promotion_policy(participant_class(options.get("participant", DEFAULT_PARTICIPANT)), None, False, None)
+    _update_policy(options.get("update_options") or {})
     plan = sampling_plan([b.leaf_name for b in blocks], options.get("fraction", 1.0),
                          options.get("leaves_per_round"), options.get("seed", 0))
-    _check_quorum(blocks[0], plan)
+    _check_round_rules(blocks[0], plan)
     runner = dask_runner(dask_address, workers, plan.per_round)
     return federated_simulation.with_options(task_runner=runner)(host, credentials_dir, work_root, **options)
 
 
-def _check_quorum(block: BranchKeyCredentials, plan: SamplingPlan) -> None:
-    """Refuse a platform whose branch closes a round at another number of updates than the leaves
-    drawn per round (when its branch config says: the official platform's may not)."""
-    with LeafSession(block) as session:
-        branch = session.client.branch_config().get("branch", {})
-    needed = branch.get("min_updates") if isinstance(branch, dict) else None
+def _check_round_rules(block: BranchKeyCredentials, plan: SamplingPlan) -> None:
+    """Refuse a branch that closes a round at another number of updates than the leaves drawn per
+    round, or that, with sampling, has no deadline (a drawn leaf that fails or declines would hold
+    every round open): checked when the branch config says (the official platform's may not)."""
+    try:
+        with LeafSession(block) as session:
+            branch = session.client.branch_config().get("branch", {})
+    except BranchKeyError as exc:
+        get_run_logger().warning("the branch's round rules could not be read (%s); not checked", exc)
+        return
+    if not isinstance(branch, dict):
+        return
+    needed = branch.get("min_updates")
     if isinstance(needed, int) and needed != plan.per_round:
         raise SimulationError(f"the branch closes a round at {needed} updates but each round draws {plan.per_round} "
                               f"of the {len(plan.leaves)} leaves: set the branch's min_updates to {plan.per_round} "
                               "or draw that many")
+    if "round_deadline_s" in branch and branch["round_deadline_s"] is None and plan.per_round < len(plan.leaves):
+        raise SimulationError("the branch has no round deadline: with sampling, a drawn leaf that fails or sits the "
+                              "round out would hold every round open; give the branch a round_deadline_s and a quorum")
 
 
 @flow(name="federated-simulation")
@@ -137,7 +154,7 @@ def federated_simulation(
     host: str,
     credentials_dir: str,
     work_root: str,
-    participant: str = "flows.examples.digits:DigitsSoftmax",
+    participant: str = DEFAULT_PARTICIPANT,
     participant_options: dict[str, Any] | None = None,
     rounds: int = 5,
     transport: Literal["websocket", "amqp"] = "websocket",
@@ -153,9 +170,11 @@ def federated_simulation(
     participant options (for splitting a data set across leaves). `update_options` are the round's
     update parameters (`upload_precision`, `max_update_norm_ratio`, `dp_clip_norm`,
     `dp_noise_multiplier`, `dp_delta`, `dp_epsilon_budget`). Run it with a Dask task runner
-    (`simulate` sets one up); returns each leaf's round results."""
+    (`simulate` sets one up); returns each leaf's round results. Fails when every drawn leaf of a
+    round failed (nothing trains), or a leaf's participant or settings were refused."""
     logger = get_run_logger()
-    blocks = _with_amqp_host(leaf_credentials(Path(credentials_dir), host, transport), amqp_host)
+    files = leaf_files(Path(credentials_dir))
+    blocks = [leaf_block(path, host, transport, amqp_host) for path in files]
     plan = sampling_plan([b.leaf_name for b in blocks], fraction, leaves_per_round, seed)
     with LeafSession(blocks[0]) as session:
         branch = session.branch_name
@@ -168,26 +187,24 @@ def federated_simulation(
     _record_plan(root, plan, rounds)
     policy = _update_policy(update_options or {})
     timeouts = Timeouts(aggregation_s=aggregation_timeout_s)
-    by_name = {b.leaf_name: (i, b) for i, b in enumerate(blocks)}
+    by_name = {b.leaf_name: (i, b, path) for i, (b, path) in enumerate(zip(blocks, files))}
     results: dict[str, list[RoundResult]] = {b.leaf_name: [] for b in blocks}
     for round_number in range(1, rounds + 1):
         futures = {}
         for name in plan.chosen(round_number):
-            index, block = by_name[name]
+            index, block, path = by_name[name]
             options = {**(participant_options or {}), "leaf_index": index, "leaves": len(blocks)}
             futures[name] = leaf_round.with_options(task_run_name=f"{name}-round-{round_number}",
                                                     tags=run_tags(block, branch)).submit(
-                block, participant, options, root / name, timeouts, policy)
+                path, (host, transport, amqp_host), participant, options, root / name, timeouts, policy)
         _publish_while_running(branch, {b.leaf_name: root / b.leaf_name for b in blocks}, futures)
-        for name, future in futures.items():
-            _collect(name, future, results[name], round_number)
+        failed = [name for name, future in futures.items() if not _collect(name, future, results[name], round_number)]
+        if len(failed) == len(futures):
+            raise SimulationError(f"every leaf drawn for round {round_number} failed ({', '.join(failed)}): see their "
+                                  "task runs; the simulation stops")
     for name, done in results.items():
         logger.info("%s: %s", name, json.dumps([(r.round, r.status, r.eval_metrics) for r in done]))
     return results
-
-
-def _with_amqp_host(blocks: list[BranchKeyCredentials], amqp_host: str | None) -> list[BranchKeyCredentials]:
-    return [b.model_copy(update={"amqp_host": amqp_host}) for b in blocks] if amqp_host else blocks
 
 
 def _update_policy(options: Mapping[str, Any]) -> UpdatePolicy:
@@ -206,24 +223,31 @@ def _record_plan(root: Path, plan: SamplingPlan, rounds: int) -> None:
                           description=f"Leaves drawn per round ({plan.per_round} of {len(plan.leaves)}, seed {plan.seed})")
 
 
-def _collect(name: str, future: PrefectFuture[RoundResult], into: list[RoundResult], round_number: int) -> None:
-    """A leaf's round result; a leaf that failed is logged and left to resume when next drawn."""
+def _collect(name: str, future: PrefectFuture[RoundResult], into: list[RoundResult], round_number: int) -> bool:
+    """Keep a leaf's round result (True); a leaf that failed is logged and left to resume when next
+    drawn (False), unless its participant or settings were refused: that fails the simulation."""
     try:
         into.append(future.result())
+        return True
+    except (ParticipantError, UsageError):
+        raise
     except Exception as exc:  # noqa: BLE001 - a leaf's participant may raise anything; the others go on
         get_run_logger().warning("%s failed round %d (%s: %s); the federation goes on without it and it resumes "
                                  "from its work dir when next drawn", name, round_number, type(exc).__name__, exc)
+        return False
 
 
 def _publish_while_running(branch: str, work_dirs: dict[str, Path], futures: dict[str, PrefectFuture]) -> None:
-    """Republish the federation artifacts each time the leaves have recorded more rounds, until
-    every drawn leaf's task of the round has ended (at most once per FEDERATION_REFRESH_S: each
-    publication is two writes to the Prefect server)."""
+    """Republish the federation artifacts each time the drawn leaves (`futures`) have recorded more
+    rounds, until every drawn leaf's task of the round has ended (at most once per
+    FEDERATION_REFRESH_S: each publication is two writes to the Prefect server). The other leaves'
+    histories are read once: they record nothing this round."""
+    histories = {name: history_rows(path) for name, path in work_dirs.items()}
     published: int | None = None
     pending = [f.wrapped_future for f in futures.values()]
     while True:
         running = [f for f in pending if not f.done()]
-        histories = {name: history_rows(path) for name, path in work_dirs.items()}
+        histories |= {name: history_rows(work_dirs[name]) for name in futures}
         recorded = sum(map(len, histories.values()))
         if recorded != published:
             try:

@@ -35,7 +35,7 @@ from .history import ANALYTICS, RoundRecord, append_record, utc_from_timestamp
 from .leaf_state import hold_work_dir, resolve_work_dir
 from .observability import artifact_key, label_flow_run, run_tags
 from .participant import ParticipantError, load_participant, parse_options
-from .simulation import leaf_credentials
+from .leaves import leaf_credentials
 
 STATISTICS_DIR = "statistics"
 _STATISTICS = ("n", "completeness", "mean", "variance", "std", "min", "max")
@@ -174,9 +174,7 @@ def federation_statistics(
 ) -> dict[str, StatisticsResult]:
     """Every leaf of `credentials_dir` runs its `federated-statistics` at once (a whole federation's
     statistics round on one machine); leaf i gets `leaf_index=i, leaves=N` added to the options."""
-    blocks = leaf_credentials(Path(credentials_dir), host, transport)
-    if amqp_host:
-        blocks = [b.model_copy(update={"amqp_host": amqp_host}) for b in blocks]
+    blocks = leaf_credentials(Path(credentials_dir), host, transport, amqp_host)
 
     def one(index: int, block: BranchKeyCredentials) -> StatisticsResult:
         options = {**(participant_options or {}), "leaf_index": index, "leaves": len(blocks)}

@@ -1,7 +1,7 @@
 """An example participant on real data: softmax regression in numpy on scikit-learn's digits.
 
 The 1,797 bundled 8x8 digit images are split across leaves non-IID: each leaf holds
-mostly the classes "assigned" to it (class % leaves), so no leaf can learn all ten
+mostly the class "assigned" to it (its index modulo 10), so no leaf can learn all ten
 digits alone and the federation's global model beats every local one. Each leaf's test
 data is split the same way, so `evaluate` tells how the global model does on the data
 that site actually sees. Needs the `examples` extra (scikit-learn).
@@ -24,8 +24,12 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def non_iid_split(labels: np.ndarray, leaves: int, skew: float, rng: np.random.Generator) -> list[np.ndarray]:
-    """Indices per leaf: a sample goes to its class's leaf with probability `skew`, else anywhere."""
+    """Indices per leaf: a sample goes to a leaf of its class with probability `skew`, else anywhere.
+    A class's leaves are those whose index is the class modulo 10 (with more than ten leaves, each
+    class has several, drawn among evenly), so every leaf has a home class."""
     home = labels % leaves
+    if leaves > CLASSES:
+        home = (labels + CLASSES * rng.integers(0, -(-leaves // CLASSES), size=labels.size)) % leaves
     random_leaf = rng.integers(0, leaves, size=labels.size)
     owner = np.where(rng.random(labels.size) < skew, home, random_leaf)
     return [np.flatnonzero(owner == leaf) for leaf in range(leaves)]

@@ -73,6 +73,18 @@ def test_a_drift_check_records_an_evaluation_and_uploads_nothing(server: BkServe
     assert "**Drift check**" in summary and "the served model of round 2" in summary
 
 
+def test_a_drift_check_of_an_older_best_model_is_published(server: BkServer, tmp_path: Path,
+                                                            prefect_api: str) -> None:
+    federation = server.federation(leaves=1)
+    credentials = credentials_for(server, federation.leaves[0])
+    work_dir = tmp_path / "leaf"
+    federated_training(credentials, f"{__name__}:Fading", str(work_dir), rounds=3, keep_best_model=True)
+    record = federated_evaluation(credentials, f"{__name__}:Fading", str(work_dir))
+    assert record.round == 1, "the served model is round 1's, the best"
+    found = events(prefect_api, "branchkey.round.evaluated", f"branchkey.leaf.{credentials.leaf_id}", 1)
+    assert [e["payload"]["round"] for e in found] == [1]
+
+
 def test_a_drift_check_before_any_round_records_nothing(server: BkServer, tmp_path: Path) -> None:
     federation = server.federation(leaves=1)
     credentials = credentials_for(server, federation.leaves[0])

@@ -15,7 +15,7 @@ from flows.examples.digits import DigitsSoftmax
 from flows.history import ANALYTICS, history_rows
 from flows.observability import artifact_key
 from flows.participant import Participant, ParticipantError, TrainResult
-from flows.simulation import leaf_credentials
+from flows.leaves import leaf_credentials
 from flows.statistics import StatisticsResult, federated_statistics, federation_statistics, load_columns
 
 from ..support.bkserver import BkServer
