@@ -74,7 +74,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 from harness import (
     AMQP,
     AMQP_URL,
@@ -83,6 +82,7 @@ from harness import (
     BenchServer,
     add_common_options,
     answer_child,
+    cpu_seconds,
     format_table,
     layer_shapes,
     machine_summary,
@@ -316,25 +316,6 @@ def configure_prefect_environment(root: Path) -> None:
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of a process and its descendants so far (0 when it is gone)."""
-    if pid is None:
-        return 0.0
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system + times.children_user + times.children_system
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 @dataclass

@@ -43,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from harness import BenchServer, add_common_options, format_table, machine_summary, percentile, progress, temporary_root
+from harness import (BenchServer, add_common_options, cpu_seconds, format_table, machine_summary, percentile, progress,
+                     temporary_root)
 
 from bk_dev.prefect_server import LocalPrefectServer
 from bk_server.cli import write_credentials
@@ -106,23 +107,6 @@ class PeakMemory:
                     continue
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU seconds of a process and its descendants so far (0 when gone)."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system + times.children_user + times.children_system
-        except psutil.NoSuchProcess:
-            continue
-    return total
-
-
 def prefect_cpu_seconds(prefect: LocalPrefectServer) -> float:
     """CPU seconds of the Prefect server and of its embedded PostgreSQL (a process of its own)."""
     postgres = prefect.postgres.process if prefect.postgres else None
@@ -145,8 +129,10 @@ def exact_updates(server: BenchServer, branch_id: str, work_root: Path) -> bool:
     """Whether each aggregated platform round holds one update from each leaf drawn for it."""
     drawn = json.loads((work_root / SAMPLING_FILE).read_text())["rounds"]
     rounds = [r for r in server.rounds(branch_id) if r["status"] == "aggregated"]
-    return len(rounds) == len(drawn) and all(r["updates"] == plan["leaves"] == len(r["leaves"])
-                                             for r, plan in zip(rounds, drawn))
+    leaf_ids = {json.loads(path.read_text())["id"]: path.stem for path in (work_root.parent / "credentials").glob("*.json")}
+    return len(rounds) == len(drawn) and all(
+        r["updates"] == plan["leaves"] and sorted(leaf_ids[i] for i in r["leaves"]) == sorted(plan["chosen"].split(", "))
+        for r, plan in zip(rounds, drawn))
 
 
 def bench_one(prefect: LocalPrefectServer, server: BenchServer, root: Path, leaves: int, fraction: float,

@@ -259,7 +259,7 @@ def dask_arguments(args: argparse.Namespace) -> list[str]:
     extra = ["--fraction", str(args.fraction), "--seed", str(args.seed)]
     if args.dask_address:
         extra += ["--dask-address", args.dask_address]
-    if args.workers:
+    if args.workers is not None:
         extra += ["--workers", str(args.workers)]
     return extra
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import distributed
 import numpy as np
+import psutil
 import pytest
 
 from bk_server.cli import write_credentials
@@ -116,12 +117,13 @@ def test_a_worker_killed_mid_round_resumes_the_leaf_elsewhere_counting_its_updat
         server: BkServer, tmp_path: Path, cluster: distributed.LocalCluster) -> None:
     creds = federation_files(server, tmp_path, leaves=2, per_round=2)
     pause = tmp_path / "paused.pid"
-    killer = _kill_when_paused(pause)
+    killed: list[int] = []
+    killer = _kill_when_paused(pause, killed)
     results = simulate(server.url, str(creds), str(tmp_path / "leaves"), dask_address=cluster.scheduler_address,
                        participant=f"{__name__}:Steady", participant_options={"pause_file": str(pause)}, rounds=3,
                        aggregation_timeout_s=120)
     killer.join(timeout=5)
-    assert pause.exists(), "the leaf paused in round 2 and its worker was killed there"
+    assert killed and not psutil.pid_exists(killed[0]), "the worker running the leaf's round 2 was killed"
     assert {name: [r.status for r in done] for name, done in results.items()} == {
         name: ["completed"] * 3 for name in results}
     assert [updates for updates, _ in platform_rounds(server, tmp_path / "leaves")] == [2, 2, 2]
@@ -129,8 +131,8 @@ def test_a_worker_killed_mid_round_resumes_the_leaf_elsewhere_counting_its_updat
     assert [(r["round"], r["status"]) for r in history_rows(first)] == [(n, "completed") for n in (1, 2, 3)]
 
 
-def _kill_when_paused(pause: Path) -> threading.Thread:
-    """A thread that SIGKILLs the worker process that wrote `pause` as soon as it appears."""
+def _kill_when_paused(pause: Path, killed: list[int]) -> threading.Thread:
+    """A thread that SIGKILLs the worker process that wrote `pause` as soon as it appears, noting its pid."""
 
     def kill() -> None:
         deadline = time.monotonic() + 120
@@ -138,7 +140,9 @@ def _kill_when_paused(pause: Path) -> threading.Thread:
             time.sleep(0.05)
         time.sleep(0.2)
         if pause.exists():
-            os.kill(int(pause.read_text()), signal.SIGKILL)
+            pid = int(pause.read_text())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
 
     thread = threading.Thread(target=kill, daemon=True)
     thread.start()

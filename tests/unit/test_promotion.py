@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -81,12 +82,16 @@ def test_the_participant_hears_of_each_change_of_the_served_model(tmp_path: Path
     assert [(s.round, s.best) for s in site.served] == [(1, True), (3, True)]
 
 
-def test_promoting_the_same_round_again_changes_nothing(tmp_path: Path, state: LeafState) -> None:
+def test_a_promotion_redone_after_a_crash_ends_the_same(tmp_path: Path, state: LeafState) -> None:
     site = Site()
-    run(site, tmp_path, state, [0.5, 0.7], keep_best_model=False, metric_drop_alert=None)
-    facts, best = dict(state.model_facts), dict(state.best)
-    promote(site, tmp_path, state, promotion_policy(site, None, False, None))
-    assert state.model_facts == facts and state.best == best and len(site.served) == 2
+    policy = promotion_policy(site, None, False, None)
+    run(site, tmp_path, state, [0.5], keep_best_model=False, metric_drop_alert=None)
+    path = finish_round(tmp_path, state, 2, {"accuracy": 0.7, "loss": 0.3})
+    saved = copy.deepcopy(state)
+    promote(site, tmp_path, state, policy)
+    promote(site, tmp_path, saved, policy)
+    assert saved.model_facts == state.model_facts and saved.best == state.best
+    assert (tmp_path / "models" / BEST_MODEL).samefile(path) and (tmp_path / "models" / SERVED_MODEL).samefile(path)
 
 
 def test_a_primary_metric_the_participant_does_not_declare_is_refused() -> None:
