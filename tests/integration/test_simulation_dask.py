@@ -18,7 +18,7 @@ import pytest
 
 from bk_server.cli import write_credentials
 from flows.history import history_rows
-from flows.participant import Participant, TrainResult
+from flows.participant import Participant, ParticipantError, TrainResult
 from flows.simulation import SAMPLING_FILE, SimulationError, simulate
 
 from ..support.bkserver import BkServer
@@ -104,6 +104,36 @@ def test_a_platform_closing_rounds_at_another_count_than_the_draw_is_refused(ser
     with pytest.raises(SimulationError, match="closes a round at 4 updates but each round draws 2"):
         simulate(server.url, str(creds), str(tmp_path / "leaves"), participant=f"{__name__}:Steady", rounds=1,
                  fraction=0.5)
+
+
+def test_a_sampled_branch_without_a_round_deadline_is_refused(server: BkServer, tmp_path: Path) -> None:
+    federation = server.federation(leaves=4, min_updates=2)
+    write_credentials(tmp_path / "creds", federation.leaves)
+    with pytest.raises(SimulationError, match="no round deadline"):
+        simulate(server.url, str(tmp_path / "creds"), str(tmp_path / "leaves"), participant=f"{__name__}:Steady",
+                 rounds=1, fraction=0.5)
+
+
+def test_a_participant_that_cannot_be_imported_is_refused_before_anything_starts(server: BkServer,
+                                                                                 tmp_path: Path) -> None:
+    creds = federation_files(server, tmp_path, leaves=2, per_round=2)
+    with pytest.raises(ParticipantError, match="cannot import participant 'nowhere:Nobody'"):
+        simulate(server.url, str(creds), str(tmp_path / "leaves"), participant="nowhere:Nobody", rounds=1)
+    assert not (tmp_path / "leaves").exists()
+
+
+class Failing(Participant):
+    """A site whose training always fails."""
+
+    def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
+        raise RuntimeError("out of memory")
+
+
+def test_the_simulation_fails_when_every_drawn_leaf_of_a_round_fails(server: BkServer, tmp_path: Path) -> None:
+    creds = federation_files(server, tmp_path, leaves=2, per_round=2)
+    with pytest.raises(SimulationError, match="every leaf drawn for round 1 failed"):
+        simulate(server.url, str(creds), str(tmp_path / "leaves"), workers=1, participant=f"{__name__}:Failing",
+                 rounds=2)
 
 
 @pytest.fixture
