@@ -39,33 +39,30 @@ def write_aggregate(inputs: list[WeightedUpdate], out: Path, what: str) -> None:
     """FedAvg of `inputs` into `out` (written atomically); an I/O error is retried
     (AGGREGATION_ATTEMPTS in all), a bad input is not. Whether `out` exists afterwards says
     whether the round has its aggregate (one written before a restart counts too)."""
-    for attempt in range(1, AGGREGATION_ATTEMPTS + 1):
-        try:
-            fedavg(inputs, out, on_layer=lambda _: crash_point("fedavg-layer-written"))
-            return
-        except OSError as exc:
-            log.warning("aggregation of %s hit %s (attempt %d of %d)", what, exc, attempt, AGGREGATION_ATTEMPTS)
-            time.sleep(attempt)
-        except (AggregationError, ArchiveError):
-            log.exception("aggregation of %s failed", what)
-            return
-    log.error("aggregation of %s failed %d times", what, AGGREGATION_ATTEMPTS)
+    _with_io_retries(lambda: fedavg(inputs, out, on_layer=lambda _: crash_point("fedavg-layer-written")),
+                     f"aggregation of {what}", (AggregationError, ArchiveError))
 
 
 def write_combined(inputs: list[Path], schema: dict[str, dict[str, Any]], out: Path, what: str) -> None:
     """The statistics payloads of a round combined field by field into `out`, retried like
     `write_aggregate`: an I/O error again, a bad input never."""
+    _with_io_retries(lambda: combine(inputs, schema, out), f"combining {what}", (ArchiveError, ValueError))
+
+
+def _with_io_retries(write: Callable[[], object], what: str, bad_input: tuple[type[Exception], ...]) -> None:
+    """Run `write`, again after an I/O error (AGGREGATION_ATTEMPTS in all, a growing pause between),
+    never after `bad_input` (logged: the round stays without its result)."""
     for attempt in range(1, AGGREGATION_ATTEMPTS + 1):
         try:
-            combine(inputs, schema, out)
+            write()
             return
         except OSError as exc:
-            log.warning("combining %s hit %s (attempt %d of %d)", what, exc, attempt, AGGREGATION_ATTEMPTS)
+            log.warning("%s hit %s (attempt %d of %d)", what, exc, attempt, AGGREGATION_ATTEMPTS)
             time.sleep(attempt)
-        except (ArchiveError, ValueError):
-            log.exception("combining %s failed", what)
+        except bad_input:
+            log.exception("%s failed", what)
             return
-    log.error("combining %s failed %d times", what, AGGREGATION_ATTEMPTS)
+    log.error("%s failed %d times", what, AGGREGATION_ATTEMPTS)
 
 
 class AggregationQueue:

@@ -99,15 +99,21 @@ def load_participant(path: str, options: dict[str, Any] | str | None = None) -> 
     return participant_class(path)(**keywords)
 
 
+def import_object(path: str, what: str, form: str) -> Any:
+    """The object `"package.module:name"` names, imported; ParticipantError naming `what` (and the
+    expected `form`) when the path is malformed or nothing importable is there."""
+    module_name, sep, name = path.partition(":")
+    if not sep or not module_name or not name:
+        raise ParticipantError(f"{what} must be '{form}', got {path!r}")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise ParticipantError(f"cannot import {what} {path!r}: {exc}") from None
+
+
 def participant_class(path: str) -> type[Participant]:
     """The Participant subclass `"package.module:Class"` names (imported, not instantiated)."""
-    module_name, sep, class_name = path.partition(":")
-    if not sep or not module_name or not class_name:
-        raise ParticipantError(f"participant must be 'package.module:Class', got {path!r}")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as exc:
-        raise ParticipantError(f"cannot import participant {path!r}: {exc}") from None
+    cls = import_object(path, "participant", "package.module:Class")
     if not (isinstance(cls, type) and issubclass(cls, Participant)):
         raise ParticipantError(f"{path!r} is not a Participant subclass")
     for name, direction in cls.metrics.items():

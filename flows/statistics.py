@@ -12,7 +12,6 @@ bytes under the same idempotency key and counts once.
 from __future__ import annotations
 
 import contextvars
-import importlib
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from tasks.statistics import download_statistics, upload_statistics, wait_for_st
 from .history import ANALYTICS, RoundRecord, append_record, utc_from_timestamp
 from .leaf_state import hold_work_dir, resolve_work_dir
 from .observability import artifact_key, label_flow_run, run_tags
-from .participant import ParticipantError, load_participant, parse_options
+from .participant import ParticipantError, import_object, load_participant, parse_options
 from .leaves import leaf_credentials
 
 STATISTICS_DIR = "statistics"
@@ -67,13 +66,8 @@ def load_columns(participant: str | None, participant_options: dict[str, Any] | 
 
 
 def _load_callable(path: str) -> Callable[..., Any]:
-    module_name, sep, name = path.partition(":")
-    if not sep or not module_name or not name:
-        raise ParticipantError(f"statistics must be 'package.module:function', got {path!r}")
-    try:
-        function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as exc:
-        raise ParticipantError(f"cannot import statistics callable {path!r}: {exc}") from None
+    """The statistics callable `"package.module:function"` names."""
+    function = import_object(path, "statistics callable", "package.module:function")
     if not callable(function):
         raise ParticipantError(f"{path!r} is not callable")
     return function

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from flows.observability import artifact_key
 from . import test_demo
 from ..support.bkserver import BkServer
 from ..support.flow_helpers import artifacts, events
-from ..support.process_helpers import left_running, new_marker
+from ..support.process_helpers import assert_none_left, new_marker
 from ..support.webhook import webhook_server
 from .test_edge_deployment import _api, _deployments, _flow_runs, _run, _wait_until
 
@@ -183,10 +182,7 @@ def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alerting]:
         hook.shutdown()
         prefect.stop()
         server.stop()
-        leftovers = left_running(marker)
-        for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
-        assert not leftovers, f"processes left running after the teardown: {leftovers}"
+        assert_none_left(marker)
 
 
 def _automations(api: str) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from bk_dev.prefect_server import LocalPrefectServer
 from ..support.bkserver import BkServer
 from ..support.reference import fedavg_reference
 from ..support.flow_helpers import artifacts
-from ..support.process_helpers import left_running, new_marker
+from ..support.process_helpers import assert_none_left, left_running, new_marker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq]
 
@@ -199,10 +198,7 @@ def edge(rabbitmq: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
         prefect.stop()
         server.stop()
         server.cleanup_broker()
-        leftovers = left_running(marker)
-        for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
-        assert not leftovers, f"processes left running after the teardown: {leftovers}"
+        assert_none_left(marker)
 
 
 def _skipped_while_its_leaf_ran(run: dict[str, Any], runs: list[dict[str, Any]],

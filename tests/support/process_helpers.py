@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -35,3 +36,12 @@ def left_running(marker: tuple[str, str], timeout: float = 15) -> list[int]:
     while (found := processes_with(marker)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return found
+
+
+def assert_none_left(marker: tuple[str, str]) -> None:
+    """Fail, naming them, if marked processes outlived a teardown (killing them first, so one
+    failing test leaves nothing behind for the next)."""
+    leftovers = left_running(marker)
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"processes left running after the teardown: {leftovers}"
