@@ -24,7 +24,7 @@ loopback: the leaves, both servers and the cluster share its CPUs. For a multi-m
 the same `bk simulate` with ``--dask-address tcp://<scheduler>:8786`` and a ``--work-root`` every
 worker mounts.
 
-    .venv/bin/python bench/simulation.py --quick          # 10 leaves, fractions 1.0 and 0.3, 1 and 2 workers
+    .venv/bin/python bench/simulation.py --quick          # 10 leaves, fraction 0.3, 2 workers, 3 rounds
     .venv/bin/python bench/simulation.py                  # 10, 30, 100 leaves: the README's table
 """
 
@@ -196,7 +196,8 @@ def table(rows: Sequence[Row]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    add_common_options(parser, "sampling", "10 leaves only", "print the rows as JSON too")
+    add_common_options(parser, "sampling", "10 leaves, fraction 0.3, 2 workers, 3 rounds: a smoke run",
+                       "print the rows as JSON instead of the table")
     parser.add_argument("--leaves", default="10,30,100", help="leaf counts to sweep (comma-separated)")
     parser.add_argument("--fractions", default="1.0,0.3", help="sampling fractions to sweep")
     parser.add_argument("--workers", default="1,2", help="local cluster sizes to sweep")
@@ -207,8 +208,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     leaf_counts = [10] if args.quick else [int(n) for n in args.leaves.split(",")]
-    fractions = [float(f) for f in args.fractions.split(",")]
-    worker_counts = [int(w) for w in args.workers.split(",")]
+    fractions = [0.3] if args.quick else [float(f) for f in args.fractions.split(",")]
+    worker_counts = [2] if args.quick else [int(w) for w in args.workers.split(",")]
+    rounds = 3 if args.quick else args.rounds
     rows: list[Row] = []
     with temporary_root(args.workdir, "bench-simulation-") as root:
         os.environ["PREFECT_HOME"] = str(root / "prefect-home")
@@ -219,14 +221,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for leaves in leaf_counts:
                     for fraction in fractions:
                         for workers in worker_counts:
-                            rows.append(bench_one(prefect, server, root, leaves, fraction, workers, args.rounds))
+                            rows.append(bench_one(prefect, server, root, leaves, fraction, workers, rounds))
                             progress(f"  {rows[-1]}")
             finally:
                 server.stop()
-    print(machine_summary("prefect", "distributed", "prefect-dask"))
-    print(table(rows))
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=1))
+        return
+    print(machine_summary("prefect", "distributed", "prefect-dask"))
+    print(table(rows))
 
 
 if __name__ == "__main__":

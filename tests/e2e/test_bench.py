@@ -44,6 +44,12 @@ def test_orchestration_benchmark_measures_every_transport(tmp_path: Path, rabbit
     assert all(row["overhead_p50"] >= 0 and row["samples"] > 0 for row in report["rows"])
 
 
+def test_simulation_benchmark_finds_one_update_per_drawn_leaf_in_every_round(tmp_path: Path) -> None:
+    rows = _bench("simulation.py", tmp_path)
+    assert [(row["leaves"], row["drawn"], row["workers"]) for row in rows] == [(10, 3, 2)]
+    assert rows[0]["exact"] and rows[0]["round_p50"] > 0 and rows[0]["worker_rss_mb"] > 0, rows
+
+
 @pytest.mark.e2e
 def test_deployed_round_benchmark_breaks_each_run_into_its_phases(tmp_path: Path) -> None:
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
