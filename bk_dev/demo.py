@@ -108,20 +108,29 @@ def follow(console: Console, simulation: subprocess.Popen[bytes], leaves_dir: Pa
             live.update(progress_view(leaf_histories(leaves_dir, names), rounds))
         return simulation.returncode
     printed = 0
-    who = "every leaf" if per_round == len(names) else f"its {per_round} drawn leaves"
     while True:
         running = simulation.poll() is None
         table = federation_table(leaf_histories(leaves_dir, names))
-        for row in table[printed:]:
-            if row["leaves"] < per_round:
+        for index, row in enumerate(table[printed:], start=printed):
+            # A round is over once its drawn leaves all reported, a later round began, or the run ended.
+            if row["leaves"] < per_round and index == len(table) - 1 and running:
                 break
-            mean = row.get("mean accuracy")
-            accuracy = f", mean global model accuracy {mean:.3f}" if mean is not None else ""
-            console.print(f"round {row['round']} of {rounds} done by {who}{accuracy}")
+            console.print(round_line(row, rounds, per_round, len(names)))
             printed += 1
         if not running:
             return simulation.returncode
         time.sleep(REFRESH_S)
+
+
+def round_line(row: Mapping[str, Any], rounds: int, per_round: int, leaves: int) -> str:
+    """A finished round for the log: who reported it and the mean accuracy."""
+    if row["leaves"] >= per_round:
+        who = "every leaf" if per_round == leaves else f"its {per_round} drawn leaves"
+    else:
+        who = f"{row['leaves']} of its {per_round} drawn leaves (the others failed or sat it out)"
+    mean = row.get("mean accuracy")
+    accuracy = f", mean global model accuracy {mean:.3f}" if mean is not None else ""
+    return f"round {row['round']} of {rounds} done by {who}{accuracy}"
 
 
 def history_view(histories: Mapping[str, Sequence[dict[str, Any]]]) -> Table:

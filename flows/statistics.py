@@ -15,6 +15,7 @@ import contextvars
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
+from prefect.states import State
 
 from bk_blocks import BranchKeyCredentials, RunStoppedError
 from bk_blocks.analytics import NAN_OMIT, bundle_columns, read_fields, summarize
@@ -31,7 +33,8 @@ from tasks import LeafSession, current_run, resolve_credentials
 from tasks.statistics import download_statistics, upload_statistics, wait_for_statistics
 
 from .history import ANALYTICS, RoundRecord, append_record, utc_from_timestamp
-from .leaf_state import hold_work_dir, resolve_work_dir
+from .leaf_state import LeafBusyError, hold_work_dir, resolve_work_dir
+from .round import cancelled_as_busy
 from .observability import artifact_key, label_flow_run, run_tags
 from .participant import ParticipantError, import_object, load_participant, parse_options
 from .leaves import leaf_credentials
@@ -101,9 +104,10 @@ def federated_statistics(
     nan_policy: str = NAN_OMIT,
     timeout_s: float = 600,
     run_timeout_s: float = 3600,
-) -> StatisticsResult:
+) -> StatisticsResult | State:
     """Reduce this site's columns, upload them, wait for the federation's combined bundle, publish
-    the table artifact and record an `analytics` history row.
+    the table artifact and record an `analytics` history row. Ends Cancelled if a round of the
+    leaf holds its work dir.
 
     The columns come from `statistics` (`"package.module:function"`, called with
     `participant_options`) or else from `participant`'s `statistics()` hook. `nan_policy` is
@@ -114,7 +118,13 @@ def federated_statistics(
     directory = resolve_work_dir(work_dir)
     columns = load_columns(participant, participant_options, statistics)
     label_flow_run(f"{block.leaf_name}-statistics", run_tags(block))
-    with hold_work_dir(directory), LeafSession(block) as session, tags(*run_tags(block)):
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(hold_work_dir(directory))
+        except LeafBusyError as exc:
+            return cancelled_as_busy(exc)
+        session = stack.enter_context(LeafSession(block))
+        stack.enter_context(tags(*run_tags(block, session.branch_name)))
         started = time.time()
         details = current_run(session, 0, 10.0, run_timeout_s)
         if details.run_status == "stop":
@@ -172,8 +182,12 @@ def federation_statistics(
 
     def one(index: int, block: BranchKeyCredentials) -> StatisticsResult:
         options = {**(participant_options or {}), "leaf_index": index, "leaves": len(blocks)}
-        return federated_statistics(block, str(Path(work_root) / block.leaf_name), participant, options, statistics,
-                                    timeout_s=timeout_s)
+        result = federated_statistics(block, str(Path(work_root) / block.leaf_name), participant, options, statistics,
+                                      timeout_s=timeout_s)
+        if not isinstance(result, StatisticsResult):
+            raise LeafBusyError(f"{block.leaf_name}: another run holds its work dir, so its statistics round did "
+                                "not run")
+        return result
 
     with ThreadPoolExecutor(max_workers=len(blocks), thread_name_prefix="leaf") as pool:
         futures = {b.leaf_name: pool.submit(contextvars.copy_context().run, one, i, b) for i, b in enumerate(blocks)}
