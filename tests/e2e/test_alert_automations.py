@@ -131,12 +131,14 @@ def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alerting]:
         prefect.start()
         server.start()
         env = prefect.client_env()
-        worker_env = env | {"BRANCHKEY_PROJECT_DIR": str(PROJECT), "BRANCHKEY_WORK_ROOT": str(root / "leaves")}
+        # The leaf's participant here is a test's (tests.support.alerting): importable from the checkout.
+        worker_env = env | {"BRANCHKEY_PROJECT_DIR": str(PROJECT), "BRANCHKEY_WORK_ROOT": str(root / "leaves"),
+                            "PYTHONPATH": str(PROJECT)}
         federation = server.federation(leaves=1, tree="alerts", branch="alerts")
         (path,) = write_credentials(root / "creds", federation.leaves)
         _run(["bk", "edge", "setup", f"leaf-1={path}", "--host", server.url], env)
         alerts = ["bk", "edge", "alerts", "--missed-round-after", str(WINDOW_S),
-                  "--participant", "tests.support.alerting:DeclaredDigits", "--notify-block", f"custom-webhook/{HOOK}"]
+                  "--participant", "flows.examples.digits:DigitsSoftmax", "--notify-block", f"custom-webhook/{HOOK}"]
         refusals = {"undeployed": _refusal(alerts, env)}
         _run(["prefect", "--no-prompt", "deploy", "--name", "leaf-1-rounds", "--name", "ops-alerts"], env)
         rounds = _deployments(prefect.api_url)["leaf-1-rounds"]
@@ -204,7 +206,7 @@ def test_a_notification_block_that_does_not_exist_is_refused(alerting: Alerting)
 
 
 def test_a_metric_the_participant_does_not_declare_is_refused(alerting: Alerting) -> None:
-    assert "does not declare metric 'f1'; it declares accuracy, loss" in alerting.refusals["unknown metric"]
+    assert "metric 'f1' is not one the participant declares (accuracy, loss)" in alerting.refusals["unknown metric"]
 
 
 def test_a_window_below_prefects_minimum_is_refused(alerting: Alerting) -> None:

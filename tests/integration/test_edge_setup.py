@@ -125,7 +125,7 @@ def test_deployments_pull_the_code_explicitly_from_the_workers_checkout() -> Non
                              {"directory": "{{ $BRANCHKEY_PROJECT_DIR }}"}}]
 
 
-def test_deployments_have_a_cron_retraining_and_an_interval_round_per_leaf() -> None:
+def test_deployments_have_rounds_a_retraining_and_a_drift_check_per_leaf() -> None:
     kinds: dict[str, set[str]] = {}
     for deployment in _deployments():
         (schedule,) = deployment["schedules"]
@@ -133,7 +133,8 @@ def test_deployments_have_a_cron_retraining_and_an_interval_round_per_leaf() -> 
             f"{deployment['entrypoint']} {'cron' if 'cron' in schedule else 'interval'}")
     assert set(kinds) == {"leaf-1", "leaf-2", "leaf-3"}
     for leaf_kinds in kinds.values():
-        assert leaf_kinds == {"flows.training:federated_training cron", "flows.round:federated_round interval"}
+        assert leaf_kinds == {"flows.training:federated_training cron", "flows.round:federated_round interval",
+                              "flows.evaluation:federated_evaluation cron"}
 
 
 def test_work_dir_variables_are_expanded_on_the_machine_that_runs_it(monkeypatch: pytest.MonkeyPatch,

@@ -1,9 +1,7 @@
-"""Participants for the alert tests: digits declaring its metrics, the same failing its evaluation (a
-round that fails after its upload, with its event), and one declaring no metrics."""
+"""Participants for the alert tests: digits failing its evaluation (a round that fails after its
+upload, with its event), and one declaring no metrics."""
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 import numpy as np
 
@@ -18,13 +16,7 @@ class Undeclared(Participant):
         return TrainResult(1.0, [np.zeros(1, np.float32)])
 
 
-class DeclaredDigits(DigitsSoftmax):
-    """The digits example declaring its metrics, as participants will (accuracy higher, loss lower)."""
-
-    metrics: ClassVar[dict[str, str]] = {"accuracy": "max", "loss": "min"}
-
-
-class DigitsFailingEvaluation(DeclaredDigits):
+class DigitsFailingEvaluation(DigitsSoftmax):
     """Trains and uploads as digits does, then raises evaluating the aggregate: the round fails
     after the platform aggregated it, so the next (healthy) run resumes it."""
 

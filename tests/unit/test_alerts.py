@@ -14,7 +14,7 @@ from deployments.automations import (AlertOptions, AlertTargets, alert_automatio
 from deployments.edge import EdgeSetupError
 from flows.alerts import alert_markdown
 
-DIGITS = "tests.support.alerting:DeclaredDigits"
+DIGITS = "flows.examples.digits:DigitsSoftmax"
 TARGETS = AlertTargets(uuid4())
 RAISED = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
 
