@@ -263,9 +263,11 @@ def _upload(session: LeafSession, work_dir: Path, state: LeafState, timeouts: Ti
     state.file_id, state.idempotency_key, state.bytes_up = receipt.file_id, receipt.idempotency_key, receipt.size
     state.counted_in = list(receipt.counted_in) if receipt.counted_in else None
     state.phase = "uploaded"
-    if receipt.aggregation_id:
-        state.aggregation_id, state.phase = receipt.aggregation_id, "aggregated"
     save_state(work_dir, state)
+    if receipt.aggregation_id:
+        # The round's aggregate already existed when the platform answered: no wait.
+        state.aggregation_id, state.phase = receipt.aggregation_id, "aggregated"
+        save_state(work_dir, state)
 
 
 def _await_aggregation(session: LeafSession, work_dir: Path, state: LeafState, timeouts: Timeouts,
