@@ -53,7 +53,7 @@ class LeafProcess:
     """One leaf: its credentials, work dir, and the process running its training (rerun on failure)."""
 
     index: int
-    credentials: dict[str, str]
+    credentials: dict[str, str] = field(repr=False)  # holds the session token: kept out of failure messages
     work_dir: Path
     logs: Path
     arguments: list[str]
