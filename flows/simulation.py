@@ -36,7 +36,7 @@ from prefect_dask import DaskTaskRunner
 from bk_blocks import BranchKeyCredentials
 from bk_blocks.errors import BranchKeyError, UsageError
 from bk_blocks.files import atomic_write
-from tasks import LeafSession
+from tasks import LeafSession, run_logger
 
 from .history import history_rows
 from .leaf_state import hold_work_dir
@@ -135,7 +135,7 @@ def _check_round_rules(block: BranchKeyCredentials, plan: SamplingPlan) -> None:
         with LeafSession(block) as session:
             branch = session.client.branch_config().get("branch", {})
     except BranchKeyError as exc:
-        get_run_logger().warning("the branch's round rules could not be read (%s); not checked", exc)
+        run_logger(__name__).warning("the branch's round rules could not be read (%s); not checked", exc)
         return
     if not isinstance(branch, dict):
         return
