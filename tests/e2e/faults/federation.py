@@ -123,13 +123,17 @@ class FaultFederation:
 
     # -- running ---------------------------------------------------------------------------
 
-    def start(self, host: str | None = None, **kill_at: str) -> None:
+    def start(self, host: str | None = None, first: int | None = None, **kill_at: str) -> None:
         """Start every leaf (talking to `host`, the platform by default); `kill_at={"0": "2:uploaded"}`
-        makes leaf 0 SIGKILL itself right after saving that step."""
-        for leaf in self.leaves:
+        makes leaf 0 SIGKILL itself right after saving that step. With `first`, that leaf starts
+        alone and the others once it has trained its first round: where a round needs fewer than
+        every leaf, the others could otherwise finish rounds before it has started."""
+        for leaf in sorted(self.leaves, key=lambda leaf: leaf.index != first):
             leaf.host = host or self.server.url
             extra = {"FAULT_KILL_AT": kill_at[str(leaf.index)]} if str(leaf.index) in kill_at else {}
             leaf.start(**extra)
+            if leaf.index == first:
+                self.wait_until(lambda: leaf.state() is not None, f"leaf {first + 1} to train its first round")
 
     def mark_fault(self) -> None:
         """Note when the fault hit, to measure recovery from."""

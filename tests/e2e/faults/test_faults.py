@@ -170,7 +170,7 @@ def test_leaf_restored_from_an_old_state_resyncs(make_federation: MakeFederation
 def test_leaf_offline_for_rounds_rejoins_at_the_platforms_round(make_federation: MakeFederation,
                                                                 transport: str) -> None:
     federation = make_federation(transport, min_updates=2, rounds=4)
-    federation.start(**{"0": "2:idle"})
+    federation.start(first=0, **{"0": "2:idle"})
     killed(federation.leaves[0])
     federation.mark_fault()
     federation.wait_until(lambda: federation.aggregated(3), "rounds 2 and 3 aggregated without the offline leaf")
