@@ -126,11 +126,15 @@ def check_norm(norm: float, recent_norms: Sequence[float], ratio: float) -> None
 
 
 def cast(parameters: Sequence[np.ndarray], precision: str) -> list[np.ndarray]:
-    """The float layers in the upload precision (other layers, and `native`, as they are)."""
+    """The float layers in the upload precision (other layers, and `native`, as they are).
+
+    A value beyond the precision's range becomes infinity without a warning: `check_finite`
+    refuses the cast update right after, with a message that names the cause."""
     if precision == "native":
         return list(parameters)
     dtype = np.dtype(precision)
-    return [layer.astype(dtype, copy=False) if layer.dtype.kind == "f" else layer for layer in parameters]
+    with np.errstate(over="ignore"):
+        return [layer.astype(dtype, copy=False) if layer.dtype.kind == "f" else layer for layer in parameters]
 
 
 def read_back(layers: list[np.ndarray], dtypes: Sequence[str]) -> list[np.ndarray]:

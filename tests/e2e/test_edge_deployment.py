@@ -203,17 +203,22 @@ def edge(rabbitmq: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
 
 def _skipped_while_its_leaf_ran(run: dict[str, Any], runs: list[dict[str, Any]],
                                 leaf_of: dict[str, str]) -> bool:
-    """A run cancelled because another run of its leaf was under way, as prefect.yaml asks: the
-    server's CANCEL_NEW limit skips a tick that comes while the leaf's previous round still runs
-    (a round slower than the interval), and the flow cancels a run that finds the work dir held."""
+    """A run cancelled because another run of its leaf held the leaf, as prefect.yaml asks: the
+    server's CANCEL_NEW limit skips a tick due while the leaf's previous round holds its slot (a
+    round slower than the interval), and the flow cancels a run that finds the work dir held.
+
+    The holder holds the leaf from when it was due (it takes the slot when a worker picks it up,
+    well before it runs) until a little after its end time: the end time is stamped by the flow's
+    process, and the server releases the slot when that state reaches it. So the skipped run's
+    wait, from when it was due to when it was cancelled, must overlap the holder's."""
     message = run["state"]["message"] or ""
     leaf = leaf_of.get(run["deployment_id"])
     if leaf is None or run["state_type"] != "CANCELLED" or not (message == SKIPPED_TICK or LEAF_BUSY in message):
         return False
-    cancelled_at = datetime.fromisoformat(run["state"]["timestamp"])
+    due, cancelled_at = datetime.fromisoformat(run["expected_start_time"]), datetime.fromisoformat(run["state"]["timestamp"])
     return any(other["state_type"] == "COMPLETED" and leaf_of.get(other["deployment_id"]) == leaf
-               and datetime.fromisoformat(other["start_time"]) <= cancelled_at
-               <= datetime.fromisoformat(other["end_time"]) for other in runs)
+               and datetime.fromisoformat(other["expected_start_time"]) <= cancelled_at
+               and due <= datetime.fromisoformat(other["end_time"]) for other in runs)
 
 
 def test_every_flow_run_completed_but_the_colliding_ones(edge: EdgeFederation) -> None:
