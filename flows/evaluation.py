@@ -19,13 +19,14 @@ from prefect.states import State
 
 from bk_blocks import BranchKeyCredentials
 from bk_blocks.archive import read_aggregate
-from tasks import LeafSession, resolve_credentials, run_logger
+from tasks import LeafSession, run_logger
 
 from .history import RoundRecord, append_record, file_round, history_files, history_rows, utc_from_timestamp
-from .leaf_state import LeafBusyError, LeafState, hold_work_dir, load_state, resolve_work_dir
+from .leaf_state import LeafBusyError, LeafState, hold_work_dir, load_state
+from .leaf_setup import leaf_setup
 from .observability import label_flow_run, run_tags
-from .participant import Participant, load_participant
-from .promotion import SERVED_MODEL, MetricGoal, best_of, promotion_policy, verdict
+from .participant import Participant
+from .promotion import SERVED_MODEL, MetricGoal, best_of, verdict
 from .publication import publishing
 from .round import cancelled_as_busy
 from .update_transforms import read_back
@@ -89,10 +90,9 @@ def federated_evaluation(
     metric more than `metric_drop_alert` below the leaf's best raises `branchkey.metric.dropped`,
     as a round's does. Ends Cancelled if a round of the leaf holds its work dir (the next check
     runs after it)."""
-    block = resolve_credentials(credentials)
-    directory = resolve_work_dir(work_dir)
-    model = load_participant(participant, participant_options)
-    goal = promotion_policy(model, primary_metric, False, metric_drop_alert).goal
+    leaf = leaf_setup(credentials, work_dir, participant, participant_options, primary_metric=primary_metric,
+                      metric_drop_alert=metric_drop_alert)
+    block, directory, model, goal = leaf.credentials, leaf.work_dir, leaf.participant, leaf.promotion.goal
     with LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):
         label_flow_run(f"{block.leaf_name}-evaluation", run_tags(block, session.branch_name))
         try:

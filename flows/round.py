@@ -40,7 +40,6 @@ from tasks import (
     LeafSession,
     current_run,
     download_aggregate,
-    resolve_credentials,
     round_metrics_key,
     run_logger,
     send_metrics,
@@ -52,13 +51,13 @@ from tasks import (
 from .history import RoundRecord, append_record, utc_from_timestamp
 from .observability import emit_round_event, label_flow_run, run_tags
 from .history import history_rows
-from .participant import Participant, check_result, load_participant
-from .assets import check_asset_keys
+from .leaf_setup import leaf_setup
+from .participant import Participant, check_result
 from .promotion import PromotionPolicy, promote, promotion_policy
 from .privacy import PrivacyLedger, PrivacyPolicy, check_budget_at_start, epsilon_past_budget
 from .update_transforms import RECENT_NORMS, UpdatePolicy, prepare_update, read_back
 from .publication import Publication, publishing
-from .leaf_state import LeafBusyError, LeafState, hold_work_dir, load_state, resolve_work_dir, save_state
+from .leaf_state import LeafBusyError, LeafState, hold_work_dir, load_state, save_state
 
 # How often a leaf asks whether the platform's aggregation of a closed round is done.
 SETTLE_POLL_S = 0.2
@@ -482,20 +481,18 @@ def federated_round(
     """
     policy = UpdatePolicy(upload_precision, max_update_norm_ratio,
                           PrivacyPolicy(dp_clip_norm, dp_noise_multiplier, dp_delta, dp_epsilon_budget))
-    block = resolve_credentials(credentials)
-    directory = resolve_work_dir(work_dir)
-    model = load_participant(participant, participant_options)
-    promotion = promotion_policy(model, primary_metric, keep_best_model, metric_drop_alert)
-    check_asset_keys(block.tree_id, block.branch_id, block.leaf_id, block.leaf_name)
+    leaf = leaf_setup(credentials, work_dir, participant, participant_options, primary_metric=primary_metric,
+                      keep_best_model=keep_best_model, metric_drop_alert=metric_drop_alert)
+    block, directory = leaf.credentials, leaf.work_dir
     try:
         with hold_work_dir(directory), LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):
             state = load_state(directory, block.leaf_id)
             check_budget_at_start(policy.privacy, directory, state.phase != "idle")
             expected = state.round
             label_flow_run(round_name(block, expected), run_tags(block, session.branch_name))
-            result = round_in_step(session, model, directory,
-                                    Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s), policy,
-                                    promotion)
+            result = round_in_step(session, leaf.participant, directory,
+                                   Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s), policy,
+                                   leaf.promotion)
     except LeafBusyError as exc:
         return cancelled_as_busy(exc)
     if result.round != expected:

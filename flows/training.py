@@ -15,17 +15,17 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.states import State
 
 from bk_blocks import BranchKeyCredentials
-from tasks import LeafSession, resolve_credentials
+from tasks import LeafSession
 
 from .observability import label_flow_run, run_tags
-from .participant import Participant, load_participant
+from .leaf_setup import leaf_setup
+from .participant import Participant
 from .publication import Publication, publishing
 from .round import RoundResult, Timeouts, cancelled_as_busy, run_round
 from .privacy import PrivacyPolicy, check_budget_at_start
-from .assets import check_asset_keys
-from .promotion import PromotionPolicy, promotion_policy
+from .promotion import PromotionPolicy
 from .update_transforms import UpdatePolicy
-from .leaf_state import LeafBusyError, hold_work_dir, load_state, resolve_work_dir
+from .leaf_state import LeafBusyError, hold_work_dir, load_state
 
 
 def target_reached(result: RoundResult, target_metric: str | None, target_value: float | None) -> bool:
@@ -76,18 +76,16 @@ def federated_training(
     """
     policy = UpdatePolicy(upload_precision, max_update_norm_ratio,
                           PrivacyPolicy(dp_clip_norm, dp_noise_multiplier, dp_delta, dp_epsilon_budget))
-    block = resolve_credentials(credentials)
-    directory = resolve_work_dir(work_dir)
-    model = load_participant(participant, participant_options)
-    promotion = promotion_policy(model, primary_metric, keep_best_model, metric_drop_alert)
-    check_asset_keys(block.tree_id, block.branch_id, block.leaf_id, block.leaf_name)
+    leaf = leaf_setup(credentials, work_dir, participant, participant_options, primary_metric=primary_metric,
+                      keep_best_model=keep_best_model, metric_drop_alert=metric_drop_alert)
+    block, directory = leaf.credentials, leaf.work_dir
     timeouts = Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s, run_poll_s=run_poll_s)
     with LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):
         label_flow_run(f"{block.leaf_name}-training", run_tags(block, session.branch_name))
         try:
             with hold_work_dir(directory), publishing(block.leaf_name, directory) as publication:
                 check_budget_at_start(policy.privacy, directory, load_state(directory, block.leaf_id).phase != "idle")
-                return _round_loop(session, publication, policy, promotion, model, directory, timeouts, rounds,
+                return _round_loop(session, publication, policy, leaf.promotion, leaf.participant, directory, timeouts, rounds,
                                    rounds_per_run, target_metric, target_value)
         except LeafBusyError as exc:
             return cancelled_as_busy(exc)

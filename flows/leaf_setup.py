@@ -1,0 +1,46 @@
+"""What a leaf's flow works with, resolved once when the flow starts, before any round.
+
+The round, training and evaluation flows share their leading parameters (credentials, work
+dir, participant, promotion settings). `leaf_setup` turns them into the objects the rounds use,
+so a bad value fails the run with a message naming it before the work dir is held or the
+platform is asked anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bk_blocks import BranchKeyCredentials
+from tasks import resolve_credentials
+
+from .assets import check_asset_keys
+from .leaf_state import resolve_work_dir
+from .participant import Participant, load_participant
+from .promotion import PromotionPolicy, promotion_policy
+
+
+@dataclass(frozen=True)
+class LeafSetup:
+    """The leaf's credentials Block, its work dir on this machine, its participant and the
+    deployment's promotion policy."""
+
+    credentials: BranchKeyCredentials
+    work_dir: Path
+    participant: Participant
+    promotion: PromotionPolicy
+
+
+def leaf_setup(credentials: BranchKeyCredentials | str, work_dir: str, participant: str,
+               participant_options: dict[str, Any] | None = None, *, primary_metric: str | None = None,
+               keep_best_model: bool = False, metric_drop_alert: float | None = None) -> LeafSetup:
+    """Resolve the flow's leaf parameters: the Block (by value, name or `"$env"`), the work dir
+    (`~` and `$VARIABLES` expanded here), the participant built with its options, the promotion
+    policy; the leaf's asset keys are checked too, as Prefect would refuse them after the round."""
+    block = resolve_credentials(credentials)
+    directory = resolve_work_dir(work_dir)
+    model = load_participant(participant, participant_options)
+    promotion = promotion_policy(model, primary_metric, keep_best_model, metric_drop_alert)
+    check_asset_keys(block.tree_id, block.branch_id, block.leaf_id, block.leaf_name)
+    return LeafSetup(block, directory, model, promotion)
