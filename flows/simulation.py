@@ -238,26 +238,32 @@ def _collect(name: str, future: PrefectFuture[RoundResult], into: list[RoundResu
 
 
 def _publish_while_running(branch: str, work_dirs: dict[str, Path], futures: dict[str, PrefectFuture]) -> None:
-    """Republish the federation artifacts each time the drawn leaves (`futures`) have recorded more
-    rounds, until every drawn leaf's task of the round has ended (at most once per
-    FEDERATION_REFRESH_S: each publication is two writes to the Prefect server). The other leaves'
-    histories are read once: they record nothing this round."""
+    """Republish the federation artifacts as the drawn leaves' tasks (`futures`) end, until every
+    one of the round has (at most once per FEDERATION_REFRESH_S: each publication is two writes to
+    the Prefect server). A leaf's history is read when its task ends, as a round records its row
+    just before: the work of a round's refreshes grows with its leaves, not with its length."""
     histories = {name: history_rows(path) for name, path in work_dirs.items()}
-    published: int | None = None
-    pending = [f.wrapped_future for f in futures.values()]
-    while True:
-        running = [f for f in pending if not f.done()]
-        histories |= {name: history_rows(work_dirs[name]) for name in futures}
-        recorded = sum(map(len, histories.values()))
-        if recorded != published:
-            try:
-                publish_federation_artifacts(branch, histories)
-                published = recorded
-            except (httpx.HTTPError, PrefectException) as exc:
-                get_run_logger().warning("could not publish the federation artifacts (retrying): %s", exc)
-        if not running:
-            return
-        _wait_any(running, FEDERATION_REFRESH_S)
+    pending = {name: f.wrapped_future for name, f in futures.items()}
+    published = time.monotonic() - FEDERATION_REFRESH_S
+    while pending:
+        _wait_any(list(pending.values()), FEDERATION_REFRESH_S)
+        time.sleep(max(0.0, published + FEDERATION_REFRESH_S - time.monotonic()))
+        ended = [name for name, future in pending.items() if future.done()]
+        for name in ended:
+            del pending[name]
+            histories[name] = history_rows(work_dirs[name])
+        if ended:
+            publish_federation_artifacts_safely(branch, histories)
+            published = time.monotonic()
+
+
+def publish_federation_artifacts_safely(branch: str, histories: dict[str, list[dict[str, Any]]]) -> None:
+    """Publish the federation artifacts; a Prefect server that does not answer is logged, not fatal
+    (the next leaf's end publishes again)."""
+    try:
+        publish_federation_artifacts(branch, histories)
+    except (httpx.HTTPError, PrefectException) as exc:
+        get_run_logger().warning("could not publish the federation artifacts (retrying): %s", exc)
 
 
 def _wait_any(futures: list[Any], timeout: float) -> None:
