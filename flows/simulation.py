@@ -253,11 +253,11 @@ def _publish_while_running(branch: str, work_dirs: dict[str, Path], futures: dic
             del pending[name]
             histories[name] = history_rows(work_dirs[name])
         if ended:
-            publish_federation_artifacts_safely(branch, histories)
+            _publish_safely(branch, histories)
             published = time.monotonic()
 
 
-def publish_federation_artifacts_safely(branch: str, histories: dict[str, list[dict[str, Any]]]) -> None:
+def _publish_safely(branch: str, histories: dict[str, list[dict[str, Any]]]) -> None:
     """Publish the federation artifacts; a Prefect server that does not answer is logged, not fatal
     (the next leaf's end publishes again)."""
     try:

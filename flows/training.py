@@ -85,8 +85,8 @@ def federated_training(
         try:
             with hold_work_dir(directory), publishing(block.leaf_name, directory) as publication:
                 check_budget_at_start(policy.privacy, directory, load_state(directory, block.leaf_id).phase != "idle")
-                return _round_loop(session, publication, policy, leaf.promotion, leaf.participant, directory, timeouts, rounds,
-                                   rounds_per_run, target_metric, target_value)
+                return _round_loop(session, publication, policy, leaf.promotion, leaf.participant, directory,
+                                   timeouts, rounds, rounds_per_run, target_metric, target_value)
         except LeafBusyError as exc:
             return cancelled_as_busy(exc)
 

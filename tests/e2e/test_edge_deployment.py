@@ -215,7 +215,8 @@ def _skipped_while_its_leaf_ran(run: dict[str, Any], runs: list[dict[str, Any]],
     leaf = leaf_of.get(run["deployment_id"])
     if leaf is None or run["state_type"] != "CANCELLED" or not (message == SKIPPED_TICK or LEAF_BUSY in message):
         return False
-    due, cancelled_at = datetime.fromisoformat(run["expected_start_time"]), datetime.fromisoformat(run["state"]["timestamp"])
+    due = datetime.fromisoformat(run["expected_start_time"])
+    cancelled_at = datetime.fromisoformat(run["state"]["timestamp"])
     return any(other["state_type"] == "COMPLETED" and leaf_of.get(other["deployment_id"]) == leaf
                and datetime.fromisoformat(other["expected_start_time"]) <= cancelled_at
                and due <= datetime.fromisoformat(other["end_time"]) for other in runs)
