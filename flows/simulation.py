@@ -189,6 +189,8 @@ def federated_simulation(
     timeouts = Timeouts(aggregation_s=aggregation_timeout_s)
     by_name = {b.leaf_name: (i, b, path) for i, (b, path) in enumerate(zip(blocks, files))}
     results: dict[str, list[RoundResult]] = {b.leaf_name: [] for b in blocks}
+    work_dirs = {b.leaf_name: root / b.leaf_name for b in blocks}
+    histories = {name: history_rows(path) for name, path in work_dirs.items()}
     for round_number in range(1, rounds + 1):
         futures = {}
         for name in plan.chosen(round_number):
@@ -197,7 +199,7 @@ def federated_simulation(
             futures[name] = leaf_round.with_options(task_run_name=f"{name}-round-{round_number}",
                                                     tags=run_tags(block, branch)).submit(
                 path, (host, transport, amqp_host), participant, options, root / name, timeouts, policy)
-        _publish_while_running(branch, {b.leaf_name: root / b.leaf_name for b in blocks}, futures)
+        _publish_while_running(branch, work_dirs, histories, futures)
         failed = [name for name, future in futures.items() if not _collect(name, future, results[name], round_number)]
         if len(failed) == len(futures):
             raise SimulationError(f"every leaf drawn for round {round_number} failed ({', '.join(failed)}): see their "
@@ -237,12 +239,12 @@ def _collect(name: str, future: PrefectFuture[RoundResult], into: list[RoundResu
         return False
 
 
-def _publish_while_running(branch: str, work_dirs: dict[str, Path], futures: dict[str, PrefectFuture]) -> None:
+def _publish_while_running(branch: str, work_dirs: dict[str, Path], histories: dict[str, list[dict[str, Any]]],
+                           futures: dict[str, PrefectFuture]) -> None:
     """Republish the federation artifacts as the drawn leaves' tasks (`futures`) end, until every
     one of the round has (at most once per FEDERATION_REFRESH_S: each publication is two writes to
-    the Prefect server). A leaf's history is read when its task ends, as a round records its row
-    just before: the work of a round's refreshes grows with its leaves, not with its length."""
-    histories = {name: history_rows(path) for name, path in work_dirs.items()}
+    the Prefect server). A leaf's history in `histories` is read again when its task ends, as a
+    round records its row just before; undrawn leaves record nothing, so theirs stay as read."""
     pending = {name: f.wrapped_future for name, f in futures.items()}
     published = time.monotonic() - FEDERATION_REFRESH_S
     while pending:
