@@ -55,7 +55,7 @@ from .leaf_setup import leaf_setup
 from .participant import Participant, check_result
 from .promotion import PromotionPolicy, promote, promotion_policy
 from .privacy import PrivacyLedger, PrivacyPolicy, check_budget_at_start, epsilon_past_budget
-from .update_transforms import RECENT_NORMS, UpdatePolicy, prepare_update, read_back
+from .update_transforms import RECENT_NORMS, UpdatePolicy, prepare_update, read_back, update_policy
 from .publication import Publication, publishing
 from .leaf_state import LeafBusyError, LeafState, hold_work_dir, load_state, save_state
 
@@ -479,8 +479,8 @@ def federated_round(
     (default: the participant's), `keep_best_model` and `metric_drop_alert` are
     `flows.promotion`'s. A bad value, or a DP budget already spent, fails the run before the round.
     """
-    policy = UpdatePolicy(upload_precision, max_update_norm_ratio,
-                          PrivacyPolicy(dp_clip_norm, dp_noise_multiplier, dp_delta, dp_epsilon_budget))
+    policy = update_policy(upload_precision, max_update_norm_ratio, dp_clip_norm, dp_noise_multiplier, dp_delta,
+                           dp_epsilon_budget)
     leaf = leaf_setup(credentials, work_dir, participant, participant_options, primary_metric=primary_metric,
                       keep_best_model=keep_best_model, metric_drop_alert=metric_drop_alert)
     block, directory = leaf.credentials, leaf.work_dir

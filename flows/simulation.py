@@ -20,7 +20,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,11 +42,10 @@ from .leaf_state import hold_work_dir
 from .observability import artifact_key, label_flow_run, publish_federation_artifacts, run_tags
 from .leaves import leaf_block, leaf_credentials, leaf_files
 from .participant import Participant, ParticipantError, load_participant, participant_class
-from .privacy import PrivacyPolicy
 from .promotion import promotion_policy
 from .round import RoundResult, Timeouts, round_in_step
 from .sampling import SamplingPlan, sampling_plan
-from .update_transforms import UpdatePolicy
+from .update_transforms import UpdatePolicy, update_policy_from_options
 
 # How often the federation artifacts are brought up to date while a round runs, in seconds.
 FEDERATION_REFRESH_S = 1.0
@@ -119,7 +117,7 @@ def simulate(host: str, credentials_dir: str, work_root: str, *, dask_address: s
     does not answer), then run `federated_simulation` on it with `options` (its parameters)."""
     blocks = leaf_credentials(Path(credentials_dir), host, options.get("transport", "websocket"))
     promotion_policy(participant_class(options.get("participant", DEFAULT_PARTICIPANT)), None, False, None)
-    _update_policy(options.get("update_options") or {})
+    update_policy_from_options(options.get("update_options") or {})
     plan = sampling_plan([b.leaf_name for b in blocks], options.get("fraction", 1.0),
                          options.get("leaves_per_round"), options.get("seed", 0))
     _check_round_rules(blocks[0], plan)
@@ -185,7 +183,7 @@ def federated_simulation(
     root = Path(work_root)
     root.mkdir(parents=True, exist_ok=True)
     _record_plan(root, plan, rounds)
-    policy = _update_policy(update_options or {})
+    policy = update_policy_from_options(update_options or {})
     timeouts = Timeouts(aggregation_s=aggregation_timeout_s)
     by_name = {b.leaf_name: (i, b, path) for i, (b, path) in enumerate(zip(blocks, files))}
     results: dict[str, list[RoundResult]] = {b.leaf_name: [] for b in blocks}
@@ -207,13 +205,6 @@ def federated_simulation(
     for name, done in results.items():
         logger.info("%s: %s", name, json.dumps([(r.round, r.status, r.eval_metrics) for r in done]))
     return results
-
-
-def _update_policy(options: Mapping[str, Any]) -> UpdatePolicy:
-    """The round's update policy from `update_options` (the flows' parameter names)."""
-    return UpdatePolicy(options.get("upload_precision", "native"), options.get("max_update_norm_ratio"),
-                        PrivacyPolicy(options.get("dp_clip_norm"), options.get("dp_noise_multiplier", 1.0),
-                                      options.get("dp_delta", 1e-5), options.get("dp_epsilon_budget")))
 
 
 def _record_plan(root: Path, plan: SamplingPlan, rounds: int) -> None:

@@ -22,9 +22,9 @@ from .leaf_setup import leaf_setup
 from .participant import Participant
 from .publication import Publication, publishing
 from .round import RoundResult, Timeouts, cancelled_as_busy, run_round
-from .privacy import PrivacyPolicy, check_budget_at_start
+from .privacy import check_budget_at_start
 from .promotion import PromotionPolicy
-from .update_transforms import UpdatePolicy
+from .update_transforms import UpdatePolicy, update_policy
 from .leaf_state import LeafBusyError, hold_work_dir, load_state
 
 
@@ -74,8 +74,8 @@ def federated_training(
     `flows.promotion`'s; a bad value, or a DP budget already spent, fails the run before any
     round, and the run ends at the round that would exceed the budget.
     """
-    policy = UpdatePolicy(upload_precision, max_update_norm_ratio,
-                          PrivacyPolicy(dp_clip_norm, dp_noise_multiplier, dp_delta, dp_epsilon_budget))
+    policy = update_policy(upload_precision, max_update_norm_ratio, dp_clip_norm, dp_noise_multiplier, dp_delta,
+                           dp_epsilon_budget)
     leaf = leaf_setup(credentials, work_dir, participant, participant_options, primary_metric=primary_metric,
                       keep_best_model=keep_best_model, metric_drop_alert=metric_drop_alert)
     block, directory = leaf.credentials, leaf.work_dir

@@ -17,10 +17,12 @@ written from the result is what the round uploads, also after a resume.
 
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +62,27 @@ class UpdatePolicy:
         if ratio is not None and not (math.isfinite(ratio) and ratio > 1):
             raise UpdatePolicyError(f"max_update_norm_ratio must be a number above 1 (or None: no norm guard), "
                                     f"got {ratio!r}")
+
+
+def update_policy(upload_precision: str = "native", max_update_norm_ratio: float | None = None,
+                  dp_clip_norm: float | None = None, dp_noise_multiplier: float = 1.0, dp_delta: float = 1e-5,
+                  dp_epsilon_budget: float | None = None) -> UpdatePolicy:
+    """The update policy from the flows' parameters, by the names `prefect.yaml` gives them."""
+    return UpdatePolicy(upload_precision, max_update_norm_ratio,
+                        PrivacyPolicy(dp_clip_norm, dp_noise_multiplier, dp_delta, dp_epsilon_budget))
+
+
+UPDATE_PARAMETERS = tuple(inspect.signature(update_policy).parameters)
+
+
+def update_policy_from_options(options: Mapping[str, Any]) -> UpdatePolicy:
+    """The update policy from a mapping of the flows' parameter names (the simulation's
+    `update_options`); an unknown name is refused, as a misspelt `dp_clip_norm` would turn DP off."""
+    unknown = sorted(set(options) - set(UPDATE_PARAMETERS))
+    if unknown:
+        raise UpdatePolicyError(f"unknown update option(s) {', '.join(map(repr, unknown))}; "
+                                f"the options are {', '.join(UPDATE_PARAMETERS)}")
+    return update_policy(**options)
 
 
 @dataclass(frozen=True)

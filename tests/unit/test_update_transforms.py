@@ -13,6 +13,7 @@ from flows.update_transforms import (
     delta_norm,
     prepare_update,
     read_back,
+    update_policy_from_options,
 )
 
 GLOBAL = [np.zeros((2, 3), np.float32), np.zeros(4, np.float32)]
@@ -89,3 +90,13 @@ def test_update_with_a_layer_missing_is_refused() -> None:
 def test_bad_settings_are_refused_naming_the_parameter(settings: dict, named: str) -> None:
     with pytest.raises(UpdatePolicyError, match=named):
         UpdatePolicy(**settings)
+
+
+def test_misspelt_update_option_is_refused_naming_it() -> None:
+    with pytest.raises(UpdatePolicyError, match="'dp_clipnorm'"):
+        update_policy_from_options({"dp_clipnorm": 1.0})
+
+
+def test_update_options_set_the_privacy_policy_by_the_flows_parameter_names() -> None:
+    policy = update_policy_from_options({"upload_precision": "float16", "dp_clip_norm": 2.0, "dp_delta": 1e-6})
+    assert (policy.upload_precision, policy.privacy.clip_norm, policy.privacy.delta) == ("float16", 2.0, 1e-6)
