@@ -113,16 +113,35 @@ def prefect_cpu_seconds(prefect: LocalPrefectServer) -> float:
     return cpu_seconds(prefect.process.pid) + (cpu_seconds(postgres.pid) if postgres else 0.0)
 
 
-def round_walls(work_root: Path, names: Sequence[str]) -> list[float]:
-    """Per round: the last drawn leaf's end minus the first one's start."""
-    spans: dict[int, list[float]] = {}
+def completed_by_round(work_root: Path, names: Sequence[str]) -> dict[int, list[dict]]:
+    """The leaves' completed history rows (with start and end times), by round."""
+    by_round: dict[int, list[dict]] = {}
     for name in names:
         for row in history_rows(work_root / name):
             if row["status"] == "completed" and row["started_at"] and row["finished_at"]:
-                span = spans.setdefault(row["round"], [float("inf"), 0.0])
-                span[0] = min(span[0], row["started_at"].timestamp())
-                span[1] = max(span[1], row["finished_at"].timestamp())
-    return [end - start for _, (start, end) in sorted(spans.items())]
+                by_round.setdefault(row["round"], []).append(row)
+    return dict(sorted(by_round.items()))
+
+
+def round_wall(rows: Sequence[dict]) -> float:
+    """A round's wall time: the last drawn leaf's end minus the first one's start."""
+    return (max(r["finished_at"] for r in rows) - min(r["started_at"] for r in rows)).total_seconds()
+
+
+PHASES = ("train_s", "upload_s", "wait_s", "download_s", "evaluate_s")
+
+
+def round_breakdown(by_round: dict[int, list[dict]]) -> list[str]:
+    """Per round, a progress line: its wall, the spread of the drawn leaves' starts (how long the
+    cluster took to start them all) and the median of each step's time, to show where a round's
+    time goes and whether later rounds cost more."""
+    lines = []
+    for number, rows in by_round.items():
+        starts = [r["started_at"].timestamp() for r in rows]
+        steps = "  ".join(f"{phase[:-2]} {np.median([r[phase] or 0.0 for r in rows]):.2f}" for phase in PHASES)
+        lines.append(f"    round {number}: wall {round_wall(rows):.2f} s, starts spread "
+                     f"{max(starts) - min(starts):.2f} s, median s: {steps}")
+    return lines
 
 
 def exact_updates(server: BenchServer, branch_id: str, work_root: Path) -> bool:
@@ -164,7 +183,10 @@ def bench_one(prefect: LocalPrefectServer, server: BenchServer, root: Path, leav
     prefect_cpu = prefect_cpu_seconds(prefect) - cpu_before["prefect"]
     platform_cpu = cpu_seconds(server.process.pid) - cpu_before["platform"]
     names = [leaf["name"] for leaf in federation["leaves"]]
-    walls = round_walls(run_dir / "leaves", names)
+    by_round = completed_by_round(run_dir / "leaves", names)
+    walls = [round_wall(rows) for rows in by_round.values()]
+    for line in round_breakdown(by_round):
+        progress(line)
     completed = sum(r["status"] == "completed" for n in names for r in history_rows(run_dir / "leaves" / n))
     return Row(leaves, fraction, workers, drawn, rounds, percentile(walls, 50), max(walls), completed / wall, wall,
                memory.worker_peak / 1e6, memory.peaks["platform"] / 1e6,
