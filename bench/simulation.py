@@ -187,7 +187,7 @@ def bench_one(prefect: LocalPrefectServer, server: BenchServer, root: Path, leav
     walls = [round_wall(rows) for rows in by_round.values()]
     for line in round_breakdown(by_round):
         progress(line)
-    completed = sum(r["status"] == "completed" for n in names for r in history_rows(run_dir / "leaves" / n))
+    completed = sum(len(rows) for rows in by_round.values())
     return Row(leaves, fraction, workers, drawn, rounds, percentile(walls, 50), max(walls), completed / wall, wall,
                memory.worker_peak / 1e6, memory.peaks["platform"] / 1e6,
                prefect_cpu / max(prefect_cpu + platform_cpu + child_cpu, 1e-9),
