@@ -69,7 +69,7 @@ test-faults: setup system-deps broker
 # The demo federation: a local bk-server and Prefect server, three leaves, ten rounds (bk_dev/demo.py).
 # DEMO_ARGS=--no-keep exits at the end instead of keeping the servers up for the UI.
 demo: setup
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m bk_dev.demo $(DEMO_ARGS)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m prefect_branchkey.bk_dev.demo $(DEMO_ARGS)
 
 bench: setup
 	$(BIN)/python bench/aggregate.py

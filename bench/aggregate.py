@@ -3,7 +3,7 @@
 For each number of updates N (default 2, 10, 50) of a float32 model (default ~100 MB in 4 layers)
 it reports wall time, input throughput and peak RSS increase of five methods:
 
-- ``fedavg-stored``: `bk_server.fedavg.fedavg` over uncompressed archives (`write_update`'s default);
+- ``fedavg-stored``: `prefect_branchkey.bk_server.fedavg.fedavg` over uncompressed archives (`write_update`'s default);
 - ``fedavg-deflated``: the same over compressed archives (by default only for N <= 10);
 - ``in-memory``: the same chunked float64 accumulation over arrays already in memory (compute rate);
 - ``naive-flower``: what Flower's `aggregate` does: load every update whole, scale each layer by
@@ -50,8 +50,8 @@ from harness import (
     temporary_root,
 )
 
-from bk_blocks.archive import DEFAULT_CHUNK_BYTES, write_update
-from bk_server.fedavg import WeightedUpdate, fedavg, normalised_weights
+from prefect_branchkey.bk_blocks.archive import DEFAULT_CHUNK_BYTES, write_update
+from prefect_branchkey.bk_server.fedavg import WeightedUpdate, fedavg, normalised_weights
 
 STORED, DEFLATED = "stored", "deflated"
 FEDAVG_STORED, FEDAVG_DEFLATED = "fedavg-stored", "fedavg-deflated"

@@ -74,7 +74,7 @@ from harness import (
     temporary_root,
 )
 
-from bk_dev.processes import broker_available
+from prefect_branchkey.bk_dev.processes import broker_available
 
 BK_BLOCKS, REQUESTS = "bk_blocks", "requests"
 # What the official 2.x client sends as metadata (Python-looking text, not JSON).
@@ -114,7 +114,7 @@ class LatencyRow:
 
 def write_archive(path: Path, size_mb: float, layers: int, seed: int) -> int:
     """Write a random float32 update of `size_mb` MB with `write_update`; return its size in bytes."""
-    from bk_blocks.archive import write_update
+    from prefect_branchkey.bk_blocks.archive import write_update
 
     rng = np.random.default_rng(seed)
     arrays = [rng.standard_normal(shape, dtype=np.float32) for shape in layer_shapes(size_mb, layers)]
@@ -124,7 +124,7 @@ def write_archive(path: Path, size_mb: float, layers: int, seed: int) -> int:
 
 def make_client(spec: dict[str, Any]) -> Any:
     """A `BranchKeyClient` for the spec's leaf, host and notification transport."""
-    from bk_blocks.client import BranchKeyClient, ConnectionOptions, read_platform_credentials
+    from prefect_branchkey.bk_blocks.client import BranchKeyClient, ConnectionOptions, read_platform_credentials
 
     identity, token = read_platform_credentials(spec["leaf"])
     options = ConnectionOptions(host=spec["host"], notification_transport=spec.get("transport", WEBSOCKET),
@@ -179,7 +179,7 @@ def transfer_call(spec: dict[str, Any]) -> Callable[[], Any]:
 
 def latency_run(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Warm-up plus K rounds of mark, upload, wait; the local times each notice arrived and was returned."""
-    from bk_blocks.archive import write_update
+    from prefect_branchkey.bk_blocks.archive import write_update
 
     rng = np.random.default_rng(0)
     path = write_update(Path(spec["workdir"]) / f"tiny-{spec['transport']}.npz", 1.0,

@@ -39,11 +39,11 @@ from typing import Any
 import httpx
 from harness import format_table, machine_summary, percentile, progress, temporary_root
 
-from bk_server.cli import write_credentials
-from bk_dev.local_platform import LocalServer
-from bk_dev.processes import spawn, stop_group
-from bk_dev.prefect_database import POSTGRES, SQLITE
-from bk_dev.prefect_server import LocalPrefectServer, describe_database
+from prefect_branchkey.bk_dev.local_platform import LocalServer
+from prefect_branchkey.bk_dev.prefect_database import POSTGRES, SQLITE
+from prefect_branchkey.bk_dev.prefect_server import LocalPrefectServer, describe_database
+from prefect_branchkey.bk_dev.processes import spawn, stop_group
+from prefect_branchkey.bk_server.cli import write_credentials
 
 PROJECT = Path(__file__).resolve().parents[1]
 LEAVES = ("leaf-1", "leaf-2", "leaf-3")

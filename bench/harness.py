@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 import requests
 
-from bk_dev.local_platform import LocalServer
+from prefect_branchkey.bk_dev.local_platform import LocalServer
 
 MB = 10**6
 GB = 10**9

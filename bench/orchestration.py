@@ -3,7 +3,7 @@
 A federation of N leaves (``--leaves``, a list to sweep: 3,10,30) with ``min_updates`` = all leaves
 runs R rounds (default 5) against a real `bk-server serve` process this script starts on a free
 loopback port. The leaves run in a child process of their own, each in its own thread calling
-`flows.training.federated_training`, a real Prefect flow (one flow run per leaf, its steps real
+`prefect_branchkey.flows.training.federated_training`, a real Prefect flow (one flow run per leaf, its steps real
 Prefect tasks), with a benchmark participant defined here: ``train()`` sleeps a fixed time (default
 0.2 s, ``--train-s``), nudges 1 in 4096 elements of preallocated random float32 layers and returns
 them; ``evaluate()`` returns ``{}`` at once. So everything in a round except that sleep is
@@ -14,7 +14,7 @@ One federation per (database, leaf count, transport, model size): ``websocket`` 
 WebSocket-only server, and ``amqp`` on a second server started with ``--amqp-url`` (skipped when no
 RabbitMQ answers on 127.0.0.1:5672/15672). Default sizes 1 and 100 MB (``--sizes``).
 
-The figures come from the leaves' round history (`flows.history.history_rows`), one sample per
+The figures come from the leaves' round history (`prefect_branchkey.flows.leaf.history.history_rows`), one sample per
 leaf per round, round 1 excluded as the warm-up (listener start-up, first task runs, first files):
 
 - ``overhead`` = ``round_s - train_s`` (p50 and max). ``train_s`` is the flow's own train step:
@@ -36,7 +36,7 @@ leaf per round, round 1 excluded as the warm-up (listener start-up, first task r
   every history file each round), so compare it only between runs of the same ``--rounds``.
 
 Prefect: per database of ``--prefect-db`` (``postgres``: the embedded PostgreSQL, the default;
-``sqlite``), a `prefect server start` of its own (`bk_dev.prefect_server.LocalPrefectServer`), unless
+``sqlite``), a `prefect server start` of its own (`prefect_branchkey.bk_dev.prefect_server.LocalPrefectServer`), unless
 ``PREFECT_API_URL`` is set; always with a temporary ``PREFECT_HOME`` and
 ``PREFECT_SERVER_ANALYTICS_ENABLED=false``. The cost columns: ``http`` and ``events``, the Prefect
 API requests and events the leaves' process sent per leaf-round (counted in that process,
@@ -93,10 +93,10 @@ from harness import (
     temporary_root,
 )
 
-from bk_dev.processes import broker_available
-from flows.participant import Participant, TrainResult
-from bk_dev.prefect_database import POSTGRES, SQLITE
-from bk_dev.prefect_server import LocalPrefectServer, describe_database
+from prefect_branchkey.bk_dev.prefect_database import POSTGRES, SQLITE
+from prefect_branchkey.bk_dev.prefect_server import LocalPrefectServer, describe_database
+from prefect_branchkey.bk_dev.processes import broker_available
+from prefect_branchkey.flows.participant import Participant, TrainResult
 
 AGGREGATION_TIMEOUT_S = 600.0
 PREFECT_SETTLE_S = 3.0
@@ -259,8 +259,8 @@ def samples_from_history(transport: str, size_mb: float, leaf: str, rows: Sequen
 
 def run_leaves(spec: dict[str, Any]) -> None:
     """Every leaf's `federated_training` flow run, concurrently in threads, for all rounds."""
-    from bk_blocks import BranchKeyCredentials
-    from flows.training import federated_training
+    from prefect_branchkey.bk_blocks import BranchKeyCredentials
+    from prefect_branchkey.flows.training import federated_training
 
     blocks = [BranchKeyCredentials.from_platform_json(leaf, host=spec["host"], notification_transport=spec["transport"],
                                                       amqp_host="127.0.0.1", read_timeout_s=600.0)
@@ -288,7 +288,7 @@ def federation_child(spec: dict[str, Any]) -> dict[str, Any]:
     """The child's task: run the federation, counting Prefect calls; its samples and counts."""
     from prefect_calls import counting_prefect_calls
 
-    from flows.history import history_rows
+    from prefect_branchkey.flows.leaf.history import history_rows
 
     with counting_prefect_calls() as counter:
         run_leaves(spec)

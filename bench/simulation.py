@@ -43,14 +43,22 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from harness import (BenchServer, add_common_options, cpu_seconds, format_table, machine_summary, percentile, progress,
-                     temporary_root)
+from harness import (
+    BenchServer,
+    add_common_options,
+    cpu_seconds,
+    format_table,
+    machine_summary,
+    percentile,
+    progress,
+    temporary_root,
+)
 
-from bk_dev.prefect_server import LocalPrefectServer
-from bk_server.cli import write_credentials
-from flows.history import history_rows
-from flows.sampling import leaves_per_round
-from flows.simulation import SAMPLING_FILE
+from prefect_branchkey.bk_dev.prefect_server import LocalPrefectServer
+from prefect_branchkey.bk_server.cli import write_credentials
+from prefect_branchkey.flows.federation.sampling import leaves_per_round
+from prefect_branchkey.flows.federation.simulation import SAMPLING_FILE
+from prefect_branchkey.flows.leaf.history import history_rows
 
 ROUND_DEADLINE_S = 120
 SAMPLE_S = 0.2
@@ -163,7 +171,7 @@ def bench_one(prefect: LocalPrefectServer, server: BenchServer, root: Path, leav
                                           round_deadline_s=ROUND_DEADLINE_S)
     run_dir = root / name
     write_credentials(run_dir / "credentials", federation["leaves"])
-    command = [sys.executable, "-m", "deployments.cli", "simulate", "--host", server.url, "--credentials-dir",
+    command = [sys.executable, "-m", "prefect_branchkey.deployments.cli", "simulate", "--host", server.url, "--credentials-dir",
                str(run_dir / "credentials"), "--work-root", str(run_dir / "leaves"), "--rounds", str(rounds),
                "--fraction", str(fraction), "--workers", str(workers), "--aggregation-timeout-s", "600"]
     progress(f"{leaves} leaves, fraction {fraction:g} ({drawn} per round), {workers} worker(s): {rounds} rounds")

@@ -4,8 +4,8 @@ memory on a large model beside the upload they precede.
 
 Part 1 runs the digits federation (3 non-IID leaves, `DigitsSoftmax`) round by round in this
 process: each leaf trains from the global model, its update goes through
-`flows.update_transforms.prepare_update` (guard, DP, cast) into an archive, and the next global
-model is bk-server's own FedAvg (`bk_server.fedavg.fedavg`) of those archives. Prefect and the
+`prefect_branchkey.flows.updates.transforms.prepare_update` (guard, DP, cast) into an archive, and the next global
+model is bk-server's own FedAvg (`prefect_branchkey.bk_server.fedavg.fedavg`) of those archives. Prefect and the
 network are left out: they change neither accuracy nor epsilon. Part 2 times `prepare_update`
 on a float32 model of `--model-mb` MB (peak memory by tracemalloc, which sees numpy's buffers)
 and the upload of its archive to a local bk-server over loopback.
@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 from harness import MB, add_common_options, format_table, layer_shapes, machine_summary, progress, temporary_root
 
-from bk_blocks.archive import read_aggregate, write_update
-from bk_blocks.client import BranchKeyClient, ConnectionOptions, read_platform_credentials
-from bk_dev.local_platform import LocalServer
-from bk_server.fedavg import WeightedUpdate, fedavg
-from flows.examples.digits import DigitsSoftmax
-from flows.privacy import PrivacyLedger, PrivacyPolicy
-from flows.update_transforms import UpdatePolicy, delta_norm, prepare_update, read_back
+from prefect_branchkey.bk_blocks.archive import read_aggregate, write_update
+from prefect_branchkey.bk_blocks.client import BranchKeyClient, ConnectionOptions, read_platform_credentials
+from prefect_branchkey.bk_dev.local_platform import LocalServer
+from prefect_branchkey.bk_server.fedavg import WeightedUpdate, fedavg
+from prefect_branchkey.flows.examples.digits import DigitsSoftmax
+from prefect_branchkey.flows.updates.privacy import PrivacyLedger, PrivacyPolicy
+from prefect_branchkey.flows.updates.transforms import UpdatePolicy, delta_norm, prepare_update, read_back
 
 DELTA = 1e-5
 

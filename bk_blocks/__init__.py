@@ -5,15 +5,22 @@
   from plain values; it needs requests, pika and websockets, never Prefect;
 - the Prefect side (`credentials`, the `BranchKeyCredentials` Block, and `settings`, the same
   fields from `BRANCHKEY_*` variables): imported only when asked for, so that `import
-  bk_blocks.client` works where Prefect is not installed.
+  prefect_branchkey.bk_blocks.client` works where Prefect is not installed.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .client import AggregationRef, BranchKeyClient, ConnectionOptions, LeafIdentity, RunDetails, UploadReply
-from .errors import (
+from prefect_branchkey.bk_blocks.client import (
+    AggregationRef,
+    BranchKeyClient,
+    ConnectionOptions,
+    LeafIdentity,
+    RunDetails,
+    UploadReply,
+)
+from prefect_branchkey.bk_blocks.errors import (
     AggregationTimeoutError,
     AnalyticsError,
     ArchiveError,
@@ -32,11 +39,11 @@ from .errors import (
     UnsafeFileIdError,
     UsageError,
 )
-from .notifications import AggregationNotice
+from prefect_branchkey.bk_blocks.notifications import AggregationNotice
 
 if TYPE_CHECKING:
-    from .credentials import BranchKeyCredentials
-    from .settings import BranchKeySettings
+    from prefect_branchkey.bk_blocks.credentials import BranchKeyCredentials
+    from prefect_branchkey.bk_blocks.settings import BranchKeySettings
 
 _PREFECT_SIDE = {"BranchKeyCredentials": "credentials", "BranchKeySettings": "settings"}
 

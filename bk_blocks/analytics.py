@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .archive import FEDERATED_ANALYTICS, PAYLOAD_KIND_KEY, NpzReader, _payload_kind
-from .errors import AnalyticsError
-from .files import atomic_write
+from prefect_branchkey.bk_blocks.archive import FEDERATED_ANALYTICS, PAYLOAD_KIND_KEY, NpzReader, _payload_kind
+from prefect_branchkey.bk_blocks.errors import AnalyticsError
+from prefect_branchkey.bk_blocks.files import atomic_write
 
 BUNDLE_SUFFIXES = ("n", "sum", "sumsq", "min", "max", "nan")
 BUNDLE_COMBINERS = {"n": "sum", "sum": "sum", "sumsq": "sum", "min": "min", "max": "max", "nan": "sum"}

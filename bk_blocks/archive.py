@@ -22,7 +22,7 @@ from typing import IO
 
 import numpy as np
 
-from .errors import (
+from prefect_branchkey.bk_blocks.errors import (
     ArchiveError,
     ArchiveTooLargeError,
     LayerError,
@@ -31,7 +31,7 @@ from .errors import (
     UnsupportedPayloadError,
     WeightingError,
 )
-from .files import atomic_write
+from prefect_branchkey.bk_blocks.files import atomic_write
 
 PAYLOAD_KIND_KEY = "__bk_payload_kind__"
 FEDERATED_LEARNING = "federated_learning"

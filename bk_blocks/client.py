@@ -27,13 +27,13 @@ import numpy as np
 import requests
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .analytics import inspect_analytics, write_statistics
-from .archive import FEDERATED_ANALYTICS, inspect_aggregate, inspect_update, write_update
-from .errors import (
+from prefect_branchkey.bk_blocks.analytics import inspect_analytics, write_statistics
+from prefect_branchkey.bk_blocks.archive import FEDERATED_ANALYTICS, inspect_aggregate, inspect_update, write_update
+from prefect_branchkey.bk_blocks.errors import (
     ArchiveError,
     ArchiveRejectedError,
-    BranchKeyError,
     AuthenticationError,
+    BranchKeyError,
     ConfigurationError,
     NotFoundError,
     RequestRefusedError,
@@ -44,15 +44,15 @@ from .errors import (
     UsageError,
     error_for_response,
 )
-from .files import atomic_write, sha256_file
-from .notifications import (
+from prefect_branchkey.bk_blocks.files import atomic_write, sha256_file
+from prefect_branchkey.bk_blocks.notifications import (
     AggregationNotice,
     AmqpListener,
     NotificationListener,
     WebSocketListener,
     ticket_fetcher,
 )
-from .protocol import METRIC_MODES, MetricsMode
+from prefect_branchkey.bk_blocks.protocol import METRIC_MODES, MetricsMode
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A script written against the official client moves over by changing one import:
 
-    from bk_blocks.compat import Client      # was: from branchkey.client import Client
+    from prefect_branchkey.bk_blocks.compat import Client      # was: from branchkey.client import Client
 
 What differs, on purpose: nothing calls `sys.exit` or prints; errors are the typed
 `BranchKeyError` classes (still `Exception`s) carrying the platform's message; archives
@@ -21,10 +21,10 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .archive import ArchiveError, inspect_update
-from .client import BranchKeyClient, ConnectionOptions, read_platform_credentials
-from .errors import ArchiveRejectedError, BranchKeyError, RunNotStartedError
-from .notifications import AggregationNotice
+from prefect_branchkey.bk_blocks.archive import ArchiveError, inspect_update
+from prefect_branchkey.bk_blocks.client import BranchKeyClient, ConnectionOptions, read_platform_credentials
+from prefect_branchkey.bk_blocks.errors import ArchiveRejectedError, BranchKeyError, RunNotStartedError
+from prefect_branchkey.bk_blocks.notifications import AggregationNotice
 
 log = logging.getLogger(__name__)
 AGGREGATED_OUTPUT_DIR = "./aggregated_output"

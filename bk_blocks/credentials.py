@@ -9,7 +9,13 @@ from typing import Any, Literal
 from prefect.blocks.abstract import CredentialsBlock
 from pydantic import ConfigDict, Field, SecretStr, field_validator
 
-from .client import BranchKeyClient, ConnectionOptions, check_host, LeafIdentity, read_platform_credentials
+from prefect_branchkey.bk_blocks.client import (
+    BranchKeyClient,
+    ConnectionOptions,
+    LeafIdentity,
+    check_host,
+    read_platform_credentials,
+)
 
 
 class BranchKeyCredentials(CredentialsBlock):
@@ -22,7 +28,7 @@ class BranchKeyCredentials(CredentialsBlock):
     Example:
         Load saved credentials and check the run:
         ```python
-        from bk_blocks import BranchKeyCredentials
+        from prefect_branchkey.bk_blocks import BranchKeyCredentials
 
         credentials = BranchKeyCredentials.load("BLOCK_NAME")
         with credentials.get_client() as client:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 
-from .protocol import ERROR_CODE_RUN_BLOCKED, ERROR_CODE_STALE_ROUND, RUN_BLOCKED_TEXT
+from prefect_branchkey.bk_blocks.protocol import ERROR_CODE_RUN_BLOCKED, ERROR_CODE_STALE_ROUND, RUN_BLOCKED_TEXT
 
 # Statuses a retry of the same request can get past (besides every 5xx).
 TRANSIENT_STATUS = frozenset({408, 425, 429})

@@ -28,8 +28,8 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-from .errors import AuthenticationError, NotificationTimeout, error_for_response
-from .protocol import AGGREGATION_STATUS, RUN_STATUS
+from prefect_branchkey.bk_blocks.errors import AuthenticationError, NotificationTimeout, error_for_response
+from prefect_branchkey.bk_blocks.protocol import AGGREGATION_STATUS, RUN_STATUS
 
 log = logging.getLogger(__name__)
 

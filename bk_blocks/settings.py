@@ -8,8 +8,8 @@ from typing import Any
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .client import ConnectionOptions
-from .credentials import BranchKeyCredentials
+from prefect_branchkey.bk_blocks.client import ConnectionOptions
+from prefect_branchkey.bk_blocks.credentials import BranchKeyCredentials
 
 
 class BranchKeySettings(BaseSettings, ConnectionOptions):

@@ -30,16 +30,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from bk_server.cli import write_credentials
-from flows.history import history_rows
-from flows.assets import MATERIALIZED, global_model_asset
-from flows.observability import artifact_key, federation_table, primary_metric, sparkline
-from flows.sampling import SamplingError, leaves_per_round
-
-from .local_platform import LocalServer
-from .prefect_database import PrefectDatabaseError
-from .prefect_server import LocalPrefectServer, default_database, describe_database
-from .processes import broker_available, spawn, stop_group
+from prefect_branchkey.bk_dev.local_platform import LocalServer
+from prefect_branchkey.bk_dev.prefect_database import PrefectDatabaseError
+from prefect_branchkey.bk_dev.prefect_server import LocalPrefectServer, default_database, describe_database
+from prefect_branchkey.bk_dev.processes import broker_available, spawn, stop_group
+from prefect_branchkey.bk_server.cli import write_credentials
+from prefect_branchkey.flows.federation.sampling import SamplingError, leaves_per_round
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.publishing.assets import MATERIALIZED, global_model_asset
+from prefect_branchkey.flows.publishing.observability import artifact_key, federation_table, primary_metric, sparkline
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 REFRESH_S = 0.5
@@ -221,7 +220,7 @@ def run_statistics(console: Console, platform: LocalServer, prefect: LocalPrefec
     """The statistics round (`bk statistics`, every leaf at once, its process added to `children`)
     in run 1, printed; then a new run for training, so the training rounds count from 1."""
     output = run_dir / "statistics.json"
-    process = spawn([sys.executable, "-m", "deployments.cli", "statistics", "--host", platform.url,
+    process = spawn([sys.executable, "-m", "prefect_branchkey.deployments.cli", "statistics", "--host", platform.url,
                      "--credentials-dir", str(run_dir / "credentials"), "--work-root", str(run_dir / "leaves"),
                      "--transport", transport, "--amqp-host", "127.0.0.1", "--timeout-s", str(AGGREGATION_TIMEOUT_S),
                      "--output", str(output)], run_dir / "statistics.log", env=prefect.client_env())
@@ -339,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             console.print(f"Prefect server up after {time.monotonic() - started:.0f} s.")
         console.print(f"{args.rounds} rounds of federated digits:")
-        simulation = spawn([sys.executable, "-m", "deployments.cli", "simulate", "--host", platform.url,
+        simulation = spawn([sys.executable, "-m", "prefect_branchkey.deployments.cli", "simulate", "--host", platform.url,
                             "--credentials-dir", str(run_dir / "credentials"), "--work-root", str(run_dir / "leaves"),
                             "--rounds", str(args.rounds), "--transport", transport, "--amqp-host", "127.0.0.1",
                             "--aggregation-timeout-s", str(AGGREGATION_TIMEOUT_S), *dp_arguments(args.dp),

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bk_server.admin_client import admin_call
-
-from .processes import ServerStartError, free_port, spawn, stop_group, wait_until_answering
+from prefect_branchkey.bk_dev.processes import ServerStartError, free_port, spawn, stop_group, wait_until_answering
+from prefect_branchkey.bk_server.admin_client import admin_call
 
 
 @dataclass
@@ -39,7 +38,7 @@ class LocalServer:
 
     def start(self, timeout: float = 30) -> "LocalServer":
         """Start the process and wait until it answers `/healthz`."""
-        command = [sys.executable, "-m", "bk_server.cli", "serve", "--data-dir", str(self.data_dir),
+        command = [sys.executable, "-m", "prefect_branchkey.bk_server.cli", "serve", "--data-dir", str(self.data_dir),
                    "--port", str(self.port), "--log-level", "warning"]
         if self.amqp_url:
             command += ["--amqp-url", self.amqp_url]

@@ -30,7 +30,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from .processes import ServerStartError, spawn, stop_group
+from prefect_branchkey.bk_dev.processes import ServerStartError, spawn, stop_group
 
 POSTGRES = "postgres"
 SQLITE = "sqlite"

@@ -3,7 +3,7 @@
 What the demo shows its dashboard on, what the benchmarks and the end-to-end tests run
 against: a real server with the UI, on a free port, quiet and offline, stopped with
 everything it started. Its database is an embedded PostgreSQL in its home by default
-(`bk_dev.prefect_database`); `sqlite` or a URL of the user's own may be chosen instead.
+(`prefect_branchkey.bk_dev.prefect_database`); `sqlite` or a URL of the user's own may be chosen instead.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
 
-from .processes import ServerStartError, free_port, spawn, stop_group, wait_until_answering
-
-from .prefect_database import POSTGRES, SQLITE, EmbeddedPostgres, check_database_url, redacted
+from prefect_branchkey.bk_dev.prefect_database import POSTGRES, SQLITE, EmbeddedPostgres, check_database_url, redacted
+from prefect_branchkey.bk_dev.processes import ServerStartError, free_port, spawn, stop_group, wait_until_answering
 
 # `prefect server start` takes 8 s (PostgreSQL) to 25 s (SQLite) to answer here; room for a loaded machine.
 STARTUP_TIMEOUT_S = 120

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 
-
 PR_SET_PDEATHSIG = 1
 # Looked up once here: the child runs between fork and exec, where loading a library is unsafe.
 _prctl = ctypes.CDLL(None, use_errno=True).prctl

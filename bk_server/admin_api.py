@@ -13,8 +13,8 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from .errors import BadRequest, Unauthorized
-from .platform import Platform
+from prefect_branchkey.bk_server.errors import BadRequest, Unauthorized
+from prefect_branchkey.bk_server.platform import Platform
 
 
 def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> Platform:

@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from bk_blocks.errors import error_for_response
+from prefect_branchkey.bk_blocks.errors import error_for_response
 
 
 class AdminCallError(RuntimeError):

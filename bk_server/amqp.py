@@ -17,8 +17,8 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from .platform import BrokerProvisioner, LeafCredentials
-from .store import OutboxMessage, Store
+from prefect_branchkey.bk_server.platform import BrokerProvisioner, LeafCredentials
+from prefect_branchkey.bk_server.store import OutboxMessage, Store
 
 log = logging.getLogger(__name__)
 

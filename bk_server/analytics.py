@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bk_blocks.analytics import (
+from prefect_branchkey.bk_blocks.analytics import (
     BUNDLE_COMBINERS,
     BUNDLE_COUNT_SUFFIXES,
     BUNDLE_SUFFIXES,
@@ -29,11 +29,10 @@ from bk_blocks.analytics import (
     check_field_name,
     read_fields,
 )
-from bk_blocks.archive import FEDERATED_ANALYTICS, PAYLOAD_KIND_KEY
-from bk_blocks.errors import AnalyticsError
-from bk_blocks.files import atomic_write
-
-from .errors import BadRequest, UploadRejected
+from prefect_branchkey.bk_blocks.archive import FEDERATED_ANALYTICS, PAYLOAD_KIND_KEY
+from prefect_branchkey.bk_blocks.errors import AnalyticsError
+from prefect_branchkey.bk_blocks.files import atomic_write
+from prefect_branchkey.bk_server.errors import BadRequest, UploadRejected
 
 OPERATIONS = ("sum", "min", "max", "mean", "must_match")
 _NUMERIC_OPERATIONS = frozenset({"sum", "min", "max", "mean"})

@@ -13,18 +13,17 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse
 
-from bk_blocks.analytics import AnalyticsInfo, inspect_analytics
-from bk_blocks.archive import (
+from prefect_branchkey.bk_blocks.analytics import AnalyticsInfo, inspect_analytics
+from prefect_branchkey.bk_blocks.archive import (
     FEDERATED_ANALYTICS,
     ArchiveError,
     UpdateInfo,
     inspect_update,
 )
-
-from .errors import BadRequest, PayloadTooLarge, PlatformError, UploadRejected
-from .platform import Platform, StagedUpload
-from .store import Leaf
-from .uploads import check_integrity, receive_upload
+from prefect_branchkey.bk_server.errors import BadRequest, PayloadTooLarge, PlatformError, UploadRejected
+from prefect_branchkey.bk_server.platform import Platform, StagedUpload
+from prefect_branchkey.bk_server.store import Leaf
+from prefect_branchkey.bk_server.uploads import check_integrity, receive_upload
 
 log = logging.getLogger(__name__)
 router = APIRouter()

@@ -15,15 +15,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bk_blocks.files import atomic_write
-
-from . import admin_api, api
-from .amqp import AmqpPublisher, RabbitProvisioner, admin_url_from_amqp, publisher_user
-from .errors import PlatformError
-from .notifications import Notifier, WebSocketHub
-from .platform import Platform, new_secret
-from .settings import ServerSettings
-from .store import Store
+from prefect_branchkey.bk_blocks.files import atomic_write
+from prefect_branchkey.bk_server import admin_api, api
+from prefect_branchkey.bk_server.amqp import AmqpPublisher, RabbitProvisioner, admin_url_from_amqp, publisher_user
+from prefect_branchkey.bk_server.errors import PlatformError
+from prefect_branchkey.bk_server.notifications import Notifier, WebSocketHub
+from prefect_branchkey.bk_server.platform import Platform, new_secret
+from prefect_branchkey.bk_server.settings import ServerSettings
+from prefect_branchkey.bk_server.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,11 @@ from typing import Annotated, Literal
 import uvicorn
 from cyclopts import App, Parameter
 
-from bk_blocks.files import atomic_write
-
-from .app import create_app, write_admin_file
-from .platform import new_secret
-from .admin_client import AdminCallError, admin_call
-from .settings import ServerSettings
+from prefect_branchkey.bk_blocks.files import atomic_write
+from prefect_branchkey.bk_server.admin_client import AdminCallError, admin_call
+from prefect_branchkey.bk_server.app import create_app, write_admin_file
+from prefect_branchkey.bk_server.platform import new_secret
+from prefect_branchkey.bk_server.settings import ServerSettings
 
 app = App(name="bk-server", help="A local BranchKey-compatible platform for development, tests and demos.")
 federation_app = App(name="federation", help="Create federations (a tree, a branch and its leaves).")

@@ -3,7 +3,7 @@ names the problem, sent as `{"error": "..."}`."""
 
 from __future__ import annotations
 
-from bk_blocks.protocol import ERROR_CODE_RUN_BLOCKED, ERROR_CODE_STALE_ROUND
+from prefect_branchkey.bk_blocks.protocol import ERROR_CODE_RUN_BLOCKED, ERROR_CODE_STALE_ROUND
 
 
 class PlatformError(Exception):

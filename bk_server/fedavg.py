@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bk_blocks.archive import (
+from prefect_branchkey.bk_blocks.archive import (
     DEFAULT_CHUNK_BYTES,
     MemberCursor,
     MemberSpec,
     NpzReader,
 )
-from bk_blocks.files import atomic_write
+from prefect_branchkey.bk_blocks.files import atomic_write
 
 
 class AggregationError(RuntimeError):

@@ -17,9 +17,8 @@ import threading
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from bk_blocks.protocol import AGGREGATION_STATUS, RUN_STATUS
-
-from .store import Store
+from prefect_branchkey.bk_blocks.protocol import AGGREGATION_STATUS, RUN_STATUS
+from prefect_branchkey.bk_server.store import Store
 
 log = logging.getLogger(__name__)
 

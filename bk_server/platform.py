@@ -23,12 +23,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bk_blocks.analytics import BUNDLE_COMBINERS, AnalyticsInfo
-from bk_blocks.archive import FEDERATED_ANALYTICS, FEDERATED_LEARNING, PAYLOAD_KINDS, UpdateInfo
-from bk_blocks.files import remove_temporaries
-from bk_blocks.protocol import METRIC_MODES, RUN_BLOCKED_TEXT, RUN_STATUSES
-
-from .analytics import (
+from prefect_branchkey.bk_blocks.analytics import BUNDLE_COMBINERS, AnalyticsInfo
+from prefect_branchkey.bk_blocks.archive import FEDERATED_ANALYTICS, FEDERATED_LEARNING, PAYLOAD_KINDS, UpdateInfo
+from prefect_branchkey.bk_blocks.files import remove_temporaries
+from prefect_branchkey.bk_blocks.protocol import METRIC_MODES, RUN_BLOCKED_TEXT, RUN_STATUSES
+from prefect_branchkey.bk_server.analytics import (
     AnalyticsRejected,
     assignments_json,
     check_against,
@@ -37,7 +36,7 @@ from .analytics import (
     parse_assignments,
     schema_of,
 )
-from .errors import (
+from prefect_branchkey.bk_server.errors import (
     BadRequest,
     Forbidden,
     Gone,
@@ -47,14 +46,14 @@ from .errors import (
     Unauthorized,
     UploadRejected,
 )
-from .faults import crash_point
-from .fedavg import WeightedUpdate
-from .notifications import Notifier, aggregation_message, run_status_message
-from .scheduling import AggregationQueue, round_is_due, write_aggregate, write_combined
-from .settings import ServerSettings
-from .signing import DownloadSigner
-from .store import Aggregate, Branch, Leaf, Round, Store, Upload
-from .tickets import TicketBook
+from prefect_branchkey.bk_server.faults import crash_point
+from prefect_branchkey.bk_server.fedavg import WeightedUpdate
+from prefect_branchkey.bk_server.notifications import Notifier, aggregation_message, run_status_message
+from prefect_branchkey.bk_server.scheduling import AggregationQueue, round_is_due, write_aggregate, write_combined
+from prefect_branchkey.bk_server.settings import ServerSettings
+from prefect_branchkey.bk_server.signing import DownloadSigner
+from prefect_branchkey.bk_server.store import Aggregate, Branch, Leaf, Round, Store, Upload
+from prefect_branchkey.bk_server.tickets import TicketBook
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bk_blocks.errors import ArchiveError
-
-from .faults import crash_point
-from .analytics import combine
-from .fedavg import AggregationError, WeightedUpdate, fedavg
-from .store import Branch
+from prefect_branchkey.bk_blocks.errors import ArchiveError
+from prefect_branchkey.bk_server.analytics import combine
+from prefect_branchkey.bk_server.faults import crash_point
+from prefect_branchkey.bk_server.fedavg import AggregationError, WeightedUpdate, fedavg
+from prefect_branchkey.bk_server.store import Branch
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bk_blocks.archive import DEFAULT_MAX_DECOMPRESSED_BYTES
+from prefect_branchkey.bk_blocks.archive import DEFAULT_MAX_DECOMPRESSED_BYTES
 
 
 @dataclass(frozen=True)

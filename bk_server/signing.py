@@ -10,9 +10,8 @@ import secrets
 import time
 from pathlib import Path
 
-from bk_blocks.files import atomic_write
-
-from .errors import Forbidden
+from prefect_branchkey.bk_blocks.files import atomic_write
+from prefect_branchkey.bk_server.errors import Forbidden
 
 
 class DownloadSigner:

@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 
-from .errors import Unauthorized
+from prefect_branchkey.bk_server.errors import Unauthorized
 
 
 class TicketBook:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from .errors import BadRequest, PayloadTooLarge
-from .multipart import MultipartError, MultipartParser, boundary_of, part_name
+from prefect_branchkey.bk_server.errors import BadRequest, PayloadTooLarge
+from prefect_branchkey.bk_server.multipart import MultipartError, MultipartParser, boundary_of, part_name
 
 MAX_DATA_PART_BYTES = 1024 * 1024
 # Body bytes handed to a worker thread at a time: disk writes, hashing and fsync stay off the event loop.

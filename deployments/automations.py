@@ -26,10 +26,9 @@ from prefect.events.actions import RunDeployment, SendNotification
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 
-from flows.participant import ParticipantError, participant_class
-from flows.promotion import metric_goal
-
-from .edge import EdgeSetupError, require_api_url
+from prefect_branchkey.deployments.edge import EdgeSetupError, require_api_url
+from prefect_branchkey.flows.leaf.promotion import metric_goal
+from prefect_branchkey.flows.participant import ParticipantError, participant_class
 
 ALERT_DEPLOYMENT = "branchkey-alert/ops-alerts"
 COMPLETED, FAILED, DROPPED = "branchkey.round.completed", "branchkey.round.failed", "branchkey.metric.dropped"

@@ -14,13 +14,12 @@ from cyclopts import App
 from rich.console import Console
 from rich.table import Table
 
-from flows.history import history_rows
-from flows.participant import ParticipantError, parse_options
-from bk_blocks.errors import BranchKeyError, UsageError
-from flows.simulation import simulate as simulate_on_dask
-from flows.statistics import federation_statistics
-
-from .edge_cli import app as edge_app
+from prefect_branchkey.bk_blocks.errors import BranchKeyError, UsageError
+from prefect_branchkey.deployments.edge_cli import app as edge_app
+from prefect_branchkey.flows.federation.simulation import simulate as simulate_on_dask
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.participant import ParticipantError, parse_options
+from prefect_branchkey.flows.statistics import federation_statistics
 
 app = App(name="bk", help="prefect-branchkey, leaf side.")
 app.command(edge_app)
@@ -96,7 +95,7 @@ def simulate(*, host: str | None = None, credentials_dir: Path | None = None, wo
              leaves: int = 3, rounds: int = 10, fraction: float = 1.0, leaves_per_round: int | None = None,
              seed: int = 0, dask_address: str | None = None, workers: int | None = None,
              transport: Literal["websocket", "amqp"] = "websocket", amqp_host: str | None = None,
-             participant: str = "flows.examples.digits:DigitsSoftmax", participant_options: str = "{}",
+             participant: str = "prefect_branchkey.flows.examples.digits:DigitsSoftmax", participant_options: str = "{}",
              aggregation_timeout_s: float = 600, upload_precision: Literal["native", "float32", "float16"] = "native",
              max_update_norm_ratio: float | None = None, dp_clip_norm: float | None = None,
              dp_noise_multiplier: float = 1.0, dp_delta: float = 1e-5, dp_epsilon_budget: float | None = None) -> None:
@@ -158,7 +157,7 @@ def simulate(*, host: str | None = None, credentials_dir: Path | None = None, wo
             _fail("simulate", UsageError(f"{', '.join(named)}: only with --host; without it, the local federation runs "
                                          "the digits example with --leaves, --rounds, --fraction, --seed, "
                                          "--transport, --dask-address and --workers"))
-        from bk_dev.demo import main as local_federation
+        from prefect_branchkey.bk_dev.demo import main as local_federation
 
         arguments = ["--no-keep", "--no-statistics", "--leaves", str(leaves), "--rounds", str(rounds),
                      "--fraction", str(fraction), "--seed", str(seed), "--transport", transport,
@@ -189,7 +188,7 @@ def _fail(command: str, error: Exception) -> NoReturn:
 @app.command
 def statistics(*, host: str, credentials_dir: Path, work_root: Path,
                transport: Literal["websocket", "amqp"] = "websocket", amqp_host: str | None = None,
-               participant: str = "flows.examples.digits:DigitsSoftmax", participant_options: str = "{}",
+               participant: str = "prefect_branchkey.flows.examples.digits:DigitsSoftmax", participant_options: str = "{}",
                source: str | None = None, timeout_s: float = 600, output: Path | None = None) -> None:
     """Run every leaf of CREDENTIALS_DIR's statistics round at once against HOST; print (or write to
     OUTPUT as JSON) the federation's per-column statistics as the first leaf received them.

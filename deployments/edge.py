@@ -18,9 +18,9 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 from prefect.workers.process import ProcessWorker
 
-from bk_blocks import BranchKeyCredentials
-from bk_blocks.errors import BranchKeyError
-from flows.assets import check_asset_keys
+from prefect_branchkey.bk_blocks import BranchKeyCredentials
+from prefect_branchkey.bk_blocks.errors import BranchKeyError
+from prefect_branchkey.flows.publishing.assets import check_asset_keys
 
 DEFAULT_POOL = "branchkey-edge"
 BLOCK_NAME = re.compile(r"^[a-z0-9-]+$")
@@ -57,7 +57,7 @@ def require_api_url() -> None:
 
 
 def register_block_types() -> None:
-    """Register `BranchKeyCredentials` with the server (as `prefect block register -m bk_blocks.credentials`)."""
+    """Register `BranchKeyCredentials` with the server (as `prefect block register -m prefect_branchkey.bk_blocks.credentials`)."""
     BranchKeyCredentials.register_type_and_schema()
 
 

@@ -7,11 +7,10 @@ from typing import Literal, NoReturn
 
 from cyclopts import App
 
-from flows.participant import ParticipantError, parse_options
-
-from .automations import ALERT_DEPLOYMENT, AlertOptions, set_up_alerts
-from .edge import DEFAULT_POOL, EdgeSetupError, LeafSpec, set_up_edge
-from .serve import serve_leaf
+from prefect_branchkey.deployments.automations import ALERT_DEPLOYMENT, AlertOptions, set_up_alerts
+from prefect_branchkey.deployments.edge import DEFAULT_POOL, EdgeSetupError, LeafSpec, set_up_edge
+from prefect_branchkey.deployments.serve import serve_leaf
+from prefect_branchkey.flows.participant import ParticipantError, parse_options
 
 app = App(name="edge", help="Run BranchKey leaves on edge machines (see docs/edge-workers.md).")
 

@@ -14,8 +14,8 @@ from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType
 
-from flows.round import federated_round
-from flows.training import federated_training
+from prefect_branchkey.flows.round import federated_round
+from prefect_branchkey.flows.training import federated_training
 
 
 def serve_leaf(leaf: str, participant: str, work_dir: str, participant_options: dict[str, Any] | None = None,
@@ -25,7 +25,7 @@ def serve_leaf(leaf: str, participant: str, work_dir: str, participant_options: 
                   "participant_options": participant_options or {}}
     tags = ["branchkey", f"leaf:{leaf}"]
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
-    # Module entrypoints (`flows.round:federated_round`), as in prefect.yaml: a file path would
+    # Module entrypoints (`prefect_branchkey.flows.round:federated_round`), as in prefect.yaml: a file path would
     # load flows/round.py as a top-level module, a second copy of the package's classes.
     common = {"tags": tags, "concurrency_limit": one_at_a_time, "entrypoint_type": EntrypointType.MODULE_PATH}
     deployments = [federated_round.to_deployment(

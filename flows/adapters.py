@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from bk_blocks.errors import BranchKeyError
+from prefect_branchkey.bk_blocks.errors import BranchKeyError
 
 
 class ShapeMismatchError(BranchKeyError, ValueError):

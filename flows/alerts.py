@@ -20,9 +20,8 @@ from prefect.blocks.abstract import NotificationBlock
 from prefect.blocks.core import Block
 from prefect.utilities.asyncutils import run_coro_as_sync
 
-from bk_blocks.errors import BranchKeyError
-
-from .observability import artifact_key
+from prefect_branchkey.bk_blocks.errors import BranchKeyError
+from prefect_branchkey.flows.publishing.observability import artifact_key
 
 AlertKind = Literal["missed-round", "failed-round", "metric-drop"]
 HEADLINES: Mapping[str, str] = MappingProxyType({

@@ -1,7 +1,7 @@
 """A drift check: evaluate the model the site serves on the site's current data, on a schedule,
 without training or uploading anything.
 
-The model is the served one (`flows.promotion`), else the latest global model the leaf holds.
+The model is the served one (`prefect_branchkey.flows.leaf.promotion`), else the latest global model the leaf holds.
 Each check is an `evaluated` row in the leaf's history (beside the rounds, never replacing
 one), a new version of the leaf's artifacts whose summary shows the check against the value
 the model had when its round ended, and a `branchkey.round.evaluated` event.
@@ -17,19 +17,25 @@ from prefect import flow, tags
 from prefect.runtime import flow_run
 from prefect.states import State
 
-from bk_blocks import BranchKeyCredentials
-from bk_blocks.archive import read_aggregate
-from tasks import LeafSession, run_logger
-
-from .history import RoundRecord, append_record, file_round, history_files, history_rows, utc_from_timestamp
-from .leaf_state import LeafBusyError, LeafState, hold_work_dir, load_state
-from .leaf_setup import leaf_setup
-from .observability import label_flow_run, run_tags
-from .participant import Participant
-from .promotion import SERVED_MODEL, MetricGoal, best_of, verdict
-from .publication import publishing
-from .round import cancelled_as_busy
-from .update_transforms import read_back
+from prefect_branchkey.bk_blocks import BranchKeyCredentials
+from prefect_branchkey.bk_blocks.archive import read_aggregate
+from prefect_branchkey.flows.leaf.history import (
+    RoundRecord,
+    append_record,
+    file_round,
+    history_files,
+    history_rows,
+    utc_from_timestamp,
+)
+from prefect_branchkey.flows.leaf.promotion import SERVED_MODEL, MetricGoal, best_of, verdict
+from prefect_branchkey.flows.leaf.setup import leaf_setup
+from prefect_branchkey.flows.leaf.state import LeafBusyError, LeafState, hold_work_dir, load_state
+from prefect_branchkey.flows.participant import Participant
+from prefect_branchkey.flows.publishing.observability import label_flow_run, run_tags
+from prefect_branchkey.flows.publishing.publication import publishing
+from prefect_branchkey.flows.round import cancelled_as_busy
+from prefect_branchkey.flows.updates.transforms import read_back
+from prefect_branchkey.tasks import LeafSession, run_logger
 
 EVALUATED = "evaluated"
 

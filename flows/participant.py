@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from bk_blocks.errors import BranchKeyError
+from prefect_branchkey.bk_blocks.errors import BranchKeyError
 
 
 class ParticipantError(BranchKeyError, ValueError):

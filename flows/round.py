@@ -2,7 +2,7 @@
 
 wait for run -> check the leaf is in step -> train -> write archive -> upload -> wait for
 aggregation -> download -> evaluate -> send metrics -> judge the model (best, served:
-`flows.promotion`) -> record history. After each step
+`prefect_branchkey.flows.leaf.promotion`) -> record history. After each step
 the leaf's state is saved in its work directory; a rerun continues from the step that did
 not finish.
 
@@ -26,7 +26,7 @@ from prefect import flow, tags
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
-from bk_blocks import (
+from prefect_branchkey.bk_blocks import (
     AggregationRef,
     AggregationTimeoutError,
     BranchKeyCredentials,
@@ -35,8 +35,28 @@ from bk_blocks import (
     RunNotStartedError,
     RunStoppedError,
 )
-from bk_blocks.archive import read_aggregate, write_update
-from tasks import (
+from prefect_branchkey.bk_blocks.archive import read_aggregate, write_update
+from prefect_branchkey.flows.leaf.history import RoundRecord, append_record, history_rows, utc_from_timestamp
+from prefect_branchkey.flows.leaf.promotion import PromotionPolicy, promote, promotion_policy
+from prefect_branchkey.flows.leaf.setup import leaf_setup
+from prefect_branchkey.flows.leaf.state import LeafBusyError, LeafState, hold_work_dir, load_state, save_state
+from prefect_branchkey.flows.participant import Participant, check_result
+from prefect_branchkey.flows.publishing.observability import emit_round_event, label_flow_run, run_tags
+from prefect_branchkey.flows.publishing.publication import Publication, publishing
+from prefect_branchkey.flows.updates.privacy import (
+    PrivacyLedger,
+    PrivacyPolicy,
+    check_budget_at_start,
+    epsilon_past_budget,
+)
+from prefect_branchkey.flows.updates.transforms import (
+    RECENT_NORMS,
+    UpdatePolicy,
+    prepare_update,
+    read_back,
+    update_policy,
+)
+from prefect_branchkey.tasks import (
     LeafSession,
     current_run,
     download_aggregate,
@@ -47,17 +67,6 @@ from tasks import (
     wait_for_aggregation,
     wait_for_run,
 )
-
-from .history import RoundRecord, append_record, utc_from_timestamp
-from .observability import emit_round_event, label_flow_run, run_tags
-from .history import history_rows
-from .leaf_setup import leaf_setup
-from .participant import Participant, check_result
-from .promotion import PromotionPolicy, promote, promotion_policy
-from .privacy import PrivacyLedger, PrivacyPolicy, check_budget_at_start, epsilon_past_budget
-from .update_transforms import RECENT_NORMS, UpdatePolicy, prepare_update, read_back, update_policy
-from .publication import Publication, publishing
-from .leaf_state import LeafBusyError, LeafState, hold_work_dir, load_state, save_state
 
 # How often a leaf asks whether the platform's aggregation of a closed round is done.
 SETTLE_POLL_S = 0.2
@@ -474,10 +483,10 @@ def federated_round(
     `$VARIABLES` are expanded on the machine that runs the round). The run is named
     `<leaf>-round-<n>` and tagged by leaf and branch; it ends Cancelled if another run of
     the leaf holds the work dir. `upload_precision` (`native`, `float32`, `float16`) and
-    `max_update_norm_ratio` (the update guard; None: off) are `flows.update_transforms`'; the
-    `dp_*` parameters are `flows.privacy`'s (`dp_clip_norm` None: no DP). `primary_metric`
+    `max_update_norm_ratio` (the update guard; None: off) are `prefect_branchkey.flows.updates.transforms`'; the
+    `dp_*` parameters are `prefect_branchkey.flows.updates.privacy`'s (`dp_clip_norm` None: no DP). `primary_metric`
     (default: the participant's), `keep_best_model` and `metric_drop_alert` are
-    `flows.promotion`'s. A bad value, or a DP budget already spent, fails the run before the round.
+    `prefect_branchkey.flows.leaf.promotion`'s. A bad value, or a DP budget already spent, fails the run before the round.
     """
     policy = update_policy(upload_precision, max_update_norm_ratio, dp_clip_norm, dp_noise_multiplier, dp_delta,
                            dp_epsilon_budget)

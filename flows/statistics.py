@@ -14,9 +14,9 @@ from __future__ import annotations
 import contextvars
 import math
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,17 +27,16 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import State
 
-from bk_blocks import BranchKeyCredentials, RunStoppedError
-from bk_blocks.analytics import NAN_OMIT, bundle_columns, read_fields, summarize
-from tasks import LeafSession, current_run, resolve_credentials
-from tasks.statistics import download_statistics, upload_statistics, wait_for_statistics
-
-from .history import ANALYTICS, RoundRecord, append_record, utc_from_timestamp
-from .leaf_state import LeafBusyError, hold_work_dir, resolve_work_dir
-from .round import cancelled_as_busy
-from .observability import artifact_key, label_flow_run, run_tags
-from .participant import ParticipantError, import_object, load_participant, parse_options
-from .leaves import leaf_credentials
+from prefect_branchkey.bk_blocks import BranchKeyCredentials, RunStoppedError
+from prefect_branchkey.bk_blocks.analytics import NAN_OMIT, bundle_columns, read_fields, summarize
+from prefect_branchkey.flows.federation.leaves import leaf_credentials
+from prefect_branchkey.flows.leaf.history import ANALYTICS, RoundRecord, append_record, utc_from_timestamp
+from prefect_branchkey.flows.leaf.state import LeafBusyError, hold_work_dir, resolve_work_dir
+from prefect_branchkey.flows.participant import ParticipantError, import_object, load_participant, parse_options
+from prefect_branchkey.flows.publishing.observability import artifact_key, label_flow_run, run_tags
+from prefect_branchkey.flows.round import cancelled_as_busy
+from prefect_branchkey.tasks import LeafSession, current_run, resolve_credentials
+from prefect_branchkey.tasks.statistics import download_statistics, upload_statistics, wait_for_statistics
 
 STATISTICS_DIR = "statistics"
 _STATISTICS = ("n", "completeness", "mean", "variance", "std", "min", "max")
@@ -169,7 +168,7 @@ def federation_statistics(
     host: str,
     credentials_dir: str,
     work_root: str,
-    participant: str = "flows.examples.digits:DigitsSoftmax",
+    participant: str = "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
     participant_options: dict[str, Any] | None = None,
     statistics: str | None = None,
     transport: str = "websocket",

@@ -14,18 +14,17 @@ from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.states import State
 
-from bk_blocks import BranchKeyCredentials
-from tasks import LeafSession
-
-from .observability import label_flow_run, run_tags
-from .leaf_setup import leaf_setup
-from .participant import Participant
-from .publication import Publication, publishing
-from .round import RoundResult, Timeouts, cancelled_as_busy, run_round
-from .privacy import check_budget_at_start
-from .promotion import PromotionPolicy
-from .update_transforms import UpdatePolicy, update_policy
-from .leaf_state import LeafBusyError, hold_work_dir, load_state
+from prefect_branchkey.bk_blocks import BranchKeyCredentials
+from prefect_branchkey.flows.leaf.promotion import PromotionPolicy
+from prefect_branchkey.flows.leaf.setup import leaf_setup
+from prefect_branchkey.flows.leaf.state import LeafBusyError, hold_work_dir, load_state
+from prefect_branchkey.flows.participant import Participant
+from prefect_branchkey.flows.publishing.observability import label_flow_run, run_tags
+from prefect_branchkey.flows.publishing.publication import Publication, publishing
+from prefect_branchkey.flows.round import RoundResult, Timeouts, cancelled_as_busy, run_round
+from prefect_branchkey.flows.updates.privacy import check_budget_at_start
+from prefect_branchkey.flows.updates.transforms import UpdatePolicy, update_policy
+from prefect_branchkey.tasks import LeafSession
 
 
 def target_reached(result: RoundResult, target_metric: str | None, target_value: float | None) -> bool:
@@ -69,9 +68,9 @@ def federated_training(
     (`upload-round-3`): a subflow run per round cost the Prefect server a dozen API calls
     and the leaf about a second between rounds. A deployment that runs one round per flow
     run uses `federated-round`. `upload_precision` and `max_update_norm_ratio` (the update
-    guard) are `flows.update_transforms`', the `dp_*` parameters `flows.privacy`'s, and
+    guard) are `prefect_branchkey.flows.updates.transforms`', the `dp_*` parameters `prefect_branchkey.flows.updates.privacy`'s, and
     `primary_metric` (default: the participant's), `keep_best_model` and `metric_drop_alert`
-    `flows.promotion`'s; a bad value, or a DP budget already spent, fails the run before any
+    `prefect_branchkey.flows.leaf.promotion`'s; a bad value, or a DP budget already spent, fails the run before any
     round, and the run ends at the round that would exceed the budget.
     """
     policy = update_policy(upload_precision, max_update_norm_ratio, dp_clip_norm, dp_noise_multiplier, dp_delta,

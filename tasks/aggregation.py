@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from bk_blocks import (
+from prefect_branchkey.bk_blocks import (
     AggregationTimeoutError,
     BranchKeyClient,
     NotificationTimeout,
@@ -23,9 +23,8 @@ from bk_blocks import (
     RunStoppedError,
     TransientError,
 )
-
-from .retries import RETRY_OPTIONS
-from .session import LeafSession
+from prefect_branchkey.tasks.retries import RETRY_OPTIONS
+from prefect_branchkey.tasks.session import LeafSession
 
 # How long one wait on the listener lasts before the task looks for a reconnect, and the
 # shortest look (a notice already there is taken before the platform is asked).

@@ -7,11 +7,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from bk_blocks.archive import ArchiveError, inspect_aggregate
-from bk_blocks.client import check_file_id
-
-from .retries import RETRY_OPTIONS
-from .session import LeafSession
+from prefect_branchkey.bk_blocks.archive import ArchiveError, inspect_aggregate
+from prefect_branchkey.bk_blocks.client import check_file_id
+from prefect_branchkey.tasks.retries import RETRY_OPTIONS
+from prefect_branchkey.tasks.session import LeafSession
 
 
 @task(name="download_aggregate", task_run_name="download-round-{round_number}", cache_policy=NO_CACHE,

@@ -7,10 +7,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from bk_blocks.protocol import MetricsMode
-
-from .retries import RETRY_OPTIONS
-from .session import LeafSession
+from prefect_branchkey.bk_blocks.protocol import MetricsMode
+from prefect_branchkey.tasks.retries import RETRY_OPTIONS
+from prefect_branchkey.tasks.session import LeafSession
 
 
 @task(name="send_metrics", task_run_name="send-{mode}-metrics-round-{round_number}", cache_policy=NO_CACHE,

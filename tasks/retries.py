@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect.tasks import exponential_backoff
 
-from bk_blocks import TransientError
+from prefect_branchkey.bk_blocks import TransientError
 
 RETRIES = 5
 RETRY_BACKOFF_FACTOR_S = 2

@@ -8,10 +8,9 @@ import time
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from bk_blocks import BranchKeyClient, RunDetails, RunNotStartedError, TransientError
-
-from .retries import RETRY_OPTIONS
-from .session import LeafSession
+from prefect_branchkey.bk_blocks import BranchKeyClient, RunDetails, RunNotStartedError, TransientError
+from prefect_branchkey.tasks.retries import RETRY_OPTIONS
+from prefect_branchkey.tasks.session import LeafSession
 
 
 @task(name="wait_for_run", task_run_name="wait-for-run-round-{round_number}", cache_policy=NO_CACHE, **RETRY_OPTIONS)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import requests
 
-from bk_blocks import BranchKeyClient, BranchKeyCredentials, BranchKeySettings, BranchKeyError
-
-from .loggers import CurrentRunLogger, run_logger
+from prefect_branchkey.bk_blocks import BranchKeyClient, BranchKeyCredentials, BranchKeyError, BranchKeySettings
+from prefect_branchkey.tasks.loggers import CurrentRunLogger, run_logger
 
 # The credentials parameter that means: read BRANCHKEY_* settings on the machine that runs the flow.
 FROM_ENVIRONMENT = "$env"
@@ -38,7 +37,7 @@ class LeafSession:
 
     def __init__(self, credentials: BranchKeyCredentials) -> None:
         self.credentials = credentials
-        self.client: BranchKeyClient = credentials.get_client(logger=CurrentRunLogger("bk_blocks.client"))
+        self.client: BranchKeyClient = credentials.get_client(logger=CurrentRunLogger("prefect_branchkey.bk_blocks.client"))
         self._marks: dict[tuple[int, int], int] = {}
         self._branch_name: str | None = None
 

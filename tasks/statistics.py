@@ -14,15 +14,14 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from bk_blocks import AggregationTimeoutError, NotificationTimeout, RunStoppedError
-from bk_blocks.analytics import inspect_analytics
-from bk_blocks.archive import ArchiveError
-from bk_blocks.client import check_file_id
-from bk_blocks.files import sha256_file
-
-from .retries import RETRY_OPTIONS
-from .session import LeafSession
-from .upload import UploadReceipt, idempotency_key
+from prefect_branchkey.bk_blocks import AggregationTimeoutError, NotificationTimeout, RunStoppedError
+from prefect_branchkey.bk_blocks.analytics import inspect_analytics
+from prefect_branchkey.bk_blocks.archive import ArchiveError
+from prefect_branchkey.bk_blocks.client import check_file_id
+from prefect_branchkey.bk_blocks.files import sha256_file
+from prefect_branchkey.tasks.retries import RETRY_OPTIONS
+from prefect_branchkey.tasks.session import LeafSession
+from prefect_branchkey.tasks.upload import UploadReceipt, idempotency_key
 
 _SLICE_S = 1.0
 

@@ -13,10 +13,9 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from bk_blocks.files import sha256_file
-
-from .retries import RETRY_OPTIONS
-from .session import LeafSession
+from prefect_branchkey.bk_blocks.files import sha256_file
+from prefect_branchkey.tasks.retries import RETRY_OPTIONS
+from prefect_branchkey.tasks.session import LeafSession
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ import pytest
 
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
-from bk_blocks import BranchKeyCredentials  # noqa: E402
-from bk_blocks.archive import write_update  # noqa: E402
-from tasks import LeafSession  # noqa: E402
+from prefect_branchkey.bk_blocks import BranchKeyCredentials  # noqa: E402
+from prefect_branchkey.bk_blocks.archive import write_update  # noqa: E402
+from prefect_branchkey.tasks import LeafSession  # noqa: E402
 
 from .support.bkserver import BkServer, broker_available, in_ci  # noqa: E402
 
@@ -28,7 +28,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from bk_dev.prefect_server import LocalPrefectServer
+    from prefect_branchkey.bk_dev.prefect_server import LocalPrefectServer
 
     with LocalPrefectServer(tmp_path_factory.mktemp("prefect-server"), database="postgres") as server:
         os.environ["PREFECT_API_URL"] = server.api_url

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flows.participant import Participant, TrainResult
+from prefect_branchkey.flows.participant import Participant, TrainResult
 
 CLASSES = 10
 FEATURES = 64

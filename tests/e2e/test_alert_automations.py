@@ -30,17 +30,17 @@ import pytest
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from bk_dev.prefect_server import LocalPrefectServer
-from bk_dev.processes import spawn, stop_group
-from bk_server.cli import write_credentials
-from flows.history import history_rows
-from flows.observability import artifact_key
+from prefect_branchkey.bk_dev.prefect_server import LocalPrefectServer
+from prefect_branchkey.bk_dev.processes import spawn, stop_group
+from prefect_branchkey.bk_server.cli import write_credentials
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.publishing.observability import artifact_key
 
-from . import test_demo
 from ..support.bkserver import BkServer
 from ..support.flow_helpers import artifacts, events
 from ..support.process_helpers import assert_none_left, new_marker
 from ..support.webhook import webhook_server
+from . import test_demo
 from .test_edge_deployment import _api, _deployments, _flow_runs, _run, _wait_until
 
 pytestmark = [pytest.mark.e2e]
@@ -138,7 +138,7 @@ def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alerting]:
         (path,) = write_credentials(root / "creds", federation.leaves)
         _run(["bk", "edge", "setup", f"leaf-1={path}", "--host", server.url], env)
         alerts = ["bk", "edge", "alerts", "--missed-round-after", str(WINDOW_S),
-                  "--participant", "flows.examples.digits:DigitsSoftmax", "--notify-block", f"custom-webhook/{HOOK}"]
+                  "--participant", "prefect_branchkey.flows.examples.digits:DigitsSoftmax", "--notify-block", f"custom-webhook/{HOOK}"]
         refusals = {"undeployed": _refusal(alerts, env)}
         _run(["prefect", "--no-prompt", "deploy", "--name", "leaf-1-rounds", "--name", "ops-alerts"], env)
         rounds = _deployments(prefect.api_url)["leaf-1-rounds"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.history import history_rows
+from prefect_branchkey.flows.leaf.history import history_rows
 
 from ..support.bkserver import in_ci
 from ..support.process_helpers import left_running, new_marker, processes_with

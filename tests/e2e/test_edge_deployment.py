@@ -22,17 +22,17 @@ import httpx
 import numpy as np
 import pytest
 
-from bk_blocks.archive import read_aggregate, read_update
-from bk_server.cli import write_credentials
-from bk_dev.processes import spawn, stop_group
-from flows.history import history_rows
-from flows.observability import artifact_key
-from bk_dev.prefect_server import LocalPrefectServer
+from prefect_branchkey.bk_blocks.archive import read_aggregate, read_update
+from prefect_branchkey.bk_dev.prefect_server import LocalPrefectServer
+from prefect_branchkey.bk_dev.processes import spawn, stop_group
+from prefect_branchkey.bk_server.cli import write_credentials
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.publishing.observability import artifact_key
 
 from ..support.bkserver import BkServer
-from ..support.reference import fedavg_reference
 from ..support.flow_helpers import artifacts
 from ..support.process_helpers import assert_none_left, left_running, new_marker
+from ..support.reference import fedavg_reference
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq]
 
@@ -328,7 +328,7 @@ def test_serve_runs_one_leafs_rounds_on_its_interval_without_a_worker(server: Bk
         federation = server.federation(leaves=1)
         (path,) = write_credentials(tmp_path / "creds", federation.leaves)
         _run(["bk", "edge", "setup", f"solo={path}", "--host", server.url], env)
-        serving = spawn(["bk", "edge", "serve", "solo", "--participant", "flows.examples.digits:DigitsSoftmax",
+        serving = spawn(["bk", "edge", "serve", "solo", "--participant", "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
                          "--work-dir", str(tmp_path / "solo"), "--interval-s", "4", "--cron", "",
                          "--participant-options", '{"leaf_index": 0, "leaves": 1}'], tmp_path / "serve.log", env=env)
         _wait_until(lambda: sum(r["state_type"] == "COMPLETED" for r in _flow_runs(prefect.api_url)) >= 2, 180,

@@ -11,8 +11,8 @@ import pytest
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.blocks.system import Secret
 
-from flows.alerts import AlertNotifyError, branchkey_alert
-from flows.observability import artifact_key
+from prefect_branchkey.flows.alerts import AlertNotifyError, branchkey_alert
+from prefect_branchkey.flows.publishing.observability import artifact_key
 
 from ..support.flow_helpers import artifacts
 from ..support.webhook import webhook_server

@@ -13,7 +13,7 @@ from prefect.blocks.core import Block
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 from pydantic import ValidationError
 
-from bk_blocks import BranchKeyClient, BranchKeyCredentials, BranchKeySettings
+from prefect_branchkey.bk_blocks import BranchKeyClient, BranchKeyCredentials, BranchKeySettings
 
 PLATFORM_JSON = {"id": "leaf-uuid", "name": "hospital-a", "session_token": "s3cret-token-value",
                  "tree_id": "tree-uuid", "branch_id": "branch-uuid", "owner_id": "owner-uuid"}
@@ -73,7 +73,7 @@ def test_block_saves_and_loads_with_its_secret(prefect_api: str) -> None:
 
 def test_block_registers_with_prefect_block_register(prefect_api: str) -> None:
     env = os.environ | {"PREFECT_API_URL": prefect_api}
-    result = subprocess.run([sys.executable, "-m", "prefect", "block", "register", "-m", "bk_blocks.credentials"],
+    result = subprocess.run([sys.executable, "-m", "prefect", "block", "register", "-m", "prefect_branchkey.bk_blocks.credentials"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "BranchKey Credentials" in result.stdout

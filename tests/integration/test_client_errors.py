@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bk_blocks import (
+from prefect_branchkey.bk_blocks import (
     ArchiveRejectedError,
     AuthenticationError,
     NotFoundError,
@@ -17,7 +17,7 @@ from bk_blocks import (
     TransientError,
     UnsafeFileIdError,
 )
-from bk_blocks.credentials import BranchKeyCredentials
+from prefect_branchkey.bk_blocks.credentials import BranchKeyCredentials
 
 from ..support.bkserver import BkServer, credentials_for, free_port
 from ..support.faulty_proxy import FaultyProxy

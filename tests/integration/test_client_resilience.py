@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from bk_blocks import TransientError
+from prefect_branchkey.bk_blocks import TransientError
 
-from ..support.bkserver import BkServer, RABBIT_ADMIN, credentials_for
+from ..support.bkserver import RABBIT_ADMIN, BkServer, credentials_for
 from ..support.faulty_proxy import FaultyProxy
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bk_blocks import BranchKeyClient
-from bk_blocks.archive import read_aggregate, read_update
+from prefect_branchkey.bk_blocks import BranchKeyClient
+from prefect_branchkey.bk_blocks.archive import read_aggregate, read_update
 
 from ..support.bkserver import BkServer, credentials_for
 from ..support.reference import fedavg_reference

@@ -1,4 +1,4 @@
-"""bk_blocks.compat.Client: the official 2.7 client's API, so scripts move over by changing one import."""
+"""prefect_branchkey.bk_blocks.compat.Client: the official 2.7 client's API, so scripts move over by changing one import."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bk_blocks import RunNotStartedError
-from bk_blocks.archive import read_aggregate
-from bk_blocks.compat import Client
+from prefect_branchkey.bk_blocks import RunNotStartedError
+from prefect_branchkey.bk_blocks.archive import read_aggregate
+from prefect_branchkey.bk_blocks.compat import Client
 
 from ..support.bkserver import BkServer
 
@@ -88,7 +88,7 @@ def test_metrics_failure_returns_false_like_the_official_client(amqp_server: BkS
 SCRIPT_WITHOUT_PREFECT = """
 import json, sys, time
 import numpy as np
-from bk_blocks.compat import Client
+from prefect_branchkey.bk_blocks.compat import Client
 
 credentials, host, work = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 client = Client(credentials, host=host)

@@ -17,11 +17,11 @@ import httpx
 import pytest
 import yaml
 
-from bk_blocks import BranchKeyCredentials
-from deployments.edge import EdgeSetupError, LeafSpec, set_up_edge
-from flows.round import federated_round
-from flows.leaf_state import LeafBusyError, WorkDirError, hold_work_dir, resolve_work_dir
-from tasks import resolve_credentials
+from prefect_branchkey.bk_blocks import BranchKeyCredentials
+from prefect_branchkey.deployments.edge import EdgeSetupError, LeafSpec, set_up_edge
+from prefect_branchkey.flows.leaf.state import LeafBusyError, WorkDirError, hold_work_dir, resolve_work_dir
+from prefect_branchkey.flows.round import federated_round
+from prefect_branchkey.tasks import resolve_credentials
 
 from ..support.bkserver import BkServer, credentials_for
 
@@ -37,7 +37,7 @@ def leaf_json(tmp_path: Path) -> Path:
     return path
 
 
-ALERTS_ENTRYPOINT = "flows.alerts:branchkey_alert"
+ALERTS_ENTRYPOINT = "prefect_branchkey.flows.alerts:branchkey_alert"
 
 
 def _all_deployments() -> list[dict[str, Any]]:
@@ -88,7 +88,7 @@ def test_setup_with_a_bad_credentials_file_changes_nothing(prefect_api: str, lea
 
 
 def _setup_cli(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "deployments.cli", "edge", "setup", f"a={tmp_path / 'none.json'}",
+    return subprocess.run([sys.executable, "-m", "prefect_branchkey.deployments.cli", "edge", "setup", f"a={tmp_path / 'none.json'}",
                            "--host", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | env)
 
@@ -133,8 +133,8 @@ def test_deployments_have_rounds_a_retraining_and_a_drift_check_per_leaf() -> No
             f"{deployment['entrypoint']} {'cron' if 'cron' in schedule else 'interval'}")
     assert set(kinds) == {"leaf-1", "leaf-2", "leaf-3"}
     for leaf_kinds in kinds.values():
-        assert leaf_kinds == {"flows.training:federated_training cron", "flows.round:federated_round interval",
-                              "flows.evaluation:federated_evaluation cron"}
+        assert leaf_kinds == {"prefect_branchkey.flows.training:federated_training cron", "prefect_branchkey.flows.round:federated_round interval",
+                              "prefect_branchkey.flows.evaluation:federated_evaluation cron"}
 
 
 def test_work_dir_variables_are_expanded_on_the_machine_that_runs_it(monkeypatch: pytest.MonkeyPatch,
@@ -153,7 +153,7 @@ def test_work_dir_naming_an_unset_variable_is_refused(monkeypatch: pytest.Monkey
 def held_by_another_process(work_dir: Path) -> Iterator[int]:
     """Another process holding the work dir (as another run of the leaf would); yields its pid."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from pathlib import Path; from flows.leaf_state import hold_work_dir\n"
+        "import time; from pathlib import Path; from prefect_branchkey.flows.leaf.state import hold_work_dir\n"
         f"with hold_work_dir(Path({str(work_dir)!r})):\n    print('held', flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True, cwd=PROJECT)
     try:
@@ -175,7 +175,7 @@ def test_a_round_of_a_leaf_busy_elsewhere_ends_cancelled_and_touches_nothing(
         prefect_api: str, server: BkServer, tmp_path: Path) -> None:
     federation = server.federation(leaves=1)
     with held_by_another_process(tmp_path / "leaf") as pid:
-        state = federated_round(credentials_for(server, federation.leaves[0]), "flows.examples.digits:DigitsSoftmax",
+        state = federated_round(credentials_for(server, federation.leaves[0]), "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
                                 str(tmp_path / "leaf"), {"leaf_index": 0, "leaves": 1}, return_state=True)
     assert state.is_cancelled() and f"pid {pid}" in (state.message or "")
     assert not (tmp_path / "leaf" / "state.json").exists()
@@ -186,7 +186,7 @@ def test_a_released_work_dir_can_be_held_by_another_process(tmp_path: Path) -> N
     with hold_work_dir(tmp_path):
         pass
     check = subprocess.run([sys.executable, "-c", (
-        "from pathlib import Path; from flows.leaf_state import hold_work_dir\n"
+        "from pathlib import Path; from prefect_branchkey.flows.leaf.state import hold_work_dir\n"
         f"with hold_work_dir(Path({str(tmp_path)!r})): print('free')")], capture_output=True, text=True, cwd=PROJECT)
     assert check.stdout.strip() == "free", check.stderr
 

@@ -11,12 +11,12 @@ import httpx
 import numpy as np
 import pytest
 
-from flows.examples.digits import DigitsSoftmax
-from flows.history import history_dir
-from flows.participant import Participant, TrainResult
-from flows.round import run_round
-from flows.training import federated_training
-from tasks import LeafSession
+from prefect_branchkey.flows.examples.digits import DigitsSoftmax
+from prefect_branchkey.flows.leaf.history import history_dir
+from prefect_branchkey.flows.participant import Participant, TrainResult
+from prefect_branchkey.flows.round import run_round
+from prefect_branchkey.flows.training import federated_training
+from prefect_branchkey.tasks import LeafSession
 
 from ..support.bkserver import BkServer, credentials_for
 
@@ -40,7 +40,7 @@ def test_training_ends_cleanly_when_the_platform_stops_the_run(server: BkServer,
     federation = server.federation(leaves=2)
     credentials = credentials_for(server, federation.leaves[0])
     threading.Timer(2.0, server.run, args=(federation.branch_id, "stop")).start()
-    results = federated_training(credentials, "flows.examples.digits:DigitsSoftmax", str(tmp_path / "leaf"),
+    results = federated_training(credentials, "prefect_branchkey.flows.examples.digits:DigitsSoftmax", str(tmp_path / "leaf"),
                                  rounds=3, participant_options={"leaf_index": 0, "leaves": 2})
     assert [r.status for r in results] == ["stopped"]
 
@@ -66,7 +66,7 @@ def test_declined_round_uploads_nothing(server: BkServer, tmp_path: Path,
 
 def test_training_stops_at_the_target_metric(server: BkServer, tmp_path: Path) -> None:
     federation = server.federation(leaves=1)
-    results = federated_training(credentials_for(server, federation.leaves[0]), "flows.examples.digits:DigitsSoftmax",
+    results = federated_training(credentials_for(server, federation.leaves[0]), "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
                                  str(tmp_path / "leaf"), rounds=20, participant_options={"leaf_index": 0, "leaves": 1},
                                  target_metric="accuracy", target_value=0.5)
     assert len(results) < 20 and results[-1].eval_metrics["accuracy"] >= 0.5
@@ -79,7 +79,7 @@ def test_session_token_is_absent_from_logs_artifacts_history_and_state(
     leaf = federation.leaves[0]
     token = leaf["session_token"]
     with caplog.at_level("DEBUG"):
-        federated_training(credentials_for(server, leaf), "flows.examples.digits:DigitsSoftmax",
+        federated_training(credentials_for(server, leaf), "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
                            str(tmp_path / "leaf"), rounds=2, participant_options={"leaf_index": 0, "leaves": 1})
     assert caplog.records and token not in caplog.text
     for path in [*history_dir(tmp_path / "leaf").iterdir(), tmp_path / "leaf" / "state.json"]:
@@ -96,8 +96,8 @@ def test_rounds_per_run_ends_a_run_and_the_next_run_continues(server: BkServer, 
     federation = server.federation(leaves=1)
     credentials = credentials_for(server, federation.leaves[0])
     options = {"leaf_index": 0, "leaves": 1}
-    first = federated_training(credentials, "flows.examples.digits:DigitsSoftmax", str(tmp_path / "leaf"),
+    first = federated_training(credentials, "prefect_branchkey.flows.examples.digits:DigitsSoftmax", str(tmp_path / "leaf"),
                                rounds=None, rounds_per_run=2, participant_options=options)
-    second = federated_training(credentials, "flows.examples.digits:DigitsSoftmax", str(tmp_path / "leaf"),
+    second = federated_training(credentials, "prefect_branchkey.flows.examples.digits:DigitsSoftmax", str(tmp_path / "leaf"),
                                 rounds=None, rounds_per_run=2, participant_options=options)
     assert [r.round for r in first] == [1, 2] and [r.round for r in second] == [3, 4]

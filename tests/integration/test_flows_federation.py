@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bk_server.cli import write_credentials
-from flows.history import history_rows
-from flows.observability import artifact_key
-from flows.simulation import federated_simulation
+from prefect_branchkey.bk_server.cli import write_credentials
+from prefect_branchkey.flows.federation.simulation import federated_simulation
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.publishing.observability import artifact_key
 
 from ..support.bkserver import BkServer
 from ..support.flow_helpers import artifacts, events

@@ -8,18 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.evaluation import federated_evaluation
-from flows.history import history_rows
-from flows.observability import artifact_key
-from flows.participant import Participant, TrainResult
-from flows.training import federated_training
-from tasks import LeafSession
+from prefect_branchkey.flows.evaluation import federated_evaluation
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.participant import Participant, TrainResult
+from prefect_branchkey.flows.publishing.observability import artifact_key
+from prefect_branchkey.flows.training import federated_training
+from prefect_branchkey.tasks import LeafSession
 
 from ..support.bkserver import BkServer, credentials_for
 from ..support.faulty_proxy import FaultyProxy
 from ..support.flow_helpers import artifacts, events
 
-DIGITS = "flows.examples.digits:DigitsSoftmax"
+DIGITS = "prefect_branchkey.flows.examples.digits:DigitsSoftmax"
 ONE_LEAF = {"leaf_index": 0, "leaves": 1}
 
 

@@ -12,12 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from flows.adapters import ShapeMismatchError, assign_parameters, numpy_to_torch, torch_to_numpy
-from flows.examples.digits import DigitsSoftmax, non_iid_split
-from flows.history import RoundRecord, append_record, history_dir, history_rows
-from flows.observability import artifact_key, sparkline, summary_markdown
-from flows.participant import Participant, ParticipantError, TrainResult, check_result, load_participant
-from flows.leaf_state import StateError, load_state, save_state
+from prefect_branchkey.flows.adapters import ShapeMismatchError, assign_parameters, numpy_to_torch, torch_to_numpy
+from prefect_branchkey.flows.examples.digits import DigitsSoftmax, non_iid_split
+from prefect_branchkey.flows.leaf.history import RoundRecord, append_record, history_dir, history_rows
+from prefect_branchkey.flows.leaf.state import StateError, load_state, save_state
+from prefect_branchkey.flows.participant import (
+    Participant,
+    ParticipantError,
+    TrainResult,
+    check_result,
+    load_participant,
+)
+from prefect_branchkey.flows.publishing.observability import artifact_key, sparkline, summary_markdown
 
 
 def record(round_number: int, **extra: object) -> RoundRecord:
@@ -26,16 +32,16 @@ def record(round_number: int, **extra: object) -> RoundRecord:
 
 
 def test_participant_is_loaded_by_import_path_with_json_options() -> None:
-    participant = load_participant("flows.examples.digits:DigitsSoftmax", '{"leaf_index": 1, "leaves": 2}')
+    participant = load_participant("prefect_branchkey.flows.examples.digits:DigitsSoftmax", '{"leaf_index": 1, "leaves": 2}')
     assert isinstance(participant, DigitsSoftmax) and participant.y_train.size > 0
 
 
 @pytest.mark.parametrize(("path", "options", "words"), [
-    ("flows.examples.digits", None, "'package.module:Class'"),
+    ("prefect_branchkey.flows.examples.digits", None, "'package.module:Class'"),
     ("flows.nope:Thing", None, "cannot import"),
     ("json:JSONDecoder", None, "not a Participant subclass"),
-    ("flows.examples.digits:DigitsSoftmax", "{bad json", "not valid JSON"),
-    ("flows.examples.digits:DigitsSoftmax", "[1]", "must be a JSON object"),
+    ("prefect_branchkey.flows.examples.digits:DigitsSoftmax", "{bad json", "not valid JSON"),
+    ("prefect_branchkey.flows.examples.digits:DigitsSoftmax", "[1]", "must be a JSON object"),
 ])
 def test_bad_participant_spec_names_the_problem(path: str, options: str | None, words: str) -> None:
     with pytest.raises(ParticipantError, match=words):
@@ -139,7 +145,7 @@ def test_artifact_keys_are_valid_and_stable() -> None:
 
 def test_bk_history_prints_json_csv_and_a_table(tmp_path: Path) -> None:
     append_record(tmp_path, record(1))
-    run = lambda fmt: subprocess.run([sys.executable, "-m", "deployments.cli", "history", "--work-dir", str(tmp_path),  # noqa: E731
+    run = lambda fmt: subprocess.run([sys.executable, "-m", "prefect_branchkey.deployments.cli", "history", "--work-dir", str(tmp_path),  # noqa: E731
                                       "--format", fmt], capture_output=True, text=True, check=True).stdout
     assert json.loads(run("json"))[0]["eval_accuracy"] == 0.5
     assert run("csv").splitlines()[0].startswith("run_number,round,status")

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.examples.digits import DigitsSoftmax
-from flows.history import history_rows
-from flows.round import Timeouts, run_round
-from flows.leaf_state import load_state, save_state
-from tasks import LeafSession
+from prefect_branchkey.flows.examples.digits import DigitsSoftmax
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.leaf.state import load_state, save_state
+from prefect_branchkey.flows.round import Timeouts, run_round
+from prefect_branchkey.tasks import LeafSession
 
 from ..support.bkserver import BkServer, credentials_for
 

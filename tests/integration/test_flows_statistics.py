@@ -10,13 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bk_server.cli import write_credentials
-from flows.examples.digits import DigitsSoftmax
-from flows.history import ANALYTICS, history_rows
-from flows.observability import artifact_key
-from flows.participant import Participant, ParticipantError, TrainResult
-from flows.leaves import leaf_credentials
-from flows.statistics import StatisticsResult, federated_statistics, federation_statistics, load_columns
+from prefect_branchkey.bk_server.cli import write_credentials
+from prefect_branchkey.flows.examples.digits import DigitsSoftmax
+from prefect_branchkey.flows.federation.leaves import leaf_credentials
+from prefect_branchkey.flows.leaf.history import ANALYTICS, history_rows
+from prefect_branchkey.flows.participant import Participant, ParticipantError, TrainResult
+from prefect_branchkey.flows.publishing.observability import artifact_key
+from prefect_branchkey.flows.statistics import (
+    StatisticsResult,
+    federated_statistics,
+    federation_statistics,
+    load_columns,
+)
 
 from ..support.bkserver import BkServer
 from ..support.flow_helpers import artifacts
@@ -121,7 +126,7 @@ def test_statistics_callable_that_is_not_importable_is_refused() -> None:
 def test_rerun_after_the_round_counts_once(statistics_round) -> None:
     server, leaves, results = statistics_round
     block = leaf_credentials(leaves.parent / "creds", server.url, "websocket")[0]
-    again = federated_statistics(block, str(leaves / block.leaf_name), "flows.examples.digits:DigitsSoftmax",
+    again = federated_statistics(block, str(leaves / block.leaf_name), "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
                                  {"leaf_index": 0, "leaves": 3}, timeout_s=30)
     assert again.aggregation_id == results[block.leaf_name].aggregation_id
     rounds = server.status(server.federations[0].branch_id)["rounds"]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bk_blocks.analytics import BUNDLE_SUFFIXES, read_fields, summarize, write_statistics
-from bk_blocks.client import BranchKeyClient, ConnectionOptions, read_platform_credentials
+from prefect_branchkey.bk_blocks.analytics import BUNDLE_SUFFIXES, read_fields, summarize, write_statistics
+from prefect_branchkey.bk_blocks.client import BranchKeyClient, ConnectionOptions, read_platform_credentials
 
 from ..support.bkserver import BkServer
 from .test_official_clients import SCRIPTS, official_python

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bk_blocks.archive import read_aggregate
+from prefect_branchkey.bk_blocks.archive import read_aggregate
 
 from ..support.bkserver import BkServer, in_ci
 

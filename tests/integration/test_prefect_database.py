@@ -16,12 +16,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bk_blocks import BranchKeyClient
-from bk_blocks.archive import read_update
-from flows.history import history_rows
-from bk_dev.prefect_database import EmbeddedPostgres, PrefectDatabaseError, check_database_url, installed_version
-from bk_dev.prefect_server import LocalPrefectServer
-from flows.leaf_state import load_state
+from prefect_branchkey.bk_blocks import BranchKeyClient
+from prefect_branchkey.bk_blocks.archive import read_update
+from prefect_branchkey.bk_dev.prefect_database import (
+    EmbeddedPostgres,
+    PrefectDatabaseError,
+    check_database_url,
+    installed_version,
+)
+from prefect_branchkey.bk_dev.prefect_server import LocalPrefectServer
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.leaf.state import load_state
 
 from ..support.bkserver import BkServer, credentials_for
 
@@ -60,7 +65,7 @@ def test_stop_leaves_no_postgres_process(tmp_path: Path) -> None:
 
 
 def test_postgres_dies_with_a_parent_that_is_sigkilled(tmp_path: Path) -> None:
-    script = ("import sys, time; from pathlib import Path; from bk_dev.prefect_database import EmbeddedPostgres; "
+    script = ("import sys, time; from pathlib import Path; from prefect_branchkey.bk_dev.prefect_database import EmbeddedPostgres; "
               "p = EmbeddedPostgres(Path(sys.argv[1])).start(); print(p.process.pid, flush=True); time.sleep(600)")
     parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "data")], cwd=PROJECT,
                               stdout=subprocess.PIPE, text=True)

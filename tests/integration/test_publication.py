@@ -14,10 +14,16 @@ from typing import Any
 import pytest
 from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-from flows.history import RoundRecord, append_record
-from flows.observability import artifact_key
-import flows.publication as publication_module
-from flows.publication import Publication, mark_published, published_through, publishing, round_event_id
+import prefect_branchkey.flows.publishing.publication as publication_module
+from prefect_branchkey.flows.leaf.history import RoundRecord, append_record
+from prefect_branchkey.flows.publishing.observability import artifact_key
+from prefect_branchkey.flows.publishing.publication import (
+    Publication,
+    mark_published,
+    published_through,
+    publishing,
+    round_event_id,
+)
 
 from ..support.flow_helpers import artifacts, events
 

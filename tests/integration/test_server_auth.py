@@ -6,7 +6,7 @@ import re
 
 import requests
 
-from bk_server.platform import new_secret
+from prefect_branchkey.bk_server.platform import new_secret
 
 from ..support.bkserver import BkServer
 from ..support.wire import headers, run_details

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bk_blocks.archive import read_aggregate, read_update, write_update
-from bk_server.admin_client import AdminCallError
+from prefect_branchkey.bk_blocks.archive import read_aggregate, read_update, write_update
+from prefect_branchkey.bk_server.admin_client import AdminCallError
 
 from ..support.bkserver import BkServer
 from ..support.reference import fedavg_reference

@@ -16,10 +16,10 @@ import numpy as np
 import psutil
 import pytest
 
-from bk_server.cli import write_credentials
-from flows.history import history_rows
-from flows.participant import Participant, ParticipantError, TrainResult
-from flows.simulation import SAMPLING_FILE, SimulationError, simulate
+from prefect_branchkey.bk_server.cli import write_credentials
+from prefect_branchkey.flows.federation.simulation import SAMPLING_FILE, SimulationError, simulate
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.participant import Participant, ParticipantError, TrainResult
 
 from ..support.bkserver import BkServer
 

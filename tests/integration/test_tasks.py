@@ -11,8 +11,8 @@ import httpx
 import pytest
 from prefect import flow
 
-from bk_blocks import ArchiveRejectedError, AuthenticationError, RunStoppedError
-from tasks import LeafSession, upload_weights, wait_for_aggregation, wait_for_run
+from prefect_branchkey.bk_blocks import ArchiveRejectedError, AuthenticationError, RunStoppedError
+from prefect_branchkey.tasks import LeafSession, upload_weights, wait_for_aggregation, wait_for_run
 
 from ..support.bkserver import BkServer, credentials_for
 from ..support.faulty_proxy import FaultyProxy

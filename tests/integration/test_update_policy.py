@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bk_blocks.archive import read_aggregate, read_update
-from flows.examples.digits import DigitsSoftmax
-from flows.history import history_rows
-from flows.leaf_state import load_state
-from flows.participant import Participant, TrainResult
-from flows.round import RoundResult, run_round
-from flows.privacy import PrivacyPolicy
-from flows.update_transforms import UpdatePolicy, UpdateRefusedError
-from tasks import LeafSession
+from prefect_branchkey.bk_blocks.archive import read_aggregate, read_update
+from prefect_branchkey.flows.examples.digits import DigitsSoftmax
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.leaf.state import load_state
+from prefect_branchkey.flows.participant import Participant, TrainResult
+from prefect_branchkey.flows.round import RoundResult, run_round
+from prefect_branchkey.flows.updates.privacy import PrivacyPolicy
+from prefect_branchkey.flows.updates.transforms import UpdatePolicy, UpdateRefusedError
+from prefect_branchkey.tasks import LeafSession
 
 from ..support.bkserver import BkServer, credentials_for
 from ..support.reference import fedavg_reference

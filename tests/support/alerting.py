@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from flows.examples.digits import DigitsSoftmax
-from flows.participant import Participant, TrainResult
+from prefect_branchkey.flows.examples.digits import DigitsSoftmax
+from prefect_branchkey.flows.participant import Participant, TrainResult
 
 
 class Undeclared(Participant):

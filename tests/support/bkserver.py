@@ -10,9 +10,9 @@ from typing import Any
 
 import requests
 
-from bk_blocks import BranchKeyCredentials
-from bk_dev.local_platform import LocalServer
-from bk_dev.processes import broker_available, free_port
+from prefect_branchkey.bk_blocks import BranchKeyCredentials
+from prefect_branchkey.bk_dev.local_platform import LocalServer
+from prefect_branchkey.bk_dev.processes import broker_available, free_port
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RABBIT_ADMIN = "http://127.0.0.1:15672"

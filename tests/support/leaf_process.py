@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import sys
 
-from bk_blocks import BranchKeyCredentials
-from flows.round import federated_round
-from flows.training import federated_training
+from prefect_branchkey.bk_blocks import BranchKeyCredentials
+from prefect_branchkey.flows.round import federated_round
+from prefect_branchkey.flows.training import federated_training
 
-PARTICIPANT = "flows.examples.digits:DigitsSoftmax"
+PARTICIPANT = "prefect_branchkey.flows.examples.digits:DigitsSoftmax"
 OPTIONS = {"leaf_index": 0, "leaves": 2}
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bk_blocks.archive import read_aggregate, write_update
-from bk_server.fedavg import AggregationError, WeightedUpdate, fedavg, normalised_weights
+from prefect_branchkey.bk_blocks.archive import read_aggregate, write_update
+from prefect_branchkey.bk_server.fedavg import AggregationError, WeightedUpdate, fedavg, normalised_weights
 
 
 def make_updates(tmp_path, weightings, layer_lists, compress=False):

@@ -9,12 +9,18 @@ import pytest
 from prefect.events.actions import RunDeployment, SendNotification
 from prefect.events.schemas.automations import Posture
 
-from deployments.automations import (AlertOptions, AlertTargets, alert_automations, check_window, parse_block_name,
-                                     watched_metric)
-from deployments.edge import EdgeSetupError
-from flows.alerts import alert_markdown
+from prefect_branchkey.deployments.automations import (
+    AlertOptions,
+    AlertTargets,
+    alert_automations,
+    check_window,
+    parse_block_name,
+    watched_metric,
+)
+from prefect_branchkey.deployments.edge import EdgeSetupError
+from prefect_branchkey.flows.alerts import alert_markdown
 
-DIGITS = "flows.examples.digits:DigitsSoftmax"
+DIGITS = "prefect_branchkey.flows.examples.digits:DigitsSoftmax"
 TARGETS = AlertTargets(uuid4())
 RAISED = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
 

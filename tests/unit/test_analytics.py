@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from bk_blocks.analytics import (
+from prefect_branchkey.bk_blocks.analytics import (
     BUNDLE_SUFFIXES,
     bundle_columns,
     inspect_analytics,
@@ -17,8 +17,8 @@ from bk_blocks.analytics import (
     write_fields,
     write_statistics,
 )
-from bk_blocks.archive import PAYLOAD_KIND_KEY, inspect_update
-from bk_blocks.errors import AnalyticsError, BranchKeyError, PickledArrayError
+from prefect_branchkey.bk_blocks.archive import PAYLOAD_KIND_KEY, inspect_update
+from prefect_branchkey.bk_blocks.errors import AnalyticsError, BranchKeyError, PickledArrayError
 
 
 def test_column_reduces_to_the_six_value_bundle_with_fixed_dtypes():

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from bk_blocks.analytics import read_fields, reduce_column, summarize, write_fields, write_statistics
-from bk_blocks.archive import PAYLOAD_KIND_KEY, write_update
-from bk_server.app import create_app
-from bk_server.settings import ServerSettings
+from prefect_branchkey.bk_blocks.analytics import read_fields, reduce_column, summarize, write_fields, write_statistics
+from prefect_branchkey.bk_blocks.archive import PAYLOAD_KIND_KEY, write_update
+from prefect_branchkey.bk_server.app import create_app
+from prefect_branchkey.bk_server.settings import ServerSettings
 
 from .test_api_rules import ADMIN, Platform
 

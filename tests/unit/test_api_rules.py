@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from bk_blocks.archive import write_update
-from bk_server.app import create_app
-from bk_server.settings import ServerSettings
+from prefect_branchkey.bk_blocks.archive import write_update
+from prefect_branchkey.bk_server.app import create_app
+from prefect_branchkey.bk_server.settings import ServerSettings
 
 ADMIN = {"Authorization": "Bearer admin-token"}
 

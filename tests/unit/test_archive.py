@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from bk_blocks.archive import (
+from prefect_branchkey.bk_blocks.archive import (
     PAYLOAD_KIND_KEY,
     ArchiveTooLargeError,
     LayerError,

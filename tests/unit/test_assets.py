@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from deployments.edge import EdgeSetupError, LeafSpec, leaf_block
-from flows.assets import AssetKeyError, MATERIALIZED, check_asset_keys, model_asset_events
-from flows.history import RoundRecord, append_record, history_files
+from prefect_branchkey.deployments.edge import EdgeSetupError, LeafSpec, leaf_block
+from prefect_branchkey.flows.leaf.history import RoundRecord, append_record, history_files
+from prefect_branchkey.flows.publishing.assets import MATERIALIZED, AssetKeyError, check_asset_keys, model_asset_events
 
 TREE, BRANCH, LEAF = "tree-1", "branch-1", "leaf-a"
 

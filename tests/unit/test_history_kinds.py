@@ -7,7 +7,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows.history import ANALYTICS, LEARNING, SCHEMA, RoundRecord, append_record, history_dir, history_rows
+from prefect_branchkey.flows.leaf.history import (
+    ANALYTICS,
+    LEARNING,
+    SCHEMA,
+    RoundRecord,
+    append_record,
+    history_dir,
+    history_rows,
+)
 
 
 def record(round_number: int, kind: str = LEARNING) -> RoundRecord:

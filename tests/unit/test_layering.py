@@ -1,5 +1,6 @@
-"""The layering the code promises: the client needs no Prefect, each layer imports only those
-below it, the product never imports the development platform, and one error root."""
+"""The layering the code promises: one import namespace, the client needs no Prefect, each layer
+imports only those below it, the product never imports the development platform, and one error
+root."""
 
 from __future__ import annotations
 
@@ -16,23 +17,32 @@ from pathlib import Path
 
 import pytest
 
-from bk_blocks.errors import BranchKeyError
+from prefect_branchkey.bk_blocks.errors import BranchKeyError
 
 PROJECT = Path(__file__).resolve().parents[2]
+NAMESPACE = "prefect_branchkey"
 # Lowest first: a package may import itself and the packages before it, never those after it.
 LAYERS = ("bk_blocks", "tasks", "flows", "deployments")
 DEV_ONLY = ("bk_server", "bk_dev")
+FOLDERS = (*LAYERS, *DEV_ONLY)
 
 
-def _imported_packages(path: Path) -> set[str]:
-    """The top-level packages a module imports (absolute imports, at any depth of the module)."""
+def _imported_names(path: Path) -> set[str]:
+    """The dotted names a module imports (absolute imports, at any depth of the module)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[0] for alias in node.names}
+            found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
+            found.add(node.module)
     return found
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """The packages a module imports: ours by folder (`prefect_branchkey.flows` is `flows`), the
+    rest by their top-level name."""
+    return {name.split(".")[1] if name.startswith(f"{NAMESPACE}.") else name.split(".")[0]
+            for name in _imported_names(path)}
 
 
 def _modules(package: str) -> list[Path]:
@@ -40,8 +50,9 @@ def _modules(package: str) -> list[Path]:
 
 
 def test_client_and_archive_import_no_prefect() -> None:
-    code = ("import sys, json, bk_blocks.client, bk_blocks.archive, bk_blocks.compat; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'bk_server', 'bk_dev'))))")
+    code = ("import sys, json, prefect_branchkey.bk_blocks.client, prefect_branchkey.bk_blocks.archive, "
+            "prefect_branchkey.bk_blocks.compat; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == "
+            "'prefect' or m.startswith(('prefect_branchkey.bk_server', 'prefect_branchkey.bk_dev')))))")
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
@@ -72,7 +83,7 @@ def test_every_exception_the_product_defines_derives_from_one_root() -> None:
     strays = []
     for package in LAYERS:
         for path in _modules(package):
-            module = importlib.import_module(".".join(path.relative_to(PROJECT).with_suffix("").parts))
+            module = importlib.import_module(".".join((NAMESPACE, *path.relative_to(PROJECT).with_suffix("").parts)))
             for name, value in vars(module).items():
                 if (inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == module.__name__
                         and not issubclass(value, BranchKeyError)):
@@ -109,10 +120,28 @@ def _declared_distributions() -> set[str]:
 
 
 def test_every_package_imported_directly_is_declared() -> None:
-    ours = set(LAYERS) | set(DEV_ONLY) | {path.stem for path in _modules("bench")}
+    ours = set(FOLDERS) | {NAMESPACE} | {path.stem for path in _modules("bench")}
     distributions = packages_distributions()
-    imported = {name for package in (*LAYERS, *DEV_ONLY, "bench") for path in _modules(package)
+    imported = {name for package in (*FOLDERS, "bench") for path in _modules(package)
                 for name in _imported_packages(path)} - ours - set(sys.stdlib_module_names)
     undeclared = {name: distributions.get(name) for name in imported
                   if not {d.lower().replace("_", "-") for d in distributions.get(name, [name])} & _declared_distributions()}
     assert undeclared == {}
+
+
+@pytest.mark.parametrize("folder", (*FOLDERS, "bench", "tests"))
+def test_our_modules_are_imported_only_through_the_namespace(folder: str) -> None:
+    """A bare `import flows` would find a user's own `flows/` package (or ours only from this checkout)."""
+    bare = {str(path.relative_to(PROJECT)): sorted(name for name in _imported_names(path) if name.split(".")[0] in FOLDERS)
+            for path in _modules(folder)}
+    assert {path: names for path, names in bare.items() if names} == {}
+
+
+def test_every_package_folder_is_in_the_wheel() -> None:
+    """pyproject.toml lists each package (and maps each folder): a folder missing there would be
+    missing from the wheel while every test here still imports it from the checkout."""
+    setuptools = tomllib.loads((PROJECT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join((NAMESPACE, *init.parent.relative_to(PROJECT).parts))
+               for folder in FOLDERS for init in (PROJECT / folder).rglob("__init__.py")}
+    assert folders | {NAMESPACE} == set(setuptools["packages"])
+    assert setuptools["package-dir"] == {NAMESPACE: NAMESPACE, **{f"{NAMESPACE}.{f}": f for f in FOLDERS}}

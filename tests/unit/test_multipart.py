@@ -8,7 +8,7 @@ import random
 import pytest
 import requests
 
-from bk_server.multipart import MultipartError, MultipartParser, boundary_of, part_name
+from prefect_branchkey.bk_server.multipart import MultipartError, MultipartParser, boundary_of, part_name
 
 FILE_DATA = bytes(range(256)) * 40 + b"\r\n--\r\n\r\n" + b"tail"
 DATA_JSON = json.dumps({"leaf_name": "leaf-1", "metadata": "{'key1':'value1'}"})

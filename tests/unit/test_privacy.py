@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.privacy import PrivacyLedger, PrivacyPolicy, PrivacyPolicyError, check_budget_at_start, privatize
+from prefect_branchkey.flows.updates.privacy import (
+    PrivacyLedger,
+    PrivacyPolicy,
+    PrivacyPolicyError,
+    check_budget_at_start,
+    privatize,
+)
 
 GLOBAL = [np.zeros(1000, np.float32), np.zeros((10, 10), np.float32)]
 

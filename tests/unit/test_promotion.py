@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.leaf_state import LeafState
-from flows.participant import Participant, ParticipantError, ServedModel, TrainResult
-from flows.promotion import BEST_MODEL, SERVED_MODEL, metric_dropped, promote, promotion_policy
+from prefect_branchkey.flows.leaf.promotion import BEST_MODEL, SERVED_MODEL, metric_dropped, promote, promotion_policy
+from prefect_branchkey.flows.leaf.state import LeafState
+from prefect_branchkey.flows.participant import Participant, ParticipantError, ServedModel, TrainResult
 
 
 class Site(Participant):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from bk_blocks import (
+from prefect_branchkey.bk_blocks import (
     AggregationRef,
     NotificationTimeout,
     OutOfSyncError,
@@ -20,12 +20,12 @@ from bk_blocks import (
     StaleRoundError,
     UploadReply,
 )
-from bk_blocks.client import BranchKeyClient
-from bk_blocks.notifications import NotificationListener
-from flows.history import RoundRecord, append_record, history_rows
-from flows.round import _check_in_step
-from flows.leaf_state import LeafState, hold_work_dir, load_state
-from tasks.aggregation import answer_from_run
+from prefect_branchkey.bk_blocks.client import BranchKeyClient
+from prefect_branchkey.bk_blocks.notifications import NotificationListener
+from prefect_branchkey.flows.leaf.history import RoundRecord, append_record, history_rows
+from prefect_branchkey.flows.leaf.state import LeafState, hold_work_dir, load_state
+from prefect_branchkey.flows.round import _check_in_step
+from prefect_branchkey.tasks.aggregation import answer_from_run
 
 
 def notice(aggregation_id: str, **extra: int) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.sampling import SamplingError, leaves_per_round, sampling_plan
+from prefect_branchkey.flows.federation.sampling import SamplingError, leaves_per_round, sampling_plan
 
 LEAVES = [f"leaf-{i}" for i in range(100)]
 

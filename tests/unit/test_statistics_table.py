@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from bk_blocks.analytics import reduce_column
-from flows.statistics import statistics_table
+from prefect_branchkey.bk_blocks.analytics import reduce_column
+from prefect_branchkey.flows.statistics import statistics_table
 
 
 def test_table_has_the_federations_and_the_sites_statistics_per_column() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.observability import summary_markdown
+from prefect_branchkey.flows.publishing.observability import summary_markdown
 
 
 def row(status: str = "completed", **privacy: Any) -> dict[str, Any]:

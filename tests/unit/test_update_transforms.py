@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flows.participant import ParticipantError
-from flows.update_transforms import (
+from prefect_branchkey.flows.participant import ParticipantError
+from prefect_branchkey.flows.updates.transforms import (
     UpdatePolicy,
     UpdatePolicyError,
     UpdateRefusedError,

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bk_blocks.archive import read_aggregate, read_update
-from bk_blocks.files import sha256_file
-from flows.history import history_rows
-from flows.leaf_state import LeafState, load_state
+from prefect_branchkey.bk_blocks.archive import read_aggregate, read_update
+from prefect_branchkey.bk_blocks.files import sha256_file
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.leaf.state import LeafState, load_state
 
 from ...support.bkserver import BkServer
 

@@ -14,24 +14,24 @@ import signal
 import sys
 from pathlib import Path
 
-import flows.round
-from bk_blocks import BranchKeyCredentials
-from flows.leaf_state import LeafState
-from flows.training import federated_training
+import prefect_branchkey.flows.round
+from prefect_branchkey.bk_blocks import BranchKeyCredentials
+from prefect_branchkey.flows.leaf.state import LeafState
+from prefect_branchkey.flows.training import federated_training
 
 PARTICIPANT = "tests.e2e.faults.participant:NoisyModel"
 
 
 def kill_after_saving(round_number: int, phase: str) -> None:
     """Make the round's state saves SIGKILL this process once it saved (round, phase)."""
-    save = flows.round.save_state
+    save = prefect_branchkey.flows.round.save_state
 
     def save_then_die(work_dir: Path, state: LeafState) -> None:
         save(work_dir, state)
         if (state.round, state.phase) == (round_number, phase):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    flows.round.save_state = save_then_die
+    prefect_branchkey.flows.round.save_state = save_then_die
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from flows.participant import Participant, TrainResult
+from prefect_branchkey.flows.participant import Participant, TrainResult
 
 
 class NoisyModel(Participant):

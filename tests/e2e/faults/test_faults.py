@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 import pytest
 
-from bk_blocks.files import sha256_file
-from bk_server.faults import CRASH_ENV, CRASH_EXIT_CODE
-from flows.history import history_rows
-from flows.leaf_state import save_state
-from tasks.upload import idempotency_key
+from prefect_branchkey.bk_blocks.files import sha256_file
+from prefect_branchkey.bk_server.faults import CRASH_ENV, CRASH_EXIT_CODE
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.leaf.state import save_state
+from prefect_branchkey.tasks.upload import idempotency_key
 
 from ...support.faulty_proxy import FaultyProxy
 from .conftest import record

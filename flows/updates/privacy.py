@@ -27,10 +27,9 @@ import dp_accounting
 import numpy as np
 from dp_accounting import rdp
 
-from bk_blocks.errors import BranchKeyError
-from bk_blocks.files import atomic_write
-
-from .deltas import apply_delta, delta_norm
+from prefect_branchkey.bk_blocks.errors import BranchKeyError
+from prefect_branchkey.bk_blocks.files import atomic_write
+from prefect_branchkey.flows.updates.deltas import apply_delta, delta_norm
 
 LEDGER = "privacy.json"
 # Two clipped deltas (with and without a change to the site's records) differ by up to 2 clip norms.

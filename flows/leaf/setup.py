@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bk_blocks import BranchKeyCredentials
-from tasks import resolve_credentials
-
-from .assets import check_asset_keys
-from .leaf_state import resolve_work_dir
-from .participant import Participant, load_participant
-from .promotion import PromotionPolicy, promotion_policy
+from prefect_branchkey.bk_blocks import BranchKeyCredentials
+from prefect_branchkey.flows.leaf.promotion import PromotionPolicy, promotion_policy
+from prefect_branchkey.flows.leaf.state import resolve_work_dir
+from prefect_branchkey.flows.participant import Participant, load_participant
+from prefect_branchkey.flows.publishing.assets import check_asset_keys
+from prefect_branchkey.tasks import resolve_credentials
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import base64
 from collections.abc import Mapping, Sequence
 from xml.sax.saxutils import escape
 
-from bk_blocks.errors import UsageError
+from prefect_branchkey.bk_blocks.errors import UsageError
 
 WIDTH, HEIGHT = 640, 300
 LEFT, RIGHT, TOP, BOTTOM = 56, 150, 34, 40

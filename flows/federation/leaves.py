@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bk_blocks import BranchKeyCredentials
-from bk_blocks.errors import BranchKeyError
+from prefect_branchkey.bk_blocks import BranchKeyCredentials
+from prefect_branchkey.bk_blocks.errors import BranchKeyError
 
 
 class LeavesError(BranchKeyError, ValueError):

@@ -5,7 +5,7 @@
    model no larger than `max_update_norm_ratio` times the leaf's recent median: a diverged
    local model must not poison the federation;
 3. differential privacy (when `privacy.clip_norm` is set): the delta clipped and noised
-   (`flows.privacy`);
+   (`prefect_branchkey.flows.updates.privacy`);
 4. cast the float layers to the upload precision: `native` (as `train()` returned them, the
    default), `float32`, or `float16` (half of float32's bytes). The aggregate is read back into
    the model's own dtypes (`read_back`). Every leaf of a branch must upload the same dtypes:
@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from bk_blocks.errors import BranchKeyError
-
-from .deltas import chunks, delta_norm
-from .participant import ParticipantError
-from .privacy import PrivacyPolicy, privatize
+from prefect_branchkey.bk_blocks.errors import BranchKeyError
+from prefect_branchkey.flows.participant import ParticipantError
+from prefect_branchkey.flows.updates.deltas import chunks, delta_norm
+from prefect_branchkey.flows.updates.privacy import PrivacyPolicy, privatize
 
 PRECISIONS = ("native", "float32", "float16")
 # How many of the leaf's latest update norms the guard's median looks at, and how many it needs.

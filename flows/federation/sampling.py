@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bk_blocks.errors import BranchKeyError
+from prefect_branchkey.bk_blocks.errors import BranchKeyError
 
 
 class SamplingError(BranchKeyError, ValueError):

@@ -34,12 +34,11 @@ from prefect.events.clients import EventsClient, get_events_client
 from prefect.exceptions import PrefectException, PrefectHTTPStatusError
 from websockets.exceptions import ConnectionClosed
 
-from bk_blocks.files import atomic_write
-
-from .history import RoundRecord, file_round, history_files, rows_of
-from .assets import model_asset_events
-from .observability import metric_dropped_event, publish_artifacts, round_event
-from .promotion import metric_dropped
+from prefect_branchkey.bk_blocks.files import atomic_write
+from prefect_branchkey.flows.leaf.history import RoundRecord, file_round, history_files, rows_of
+from prefect_branchkey.flows.leaf.promotion import metric_dropped
+from prefect_branchkey.flows.publishing.assets import model_asset_events
+from prefect_branchkey.flows.publishing.observability import metric_dropped_event, publish_artifacts, round_event
 
 # Rounds shown in the history artifact: the latest ones (the Parquet history keeps them all).
 ARTIFACT_ROWS = 50

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from statistics import fmean
 from datetime import datetime, timezone
+from statistics import fmean
 from typing import Any
 from uuid import UUID
 
@@ -27,10 +27,9 @@ from prefect.events import Event, emit_event
 from prefect.exceptions import PrefectException
 from prefect.runtime import flow_run
 
-from bk_blocks import BranchKeyCredentials
-
-from .charts import line_chart_svg, markdown_image
-from .history import RoundRecord
+from prefect_branchkey.bk_blocks import BranchKeyCredentials
+from prefect_branchkey.flows.leaf.history import RoundRecord
+from prefect_branchkey.flows.publishing.charts import line_chart_svg, markdown_image
 
 SPARK = "▁▂▃▄▅▆▇█"
 TABLE_COLUMNS = ("run_number", "round", "status", "aggregation_id", "weighting", "train_s", "wait_s", "round_s",

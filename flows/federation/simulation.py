@@ -2,7 +2,7 @@
 task run on a Dask worker process, tagged by leaf, and the federation's side-by-side history is
 published as artifacts round by round.
 
-Each round draws its leaves (`flows.sampling`); every drawn leaf runs its round as a task
+Each round draws its leaves (`prefect_branchkey.flows.federation.sampling`); every drawn leaf runs its round as a task
 (`<leaf>-round-<n>`), the undrawn ones sit it out, and the next round starts once every drawn
 leaf's task has ended. A leaf that fails does not stop the federation: the platform closes the
 round at its deadline with the others' updates, and the leaf resumes from its work dir when next
@@ -32,27 +32,31 @@ from prefect.exceptions import PrefectException
 from prefect.futures import PrefectFuture
 from prefect_dask import DaskTaskRunner
 
-from bk_blocks import BranchKeyCredentials
-from bk_blocks.errors import BranchKeyError, UsageError
-from bk_blocks.files import atomic_write
-from tasks import LeafSession, run_logger
-
-from .history import history_rows
-from .leaf_state import hold_work_dir
-from .observability import artifact_key, label_flow_run, publish_federation_artifacts, run_tags
-from .leaves import leaf_block, leaf_credentials, leaf_files
-from .participant import Participant, ParticipantError, load_participant, participant_class
-from .promotion import promotion_policy
-from .round import RoundResult, Timeouts, round_in_step
-from .sampling import SamplingPlan, sampling_plan
-from .update_transforms import UpdatePolicy, update_policy_from_options
+from prefect_branchkey.bk_blocks import BranchKeyCredentials
+from prefect_branchkey.bk_blocks.errors import BranchKeyError, UsageError
+from prefect_branchkey.bk_blocks.files import atomic_write
+from prefect_branchkey.flows.federation.leaves import leaf_block, leaf_credentials, leaf_files
+from prefect_branchkey.flows.federation.sampling import SamplingPlan, sampling_plan
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.leaf.promotion import promotion_policy
+from prefect_branchkey.flows.leaf.state import hold_work_dir
+from prefect_branchkey.flows.participant import Participant, ParticipantError, load_participant, participant_class
+from prefect_branchkey.flows.publishing.observability import (
+    artifact_key,
+    label_flow_run,
+    publish_federation_artifacts,
+    run_tags,
+)
+from prefect_branchkey.flows.round import RoundResult, Timeouts, round_in_step
+from prefect_branchkey.flows.updates.transforms import UpdatePolicy, update_policy_from_options
+from prefect_branchkey.tasks import LeafSession, run_logger
 
 # How often the federation artifacts are brought up to date while a round runs, in seconds.
 FEDERATION_REFRESH_S = 1.0
 # How long the simulation waits for a Dask scheduler given by address to answer, in seconds.
 CONNECT_TIMEOUT_S = 10
 SAMPLING_FILE = "sampling.json"
-DEFAULT_PARTICIPANT = "flows.examples.digits:DigitsSoftmax"
+DEFAULT_PARTICIPANT = "prefect_branchkey.flows.examples.digits:DigitsSoftmax"
 # The participants a Dask worker keeps between rounds (one per leaf it ran; the oldest go first).
 PARTICIPANTS_PER_WORKER = 256
 # How often the simulation looks whether a leaf's task has ended, in seconds.

@@ -19,9 +19,8 @@ from prefect.context import AssetContext
 from prefect.events import Event
 from pydantic import ValidationError
 
-from bk_blocks.errors import BranchKeyError
-
-from .history import RoundRecord
+from prefect_branchkey.bk_blocks.errors import BranchKeyError
+from prefect_branchkey.flows.leaf.history import RoundRecord
 
 MATERIALIZED = "prefect.asset.materialization.succeeded"
 MATERIALIZED_BY = "branchkey"

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .leaf_state import LeafState
-from .participant import Participant, ParticipantError, ServedModel
+from prefect_branchkey.flows.leaf.state import LeafState
+from prefect_branchkey.flows.participant import Participant, ParticipantError, ServedModel
 
 BEST_MODEL = "best.npz"
 SERVED_MODEL = "serving.npz"

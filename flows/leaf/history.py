@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from bk_blocks.files import atomic_write
+from prefect_branchkey.bk_blocks.files import atomic_write
 
 METRICS = pa.map_(pa.string(), pa.float64())
 SCHEMA = pa.schema([
@@ -54,7 +54,7 @@ class RoundRecord:
     from (None in a run's first round; before DP clipping), `upload_precision` the dtype policy
     it was sent in; with DP on, `dp_epsilon` is the leaf's cumulative epsilon at `dp_delta`
     after this round, and `clip_norm`, `noise_multiplier` the settings it was noised with.
-    `primary_metric` judges the global models (`flows.promotion`): `best_*` name the best one so
+    `primary_metric` judges the global models (`prefect_branchkey.flows.leaf.promotion`): `best_*` name the best one so
     far, `metric_drop` is how far this round's fell below it (0 when it is the best),
     `metric_drop_alert` the drop that raises an alert, and `served` whether the site now serves it.
     """

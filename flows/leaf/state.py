@@ -18,8 +18,8 @@ from typing import Any
 
 from prefect.runtime import flow_run
 
-from bk_blocks.errors import BranchKeyError
-from bk_blocks.files import atomic_write, remove_temporaries
+from prefect_branchkey.bk_blocks.errors import BranchKeyError
+from prefect_branchkey.bk_blocks.files import atomic_write, remove_temporaries
 
 PHASES = ("idle", "trained", "uploaded", "aggregated", "downloaded")
 
@@ -66,10 +66,10 @@ class LeafState:
     update_facts: dict[str, float | str | None] = field(default_factory=dict)
     model_dtypes: list[str] = field(default_factory=list)
     # The best global model so far by the primary metric, and the one the site serves
-    # (`flows.promotion`): run_number, round, aggregation_id, metric, value.
+    # (`prefect_branchkey.flows.leaf.promotion`): run_number, round, aggregation_id, metric, value.
     best: dict[str, Any] | None = None
     serving: dict[str, Any] | None = None
-    # What the round's global model was judged as, for its history row (`flows.promotion`).
+    # What the round's global model was judged as, for its history row (`prefect_branchkey.flows.leaf.promotion`).
     model_facts: dict[str, float | int | str | bool | None] = field(default_factory=dict)
 
     @property
