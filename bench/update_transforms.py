@@ -32,7 +32,7 @@ from prefect_branchkey.bk_blocks.client import BranchKeyClient, ConnectionOption
 from prefect_branchkey.bk_dev.local_platform import LocalServer
 from prefect_branchkey.bk_server.fedavg import WeightedUpdate, fedavg
 from prefect_branchkey.flows.examples.digits import DigitsSoftmax
-from prefect_branchkey.flows.updates.privacy import PrivacyLedger, PrivacyPolicy
+from prefect_branchkey.flows.updates.privacy import PrivacyLedger, PrivacySettings
 from prefect_branchkey.flows.updates.transforms import UpdatePolicy, delta_norm, prepare_update, read_back
 
 DELTA = 1e-5
@@ -59,11 +59,11 @@ def federation_settings(quick: bool) -> dict[str, UpdatePolicy]:
     settings = {
         "float32 (native)": UpdatePolicy(),
         "float16": UpdatePolicy(upload_precision="float16"),
-        "DP C=1.0 z=0.1": UpdatePolicy(privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=0.1, delta=DELTA)),
-        "DP C=1.0 z=0.3": UpdatePolicy(privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=0.3, delta=DELTA)),
+        "DP C=1.0 z=0.1": UpdatePolicy(privacy=PrivacySettings(clip_norm=1.0, noise_multiplier=0.1, delta=DELTA)),
+        "DP C=1.0 z=0.3": UpdatePolicy(privacy=PrivacySettings(clip_norm=1.0, noise_multiplier=0.3, delta=DELTA)),
     }
     if not quick:
-        settings["DP C=1.0 z=1.0"] = UpdatePolicy(privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0,
+        settings["DP C=1.0 z=1.0"] = UpdatePolicy(privacy=PrivacySettings(clip_norm=1.0, noise_multiplier=1.0,
                                                                         delta=DELTA))
     return settings
 
@@ -109,7 +109,7 @@ def transform_costs(model_mb: float, root: Path, seed: int) -> list[CostRow]:
         "check + guard (NaN/inf, delta norm)": UpdatePolicy(max_update_norm_ratio=10),
         "check + guard + float16 cast": UpdatePolicy(max_update_norm_ratio=10, upload_precision="float16"),
         "check + guard + DP (clip, noise)": UpdatePolicy(max_update_norm_ratio=10,
-                                                         privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0)),
+                                                         privacy=PrivacySettings(clip_norm=1.0, noise_multiplier=1.0)),
     }
     recent = [delta_norm(update, global_model)] * 3
     rows = []

@@ -2,6 +2,7 @@
 
     BranchKeyError
     ├── ConfigurationError (ValueError)      credentials or connection settings unusable
+    ├── MissingExtraError (ImportError)      a feature whose extra is not installed
     ├── UsageError (ValueError)              an argument the protocol cannot carry
     ├── UnsafeFileIdError (ValueError)       a file id that is not a bare name
     ├── ArchiveError (ValueError)            not a valid update or aggregate archive
@@ -27,6 +28,7 @@ Only `TransientError` is retried by the tasks. No message ever contains the sess
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 from prefect_branchkey.bk_blocks.protocol import ERROR_CODE_RUN_BLOCKED, ERROR_CODE_STALE_ROUND, RUN_BLOCKED_TEXT
@@ -41,6 +43,25 @@ class BranchKeyError(Exception):
 
 class ConfigurationError(BranchKeyError, ValueError):
     """The leaf's credentials or connection settings are incomplete or malformed: caught before any request."""
+
+
+class MissingExtraError(BranchKeyError, ImportError):
+    """A feature's optional dependencies are not installed: the one-line message names the extra
+    that brings them (the base install is what a leaf needs; the rest are extras)."""
+
+    def __init__(self, feature: str, extra: str, error: ImportError) -> None:
+        missing = error.name or str(error)
+        super().__init__(f"{feature} needs the {extra!r} extra ({missing} is not installed): "
+                         f"pip install 'prefect-branchkey[{extra}]'", name=error.name)
+        self.extra = extra
+
+
+def require_extra(feature: str, extra: str, *modules: str) -> None:
+    """Raise `MissingExtraError` naming `extra` unless every module is importable (found, not
+    imported: a package's `__init__` checks its extra at no cost)."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtraError(feature, extra, ModuleNotFoundError(f"No module named {module!r}", name=module))
 
 
 class UsageError(BranchKeyError, ValueError):

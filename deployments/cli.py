@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 from cyclopts import App
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from prefect_branchkey.bk_blocks.errors import BranchKeyError, UsageError
+from prefect_branchkey.bk_blocks.errors import BranchKeyError, MissingExtraError, UsageError
 from prefect_branchkey.deployments.edge_cli import app as edge_app
-from prefect_branchkey.flows.federation.simulation import simulate as simulate_on_dask
 from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.participant import ParticipantError, parse_options
 from prefect_branchkey.flows.statistics import federation_statistics
+from prefect_branchkey.flows.updates.privacy import PrivacySettings
+from prefect_branchkey.flows.updates.transforms import UpdateSettings, settings_error
 
 app = App(name="bk", help="prefect-branchkey, leaf side.")
 app.command(edge_app)
@@ -157,7 +159,10 @@ def simulate(*, host: str | None = None, credentials_dir: Path | None = None, wo
             _fail("simulate", UsageError(f"{', '.join(named)}: only with --host; without it, the local federation runs "
                                          "the digits example with --leaves, --rounds, --fraction, --seed, "
                                          "--transport, --dask-address and --workers"))
-        from prefect_branchkey.bk_dev.demo import main as local_federation
+        try:
+            from prefect_branchkey.bk_dev.demo import main as local_federation
+        except MissingExtraError as exc:
+            _fail("simulate", exc)
 
         arguments = ["--no-keep", "--no-statistics", "--leaves", str(leaves), "--rounds", str(rounds),
                      "--fraction", str(fraction), "--seed", str(seed), "--transport", transport,
@@ -168,14 +173,18 @@ def simulate(*, host: str | None = None, credentials_dir: Path | None = None, wo
     if credentials_dir is None or work_root is None:
         _fail("simulate", UsageError("--credentials-dir and --work-root are needed with --host"))
     try:
+        from prefect_branchkey.flows.federation.simulation import simulate as simulate_on_dask
+
         options = parse_options(participant_options)
+        update = UpdateSettings(upload_precision=upload_precision, max_update_norm_ratio=max_update_norm_ratio)
+        privacy = PrivacySettings(clip_norm=dp_clip_norm, noise_multiplier=dp_noise_multiplier, delta=dp_delta,
+                                  epsilon_budget=dp_epsilon_budget)
         simulate_on_dask(host, str(credentials_dir), str(work_root), dask_address=dask_address, workers=workers,
                          participant=participant, participant_options=options, rounds=rounds, transport=transport,
                          amqp_host=amqp_host, aggregation_timeout_s=aggregation_timeout_s, fraction=fraction,
-                         leaves_per_round=leaves_per_round, seed=seed, update_options={
-                             "upload_precision": upload_precision, "max_update_norm_ratio": max_update_norm_ratio,
-                             "dp_clip_norm": dp_clip_norm, "dp_noise_multiplier": dp_noise_multiplier,
-                             "dp_delta": dp_delta, "dp_epsilon_budget": dp_epsilon_budget})
+                         leaves_per_round=leaves_per_round, seed=seed, update=update, privacy=privacy)
+    except ValidationError as exc:
+        _fail("simulate", UsageError(settings_error(exc)))
     except BranchKeyError as exc:
         _fail("simulate", exc)
 

@@ -27,13 +27,12 @@ from prefect_branchkey.flows.leaf.history import (
     history_rows,
     utc_from_timestamp,
 )
-from prefect_branchkey.flows.leaf.promotion import SERVED_MODEL, MetricGoal, best_of, verdict
+from prefect_branchkey.flows.leaf.promotion import SERVED_MODEL, MetricGoal, PromotionSettings, best_of, verdict
 from prefect_branchkey.flows.leaf.setup import leaf_setup
-from prefect_branchkey.flows.leaf.state import LeafBusyError, LeafState, hold_work_dir, load_state
+from prefect_branchkey.flows.leaf.state import LeafBusyError, LeafState, cancelled_as_busy, hold_work_dir, load_state
 from prefect_branchkey.flows.participant import Participant
 from prefect_branchkey.flows.publishing.observability import label_flow_run, run_tags
 from prefect_branchkey.flows.publishing.publication import publishing
-from prefect_branchkey.flows.round import cancelled_as_busy
 from prefect_branchkey.flows.updates.transforms import read_back
 from prefect_branchkey.tasks import LeafSession, run_logger
 
@@ -88,22 +87,21 @@ def federated_evaluation(
     participant: str,
     work_dir: str,
     participant_options: dict[str, Any] | None = None,
-    primary_metric: str | None = None,
-    metric_drop_alert: float | None = None,
+    promotion: PromotionSettings = PromotionSettings(),
 ) -> RoundRecord | State | None:
     """Evaluate the model this leaf serves on its current data (a drift check), training and
     uploading nothing; recorded in the leaf's history and summary as an evaluation. A primary
-    metric more than `metric_drop_alert` below the leaf's best raises `branchkey.metric.dropped`,
+    metric more than `promotion.metric_drop_alert` below the leaf's best raises `branchkey.metric.dropped`,
     as a round's does. Ends Cancelled if a round of the leaf holds its work dir (the next check
     runs after it)."""
-    leaf = leaf_setup(credentials, work_dir, participant, participant_options, primary_metric=primary_metric,
-                      metric_drop_alert=metric_drop_alert)
+    leaf = leaf_setup(credentials, work_dir, participant, participant_options, promotion)
     block, directory, model, goal = leaf.credentials, leaf.work_dir, leaf.participant, leaf.promotion.goal
     with LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):
         label_flow_run(f"{block.leaf_name}-evaluation", run_tags(block, session.branch_name))
         try:
             with hold_work_dir(directory), publishing(block.leaf_name, directory) as publication:
-                record = evaluate_served(model, block, directory, goal, metric_drop_alert, session.branch_name)
+                record = evaluate_served(model, block, directory, goal, promotion.metric_drop_alert,
+                                         session.branch_name)
                 publication.notify()
                 return record
         except LeafBusyError as exc:

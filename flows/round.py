@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from prefect import flow, tags
 from prefect.runtime import flow_run
-from prefect.states import Cancelled, State
+from prefect.states import State
 
 from prefect_branchkey.bk_blocks import (
     AggregationRef,
@@ -37,21 +37,31 @@ from prefect_branchkey.bk_blocks import (
 )
 from prefect_branchkey.bk_blocks.archive import read_aggregate, write_update
 from prefect_branchkey.flows.leaf.history import RoundRecord, append_record, history_rows, utc_from_timestamp
-from prefect_branchkey.flows.leaf.promotion import PromotionPolicy, promote, promotion_policy
+from prefect_branchkey.flows.leaf.promotion import PromotionPolicy, PromotionSettings, promote, promotion_policy
 from prefect_branchkey.flows.leaf.setup import leaf_setup
-from prefect_branchkey.flows.leaf.state import LeafBusyError, LeafState, hold_work_dir, load_state, save_state
+from prefect_branchkey.flows.leaf.state import (
+    LeafBusyError,
+    LeafState,
+    cancelled_as_busy,
+    hold_work_dir,
+    load_state,
+    save_state,
+)
 from prefect_branchkey.flows.participant import Participant, check_result
 from prefect_branchkey.flows.publishing.observability import emit_round_event, label_flow_run, run_tags
 from prefect_branchkey.flows.publishing.publication import Publication, publishing
 from prefect_branchkey.flows.updates.privacy import (
     PrivacyLedger,
-    PrivacyPolicy,
+    PrivacySettings,
+    account_noised_update,
     check_budget_at_start,
     epsilon_past_budget,
+    privacy_facts,
 )
 from prefect_branchkey.flows.updates.transforms import (
     RECENT_NORMS,
     UpdatePolicy,
+    UpdateSettings,
     prepare_update,
     read_back,
     update_policy,
@@ -113,7 +123,7 @@ def run_round(
     training run's), else by one this call opens and closes, everything published, at its end.
     `promotion` judges the new global model (default: by the participant's primary metric)."""
     work_dir = Path(work_dir)
-    promotion = promotion or promotion_policy(participant, None, False, None)
+    promotion = promotion or promotion_policy(participant)
     with nullcontext(publication) if publication else publishing(session.credentials.leaf_name, work_dir) as pub:
         try:
             return _run_round(session, participant, work_dir, timeouts, policy, promotion)
@@ -192,7 +202,7 @@ def _train(participant: Participant, work_dir: Path, state: LeafState, policy: U
     _timed(state, "train_s", started)
     state.archive, state.weighting, state.train_metrics = str(archive), result.weighting, dict(result.metrics)
     state.update_facts = {"update_norm": prepared.update_norm, "upload_precision": prepared.precision}
-    _account(work_dir, state, policy.privacy)
+    state.update_facts |= account_noised_update(work_dir, policy.privacy)
     state.model_dtypes = [layer.dtype.str for layer in result.parameters]
     state.phase = "trained"
     save_state(work_dir, state)
@@ -207,30 +217,14 @@ def _recent_norms(work_dir: Path, state: LeafState, policy: UpdatePolicy) -> lis
             if row["status"] == "completed" and row["run_number"] == state.run_number]
 
 
-def _account(work_dir: Path, state: LeafState, privacy: PrivacyPolicy) -> None:
-    """With DP on, count the noised update just written in the leaf's privacy ledger and note
-    the leaf's epsilon after it (a crash before the state is saved retrains: it over-counts)."""
-    if privacy.clip_norm is None:
-        return
-    ledger = PrivacyLedger(work_dir)
-    ledger.record(privacy.noise_multiplier)
-    state.update_facts |= _privacy_facts(ledger, privacy)
-
-
-def _privacy_facts(ledger: PrivacyLedger, privacy: PrivacyPolicy) -> dict[str, float | str | None]:
-    """The history row's DP columns: the leaf's epsilon so far and the settings."""
-    return {"dp_epsilon": ledger.epsilon(privacy.delta), "dp_delta": privacy.delta, "clip_norm": privacy.clip_norm,
-            "noise_multiplier": privacy.noise_multiplier}
-
-
-def _budget_spent(session: LeafSession, work_dir: Path, state: LeafState, privacy: PrivacyPolicy) -> bool:
+def _budget_spent(session: LeafSession, work_dir: Path, state: LeafState, privacy: PrivacySettings) -> bool:
     """Whether this round would take the leaf past its DP budget; if so the round is declined
     (nothing trained or uploaded), said in the log, a `budget-spent` history row and its event."""
     ledger = PrivacyLedger(work_dir)
     after = epsilon_past_budget(privacy, ledger)
     if after is None:
         return False
-    state.update_facts = _privacy_facts(ledger, privacy)
+    state.update_facts = privacy_facts(ledger, privacy)
     record = _record(session, state, "budget-spent")
     append_record(work_dir, record)
     emit_round_event(record)
@@ -466,15 +460,9 @@ def federated_round(
     participant_options: dict[str, Any] | None = None,
     aggregation_timeout_s: float = 3600,
     run_timeout_s: float = 6 * 3600,
-    upload_precision: str = "native",
-    max_update_norm_ratio: float | None = None,
-    dp_clip_norm: float | None = None,
-    dp_noise_multiplier: float = 1.0,
-    dp_delta: float = 1e-5,
-    dp_epsilon_budget: float | None = None,
-    primary_metric: str | None = None,
-    keep_best_model: bool = False,
-    metric_drop_alert: float | None = None,
+    update: UpdateSettings = UpdateSettings(),
+    privacy: PrivacySettings = PrivacySettings(),
+    promotion: PromotionSettings = PromotionSettings(),
 ) -> RoundResult | State:
     """One federated round for one leaf (or the rest of an interrupted one).
 
@@ -482,16 +470,13 @@ def federated_round(
     `work_dir` holds the leaf's state, models and history between runs (`~` and
     `$VARIABLES` are expanded on the machine that runs the round). The run is named
     `<leaf>-round-<n>` and tagged by leaf and branch; it ends Cancelled if another run of
-    the leaf holds the work dir. `upload_precision` (`native`, `float32`, `float16`) and
-    `max_update_norm_ratio` (the update guard; None: off) are `prefect_branchkey.flows.updates.transforms`'; the
-    `dp_*` parameters are `prefect_branchkey.flows.updates.privacy`'s (`dp_clip_norm` None: no DP). `primary_metric`
-    (default: the participant's), `keep_best_model` and `metric_drop_alert` are
-    `prefect_branchkey.flows.leaf.promotion`'s. A bad value, or a DP budget already spent, fails the run before the round.
+    the leaf holds the work dir. `update` (upload precision, update guard), `privacy`
+    (differential privacy; off by default) and `promotion` (which global model is served) are
+    typed groups of settings; a bad or misspelt value, or a DP budget already spent, fails the
+    run before the round.
     """
-    policy = update_policy(upload_precision, max_update_norm_ratio, dp_clip_norm, dp_noise_multiplier, dp_delta,
-                           dp_epsilon_budget)
-    leaf = leaf_setup(credentials, work_dir, participant, participant_options, primary_metric=primary_metric,
-                      keep_best_model=keep_best_model, metric_drop_alert=metric_drop_alert)
+    policy = update_policy(update, privacy)
+    leaf = leaf_setup(credentials, work_dir, participant, participant_options, promotion)
     block, directory = leaf.credentials, leaf.work_dir
     try:
         with hold_work_dir(directory), LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):
@@ -518,10 +503,3 @@ def round_in_step(session: LeafSession, participant: Participant, work_dir: Path
             break
         result = run_round(session, participant, work_dir, timeouts, policy=policy, promotion=promotion)
     return result
-
-
-def cancelled_as_busy(exc: LeafBusyError) -> State:
-    """End the run Cancelled, not Failed: another run of this leaf holds its work dir and does
-    the leaf's next round, so this one has nothing to do (the CANCEL_NEW collision strategy)."""
-    run_logger(__name__).warning("%s; cancelling this run", exc)
-    return Cancelled(message=str(exc))

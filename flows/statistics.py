@@ -31,10 +31,9 @@ from prefect_branchkey.bk_blocks import BranchKeyCredentials, RunStoppedError
 from prefect_branchkey.bk_blocks.analytics import NAN_OMIT, bundle_columns, read_fields, summarize
 from prefect_branchkey.flows.federation.leaves import leaf_credentials
 from prefect_branchkey.flows.leaf.history import ANALYTICS, RoundRecord, append_record, utc_from_timestamp
-from prefect_branchkey.flows.leaf.state import LeafBusyError, hold_work_dir, resolve_work_dir
+from prefect_branchkey.flows.leaf.state import LeafBusyError, cancelled_as_busy, hold_work_dir, resolve_work_dir
 from prefect_branchkey.flows.participant import ParticipantError, import_object, load_participant, parse_options
 from prefect_branchkey.flows.publishing.observability import artifact_key, label_flow_run, run_tags
-from prefect_branchkey.flows.round import cancelled_as_busy
 from prefect_branchkey.tasks import LeafSession, current_run, resolve_credentials
 from prefect_branchkey.tasks.statistics import download_statistics, upload_statistics, wait_for_statistics
 

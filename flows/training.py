@@ -15,15 +15,15 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.states import State
 
 from prefect_branchkey.bk_blocks import BranchKeyCredentials
-from prefect_branchkey.flows.leaf.promotion import PromotionPolicy
+from prefect_branchkey.flows.leaf.promotion import PromotionPolicy, PromotionSettings
 from prefect_branchkey.flows.leaf.setup import leaf_setup
-from prefect_branchkey.flows.leaf.state import LeafBusyError, hold_work_dir, load_state
+from prefect_branchkey.flows.leaf.state import LeafBusyError, cancelled_as_busy, hold_work_dir, load_state
 from prefect_branchkey.flows.participant import Participant
 from prefect_branchkey.flows.publishing.observability import label_flow_run, run_tags
 from prefect_branchkey.flows.publishing.publication import Publication, publishing
-from prefect_branchkey.flows.round import RoundResult, Timeouts, cancelled_as_busy, run_round
-from prefect_branchkey.flows.updates.privacy import check_budget_at_start
-from prefect_branchkey.flows.updates.transforms import UpdatePolicy, update_policy
+from prefect_branchkey.flows.round import RoundResult, Timeouts, run_round
+from prefect_branchkey.flows.updates.privacy import PrivacySettings, check_budget_at_start
+from prefect_branchkey.flows.updates.transforms import UpdatePolicy, UpdateSettings, update_policy
 from prefect_branchkey.tasks import LeafSession
 
 
@@ -48,15 +48,9 @@ def federated_training(
     run_timeout_s: float = 6 * 3600,
     rounds_per_run: int | None = None,
     run_poll_s: float = 10,
-    upload_precision: str = "native",
-    max_update_norm_ratio: float | None = None,
-    dp_clip_norm: float | None = None,
-    dp_noise_multiplier: float = 1.0,
-    dp_delta: float = 1e-5,
-    dp_epsilon_budget: float | None = None,
-    primary_metric: str | None = None,
-    keep_best_model: bool = False,
-    metric_drop_alert: float | None = None,
+    update: UpdateSettings = UpdateSettings(),
+    privacy: PrivacySettings = PrivacySettings(),
+    promotion: PromotionSettings = PromotionSettings(),
 ) -> list[RoundResult] | State:
     """Run this leaf's rounds until one of: round `rounds` is done (counted in the work dir
     across flow runs; None: no limit), `rounds_per_run` rounds completed in this flow run (a
@@ -67,16 +61,12 @@ def federated_training(
     The rounds run in this flow run, their steps as tasks named by round
     (`upload-round-3`): a subflow run per round cost the Prefect server a dozen API calls
     and the leaf about a second between rounds. A deployment that runs one round per flow
-    run uses `federated-round`. `upload_precision` and `max_update_norm_ratio` (the update
-    guard) are `prefect_branchkey.flows.updates.transforms`', the `dp_*` parameters `prefect_branchkey.flows.updates.privacy`'s, and
-    `primary_metric` (default: the participant's), `keep_best_model` and `metric_drop_alert`
-    `prefect_branchkey.flows.leaf.promotion`'s; a bad value, or a DP budget already spent, fails the run before any
-    round, and the run ends at the round that would exceed the budget.
+    run uses `federated-round`. `update`, `privacy` and `promotion` are the round's typed groups
+    of settings (`federated_round`'s); a bad or misspelt value, or a DP budget already spent,
+    fails the run before any round, and the run ends at the round that would exceed the budget.
     """
-    policy = update_policy(upload_precision, max_update_norm_ratio, dp_clip_norm, dp_noise_multiplier, dp_delta,
-                           dp_epsilon_budget)
-    leaf = leaf_setup(credentials, work_dir, participant, participant_options, primary_metric=primary_metric,
-                      keep_best_model=keep_best_model, metric_drop_alert=metric_drop_alert)
+    policy = update_policy(update, privacy)
+    leaf = leaf_setup(credentials, work_dir, participant, participant_options, promotion)
     block, directory = leaf.credentials, leaf.work_dir
     timeouts = Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s, run_poll_s=run_poll_s)
     with LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):

@@ -49,4 +49,16 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_PUBLIC]
+__all__ = [
+    "BranchKeyCredentials",
+    "BranchKeyError",
+    "Participant",
+    "PrivacySettings",
+    "PromotionSettings",
+    "UpdateSettings",
+    "__version__",
+    "federated_evaluation",
+    "federated_round",
+    "federated_statistics",
+    "federated_training",
+]

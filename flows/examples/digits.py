@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from prefect_branchkey.bk_blocks.errors import MissingExtraError
 from prefect_branchkey.flows.participant import Participant, TrainResult
 
 CLASSES = 10
@@ -42,7 +43,10 @@ class DigitsSoftmax(Participant):
 
     def __init__(self, leaf_index: int = 0, leaves: int = 3, epochs: int = 1, learning_rate: float = 0.1,
                  batch_size: int = 32, skew: float = 0.8, seed: int = 7) -> None:
-        from sklearn.datasets import load_digits
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as exc:
+            raise MissingExtraError("The digits example", "examples", exc) from None
 
         if not 0 <= leaf_index < leaves:
             raise ValueError(f"leaf_index must be in [0, {leaves}), got {leaf_index}")

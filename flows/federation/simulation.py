@@ -23,17 +23,15 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import distributed
 import httpx
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import PrefectException
 from prefect.futures import PrefectFuture
-from prefect_dask import DaskTaskRunner
 
 from prefect_branchkey.bk_blocks import BranchKeyCredentials
-from prefect_branchkey.bk_blocks.errors import BranchKeyError, UsageError
+from prefect_branchkey.bk_blocks.errors import BranchKeyError, MissingExtraError, UsageError
 from prefect_branchkey.bk_blocks.files import atomic_write
 from prefect_branchkey.flows.federation.leaves import leaf_block, leaf_credentials, leaf_files
 from prefect_branchkey.flows.federation.sampling import SamplingPlan, sampling_plan
@@ -48,7 +46,14 @@ from prefect_branchkey.flows.publishing.observability import (
     run_tags,
 )
 from prefect_branchkey.flows.round import RoundResult, Timeouts, round_in_step
-from prefect_branchkey.flows.updates.transforms import UpdatePolicy, update_policy_from_options
+from prefect_branchkey.flows.updates.privacy import PrivacySettings
+from prefect_branchkey.flows.updates.transforms import UpdatePolicy, UpdateSettings, update_policy
+
+try:
+    import distributed
+    from prefect_dask import DaskTaskRunner
+except ImportError as exc:
+    raise MissingExtraError("A simulated federation", "simulation", exc) from None
 from prefect_branchkey.tasks import LeafSession, run_logger
 
 # How often the federation artifacts are brought up to date while a round runs, in seconds.
@@ -104,7 +109,7 @@ def leaf_round(credentials_file: Path, connection: tuple[str, str, str | None], 
     block = leaf_block(credentials_file, *connection)
     model = worker_participant(block.leaf_name, participant, json.dumps(options, sort_keys=True))
     with hold_work_dir(work_dir), LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):
-        return round_in_step(session, model, work_dir, timeouts, policy, promotion_policy(model, None, False, None))
+        return round_in_step(session, model, work_dir, timeouts, policy, promotion_policy(model))
 
 
 @functools.lru_cache(maxsize=PARTICIPANTS_PER_WORKER)
@@ -120,8 +125,9 @@ def simulate(host: str, credentials_dir: str, work_root: str, *, dask_address: s
     round rules, set up the Dask task runner (nothing starts when the cluster at `dask_address`
     does not answer), then run `federated_simulation` on it with `options` (its parameters)."""
     blocks = leaf_credentials(Path(credentials_dir), host, options.get("transport", "websocket"))
-    promotion_policy(participant_class(options.get("participant", DEFAULT_PARTICIPANT)), None, False, None)
-    update_policy_from_options(options.get("update_options") or {})
+    promotion_policy(participant_class(options.get("participant", DEFAULT_PARTICIPANT)))
+    update_policy(UpdateSettings.model_validate(options.get("update") or {}),
+                  PrivacySettings.model_validate(options.get("privacy") or {}))
     plan = sampling_plan([b.leaf_name for b in blocks], options.get("fraction", 1.0),
                          options.get("leaves_per_round"), options.get("seed", 0))
     _check_round_rules(blocks[0], plan)
@@ -162,16 +168,16 @@ def federated_simulation(
     transport: Literal["websocket", "amqp"] = "websocket",
     amqp_host: str | None = None,
     aggregation_timeout_s: float = 600,
-    update_options: dict[str, Any] | None = None,
+    update: UpdateSettings = UpdateSettings(),
+    privacy: PrivacySettings = PrivacySettings(),
     fraction: float = 1.0,
     leaves_per_round: int | None = None,
     seed: int = 0,
 ) -> dict[str, list[RoundResult]]:
     """Run `rounds` rounds of the leaves in `credentials_dir`, each round drawing `fraction` of them
     (or `leaves_per_round`) from `seed`; leaf i gets `leaf_index=i, leaves=N` added to the
-    participant options (for splitting a data set across leaves). `update_options` are the round's
-    update parameters (`upload_precision`, `max_update_norm_ratio`, `dp_clip_norm`,
-    `dp_noise_multiplier`, `dp_delta`, `dp_epsilon_budget`). Run it with a Dask task runner
+    participant options (for splitting a data set across leaves). `update` and `privacy` are the
+    rounds' typed settings, as `federated_round` takes them. Run it with a Dask task runner
     (`simulate` sets one up); returns each leaf's round results. Fails when every drawn leaf of a
     round failed (nothing trains), or a leaf's participant or settings were refused."""
     logger = get_run_logger()
@@ -187,7 +193,7 @@ def federated_simulation(
     root = Path(work_root)
     root.mkdir(parents=True, exist_ok=True)
     _record_plan(root, plan, rounds)
-    policy = update_policy_from_options(update_options or {})
+    policy = update_policy(update, privacy)
     timeouts = Timeouts(aggregation_s=aggregation_timeout_s)
     by_name = {b.leaf_name: (i, b, path) for i, (b, path) in enumerate(zip(blocks, files))}
     results: dict[str, list[RoundResult]] = {b.leaf_name: [] for b in blocks}

@@ -16,7 +16,9 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_branchkey.flows.leaf.state import LeafState
 from prefect_branchkey.flows.participant import Participant, ParticipantError, ServedModel
@@ -35,6 +37,20 @@ class MetricGoal:
     def drop(self, value: float, best: float) -> float:
         """How much worse `value` is than `best` (negative when it is better)."""
         return best - value if self.direction == "max" else value - best
+
+
+class PromotionSettings(BaseModel):
+    """Which global model the site serves (a flow parameter, one group in the UI). A misspelt
+    field is refused, naming it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Promotion")
+
+    primary_metric: str | None = Field(
+        None, description="The evaluation metric that judges each global model; None: accuracy if the participant "
+                          "declares it, else its first declared metric.")
+    keep_best_model: bool = Field(False, description="Never serve a worse global model than the best so far.")
+    metric_drop_alert: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
+        None, description="A drop from the best beyond this raises branchkey.metric.dropped; None: never.")
 
 
 @dataclass(frozen=True)
@@ -60,12 +76,11 @@ def metric_goal(participant: Participant | type[Participant], primary_metric: st
     return MetricGoal(primary_metric, declared.get(primary_metric, "max"))
 
 
-def promotion_policy(participant: Participant, primary_metric: str | None, keep_best_model: bool,
-                     metric_drop_alert: float | None) -> PromotionPolicy:
-    """The flow parameters as a policy; a negative alert threshold is refused, naming it."""
-    if metric_drop_alert is not None and not metric_drop_alert >= 0:
-        raise ParticipantError(f"metric_drop_alert must be a number >= 0 (or None: no alert), got {metric_drop_alert!r}")
-    return PromotionPolicy(metric_goal(participant, primary_metric), keep_best_model, metric_drop_alert)
+def promotion_policy(participant: Participant, settings: PromotionSettings | None = None) -> PromotionPolicy:
+    """The `promotion` parameter as a policy for this participant: its metric goal resolved."""
+    settings = settings or PromotionSettings()
+    return PromotionPolicy(metric_goal(participant, settings.primary_metric), settings.keep_best_model,
+                           settings.metric_drop_alert)
 
 
 def promote(participant: Participant, work_dir: Path, state: LeafState, policy: PromotionPolicy) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect_branchkey.bk_blocks import BranchKeyCredentials
-from prefect_branchkey.flows.leaf.promotion import PromotionPolicy, promotion_policy
+from prefect_branchkey.flows.leaf.promotion import PromotionPolicy, PromotionSettings, promotion_policy
 from prefect_branchkey.flows.leaf.state import resolve_work_dir
 from prefect_branchkey.flows.participant import Participant, load_participant
 from prefect_branchkey.flows.publishing.assets import check_asset_keys
@@ -32,14 +32,14 @@ class LeafSetup:
 
 
 def leaf_setup(credentials: BranchKeyCredentials | str, work_dir: str, participant: str,
-               participant_options: dict[str, Any] | None = None, *, primary_metric: str | None = None,
-               keep_best_model: bool = False, metric_drop_alert: float | None = None) -> LeafSetup:
+               participant_options: dict[str, Any] | None = None,
+               promotion: PromotionSettings | None = None) -> LeafSetup:
     """Resolve the flow's leaf parameters: the Block (by value, name or `"$env"`), the work dir
     (`~` and `$VARIABLES` expanded here), the participant built with its options, the promotion
     policy; the leaf's asset keys are checked too, as Prefect would refuse them after the round."""
     block = resolve_credentials(credentials)
     directory = resolve_work_dir(work_dir)
     model = load_participant(participant, participant_options)
-    promotion = promotion_policy(model, primary_metric, keep_best_model, metric_drop_alert)
+    policy = promotion_policy(model, promotion)
     check_asset_keys(block.tree_id, block.branch_id, block.leaf_id, block.leaf_name)
-    return LeafSetup(block, directory, model, promotion)
+    return LeafSetup(block, directory, model, policy)

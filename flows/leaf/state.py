@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, State
 
 from prefect_branchkey.bk_blocks.errors import BranchKeyError
 from prefect_branchkey.bk_blocks.files import atomic_write, remove_temporaries
+from prefect_branchkey.tasks import run_logger
 
 PHASES = ("idle", "trained", "uploaded", "aggregated", "downloaded")
 
@@ -34,6 +36,13 @@ class WorkDirError(BranchKeyError, ValueError):
 
 class LeafBusyError(BranchKeyError, RuntimeError):
     """Another process is running a round of this leaf in the same work directory."""
+
+
+def cancelled_as_busy(exc: LeafBusyError) -> State:
+    """End the run Cancelled, not Failed: another run of this leaf holds its work dir and does
+    the leaf's next round, so this one has nothing to do (the CANCEL_NEW collision strategy)."""
+    run_logger(__name__).warning("%s; cancelling this run", exc)
+    return Cancelled(message=str(exc))
 
 
 @dataclass

@@ -18,16 +18,14 @@ nothing about what the site's own metrics reveal.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
 
-import dp_accounting
 import numpy as np
-from dp_accounting import rdp
+from pydantic import BaseModel, ConfigDict, Field
 
-from prefect_branchkey.bk_blocks.errors import BranchKeyError
+from prefect_branchkey.bk_blocks.errors import BranchKeyError, MissingExtraError
 from prefect_branchkey.bk_blocks.files import atomic_write
 from prefect_branchkey.flows.updates.deltas import apply_delta, delta_norm
 
@@ -40,29 +38,36 @@ class PrivacyPolicyError(BranchKeyError, ValueError):
     """A differential-privacy setting is unusable, or the budget is spent (refused at flow start)."""
 
 
-@dataclass(frozen=True)
-class PrivacyPolicy:
-    """A deployment's DP settings; `clip_norm=None` turns DP off."""
+PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
-    clip_norm: float | None = None
-    noise_multiplier: float = 1.0
-    delta: float = 1e-5
-    epsilon_budget: float | None = None
 
-    def __post_init__(self) -> None:
-        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
-            raise PrivacyPolicyError(f"dp_clip_norm must be a positive number (or None: DP off), got {self.clip_norm!r}")
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
-            raise PrivacyPolicyError(f"dp_noise_multiplier must be a positive number, got {self.noise_multiplier!r}")
-        if not 0 < self.delta < 1:
-            raise PrivacyPolicyError(f"dp_delta must be between 0 and 1 (exclusive), got {self.delta!r}")
-        if self.epsilon_budget is not None and not (math.isfinite(self.epsilon_budget) and self.epsilon_budget > 0):
-            raise PrivacyPolicyError(f"dp_epsilon_budget must be a positive number (or None: no budget), "
-                                     f"got {self.epsilon_budget!r}")
+class PrivacySettings(BaseModel):
+    """A deployment's client-side differential privacy (a flow parameter, one group in the UI);
+    `clip_norm` None turns DP off. A misspelt field is refused, naming it: it would turn DP off."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Differential privacy")
+
+    clip_norm: PositiveNumber | None = Field(
+        None, description="L2 norm each update's delta is clipped to; None: no differential privacy.")
+    noise_multiplier: PositiveNumber = Field(
+        1.0, description="Gaussian noise, in clip norms, added to every coordinate of the clipped delta.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="The delta at which the site's epsilon is accounted.")
+    epsilon_budget: PositiveNumber | None = Field(
+        None, description="No round may take the site's epsilon past this; None: no budget.")
 
     @property
     def enabled(self) -> bool:
         return self.clip_norm is not None
+
+
+def _rdp_accountant() -> Any:
+    """Google's RDP accountant and the Gaussian event it composes (the `privacy` extra)."""
+    try:
+        import dp_accounting
+        from dp_accounting import rdp
+    except ImportError as exc:
+        raise MissingExtraError("Differential privacy", "privacy", exc) from None
+    return rdp.RdpAccountant(), dp_accounting.GaussianDpEvent
 
 
 def privatize(parameters: Sequence[np.ndarray], global_model: Sequence[np.ndarray] | None, clip_norm: float,
@@ -102,10 +107,9 @@ class PrivacyLedger:
             rounds[extra_round_at] = rounds.get(extra_round_at, 0) + 1
         if not rounds:
             return 0.0
-        accountant = rdp.RdpAccountant()
+        accountant, gaussian = _rdp_accountant()
         for noise_multiplier, count in rounds.items():
-            accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier / SENSITIVITY_IN_CLIP_NORMS),
-                               count=count)
+            accountant.compose(gaussian(noise_multiplier / SENSITIVITY_IN_CLIP_NORMS), count=count)
         return float(accountant.get_epsilon(delta))
 
     def record(self, noise_multiplier: float) -> None:
@@ -117,7 +121,24 @@ class PrivacyLedger:
             json.dump({"rounds_by_noise_multiplier": {repr(z): n for z, n in rounds.items()}}, handle)
 
 
-def epsilon_past_budget(policy: PrivacyPolicy, ledger: PrivacyLedger) -> float | None:
+def privacy_facts(ledger: PrivacyLedger, privacy: PrivacySettings) -> dict[str, float | str | None]:
+    """A history row's DP columns: the leaf's epsilon so far and the settings."""
+    return {"dp_epsilon": ledger.epsilon(privacy.delta), "dp_delta": privacy.delta, "clip_norm": privacy.clip_norm,
+            "noise_multiplier": privacy.noise_multiplier}
+
+
+def account_noised_update(work_dir: Path, privacy: PrivacySettings) -> dict[str, float | str | None]:
+    """With DP on, count the noised update just written in the leaf's ledger and return the
+    round's DP columns (epsilon after it); nothing with DP off. Called before the round's state
+    is saved: a crash in between retrains and over-counts, never under-counts."""
+    if not privacy.enabled:
+        return {}
+    ledger = PrivacyLedger(work_dir)
+    ledger.record(privacy.noise_multiplier)
+    return privacy_facts(ledger, privacy)
+
+
+def epsilon_past_budget(policy: PrivacySettings, ledger: PrivacyLedger) -> float | None:
     """The epsilon one more noised round would take the leaf to, when that passes the budget;
     None when it does not (or there is no budget, or DP is off)."""
     if not policy.enabled or policy.epsilon_budget is None:
@@ -126,13 +147,16 @@ def epsilon_past_budget(policy: PrivacyPolicy, ledger: PrivacyLedger) -> float |
     return after if after > policy.epsilon_budget else None
 
 
-def check_budget_at_start(policy: PrivacyPolicy, work_dir: Path, round_in_progress: bool = False) -> None:
+def check_budget_at_start(policy: PrivacySettings, work_dir: Path, round_in_progress: bool = False) -> None:
     """Refuse to start a flow whose next round would already exceed the budget. A round in
-    progress (its noised update already counted) may always finish: it releases nothing new."""
+    progress (its noised update already counted) may always finish: it releases nothing new. With
+    DP on, the accountant must be installed before any round starts."""
+    if policy.enabled:
+        _rdp_accountant()
     ledger = PrivacyLedger(work_dir)
     next_epsilon = None if round_in_progress else epsilon_past_budget(policy, ledger)
     if next_epsilon is not None:
         spent = ledger.epsilon(policy.delta)
-        raise PrivacyPolicyError(f"dp_epsilon_budget {policy.epsilon_budget:g} is spent: this leaf is at epsilon "
+        raise PrivacyPolicyError(f"privacy.epsilon_budget {policy.epsilon_budget:g} is spent: this leaf is at epsilon "
                                  f"{spent:.3g} (delta {policy.delta:g}) and one more round would make it "
                                  f"{next_epsilon:.3g}; raise the budget or the noise, or stop training here")

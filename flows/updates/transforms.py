@@ -17,71 +17,60 @@ written from the result is what the round uploads, also after a resume.
 
 from __future__ import annotations
 
-import inspect
 import math
 import statistics
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefect_branchkey.bk_blocks.errors import BranchKeyError
 from prefect_branchkey.flows.participant import ParticipantError
 from prefect_branchkey.flows.updates.deltas import chunks, delta_norm
-from prefect_branchkey.flows.updates.privacy import PrivacyPolicy, privatize
+from prefect_branchkey.flows.updates.privacy import PrivacySettings, privatize
 
-PRECISIONS = ("native", "float32", "float16")
+Precision = Literal["native", "float32", "float16"]
 # How many of the leaf's latest update norms the guard's median looks at, and how many it needs.
 RECENT_NORMS = 5
 MIN_NORMS_FOR_GUARD = 3
-
-
-class UpdatePolicyError(BranchKeyError, ValueError):
-    """An update transform's setting is unusable (refused when the flow starts)."""
 
 
 class UpdateRefusedError(BranchKeyError):
     """The update guard refused the round's update: nothing is uploaded."""
 
 
-@dataclass(frozen=True)
-class UpdatePolicy:
-    """A deployment's update settings (flow parameters, so `prefect.yaml` can set them)."""
+class UpdateSettings(BaseModel):
+    """What a deployment lets leave the site (a flow parameter, one group in the UI): the upload
+    precision and the update guard. A misspelt field is refused, naming it."""
 
-    upload_precision: str = "native"
-    max_update_norm_ratio: float | None = None
-    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Update")
 
-    def __post_init__(self) -> None:
-        if self.upload_precision not in PRECISIONS:
-            raise UpdatePolicyError(f"upload_precision must be one of {', '.join(PRECISIONS)}, "
-                                    f"got {self.upload_precision!r}")
-        ratio = self.max_update_norm_ratio
-        if ratio is not None and not (math.isfinite(ratio) and ratio > 1):
-            raise UpdatePolicyError(f"max_update_norm_ratio must be a number above 1 (or None: no norm guard), "
-                                    f"got {ratio!r}")
+    upload_precision: Precision = Field(
+        "native", description="native (as trained), float32, or float16 (half the bytes); the same on every leaf.")
+    max_update_norm_ratio: Annotated[float, Field(gt=1, allow_inf_nan=False)] | None = Field(
+        None, description="Refuse an update further from the global model than this times the leaf's recent "
+                          "median; None: no norm guard (NaN or infinity is always refused).")
 
 
-def update_policy(upload_precision: str = "native", max_update_norm_ratio: float | None = None,
-                  dp_clip_norm: float | None = None, dp_noise_multiplier: float = 1.0, dp_delta: float = 1e-5,
-                  dp_epsilon_budget: float | None = None) -> UpdatePolicy:
-    """The update policy from the flows' parameters, by the names `prefect.yaml` gives them."""
-    return UpdatePolicy(upload_precision, max_update_norm_ratio,
-                        PrivacyPolicy(dp_clip_norm, dp_noise_multiplier, dp_delta, dp_epsilon_budget))
+class UpdatePolicy(UpdateSettings):
+    """The update settings with the privacy settings: everything `prepare_update` applies."""
+
+    model_config = ConfigDict(title="Update policy")
+
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
 
 
-UPDATE_PARAMETERS = tuple(inspect.signature(update_policy).parameters)
+def settings_error(error: ValidationError) -> str:
+    """A settings model's refusal in one line, naming each field: `max_update_norm_ratio: Input
+    should be greater than 1`."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or e.get('input')}: {e['msg']}" for e in error.errors())
 
 
-def update_policy_from_options(options: Mapping[str, Any]) -> UpdatePolicy:
-    """The update policy from a mapping of the flows' parameter names (the simulation's
-    `update_options`); an unknown name is refused, as a misspelt `dp_clip_norm` would turn DP off."""
-    unknown = sorted(set(options) - set(UPDATE_PARAMETERS))
-    if unknown:
-        raise UpdatePolicyError(f"unknown update option(s) {', '.join(map(repr, unknown))}; "
-                                f"the options are {', '.join(UPDATE_PARAMETERS)}")
-    return update_policy(**options)
+def update_policy(update: UpdateSettings | None = None, privacy: PrivacySettings | None = None) -> UpdatePolicy:
+    """The policy a round applies, from the flows' `update` and `privacy` parameters."""
+    return UpdatePolicy(**(update or UpdateSettings()).model_dump(), privacy=privacy or PrivacySettings())
 
 
 @dataclass(frozen=True)

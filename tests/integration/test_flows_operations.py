@@ -10,6 +10,7 @@ import pytest
 
 from prefect_branchkey.flows.evaluation import federated_evaluation
 from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.leaf.promotion import PromotionSettings
 from prefect_branchkey.flows.participant import Participant, TrainResult
 from prefect_branchkey.flows.publishing.observability import artifact_key
 from prefect_branchkey.flows.training import federated_training
@@ -78,7 +79,8 @@ def test_a_drift_check_of_an_older_best_model_is_published(server: BkServer, tmp
     federation = server.federation(leaves=1)
     credentials = credentials_for(server, federation.leaves[0])
     work_dir = tmp_path / "leaf"
-    federated_training(credentials, f"{__name__}:Fading", str(work_dir), rounds=3, keep_best_model=True)
+    federated_training(credentials, f"{__name__}:Fading", str(work_dir), rounds=3,
+                       promotion=PromotionSettings(keep_best_model=True))
     record = federated_evaluation(credentials, f"{__name__}:Fading", str(work_dir))
     assert record.round == 1, "the served model is round 1's, the best"
     found = events(prefect_api, "branchkey.round.evaluated", f"branchkey.leaf.{credentials.leaf_id}", 1)
@@ -96,7 +98,8 @@ def test_a_model_worse_than_the_best_beyond_the_alert_raises_an_event(server: Bk
                                                                       prefect_api: str) -> None:
     federation = server.federation(leaves=1)
     credentials = credentials_for(server, federation.leaves[0])
-    federated_training(credentials, f"{__name__}:Fading", str(tmp_path / "leaf"), rounds=3, metric_drop_alert=0.15)
+    federated_training(credentials, f"{__name__}:Fading", str(tmp_path / "leaf"), rounds=3,
+                       promotion=PromotionSettings(metric_drop_alert=0.15))
     found = events(prefect_api, "branchkey.metric.dropped", f"branchkey.leaf.{credentials.leaf_id}", 1)
     assert [(e["payload"]["round"], e["payload"]["best_round"]) for e in found] == [(3, 1)]
     assert found[0]["resource"]["branchkey.metric"] == "accuracy"

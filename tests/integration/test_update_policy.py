@@ -16,7 +16,7 @@ from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.leaf.state import load_state
 from prefect_branchkey.flows.participant import Participant, TrainResult
 from prefect_branchkey.flows.round import RoundResult, run_round
-from prefect_branchkey.flows.updates.privacy import PrivacyPolicy
+from prefect_branchkey.flows.updates.privacy import PrivacySettings
 from prefect_branchkey.flows.updates.transforms import UpdatePolicy, UpdateRefusedError
 from prefect_branchkey.tasks import LeafSession
 
@@ -101,7 +101,7 @@ def test_round_that_would_exceed_the_dp_budget_is_declined_and_uploads_nothing(
         server: BkServer, open_session: Callable[..., LeafSession], tmp_path: Path) -> None:
     federation = server.federation(leaves=1)
     session = open_session(credentials_for(server, federation.leaves[0]))
-    policy = UpdatePolicy(privacy=PrivacyPolicy(clip_norm=1.0, noise_multiplier=2.0, epsilon_budget=8.0))
+    policy = UpdatePolicy(privacy=PrivacySettings(clip_norm=1.0, noise_multiplier=2.0, epsilon_budget=8.0))
     participant = DigitsSoftmax(leaf_index=0, leaves=1)
     statuses = [run_round(session, participant, tmp_path / "leaf", policy=policy).status for _ in range(3)]
     assert statuses == ["completed", "completed", "budget-spent"]

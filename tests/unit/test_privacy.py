@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from prefect_branchkey.flows.updates.privacy import (
     PrivacyLedger,
-    PrivacyPolicy,
     PrivacyPolicyError,
+    PrivacySettings,
     check_budget_at_start,
     privatize,
 )
@@ -97,28 +98,28 @@ def test_a_spent_budget_is_refused_at_start(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path)
     for _ in range(3):
         ledger.record(1.0)
-    with pytest.raises(PrivacyPolicyError, match="dp_epsilon_budget 10 is spent"):
-        check_budget_at_start(PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10), tmp_path)
+    with pytest.raises(PrivacyPolicyError, match="privacy.epsilon_budget 10 is spent"):
+        check_budget_at_start(PrivacySettings(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10), tmp_path)
 
 
 def test_a_round_in_progress_may_finish_on_a_spent_budget(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path)
     for _ in range(3):
         ledger.record(1.0)
-    check_budget_at_start(PrivacyPolicy(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10), tmp_path,
+    check_budget_at_start(PrivacySettings(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10), tmp_path,
                           round_in_progress=True)
 
 
 def test_a_budget_with_room_for_a_round_starts(tmp_path: Path) -> None:
-    check_budget_at_start(PrivacyPolicy(clip_norm=1.0, noise_multiplier=2.0, epsilon_budget=10), tmp_path)
+    check_budget_at_start(PrivacySettings(clip_norm=1.0, noise_multiplier=2.0, epsilon_budget=10), tmp_path)
 
 
 @pytest.mark.parametrize(("settings", "named"), [
-    ({"clip_norm": 0.0}, "dp_clip_norm"),
-    ({"clip_norm": 1.0, "noise_multiplier": -1.0}, "dp_noise_multiplier"),
-    ({"clip_norm": 1.0, "delta": 1.0}, "dp_delta"),
-    ({"clip_norm": 1.0, "epsilon_budget": 0.0}, "dp_epsilon_budget"),
+    ({"clip_norm": 0.0}, "clip_norm"),
+    ({"clip_norm": 1.0, "noise_multiplier": -1.0}, "noise_multiplier"),
+    ({"clip_norm": 1.0, "delta": 1.0}, "delta"),
+    ({"clip_norm": 1.0, "epsilon_budget": 0.0}, "epsilon_budget"),
 ])
 def test_bad_dp_settings_are_refused_naming_the_parameter(settings: dict, named: str) -> None:
-    with pytest.raises(PrivacyPolicyError, match=named):
-        PrivacyPolicy(**settings)
+    with pytest.raises(ValidationError, match=named):
+        PrivacySettings(**settings)

@@ -7,8 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from prefect_branchkey.flows.leaf.promotion import BEST_MODEL, SERVED_MODEL, metric_dropped, promote, promotion_policy
+from prefect_branchkey.flows.leaf.promotion import (
+    BEST_MODEL,
+    SERVED_MODEL,
+    PromotionSettings,
+    metric_dropped,
+    promote,
+    promotion_policy,
+)
 from prefect_branchkey.flows.leaf.state import LeafState
 from prefect_branchkey.flows.participant import Participant, ParticipantError, ServedModel, TrainResult
 
@@ -40,7 +48,7 @@ def finish_round(work_dir: Path, state: LeafState, round_number: int, metrics: d
 
 
 def run(site: Site, work_dir: Path, state: LeafState, scores: list[float], **options: object) -> list[Path]:
-    policy = promotion_policy(site, options.pop("metric", None), **options)  # type: ignore[arg-type]
+    policy = promotion_policy(site, PromotionSettings(primary_metric=options.pop("metric", None), **options))
     paths = []
     for number, score in enumerate(scores, start=1):
         paths.append(finish_round(work_dir, state, number, {"accuracy": score, "loss": 1 - score}))
@@ -84,7 +92,7 @@ def test_the_participant_hears_of_each_change_of_the_served_model(tmp_path: Path
 
 def test_a_promotion_redone_after_a_crash_ends_the_same(tmp_path: Path, state: LeafState) -> None:
     site = Site()
-    policy = promotion_policy(site, None, False, None)
+    policy = promotion_policy(site)
     run(site, tmp_path, state, [0.5], keep_best_model=False, metric_drop_alert=None)
     path = finish_round(tmp_path, state, 2, {"accuracy": 0.7, "loss": 0.3})
     saved = copy.deepcopy(state)
@@ -96,12 +104,12 @@ def test_a_promotion_redone_after_a_crash_ends_the_same(tmp_path: Path, state: L
 
 def test_a_primary_metric_the_participant_does_not_declare_is_refused() -> None:
     with pytest.raises(ParticipantError, match=r"metric 'f1' is not one the participant declares \(accuracy, loss\)"):
-        promotion_policy(Site(), "f1", False, None)
+        promotion_policy(Site(), PromotionSettings(primary_metric="f1"))
 
 
 def test_a_negative_metric_drop_alert_is_refused() -> None:
-    with pytest.raises(ParticipantError, match="metric_drop_alert must be a number >= 0"):
-        promotion_policy(Site(), None, False, -0.1)
+    with pytest.raises(ValidationError, match="metric_drop_alert"):
+        PromotionSettings(metric_drop_alert=-0.1)
 
 
 def test_a_drop_raises_the_alert_only_beyond_its_threshold() -> None:

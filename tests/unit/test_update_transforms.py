@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from prefect_branchkey.flows.participant import ParticipantError
+from prefect_branchkey.flows.updates.privacy import PrivacySettings
 from prefect_branchkey.flows.updates.transforms import (
     UpdatePolicy,
-    UpdatePolicyError,
     UpdateRefusedError,
+    UpdateSettings,
     delta_norm,
     prepare_update,
     read_back,
-    update_policy_from_options,
+    settings_error,
+    update_policy,
 )
 
 GLOBAL = [np.zeros((2, 3), np.float32), np.zeros(4, np.float32)]
@@ -88,15 +91,21 @@ def test_update_with_a_layer_missing_is_refused() -> None:
     ({"max_update_norm_ratio": float("nan")}, "max_update_norm_ratio"),
 ])
 def test_bad_settings_are_refused_naming_the_parameter(settings: dict, named: str) -> None:
-    with pytest.raises(UpdatePolicyError, match=named):
-        UpdatePolicy(**settings)
+    with pytest.raises(ValidationError, match=named):
+        UpdateSettings(**settings)
 
 
-def test_misspelt_update_option_is_refused_naming_it() -> None:
-    with pytest.raises(UpdatePolicyError, match="'dp_clipnorm'"):
-        update_policy_from_options({"dp_clipnorm": 1.0})
+def test_misspelt_update_setting_is_refused_naming_it() -> None:
+    with pytest.raises(ValidationError) as refused:
+        UpdateSettings.model_validate({"upload_precison": "float16"})
+    assert settings_error(refused.value) == "upload_precison: Extra inputs are not permitted"
 
 
-def test_update_options_set_the_privacy_policy_by_the_flows_parameter_names() -> None:
-    policy = update_policy_from_options({"upload_precision": "float16", "dp_clip_norm": 2.0, "dp_delta": 1e-6})
+def test_misspelt_privacy_setting_is_refused_rather_than_running_without_dp() -> None:
+    with pytest.raises(ValidationError, match="clipnorm"):
+        PrivacySettings.model_validate({"clipnorm": 1.0})
+
+
+def test_update_policy_joins_the_update_and_privacy_settings() -> None:
+    policy = update_policy(UpdateSettings(upload_precision="float16"), PrivacySettings(clip_norm=2.0, delta=1e-6))
     assert (policy.upload_precision, policy.privacy.clip_norm, policy.privacy.delta) == ("float16", 2.0, 1e-6)
