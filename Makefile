@@ -3,8 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 OFFICIAL := .venvs
+# The Prefect versions `make test` exercises: the suite runs on the latest, the unit tier and one
+# real federation on the lowest supported (pyproject.toml: prefect>=3.8.8,<4).
+PREFECT_LATEST := 3.9.1
+PREFECT_LOWEST := 3.8
+# Other Pythons the unit tier runs on (pyenv's, as this machine has them; requires-python >=3.11,<3.14).
+OTHER_PYTHONS := 3.12 3.13
+python_of = $(firstword $(wildcard $(HOME)/.pyenv/versions/$(1)*/bin/python$(1)) $(shell command -v python$(1)))
 
-.PHONY: setup official-clients system-deps broker test test-unit test-faults demo bench clean
+.PHONY: setup official-clients system-deps broker lint test test-fast test-unit test-compat test-faults demo bench clean
 
 # Root runs apt-get and the broker itself; anyone else through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -16,7 +23,20 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]' 'prefect==$(PREFECT_LATEST)'
+	touch $@
+
+# The lowest supported Prefect in a venv of its own, with the caps its server needs.
+$(OFFICIAL)/prefect-lowest/.installed: pyproject.toml constraints/prefect-$(PREFECT_LOWEST).txt
+	$(PYTHON) -m venv $(OFFICIAL)/prefect-lowest
+	$(OFFICIAL)/prefect-lowest/bin/pip install --quiet -e '.[test]' -c constraints/prefect-$(PREFECT_LOWEST).txt
+	touch $@
+
+# Each other Python: the base with the dev extra and pytest (torch's CPU build here is for 3.11 only).
+$(OFFICIAL)/python-%/.installed: pyproject.toml
+	@test -n "$(call python_of,$*)" || { echo "Python $* is not installed (pyenv install $*)"; exit 1; }
+	$(call python_of,$*) -m venv $(OFFICIAL)/python-$*
+	$(OFFICIAL)/python-$*/bin/pip install --quiet -e '.[dev]' 'pytest>=8' 'pyyaml>=6'
 	touch $@
 
 # The official branchkey clients, each in its own venv (they pin requests/numpy of their own).
@@ -52,10 +72,32 @@ broker: system-deps
 	$(SUDO) rabbitmq-plugins -q enable rabbitmq_management >/dev/null
 	timeout 60 sh -c 'until curl -sf -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null; do sleep 1; done'
 
-# Everything the tests need (venvs, Debian packages, the broker), then the tests.
-test: setup official-clients system-deps broker
+# Everything the tests need (venvs, Debian packages, the broker), the lint, the tests, then the
+# lowest Prefect and the other Pythons.
+test: setup official-clients system-deps broker lint
 	PREFECT_HOME=$$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-compat
+
+# ruff (lint and import order) and mypy, as configured in pyproject.toml.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+# The unit tier and one real federation on the lowest supported Prefect; the unit tier on each
+# other Python.
+test-compat: $(OFFICIAL)/prefect-lowest/.installed $(foreach v,$(OTHER_PYTHONS),$(OFFICIAL)/python-$(v)/.installed)
+	PREFECT_HOME=$$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false $(OFFICIAL)/prefect-lowest/bin/python \
+		-m pytest -q -p no:cacheprovider tests/unit tests/integration/test_flows_federation.py
+	@for v in $(OTHER_PYTHONS); do \
+		echo "unit tier on Python $$v"; \
+		PREFECT_HOME=$$(mktemp -d) $(OFFICIAL)/python-$$v/bin/python -m pytest -q -p no:cacheprovider tests/unit || exit 1; \
+	done
+
+# The inner loop: the unit and integration tiers (real bk-server, broker and Prefect server; no e2e).
+test-fast: setup official-clients system-deps broker
+	PREFECT_HOME=$$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false \
+		$(BIN)/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
 
 # The unit tier alone: pure rules in-process (no server process, broker or Prefect server), in seconds.
 test-unit: setup

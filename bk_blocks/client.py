@@ -108,15 +108,19 @@ class ConnectionOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    host: str = "https://app.branchkey.com"
-    verify_tls: bool = True
-    proxies: dict[str, str] | None = None
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    read_timeout_s: float = Field(default=120.0, gt=0)
-    notification_transport: Literal["amqp", "websocket"] = "websocket"
-    amqp_host: str | None = None
-    amqp_port: int = Field(default=5672, ge=1, le=65535)
-    amqp_tls: bool = False
+    host: str = Field(default="https://app.branchkey.com", description="Base URL of the BranchKey platform API.")
+    verify_tls: bool = Field(default=True, description="Verify the platform's TLS certificates (leave on).")
+    proxies: dict[str, str] | None = Field(
+        default=None, description="Proxies for HTTP(S) requests, as for `requests`: {'https': 'http://proxy:8080'}.")
+    connect_timeout_s: float = Field(default=10.0, gt=0, description="Seconds to wait for a connection to open.")
+    read_timeout_s: float = Field(default=120.0, gt=0, description="Seconds to wait for data on an open connection.")
+    notification_transport: Literal["amqp", "websocket"] = Field(
+        default="websocket",
+        description="How aggregation notices arrive: 'websocket' (3.x clients) or 'amqp' (RabbitMQ, 2.x clients).")
+    amqp_host: str | None = Field(
+        default=None, description="RabbitMQ host; by default the API's host name (without its port).")
+    amqp_port: int = Field(default=5672, ge=1, le=65535, description="RabbitMQ port.")
+    amqp_tls: bool = Field(default=False, description="Connect to RabbitMQ over TLS (AMQPS).")
 
     @field_validator("host")
     @classmethod

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Literal
+from typing import Any
 
 from prefect.blocks.abstract import CredentialsBlock
-from pydantic import ConfigDict, Field, SecretStr, field_validator
+from pydantic import ConfigDict, Field, SecretStr
 
 from prefect_branchkey.bk_blocks.client import (
     BranchKeyClient,
     ConnectionOptions,
     LeafIdentity,
-    check_host,
     read_platform_credentials,
 )
 
 
-class BranchKeyCredentials(CredentialsBlock):
+class BranchKeyCredentials(CredentialsBlock, ConnectionOptions):
     """Credentials of one BranchKey leaf (a training site) and how to reach the platform.
 
     Create it in the Prefect UI, or from the credentials JSON the platform issues with
@@ -36,8 +35,9 @@ class BranchKeyCredentials(CredentialsBlock):
         ```
     """
 
-    # A validation error must not echo the values it was given, the session token among them.
-    model_config = ConfigDict(hide_input_in_errors=True)
+    # A validation error must not echo the values it was given, the session token among them. The
+    # connection fields are `ConnectionOptions`' (declared once there); a Block is not frozen.
+    model_config = ConfigDict(hide_input_in_errors=True, frozen=False)
 
     _block_type_name = "BranchKey Credentials"
     _block_type_slug = "branchkey-credentials"
@@ -51,27 +51,6 @@ class BranchKeyCredentials(CredentialsBlock):
     tree_id: str = Field(description="The tree (federation) the leaf belongs to.", title="Tree ID")
     branch_id: str = Field(description="The branch (model being trained) the leaf belongs to.", title="Branch ID")
     owner_id: str = Field(description="The id of the user who owns the leaf.", title="Owner ID")
-    host: str = Field(default="https://app.branchkey.com", description="Base URL of the BranchKey platform API.")
-    verify_tls: bool = Field(default=True, description="Verify the platform's TLS certificates (leave on).")
-    proxies: dict[str, str] | None = Field(
-        default=None, description="Proxies for HTTP(S) requests, as for `requests`: {'https': 'http://proxy:8080'}."
-    )
-    connect_timeout_s: float = Field(default=10.0, gt=0, description="Seconds to wait for a connection to open.")
-    read_timeout_s: float = Field(default=120.0, gt=0, description="Seconds to wait for data on an open connection.")
-    notification_transport: Literal["amqp", "websocket"] = Field(
-        default="websocket",
-        description="How aggregation notices arrive: 'websocket' (3.x clients) or 'amqp' (RabbitMQ, 2.x clients).",
-    )
-    amqp_host: str | None = Field(
-        default=None, description="RabbitMQ host; by default the API's host name (without its port)."
-    )
-    amqp_port: int = Field(default=5672, ge=1, le=65535, description="RabbitMQ port.")
-    amqp_tls: bool = Field(default=False, description="Connect to RabbitMQ over TLS (AMQPS).")
-
-    @field_validator("host")
-    @classmethod
-    def _host_is_a_url(cls, value: str) -> str:
-        return check_host(value)
 
     @classmethod
     def from_platform_json(cls, source: str | os.PathLike[str] | dict[str, Any], **settings: Any) -> "BranchKeyCredentials":
@@ -101,7 +80,3 @@ class BranchKeyCredentials(CredentialsBlock):
         return BranchKeyClient(self.identity(), self.session_token.get_secret_value(), self.connection_options(),
                                logger=logger or self.logger)
 
-    @property
-    def amqp_hostname(self) -> str:
-        """The RabbitMQ host: the override, else the API's host name."""
-        return self.connection_options().amqp_hostname
