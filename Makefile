@@ -79,9 +79,14 @@ test: setup official-clients system-deps broker lint
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) test-compat
 
-# ruff (lint and import order) and mypy, as configured in pyproject.toml.
+# ruff (lint and import order) and mypy, as configured in pyproject.toml. mypy reads the
+# namespace through links (build/typecheck/prefect_branchkey/<folder>), as the wheel lays it out.
+NAMESPACE_FOLDERS := bk_blocks tasks flows deployments bk_server bk_dev
 lint: setup
 	$(BIN)/ruff check .
+	rm -rf build/typecheck && mkdir -p build/typecheck/prefect_branchkey
+	cp prefect_branchkey/__init__.py prefect_branchkey/py.typed build/typecheck/prefect_branchkey/
+	for folder in $(NAMESPACE_FOLDERS); do ln -s ../../../$$folder build/typecheck/prefect_branchkey/$$folder; done
 	$(BIN)/mypy
 
 # The unit tier and one real federation on the lowest supported Prefect; the unit tier on each
