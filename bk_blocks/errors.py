@@ -20,8 +20,17 @@
     ├── OutOfSyncError                       the leaf's round is not the platform's: resync
     ├── RunStoppedError                      the run stopped while the leaf waited
     ├── AggregationTimeoutError              the bounded wait for the round's aggregate ran out
-    └── (flows, deployments) StateError, WorkDirError, LeafBusyError, ParticipantError,
-        ShapeMismatchError, EdgeSetupError, AlertNotifyError
+    └── defined where they are raised, in the layers above (tests/unit/test_error_tree.py
+        keeps this list complete):
+        flows.leaf.state             StateError, WorkDirError (ValueError), LeafBusyError (RuntimeError)
+        flows.participant            ParticipantError (ValueError)
+        flows.adapters               ShapeMismatchError (ValueError)
+        flows.updates.transforms     UpdateRefusedError            the update guard refused the update
+        flows.updates.privacy        PrivacyPolicyError (ValueError)  the DP budget is spent
+        flows.publishing.assets      AssetKeyError (ValueError)
+        flows.federation             LeavesError, SamplingError, SimulationError (ValueError)
+        flows.alerts                 AlertNotifyError (ValueError)
+        deployments.edge             EdgeSetupError (ValueError)
 
 Only `TransientError` is retried by the tasks. No message ever contains the session token.
 """
