@@ -143,7 +143,7 @@ def naive_flower_average(paths: Sequence[Path]) -> list[np.ndarray]:
     results = [load_update(path) for path in paths]
     total_weight = sum(weighting for _, weighting in results)
     weighted = [[layer * weighting for layer in layers] for layers, weighting in results]
-    return [reduce(np.add, layer_updates) / total_weight for layer_updates in zip(*weighted)]
+    return [reduce(np.add, layer_updates) / total_weight for layer_updates in zip(*weighted, strict=False)]
 
 
 def in_memory_average(
@@ -160,7 +160,7 @@ def in_memory_average(
             stop = min(start + acc.size, out.size)
             window, tmp = acc[: stop - start], scratch[: stop - start]
             np.multiply(flats[0][start:stop], coefficients[0], out=window)
-            for flat, coefficient in zip(flats[1:], coefficients[1:]):
+            for flat, coefficient in zip(flats[1:], coefficients[1:], strict=True):
                 np.multiply(flat[start:stop], coefficient, out=tmp)
                 window += tmp
             out[start:stop] = window

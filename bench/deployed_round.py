@@ -12,10 +12,10 @@ at once, and the next trigger waits until all three are Completed.
 Per flow run, from the Prefect API: ``queued`` = created -> Pending (the worker's poll and
 submission), ``launch`` = Pending -> Running (the worker starts the flow run's process: the
 interpreter, Prefect's imports, the pull step, loading the flow), ``start`` = Running -> first
-task start (the flow's own set-up: our imports, the participant, the work-dir lock, the run check), ``tasks`` = first task start -> last task end
-(upload, wait for the other leaves and FedAvg, download, metrics), ``finish`` = last task end ->
-end_time (evaluation... record, publication, Completed), ``total`` = created -> end_time. p50 and
-max over leaves and measured rounds.
+task start (the flow's own set-up: our imports, the participant, the work-dir lock, the run check),
+``tasks`` = first task start -> last task end (upload, wait for the other leaves and FedAvg,
+download, metrics), ``finish`` = last task end -> end_time (evaluation... record, publication,
+Completed), ``total`` = created -> end_time. p50 and max over leaves and measured rounds.
 
 Run from the project root (a few minutes):
 
@@ -111,10 +111,11 @@ def bench(root: Path, args: argparse.Namespace) -> list[dict[str, float]]:
         progress(f"starting the Prefect server on {describe_database(args.prefect_db)} and bk-server")
         prefect.start()
         platform.start()
-        env = prefect.client_env() | {"BRANCHKEY_PROJECT_DIR": str(PROJECT), "BRANCHKEY_WORK_ROOT": str(root / "leaves")}
+        env = prefect.client_env() | {"BRANCHKEY_PROJECT_DIR": str(PROJECT),
+                                      "BRANCHKEY_WORK_ROOT": str(root / "leaves")}
         federation = platform.create_federation(len(LEAVES), tree="deployed", branch="deployed")
         paths = write_credentials(root / "creds", federation["leaves"])
-        run_cli(["bk", "edge", "setup", *(f"{leaf}={path}" for leaf, path in zip(LEAVES, paths)),
+        run_cli(["bk", "edge", "setup", *(f"{leaf}={path}" for leaf, path in zip(LEAVES, paths, strict=True)),
                  "--host", platform.url, "--transport", "websocket"], env)
         run_cli(["prefect", "--no-prompt", "deploy", "--all"], env)
         deployments = {d["name"]: d for d in api(prefect.api_url, "POST", "/deployments/filter", {"limit": 50})}

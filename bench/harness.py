@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -159,7 +159,7 @@ def format_table(headings: Sequence[str], cells: Sequence[Sequence[str]], left: 
     widths = [max(len(line[i]) for line in [headings, *cells]) for i in range(len(headings))]
 
     def line(values: Sequence[str]) -> str:
-        padded = (v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+        padded = (v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths, strict=False)))
         return "  ".join(padded).rstrip()
 
     rule = "  ".join("-" * width for width in widths)
@@ -172,10 +172,8 @@ def library_versions(*names: str) -> str:
 
     parts = []
     for name in names:
-        try:
+        with suppress(PackageNotFoundError):
             parts.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            pass
     return ", ".join(parts)
 
 

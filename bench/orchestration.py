@@ -239,7 +239,7 @@ def samples_from_history(transport: str, size_mb: float, leaf: str, rows: Sequen
     if got != want:
         raise RuntimeError(f"{leaf}: history holds {got}, expected {want}")
     samples = []
-    for previous, row in zip([None, *rows[:-1]], rows):
+    for previous, row in zip([None, *rows[:-1]], rows, strict=True):
         if row["round"] <= WARMUP_ROUNDS:
             continue
         gap = (row["started_at"] - previous["finished_at"]).total_seconds() if previous else None
@@ -278,7 +278,7 @@ def run_leaves(spec: dict[str, Any]) -> None:
     with ThreadPoolExecutor(max_workers=len(blocks), thread_name_prefix="leaf") as pool:
         futures = [pool.submit(contextvars.copy_context().run, train, i, b) for i, b in enumerate(blocks)]
         results = [future.result() for future in futures]
-    for block, leaf_results in zip(blocks, results):
+    for block, leaf_results in zip(blocks, results, strict=True):
         statuses = [r.status for r in leaf_results]
         if statuses != ["completed"] * rounds:
             raise RuntimeError(f"{block.leaf_name}: rounds ended as {statuses}")
@@ -506,7 +506,7 @@ def results_table(rows: Sequence[Row]) -> str:
 def calls_table(calls: Sequence[dict[str, Any]], rows: Sequence[Row], rounds: int) -> str:
     """Per federation, each kind of Prefect call per leaf-round, the most frequent first."""
     lines = []
-    for entry, row in zip(calls, rows):
+    for entry, row in zip(calls, rows, strict=False):
         per = row.leaves * rounds
         tallies = {**entry["http"], **{f"event {name}": n for name, n in entry["events"].items()}}
         parts = ", ".join(f"{name} {n / per:.2f}" for name, n in sorted(tallies.items(), key=lambda kv: -kv[1]))

@@ -93,7 +93,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -156,10 +156,12 @@ def exact_updates(server: BenchServer, branch_id: str, work_root: Path) -> bool:
     """Whether each aggregated platform round holds one update from each leaf drawn for it."""
     drawn = json.loads((work_root / SAMPLING_FILE).read_text())["rounds"]
     rounds = [r for r in server.rounds(branch_id) if r["status"] == "aggregated"]
-    leaf_ids = {json.loads(path.read_text())["id"]: path.stem for path in (work_root.parent / "credentials").glob("*.json")}
+    leaf_ids = {json.loads(path.read_text())["id"]: path.stem
+                for path in (work_root.parent / "credentials").glob("*.json")}
     return len(rounds) == len(drawn) and all(
-        r["updates"] == plan["leaves"] and sorted(leaf_ids[i] for i in r["leaves"]) == sorted(plan["chosen"].split(", "))
-        for r, plan in zip(rounds, drawn))
+        r["updates"] == plan["leaves"]
+        and sorted(leaf_ids[i] for i in r["leaves"]) == sorted(plan["chosen"].split(", "))
+        for r, plan in zip(rounds, drawn, strict=True))
 
 
 def bench_one(prefect: LocalPrefectServer, server: BenchServer, root: Path, leaves: int, fraction: float,
@@ -171,9 +173,10 @@ def bench_one(prefect: LocalPrefectServer, server: BenchServer, root: Path, leav
                                           round_deadline_s=ROUND_DEADLINE_S)
     run_dir = root / name
     write_credentials(run_dir / "credentials", federation["leaves"])
-    command = [sys.executable, "-m", "prefect_branchkey.deployments.cli", "simulate", "--host", server.url, "--credentials-dir",
-               str(run_dir / "credentials"), "--work-root", str(run_dir / "leaves"), "--rounds", str(rounds),
-               "--fraction", str(fraction), "--workers", str(workers), "--aggregation-timeout-s", "600"]
+    command = [sys.executable, "-m", "prefect_branchkey.deployments.cli", "simulate", "--host", server.url,
+               "--credentials-dir", str(run_dir / "credentials"), "--work-root", str(run_dir / "leaves"),
+               "--rounds", str(rounds), "--fraction", str(fraction), "--workers", str(workers),
+               "--aggregation-timeout-s", "600"]
     progress(f"{leaves} leaves, fraction {fraction:g} ({drawn} per round), {workers} worker(s): {rounds} rounds")
     env = prefect.client_env() | {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING"}
     cpu_before = {"prefect": prefect_cpu_seconds(prefect), "platform": cpu_seconds(server.process.pid)}

@@ -173,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps({"federation": [asdict(r) for r in federation], "costs": [asdict(r) for r in costs]}))
         return
     print(machine_summary("numpy", "dp-accounting"))
-    print(f"# digits federation: 3 non-IID leaves, {args.rounds} rounds, bk-server's FedAvg; epsilon at delta {DELTA:g}")
+    print(f"# digits federation: 3 non-IID leaves, {args.rounds} rounds, bk-server's FedAvg; "
+          f"epsilon at delta {DELTA:g}")
     print(format_table(["setting", "final mean accuracy", "epsilon", "bytes per update"],
                        [[r.setting, f"{r.final_accuracy:.3f}", "-" if r.epsilon is None else f"{r.epsilon:.2f}",
                          str(r.bytes_per_update)] for r in federation]))

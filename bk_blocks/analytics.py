@@ -152,7 +152,7 @@ def write_fields(path: str | os.PathLike[str], fields: Mapping[str, Any]) -> Pat
     arrays[PAYLOAD_KIND_KEY] = np.array(FEDERATED_ANALYTICS)
     target = Path(path)
     with atomic_write(target) as handle:
-        np.savez_compressed(handle, **arrays)
+        np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub: a **kwds key could shadow allow_pickle
     return target
 
 

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import numpy as np
 
@@ -75,7 +75,7 @@ class LayerSignature:
     dtype: str
 
     @classmethod
-    def of(cls, spec: MemberSpec) -> "LayerSignature":
+    def of(cls, spec: MemberSpec) -> LayerSignature:
         return cls(spec.shape, spec.dtype.newbyteorder("=").str)
 
 
@@ -127,7 +127,7 @@ def write_update(
 
 def _write_npz_atomically(path: Path, arrays: dict[str, np.ndarray], *, compress: bool) -> Path:
     with atomic_write(path) as handle:
-        (np.savez_compressed if compress else np.savez)(handle, **arrays)
+        (np.savez_compressed if compress else np.savez)(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub: a **kwds key could shadow allow_pickle
     return path
 
 
@@ -153,13 +153,14 @@ class NpzReader:
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise NotAnArchiveError(f"not an .npz archive (not a readable zip file): {exc}") from exc
         try:
+            assert self._zip.fp is not None  # a ZipFile opened from a path keeps its file open
             self._fd = self._zip.fp.fileno()
             self.members = self._inspect(max_decompressed_bytes)
         except BaseException:
             self.close()
             raise
 
-    def __enter__(self) -> "NpzReader":
+    def __enter__(self) -> NpzReader:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -223,7 +224,7 @@ class NpzReader:
         for chunk in self.iter_chunks(name):
             flat[position : position + chunk.size] = chunk
             position += chunk.size
-        order = "F" if spec.fortran_order else "C"
+        order: Literal["F", "C"] = "F" if spec.fortran_order else "C"
         return flat.reshape(spec.shape, order=order)
 
     def iter_chunks(self, name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[np.ndarray]:
@@ -238,7 +239,7 @@ class NpzReader:
             while cursor.remaining:
                 yield cursor.read(buffer, min(per_chunk, cursor.remaining))
 
-    def cursor(self, name: str) -> "MemberCursor":
+    def cursor(self, name: str) -> MemberCursor:
         """A sequential reader of one member's elements into buffers the caller owns."""
         return MemberCursor(self, self.members[name])
 
@@ -268,7 +269,7 @@ class MemberCursor:
             self._stream = reader._zip.open(spec.name + ".npy")
             _read_npy_header(self._stream, spec.name)
 
-    def __enter__(self) -> "MemberCursor":
+    def __enter__(self) -> MemberCursor:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -283,7 +284,7 @@ class MemberCursor:
         if count > self.remaining:
             raise LayerError(f"{self._name} has only {self.remaining} elements left, {count} asked")
         nbytes = count * self.spec.dtype.itemsize
-        view = memoryview(buffer).cast("B")[:nbytes]
+        view = memoryview(buffer).cast("B")[:nbytes]  # type: ignore[arg-type]  # numpy declares ndarray.__buffer__ only for Python >= 3.12
         if self._stream is not None:
             _read_exactly(self._stream, view, self._name)
         else:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -148,7 +148,7 @@ class AggregationRef:
     round: int
 
     @classmethod
-    def parse(cls, value: Any) -> "AggregationRef | None":
+    def parse(cls, value: Any) -> AggregationRef | None:
         """From a reply's `latest_aggregation` field; None when absent or not in that shape."""
         try:
             return cls(str(value["aggregation_id"]), int(value["run_number"]), int(value["round"]))
@@ -179,7 +179,7 @@ class RunDetails:
         return self.round is not None
 
     @classmethod
-    def parse(cls, data: dict[str, Any]) -> "RunDetails":
+    def parse(cls, data: dict[str, Any]) -> RunDetails:
         round_number, aggregating = data.get("round"), data.get("aggregating")
         return cls(str(data["run_status"]), int(data["run_number"]),
                    round_number if isinstance(round_number, int) and round_number >= 0 else None,
@@ -199,7 +199,7 @@ class UploadReply:
     aggregation_id: str | None = None
 
     @classmethod
-    def parse(cls, data: dict[str, Any]) -> "UploadReply":
+    def parse(cls, data: dict[str, Any]) -> UploadReply:
         def number(key: str) -> int | None:
             value = data.get(key)
             return value if isinstance(value, int) else None
@@ -237,7 +237,9 @@ class _MultipartBody:
         head += (f'--{self.boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
                  "Content-Type: application/octet-stream\r\n\r\n")
         self._parts: list[io.BufferedIOBase | io.BytesIO] = [
-            io.BytesIO(head.encode()), open(path, "rb"), io.BytesIO(f"\r\n--{self.boundary}--\r\n".encode())
+            io.BytesIO(head.encode()),
+            open(path, "rb"),  # noqa: SIM115 -- read and closed part by part as the body streams (see read/close)
+            io.BytesIO(f"\r\n--{self.boundary}--\r\n".encode()),
         ]
         self._length = len(head.encode()) + path.stat().st_size + len(f"\r\n--{self.boundary}--\r\n")
 
@@ -284,7 +286,7 @@ class BranchKeyClient:
         return (f"BranchKeyClient(leaf={self.leaf.leaf_name!r}, branch_id={self.leaf.branch_id!r}, "
                 f"host={self.options.host!r})")
 
-    def __enter__(self) -> "BranchKeyClient":
+    def __enter__(self) -> BranchKeyClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -451,7 +453,7 @@ class BranchKeyClient:
         self.log.info("downloaded %s %s (%d bytes)", what, file_id, received)
         return target
 
-    def _fetch(self, url: str, handle: io.BufferedWriter) -> int:
+    def _fetch(self, url: str, handle: IO[bytes]) -> int:
         """Step two of a download: the pre-signed URL, with no auth headers, streamed to `handle`."""
         where = urlsplit(url)._replace(query="").geturl()
         try:

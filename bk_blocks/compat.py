@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
+from contextlib import suppress
 from queue import Empty, Full, LifoQueue
 from typing import Any, BinaryIO
 
@@ -63,10 +64,8 @@ class Client:
                 self.queue.put_nowait(notice.aggregation_id)
                 return
             except Full:
-                try:
+                with suppress(Empty):
                     self.queue.get_nowait()
-                except Empty:
-                    pass
 
     def get_run_details(self) -> None:
         self._client.run_details()
@@ -147,7 +146,7 @@ class Client:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

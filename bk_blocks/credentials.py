@@ -41,9 +41,11 @@ class BranchKeyCredentials(CredentialsBlock, ConnectionOptions):
 
     _block_type_name = "BranchKey Credentials"
     _block_type_slug = "branchkey-credentials"
-    _logo_url = "https://branchkey.com/branding/bk-logo-medium.png"
-    _documentation_url = "https://github.com/branchkey/prefect-branchkey#readme"
-    _description = "Credentials of a BranchKey leaf and the settings to reach the BranchKey federated learning platform."
+    # Prefect annotates these HttpUrl but takes (and its own Blocks set) plain strings.
+    _logo_url = "https://branchkey.com/branding/bk-logo-medium.png"  # type: ignore[assignment]
+    _documentation_url = "https://github.com/branchkey/prefect-branchkey#readme"  # type: ignore[assignment]
+    _description = ("Credentials of a BranchKey leaf and the settings to reach the BranchKey federated learning "
+                    "platform.")
 
     leaf_id: str = Field(description="The leaf's id (the `id` of the platform's credentials JSON).", title="Leaf ID")
     leaf_name: str = Field(description="The leaf's name (the `name` of the credentials JSON).")
@@ -53,7 +55,8 @@ class BranchKeyCredentials(CredentialsBlock, ConnectionOptions):
     owner_id: str = Field(description="The id of the user who owns the leaf.", title="Owner ID")
 
     @classmethod
-    def from_platform_json(cls, source: str | os.PathLike[str] | dict[str, Any], **settings: Any) -> "BranchKeyCredentials":
+    def from_platform_json(cls, source: str | os.PathLike[str] | dict[str, Any],
+                           **settings: Any) -> BranchKeyCredentials:
         """Build the Block from the platform's credentials JSON (a path or the parsed dict), as is.
 
         Extra keyword arguments set the connection fields (host, notification_transport, ...).

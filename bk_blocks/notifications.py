@@ -93,7 +93,7 @@ class NotificationListener:
         self.connections = 0
         self.failure: AuthenticationError | None = None
 
-    def start(self) -> "NotificationListener":
+    def start(self) -> NotificationListener:
         self._thread.start()
         return self
 
@@ -248,7 +248,7 @@ class NotificationListener:
                     self._lock.notify_all()
                 self._settled.set()
                 break
-            except Exception as exc:  # noqa: BLE001 - a listener must survive any transport failure
+            except Exception as exc:
                 if self._stopping.is_set():
                     break
                 log.warning("%s notifications interrupted (%s: %s); reconnecting in %.1f s",
@@ -386,7 +386,8 @@ def ticket_fetcher(session: requests.Session, url: str, headers: dict[str, str],
     def fetch() -> dict[str, str]:
         response = session.post(url, headers=headers, timeout=timeout, verify=verify, proxies=proxies)
         if response.status_code != 200:
-            error = error_for_response(response.status_code, response.content, response.reason or "", "WebSocket ticket")
+            error = error_for_response(response.status_code, response.content, response.reason or "",
+                                       "WebSocket ticket")
             if isinstance(error, AuthenticationError):
                 raise error
             raise ConnectionError(str(error))

@@ -33,7 +33,7 @@ class BranchKeySettings(BaseSettings, ConnectionOptions):
     owner_id: str | None = None
 
     @model_validator(mode="after")
-    def _identity_is_complete(self) -> "BranchKeySettings":
+    def _identity_is_complete(self) -> BranchKeySettings:
         identity = ("leaf_id", "leaf_name", "session_token", "tree_id", "branch_id", "owner_id")
         missing = [name for name in identity if getattr(self, name) is None]
         if self.credentials_file is None and missing:

@@ -292,7 +292,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="the seed the leaves of each round are drawn from")
     parser.add_argument("--round-deadline-s", type=float, default=None,
                         help="the platform closes a round this long after it opened with the updates in (default "
-                             "with sampling: %d s, so a failed leaf cannot stall the federation)" % SAMPLED_DEADLINE_S)
+                             f"with sampling: {SAMPLED_DEADLINE_S:d} s, so a failed leaf cannot stall the federation)")
     parser.add_argument("--dask-address", help="run the leaves on the Dask cluster at this address "
                                                "(default: a local cluster, one worker process per core)")
     parser.add_argument("--workers", type=int, help="worker processes of the local Dask cluster")
@@ -338,9 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             console.print(f"Prefect server up after {time.monotonic() - started:.0f} s.")
         console.print(f"{args.rounds} rounds of federated digits:")
-        simulation = spawn([sys.executable, "-m", "prefect_branchkey.deployments.cli", "simulate", "--host", platform.url,
-                            "--credentials-dir", str(run_dir / "credentials"), "--work-root", str(run_dir / "leaves"),
-                            "--rounds", str(args.rounds), "--transport", transport, "--amqp-host", "127.0.0.1",
+        simulation = spawn([sys.executable, "-m", "prefect_branchkey.deployments.cli", "simulate",
+                            "--host", platform.url, "--credentials-dir", str(run_dir / "credentials"),
+                            "--work-root", str(run_dir / "leaves"), "--rounds", str(args.rounds),
+                            "--transport", transport, "--amqp-host", "127.0.0.1",
                             "--aggregation-timeout-s", str(AGGREGATION_TIMEOUT_S), *dp_arguments(args.dp),
                             *dask_arguments(args)],
                            run_dir / "simulation.log", env=prefect.client_env())

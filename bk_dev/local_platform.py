@@ -36,7 +36,7 @@ class LocalServer:
     def admin_token(self) -> str:
         return json.loads((self.data_dir / "admin.json").read_text())["admin_token"]
 
-    def start(self, timeout: float = 30) -> "LocalServer":
+    def start(self, timeout: float = 30) -> LocalServer:
         """Start the process and wait until it answers `/healthz`."""
         command = [sys.executable, "-m", "prefect_branchkey.bk_server.cli", "serve", "--data-dir", str(self.data_dir),
                    "--port", str(self.port), "--log-level", "warning"]
@@ -63,7 +63,7 @@ class LocalServer:
         self.stop(hard=hard)
         self.start()
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

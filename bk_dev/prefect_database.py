@@ -26,6 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -118,7 +119,7 @@ class EmbeddedPostgres:
             raise PrefectDatabaseError("the embedded PostgreSQL is not started")
         return f"postgresql+asyncpg://{SUPERUSER}@/{DATABASE}?host={self.socket_dir}"
 
-    def start(self, timeout: float = START_TIMEOUT_S) -> "EmbeddedPostgres":
+    def start(self, timeout: float = START_TIMEOUT_S) -> EmbeddedPostgres:
         """Initialise the data directory if new, start PostgreSQL, create the `prefect` database.
 
         Raises PrefectDatabaseError naming the cause (directory in use, another version, a
@@ -141,7 +142,7 @@ class EmbeddedPostgres:
             raise
         return self
 
-    def _run_as(self) -> dict[str, object]:
+    def _run_as(self) -> dict[str, Any]:
         return {"user": self.user, "group": self.user} if self.user else {}
 
     def _chown(self, path: Path) -> None:
@@ -169,7 +170,7 @@ class EmbeddedPostgres:
         result = subprocess.run(
             [str(_postgres_bin() / "initdb"), "-D", str(self.data_dir), "-U", SUPERUSER, "--auth=trust",
              "--encoding=UTF8", "--no-instructions"],
-            capture_output=True, text=True, **self._run_as())  # type: ignore[arg-type]
+            capture_output=True, text=True, **self._run_as())
         if result.returncode != 0:
             raise PrefectDatabaseError(f"initdb failed in {self.data_dir}: {result.stderr.strip()}")
 
@@ -273,7 +274,7 @@ class EmbeddedPostgres:
         if self.process is not None:
             stop_group(self.process, hard=True)
 
-    def __enter__(self) -> "EmbeddedPostgres":
+    def __enter__(self) -> EmbeddedPostgres:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -304,6 +305,6 @@ def check_database_url(url: str, timeout: float = 10) -> None:
 
     try:
         asyncio.run(probe())
-    except (SQLAlchemyError, OSError, asyncio.TimeoutError, ValueError, ImportError) as exc:
+    except (TimeoutError, SQLAlchemyError, OSError, ValueError, ImportError) as exc:
         reason = " ".join(str(getattr(exc, "orig", None) or exc).split()) or type(exc).__name__
         raise PrefectDatabaseError(f"cannot connect to the Prefect database {redacted(url)}: {reason}") from None

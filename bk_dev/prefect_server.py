@@ -80,7 +80,7 @@ class LocalPrefectServer:
         check_database_url(self.database)
         return self.database
 
-    def launch(self) -> "LocalPrefectServer":
+    def launch(self) -> LocalPrefectServer:
         """Start the database and the server process without waiting for the server (it takes
         seconds to answer). Raises PrefectDatabaseError, with nothing left running, if the
         database cannot start."""
@@ -98,7 +98,7 @@ class LocalPrefectServer:
             raise
         return self
 
-    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> "LocalPrefectServer":
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> LocalPrefectServer:
         """Wait until `/api/health` answers; stop everything and raise ServerStartError if it does not."""
         assert self.process is not None, "launch() first"
         try:
@@ -108,7 +108,7 @@ class LocalPrefectServer:
             raise
         return self
 
-    def start(self, timeout: float = STARTUP_TIMEOUT_S) -> "LocalPrefectServer":
+    def start(self, timeout: float = STARTUP_TIMEOUT_S) -> LocalPrefectServer:
         """Start the database and the server and wait until it answers."""
         return self.launch().wait_ready(timeout)
 
@@ -123,7 +123,7 @@ class LocalPrefectServer:
                 self.postgres.stop()
                 self.postgres = None
 
-    def __enter__(self) -> "LocalPrefectServer":
+    def __enter__(self) -> LocalPrefectServer:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

@@ -7,6 +7,7 @@ children in order) and asks the kernel for SIGTERM should the parent die unclean
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -52,19 +53,15 @@ def stop_group(process: subprocess.Popen[bytes], timeout: float = 20, hard: bool
     the child has exited) SIGKILL whatever of the group is left."""
     if not hard:
         _signal_group(process, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
     _signal_group(process, signal.SIGKILL)
     process.wait()
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 class ServerStartError(RuntimeError):

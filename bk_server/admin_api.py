@@ -34,7 +34,8 @@ class FederationRequest(BaseModel):
     tree: str = Field(default="tree", min_length=1, max_length=200)
     branch: str = Field(default="branch", min_length=1, max_length=200)
     quorum: int | None = Field(default=None, ge=1, description="Leaves enough to close a round at its deadline.")
-    round_deadline_s: float | None = Field(default=None, gt=0, description="Seconds after which a round with a quorum closes.")
+    round_deadline_s: float | None = Field(default=None, gt=0,
+                                           description="Seconds after which a round with a quorum closes.")
 
 
 @router.post("/federations", status_code=201)

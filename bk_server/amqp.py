@@ -41,7 +41,10 @@ class RabbitProvisioner(BrokerProvisioner):
 
     def __init__(self, admin_url: str, publisher_user: str, timeout: float = 10.0) -> None:
         parts = urlsplit(admin_url)
-        self._base = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), parts.path.rstrip("/"), "", ""))
+        if parts.hostname is None:
+            raise ValueError(f"the broker's management URL {admin_url!r} names no host")
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        self._base = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
         self._auth = (parts.username or "guest", parts.password or "guest")
         self._publisher_user = publisher_user
         self._timeout = timeout
@@ -144,7 +147,8 @@ class AmqpPublisher:
                 exchange=message.branch_id,
                 routing_key="",
                 body=message.body.encode(),
-                properties=pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json"),
+                properties=pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
+                                                content_type="application/json"),
             )
         except pika.exceptions.ChannelClosedByBroker as exc:
             self._close(message.tree_id)

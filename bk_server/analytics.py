@@ -214,11 +214,12 @@ def combine(paths: Sequence[Path], schema: Mapping[str, dict[str, Any]], out: Pa
     combined: dict[str, np.ndarray] = {}
     for name, rule in schema.items():
         values = [payload[name] for payload in payloads]
-        combined[name] = _combine_field(values, rule, [p[rule["weight"]] for p in payloads] if rule.get("weight") else [])
+        weights = [p[rule["weight"]] for p in payloads] if rule.get("weight") else []
+        combined[name] = _combine_field(values, rule, weights)
     combined[PAYLOAD_KIND_KEY] = np.array(FEDERATED_ANALYTICS)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as handle:
-        np.savez(handle, **combined)
+        np.savez(handle, **combined)  # type: ignore[arg-type]  # numpy's stub: a **kwds key could shadow allow_pickle
     return out
 
 

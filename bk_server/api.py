@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -128,7 +129,8 @@ def download_link(file_id: str, request: Request, leaf: LeafDep) -> dict[str, An
 
 
 @router.get("/api/v1/files/{file_id}")
-def presigned_download(file_id: str, request: Request, branch_id: str = "", expires: str = "", signature: str = "") -> FileResponse:
+def presigned_download(file_id: str, request: Request, branch_id: str = "", expires: str = "",
+                       signature: str = "") -> FileResponse:
     path = platform_of(request).verify_download(file_id, branch_id, expires, signature)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{file_id}.npz")
 
@@ -194,7 +196,5 @@ async def _pump(websocket: WebSocket, queue: asyncio.Queue[str]) -> None:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            try:
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
                 await task
-            except (asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
-                pass

@@ -155,7 +155,8 @@ def run_control(
 
 
 @app.command
-def status(*, branch: str, data_dir: Path | None = None, server: str | None = None, admin_token: str | None = None) -> None:
+def status(*, branch: str, data_dir: Path | None = None, server: str | None = None,
+           admin_token: str | None = None) -> None:
     """Print a branch's run, rounds and metrics as JSON."""
     url, token = _admin_target(data_dir, server, admin_token)
     print(json.dumps(admin_call(url, token, "GET", f"/branches/{branch}"), indent=2))

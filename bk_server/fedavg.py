@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -94,7 +95,7 @@ def _agreed_layers(readers: Sequence[NpzReader]) -> list[MemberSpec]:
         layers = layers_of(reader)
         if len(layers) != len(reference):
             raise AggregationError(f"{reader.path.name} has {len(layers)} layers, expected {len(reference)}")
-        for ours, theirs in zip(reference, layers):
+        for ours, theirs in zip(reference, layers, strict=True):
             if ours.shape != theirs.shape or ours.dtype.newbyteorder("=") != theirs.dtype.newbyteorder("="):
                 raise AggregationError(
                     f"{reader.path.name} {theirs.name} is {theirs.shape} {theirs.dtype}, "
@@ -121,21 +122,25 @@ def _write_layer(
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": spec.fortran_order, "shape": spec.shape}
     with ExitStack() as stack, out.open(name + ".npy", "w", force_zip64=True) as member:
         _write_npy_header(member, header)
-        cursors = [stack.enter_context(_cursor(reader, name, spec.fortran_order)) for reader in readers]
+        cursors: list[MemberCursor | _ReorderedLayer] = []
+        for reader in readers:
+            cursor = _cursor(reader, name, spec.fortran_order)
+            stack.enter_context(cursor)  # returns the cursor itself
+            cursors.append(cursor)
         remaining = spec.count
         while remaining:
             n = min(remaining, window)
             total, tmp, out_values = acc[:n], scaled[:n], result[:n]
             np.multiply(cursors[0].read(raw, n), coefficients[0], out=total)
-            for cursor, coefficient in zip(cursors[1:], coefficients[1:]):
+            for cursor, coefficient in zip(cursors[1:], coefficients[1:], strict=True):
                 np.multiply(cursor.read(raw, n), coefficient, out=tmp)
                 total += tmp
             _cast_into(total, out_values)
-            member.write(memoryview(out_values).cast("B"))
+            member.write(memoryview(out_values).cast("B"))  # type: ignore[arg-type]  # numpy declares ndarray.__buffer__ only for Python >= 3.12
             remaining -= n
 
 
-def _write_npy_header(member: object, header: dict) -> None:
+def _write_npy_header(member: IO[bytes], header: dict) -> None:
     """Write a `.npy` header in format 1.0, or 2.0 when the shape is too long for 1.0."""
     try:
         np.lib.format.write_array_header_1_0(member, header)
@@ -175,7 +180,7 @@ class _ReorderedLayer:
         self._flat = flat
         self._position = 0
 
-    def __enter__(self) -> "_ReorderedLayer":
+    def __enter__(self) -> _ReorderedLayer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

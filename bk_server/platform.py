@@ -358,7 +358,7 @@ class Platform:
         expected, got = json.loads(round_.signature), json.loads(signature)
         if len(expected) != len(got):
             raise UploadRejected(f"update has {len(got)} layers but this round's updates have {len(expected)}")
-        for index, (want, have) in enumerate(zip(expected, got)):
+        for index, (want, have) in enumerate(zip(expected, got, strict=True)):
             if want != have:
                 raise UploadRejected(
                     f"layer_{index} is shape {tuple(have[0])} dtype {np.dtype(have[1]).name} but this round's "
@@ -425,11 +425,10 @@ class Platform:
         extras = {"kind": kind} if kind == FEDERATED_ANALYTICS else {}
         text = aggregation_message(round_.aggregation_id,
                                    **self._extras(run_number=run_number, round=round_number, **extras))
-        with self._lock:
-            with self.store.transaction() as db:
-                self.store.record_aggregate(db, Aggregate(round_.aggregation_id, branch_id, run_number, round_number,
-                                                          len(uploads), out.stat().st_size, time.time(), kind))
-                self.notifier.stage(db, branch.tree_id, branch_id, text)
+        with self._lock, self.store.transaction() as db:
+            self.store.record_aggregate(db, Aggregate(round_.aggregation_id, branch_id, run_number, round_number,
+                                                      len(uploads), out.stat().st_size, time.time(), kind))
+            self.notifier.stage(db, branch.tree_id, branch_id, text)
         log.info("aggregated %s from %d updates in %.2f s", what, len(uploads), time.perf_counter() - started)
         crash_point("aggregate-committed")
         self._deliver(branch, text)

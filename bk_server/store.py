@@ -161,8 +161,8 @@ class Store:
         columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(metrics)")}
         if "idempotency_key" not in columns:
             self._conn.execute("ALTER TABLE metrics ADD COLUMN idempotency_key TEXT")
-        self._conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS metrics_idempotency ON metrics (leaf_id, idempotency_key) "
-                           "WHERE idempotency_key IS NOT NULL")
+        self._conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS metrics_idempotency "
+                           "ON metrics (leaf_id, idempotency_key) WHERE idempotency_key IS NOT NULL")
         self._add_column("uploads", "kind", "TEXT NOT NULL DEFAULT 'federated_learning'")
         self._add_column("aggregates", "kind", "TEXT NOT NULL DEFAULT 'federated_learning'")
         self._add_column("rounds", "analytics_schema", "TEXT")
@@ -239,8 +239,8 @@ class Store:
         return self._one(Upload, "SELECT * FROM uploads WHERE file_id = ?", file_id)
 
     def upload_by_key(self, leaf_id: str, key: str) -> Upload | None:
-        return self._one(Upload, "SELECT * FROM uploads WHERE leaf_id = ? AND idempotency_key = ? AND status = 'accepted'",
-                         leaf_id, key)
+        return self._one(Upload, "SELECT * FROM uploads WHERE leaf_id = ? AND idempotency_key = ? "
+                                 "AND status = 'accepted'", leaf_id, key)
 
     def accepted_uploads(self, branch_id: str, run_number: int, round_number: int) -> list[Upload]:
         return self._all(
@@ -344,7 +344,8 @@ class Store:
                     upload.created_at, upload.kind))
         where = (upload.branch_id, upload.run_number, upload.round)
         if analytics_schema is None:
-            db.execute("UPDATE rounds SET signature=? WHERE branch_id=? AND run_number=? AND round=?", (signature, *where))
+            db.execute("UPDATE rounds SET signature=? WHERE branch_id=? AND run_number=? AND round=?",
+                       (signature, *where))
         else:
             db.execute("UPDATE rounds SET analytics_schema=? WHERE branch_id=? AND run_number=? AND round=?",
                        (analytics_schema, *where))

@@ -34,7 +34,7 @@ class _FileSink:
         self.size = 0
         self.sha256 = hashlib.sha256()
         self._limit = limit
-        self._handle = open(path, "wb")
+        self._handle = open(path, "wb")  # noqa: SIM115 -- held across write() calls, closed by close()
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -148,7 +148,8 @@ def _read_data_field(received: ReceivedUpload, raw: bytes) -> None:
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BadRequest("form field 'data' must be a JSON object like {\"leaf_name\": ..., \"metadata\": ...}") from None
+        raise BadRequest("form field 'data' must be a JSON object "
+                         "like {\"leaf_name\": ..., \"metadata\": ...}") from None
     if not isinstance(data, dict):
         raise BadRequest("form field 'data' must be a JSON object")
     metadata = data.get("metadata")

@@ -97,8 +97,9 @@ def simulate(*, host: str | None = None, credentials_dir: Path | None = None, wo
              leaves: int = 3, rounds: int = 10, fraction: float = 1.0, leaves_per_round: int | None = None,
              seed: int = 0, dask_address: str | None = None, workers: int | None = None,
              transport: Literal["websocket", "amqp"] = "websocket", amqp_host: str | None = None,
-             participant: str = "prefect_branchkey.flows.examples.digits:DigitsSoftmax", participant_options: str = "{}",
-             aggregation_timeout_s: float = 600, upload_precision: Literal["native", "float32", "float16"] = "native",
+             participant: str = "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
+             participant_options: str = "{}", aggregation_timeout_s: float = 600,
+             upload_precision: Literal["native", "float32", "float16"] = "native",
              max_update_norm_ratio: float | None = None, dp_clip_norm: float | None = None,
              dp_noise_multiplier: float = 1.0, dp_delta: float = 1e-5, dp_epsilon_budget: float | None = None) -> None:
     """Simulate a federation: every leaf of CREDENTIALS_DIR against HOST, each leaf's rounds on a
@@ -197,8 +198,9 @@ def _fail(command: str, error: Exception) -> NoReturn:
 @app.command
 def statistics(*, host: str, credentials_dir: Path, work_root: Path,
                transport: Literal["websocket", "amqp"] = "websocket", amqp_host: str | None = None,
-               participant: str = "prefect_branchkey.flows.examples.digits:DigitsSoftmax", participant_options: str = "{}",
-               source: str | None = None, timeout_s: float = 600, output: Path | None = None) -> None:
+               participant: str = "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
+               participant_options: str = "{}", source: str | None = None, timeout_s: float = 600,
+               output: Path | None = None) -> None:
     """Run every leaf of CREDENTIALS_DIR's statistics round at once against HOST; print (or write to
     OUTPUT as JSON) the federation's per-column statistics as the first leaf received them.
 

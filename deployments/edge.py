@@ -38,7 +38,7 @@ class LeafSpec:
     credentials_file: Path
 
     @classmethod
-    def parse(cls, text: str) -> "LeafSpec":
+    def parse(cls, text: str) -> LeafSpec:
         """`NAME=PATH` (`leaf-1=creds/leaf-1.json`), or just `PATH`: the Block is named after the file."""
         name, sep, path = text.partition("=")
         if not sep:
@@ -57,7 +57,8 @@ def require_api_url() -> None:
 
 
 def register_block_types() -> None:
-    """Register `BranchKeyCredentials` with the server (as `prefect block register -m prefect_branchkey.bk_blocks.credentials`)."""
+    """Register `BranchKeyCredentials` with the server (as
+    `prefect block register -m prefect_branchkey.bk_blocks.credentials`)."""
     BranchKeyCredentials.register_type_and_schema()
 
 
@@ -110,7 +111,7 @@ def set_up_edge(leaves: list[LeafSpec], host: str, transport: Literal["websocket
     blocks = [leaf_block(spec, host, transport, **settings) for spec in leaves]
     register_block_types()
     ensure_work_pool(pool)
-    for spec, block in zip(leaves, blocks):
+    for spec, block in zip(leaves, blocks, strict=True):
         ensure_leaf_queue(spec.name, pool)
         block.save(spec.name, overwrite=True)
     return blocks

@@ -46,7 +46,7 @@ def setup(*leaves: str, host: str, transport: Literal["websocket", "amqp"] = "we
         blocks = set_up_edge(specs, host, transport, pool, **settings)
     except EdgeSetupError as exc:
         _fail(exc)
-    for spec, block in zip(specs, blocks):
+    for spec, block in zip(specs, blocks, strict=True):
         print(f"leaf {block.leaf_name}: Block branchkey-credentials/{spec.name}, queue {pool}/{spec.name}")
 
 

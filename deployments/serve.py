@@ -27,7 +27,8 @@ def serve_leaf(leaf: str, participant: str, work_dir: str, participant_options: 
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     # Module entrypoints (`prefect_branchkey.flows.round:federated_round`), as in prefect.yaml: a file path would
     # load flows/round.py as a top-level module, a second copy of the package's classes.
-    common = {"tags": tags, "concurrency_limit": one_at_a_time, "entrypoint_type": EntrypointType.MODULE_PATH}
+    common: dict[str, Any] = {"tags": tags, "concurrency_limit": one_at_a_time,
+                              "entrypoint_type": EntrypointType.MODULE_PATH}
     deployments = [federated_round.to_deployment(
         name=f"{leaf}-rounds", interval=interval_s, parameters=parameters,
         description=f"Continuous federated rounds of {leaf}", **common)]
@@ -36,4 +37,4 @@ def serve_leaf(leaf: str, participant: str, work_dir: str, participant_options: 
             name=f"{leaf}-nightly", cron=cron,
             parameters={**parameters, "rounds": None, "rounds_per_run": rounds_per_run},
             description=f"Retraining of {leaf}, {rounds_per_run} rounds per run", **common))
-    serve(*deployments)
+    serve(*deployments)  # type: ignore[arg-type]  # to_deployment is sync_compatible: a RunnerDeployment here

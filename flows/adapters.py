@@ -24,7 +24,7 @@ def assign_parameters(target: list[np.ndarray], parameters: Sequence[np.ndarray]
     """Copy `parameters` into `target` in place, refusing any count, shape or dtype mismatch."""
     if len(target) != len(parameters):
         raise ShapeMismatchError(f"model has {len(target)} parameter arrays, got {len(parameters)}")
-    for index, (mine, theirs) in enumerate(zip(target, parameters)):
+    for index, (mine, theirs) in enumerate(zip(target, parameters, strict=True)):
         if mine.shape != theirs.shape:
             raise ShapeMismatchError(f"layer_{index}: model shape {mine.shape}, got {theirs.shape}")
         mine[...] = theirs
@@ -43,7 +43,7 @@ def numpy_to_torch(module: Any, parameters: Sequence[np.ndarray]) -> None:
     if len(state) != len(parameters):
         raise ShapeMismatchError(f"module has {len(state)} state tensors, got {len(parameters)} arrays")
     new_state = {}
-    for index, ((name, tensor), array) in enumerate(zip(state.items(), parameters)):
+    for index, ((name, tensor), array) in enumerate(zip(state.items(), parameters, strict=True)):
         if tuple(tensor.shape) != tuple(array.shape):
             raise ShapeMismatchError(f"layer_{index} ({name}): module shape {tuple(tensor.shape)}, got {array.shape}")
         new_state[name] = torch.from_numpy(np.ascontiguousarray(array)).to(dtype=tensor.dtype)

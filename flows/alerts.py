@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -110,7 +110,7 @@ def branchkey_alert(kind: AlertKind, leaf: str, event: str, occurred: str, autom
                     notify_block: str | None = None) -> str:
     """Record the alert as the leaf's alert artifact (one key per leaf, a version per alert) and,
     with `notify_block` (`type/name`), send it through that Block; returns the text."""
-    text = alert_markdown(kind, leaf, event, occurred, payload or {}, automation, datetime.now(timezone.utc),
+    text = alert_markdown(kind, leaf, event, occurred, payload or {}, automation, datetime.now(UTC),
                           window_s)
     create_markdown_artifact(markdown=text, key=artifact_key("alert", leaf),
                              description=f"BranchKey alert for {leaf}: {kind}")

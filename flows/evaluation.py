@@ -87,7 +87,7 @@ def federated_evaluation(
     participant: str,
     work_dir: str,
     participant_options: dict[str, Any] | None = None,
-    promotion: PromotionSettings = PromotionSettings(),
+    promotion: PromotionSettings = PromotionSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
 ) -> RoundRecord | State | None:
     """Evaluate the model this leaf serves on its current data (a drift check), training and
     uploading nothing; recorded in the leaf's history and summary as an evaluation. A primary

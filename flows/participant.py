@@ -4,8 +4,8 @@ Modelled on the Xaynet SDK's `ParticipantABC`: `train` takes the current global 
 (None in the first round: initialise) and returns the update; `evaluate` and
 `participate` are optional. A participant declares its evaluation metrics and which way is
 better (`metrics = {"accuracy": "max", "loss": "min"}`): the leaf keeps its best global model
-by the primary one, and alert set-up checks the metric it watches. Flows name the participant as `"package.module:Class"` plus
-JSON options, so a deployment can configure it without code. A flow run builds one
+by the primary one, and alert set-up checks the metric it watches. Flows name the participant
+as `"package.module:Class"` plus JSON options, so a deployment can configure it without code. A flow run builds one
 participant and keeps it for all its rounds; what must outlive the flow run (the global
 model, the round counter) lives in the leaf's work dir.
 """
@@ -63,7 +63,7 @@ class Participant(ABC):
         count, sums, min, max and NaN count on the site, so no raw value leaves it (none by default)."""
         return {}
 
-    def serve(self, model: Path, served: "ServedModel") -> None:
+    def serve(self, model: Path, served: ServedModel) -> None:  # noqa: B027 -- an optional hook, empty by default
         """The model the site serves changed to `model` (a copy the leaf keeps); by default nothing
         is done, a participant that serves predictions reloads it here."""
 

@@ -36,6 +36,7 @@ from prefect_branchkey.bk_blocks import (
     RunStoppedError,
 )
 from prefect_branchkey.bk_blocks.archive import read_aggregate, write_update
+from prefect_branchkey.bk_blocks.protocol import MetricsMode
 from prefect_branchkey.flows.leaf.history import RoundRecord, append_record, history_rows, utc_from_timestamp
 from prefect_branchkey.flows.leaf.promotion import PromotionPolicy, PromotionSettings, promote, promotion_policy
 from prefect_branchkey.flows.leaf.setup import leaf_setup
@@ -115,7 +116,7 @@ def run_round(
     work_dir: Path,
     timeouts: Timeouts = Timeouts(),
     publication: Publication | None = None,
-    policy: UpdatePolicy = UpdatePolicy(),
+    policy: UpdatePolicy = UpdatePolicy(),  # noqa: B008 -- a frozen pydantic model, safe to share
     promotion: PromotionPolicy | None = None,
 ) -> RoundResult:
     """Run (or resume) the leaf's current round; state is saved after every step. The rows it
@@ -338,7 +339,9 @@ def _send_round_metrics(session: LeafSession, participant: Participant, work_dir
         state.evaluated = True
         save_state(work_dir, state)
     aggregation_id = state.aggregation_id or ""
-    for mode, metrics in (("train", state.train_metrics), ("test", state.eval_metrics)):
+    sends: tuple[tuple[MetricsMode, dict[str, float]], ...] = (("train", state.train_metrics),
+                                                             ("test", state.eval_metrics))
+    for mode, metrics in sends:
         if metrics and mode not in state.sent_metrics:
             send_metrics(session, aggregation_id, metrics, state.round, mode=mode,
                          idempotency_key=round_metrics_key(session.credentials.leaf_id, aggregation_id, mode))
@@ -365,7 +368,8 @@ def _check_in_step(state: LeafState, details: RunDetails) -> None:
         return
     latest = details.latest_aggregation
     platform_model = latest.aggregation_id if latest and latest.run_number == details.run_number else None
-    if (state.run_number, state.round) != (details.run_number, details.round) or state.last_aggregation != platform_model:
+    if ((state.run_number, state.round) != (details.run_number, details.round)
+            or state.last_aggregation != platform_model):
         raise OutOfSyncError(
             f"the leaf is at run {state.run_number} round {state.round} with model "
             f"{state.last_aggregation or 'none'}, the platform at run {details.run_number} round {details.round} "
@@ -460,9 +464,9 @@ def federated_round(
     participant_options: dict[str, Any] | None = None,
     aggregation_timeout_s: float = 3600,
     run_timeout_s: float = 6 * 3600,
-    update: UpdateSettings = UpdateSettings(),
-    privacy: PrivacySettings = PrivacySettings(),
-    promotion: PromotionSettings = PromotionSettings(),
+    update: UpdateSettings = UpdateSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
+    privacy: PrivacySettings = PrivacySettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
+    promotion: PromotionSettings = PromotionSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
 ) -> RoundResult | State:
     """One federated round for one leaf (or the rest of an interrupted one).
 

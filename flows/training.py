@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -48,9 +49,9 @@ def federated_training(
     run_timeout_s: float = 6 * 3600,
     rounds_per_run: int | None = None,
     run_poll_s: float = 10,
-    update: UpdateSettings = UpdateSettings(),
-    privacy: PrivacySettings = PrivacySettings(),
-    promotion: PromotionSettings = PromotionSettings(),
+    update: UpdateSettings = UpdateSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
+    privacy: PrivacySettings = PrivacySettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
+    promotion: PromotionSettings = PromotionSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
 ) -> list[RoundResult] | State:
     """Run this leaf's rounds until one of: round `rounds` is done (counted in the work dir
     across flow runs; None: no limit), `rounds_per_run` rounds completed in this flow run (a
@@ -89,7 +90,9 @@ def _round_loop(session: LeafSession, publication: Publication, policy: UpdatePo
     results: list[RoundResult] = []
     first = load_state(directory, block.leaf_id).round
     goal = _goal(first, rounds, rounds_per_run)
-    progress = create_progress_artifact(progress=0.0, description=f"{block.leaf_name}: rounds {first}..{goal}")
+    # create_progress_artifact is sync_compatible, typed for both callers: from sync code it returns the id.
+    progress: UUID = create_progress_artifact(  # type: ignore[assignment]
+        progress=0.0, description=f"{block.leaf_name}: rounds {first}..{goal}")
     while _more_rounds(load_state(directory, block.leaf_id).round, rounds, results, rounds_per_run):
         result = run_round(session, model, directory, timeouts, publication, policy, promotion)
         results.append(result)

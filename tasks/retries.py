@@ -26,7 +26,7 @@ def retry_only_transient(task: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except TransientError:
         return True
-    except BaseException:  # noqa: BLE001 - any other failure is final
+    except BaseException:
         return False
     return False
 

@@ -23,7 +23,8 @@ def resolve_credentials(credentials: BranchKeyCredentials | str) -> BranchKeyCre
         return credentials
     if credentials == FROM_ENVIRONMENT:
         return BranchKeySettings().to_block()
-    return BranchKeyCredentials.load(credentials)
+    # Block.load is sync_compatible, typed for both callers: from sync code it returns the Block.
+    return BranchKeyCredentials.load(credentials)  # type: ignore[return-value]
 
 
 class LeafSession:
@@ -37,19 +38,20 @@ class LeafSession:
 
     def __init__(self, credentials: BranchKeyCredentials) -> None:
         self.credentials = credentials
-        self.client: BranchKeyClient = credentials.get_client(logger=CurrentRunLogger("prefect_branchkey.bk_blocks.client"))
+        self.client: BranchKeyClient = credentials.get_client(
+            logger=CurrentRunLogger("prefect_branchkey.bk_blocks.client"))
         self._marks: dict[tuple[int, int], int] = {}
         self._branch_name: str | None = None
 
     @classmethod
-    def open(cls, credentials: BranchKeyCredentials | str) -> "LeafSession":
+    def open(cls, credentials: BranchKeyCredentials | str) -> LeafSession:
         """A session for the Block, the saved Block of that name, or `"$env"`."""
         return cls(resolve_credentials(credentials))
 
     def __repr__(self) -> str:
         return f"LeafSession(leaf={self.credentials.leaf_name!r})"
 
-    def __enter__(self) -> "LeafSession":
+    def __enter__(self) -> LeafSession:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -12,11 +12,11 @@ import pytest
 
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
-from prefect_branchkey.bk_blocks import BranchKeyCredentials  # noqa: E402
-from prefect_branchkey.bk_blocks.archive import write_update  # noqa: E402
-from prefect_branchkey.tasks import LeafSession  # noqa: E402
+from prefect_branchkey.bk_blocks import BranchKeyCredentials
+from prefect_branchkey.bk_blocks.archive import write_update
+from prefect_branchkey.tasks import LeafSession
 
-from .support.bkserver import BkServer, broker_available, in_ci  # noqa: E402
+from .support.bkserver import BkServer, broker_available, in_ci
 
 
 @pytest.fixture(scope="session")
@@ -32,14 +32,14 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     with LocalPrefectServer(tmp_path_factory.mktemp("prefect-server"), database="postgres") as server:
         os.environ["PREFECT_API_URL"] = server.api_url
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            with prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
-                try:
-                    yield server.api_url
-                finally:
-                    APILogWorker.drain_all(timeout=10)
-                    EventsWorker.drain_all(timeout=10)
-                    os.environ.pop("PREFECT_API_URL", None)
+        with (temporary_settings(updates={PREFECT_API_URL: server.api_url}),
+              prefect.context._temporary_global_settings_context(prefect.context.get_settings_context())):
+            try:
+                yield server.api_url
+            finally:
+                APILogWorker.drain_all(timeout=10)
+                EventsWorker.drain_all(timeout=10)
+                os.environ.pop("PREFECT_API_URL", None)
 
 
 @pytest.fixture(scope="session")

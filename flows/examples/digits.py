@@ -9,6 +9,8 @@ that site actually sees. Needs the `examples` extra (scikit-learn).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from prefect_branchkey.bk_blocks.errors import MissingExtraError
@@ -39,7 +41,7 @@ def non_iid_split(labels: np.ndarray, leaves: int, skew: float, rng: np.random.G
 class DigitsSoftmax(Participant):
     """One leaf's share of the digits data and a softmax-regression model trained with SGD."""
 
-    metrics = {"accuracy": "max", "loss": "min"}
+    metrics: ClassVar[dict[str, str]] = {"accuracy": "max", "loss": "min"}
 
     def __init__(self, leaf_index: int = 0, leaves: int = 3, epochs: int = 1, learning_rate: float = 0.1,
                  batch_size: int = 32, skew: float = 0.8, seed: int = 7) -> None:

@@ -132,7 +132,9 @@ def simulate(host: str, credentials_dir: str, work_root: str, *, dask_address: s
                          options.get("leaves_per_round"), options.get("seed", 0))
     _check_round_rules(blocks[0], plan)
     runner = dask_runner(dask_address, workers, plan.per_round)
-    return federated_simulation.with_options(task_runner=runner)(host, credentials_dir, work_root, **options)
+    # DaskTaskRunner is a TaskRunner[PrefectDaskFuture]; with_options' annotation wants TaskRunner[PrefectFuture].
+    return federated_simulation.with_options(task_runner=runner)(  # type: ignore[arg-type]
+        host, credentials_dir, work_root, **options)
 
 
 def _check_round_rules(block: BranchKeyCredentials, plan: SamplingPlan) -> None:
@@ -168,8 +170,8 @@ def federated_simulation(
     transport: Literal["websocket", "amqp"] = "websocket",
     amqp_host: str | None = None,
     aggregation_timeout_s: float = 600,
-    update: UpdateSettings = UpdateSettings(),
-    privacy: PrivacySettings = PrivacySettings(),
+    update: UpdateSettings = UpdateSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
+    privacy: PrivacySettings = PrivacySettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
     fraction: float = 1.0,
     leaves_per_round: int | None = None,
     seed: int = 0,
@@ -195,7 +197,7 @@ def federated_simulation(
     _record_plan(root, plan, rounds)
     policy = update_policy(update, privacy)
     timeouts = Timeouts(aggregation_s=aggregation_timeout_s)
-    by_name = {b.leaf_name: (i, b, path) for i, (b, path) in enumerate(zip(blocks, files))}
+    by_name = {b.leaf_name: (i, b, path) for i, (b, path) in enumerate(zip(blocks, files, strict=True))}
     results: dict[str, list[RoundResult]] = {b.leaf_name: [] for b in blocks}
     work_dirs = {b.leaf_name: root / b.leaf_name for b in blocks}
     histories = {name: history_rows(path) for name, path in work_dirs.items()}
@@ -223,7 +225,8 @@ def _record_plan(root: Path, plan: SamplingPlan, rounds: int) -> None:
     with atomic_write(root / SAMPLING_FILE, "w") as handle:
         json.dump({"seed": plan.seed, "per_round": plan.per_round, "rounds": table}, handle, indent=1)
     create_table_artifact(table=table, key=artifact_key("sampling", f"{len(plan.leaves)}-leaves-seed-{plan.seed}"),
-                          description=f"Leaves drawn per round ({plan.per_round} of {len(plan.leaves)}, seed {plan.seed})")
+                          description=f"Leaves drawn per round ({plan.per_round} of {len(plan.leaves)}, "
+                                      f"seed {plan.seed})")
 
 
 def _collect(name: str, future: PrefectFuture[RoundResult], into: list[RoundResult], round_number: int) -> bool:
@@ -234,7 +237,7 @@ def _collect(name: str, future: PrefectFuture[RoundResult], into: list[RoundResu
         return True
     except (ParticipantError, UsageError):
         raise
-    except Exception as exc:  # noqa: BLE001 - a leaf's participant may raise anything; the others go on
+    except Exception as exc:
         get_run_logger().warning("%s failed round %d (%s: %s); the federation goes on without it and it resumes "
                                  "from its work dir when next drawn", name, round_number, type(exc).__name__, exc)
         return False
@@ -246,7 +249,8 @@ def _publish_while_running(branch: str, work_dirs: dict[str, Path], histories: d
     one of the round has (at most once per FEDERATION_REFRESH_S: each publication is two writes to
     the Prefect server). A leaf's history in `histories` is read again when its task ends, as a
     round records its row just before; undrawn leaves record nothing, so theirs stay as read."""
-    pending = {name: f.wrapped_future for name, f in futures.items()}
+    # submit() is typed PrefectFuture; the runners here return PrefectWrappedFuture (Dask's or a thread pool's).
+    pending = {name: f.wrapped_future for name, f in futures.items()}  # type: ignore[attr-defined]
     published = time.monotonic() - FEDERATION_REFRESH_S
     while pending:
         _wait_any(list(pending.values()), FEDERATION_REFRESH_S)

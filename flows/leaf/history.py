@@ -10,13 +10,14 @@ again replaces its row, and a `resynced` row never replaces a `completed` one.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
+# pyarrow ships no type information (no stubs, no py.typed).
+import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow: no stubs
+import pyarrow.dataset as ds  # type: ignore[import-untyped]  # pyarrow: no stubs
+import pyarrow.parquet as pq  # type: ignore[import-untyped]  # pyarrow: no stubs
 
 from prefect_branchkey.bk_blocks.files import atomic_write
 
@@ -112,7 +113,7 @@ def append_record(work_dir: Path, record: RoundRecord, filed_under: tuple[int, i
     suffix = "" if record.status == "completed" else f"-{record.status}"
     if record.status == "evaluated":
         # A drift check of the round's model: after the round's own row, one file per check.
-        stamp = int((record.finished_at or datetime.now(timezone.utc)).timestamp() * 1000)
+        stamp = int((record.finished_at or datetime.now(UTC)).timestamp() * 1000)
         suffix = f"~evaluated-{stamp}"
     suffix += "" if record.round_kind == LEARNING else f"-{record.round_kind}"
     run_number, round_number = filed_under or (record.run_number, record.round)
@@ -178,4 +179,4 @@ def rows_of(files: list[Path]) -> list[dict[str, Any]]:
 
 
 def utc_from_timestamp(seconds: float | None) -> datetime | None:
-    return None if seconds is None else datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return None if seconds is None else datetime.fromtimestamp(seconds, tz=UTC)

@@ -76,7 +76,8 @@ def metric_goal(participant: Participant | type[Participant], primary_metric: st
     return MetricGoal(primary_metric, declared.get(primary_metric, "max"))
 
 
-def promotion_policy(participant: Participant, settings: PromotionSettings | None = None) -> PromotionPolicy:
+def promotion_policy(participant: Participant | type[Participant],
+                     settings: PromotionSettings | None = None) -> PromotionPolicy:
     """The `promotion` parameter as a policy for this participant: its metric goal resolved."""
     settings = settings or PromotionSettings()
     return PromotionPolicy(metric_goal(participant, settings.primary_metric), settings.keep_best_model,
@@ -93,7 +94,7 @@ def promote(participant: Participant, work_dir: Path, state: LeafState, policy: 
             "metric": policy.goal.name, "value": value}
     best = best_of(state, policy.goal)
     drop = policy.goal.drop(value, best["value"]) if best is not None and value is not None else None
-    is_best = value is not None and (best is None or drop < 0 or _same_model(best, here))
+    is_best = value is not None and (best is None or (drop is not None and drop < 0) or _same_model(best, here))
     if is_best:
         _link(model, work_dir / "models" / BEST_MODEL)
         state.best = best = here

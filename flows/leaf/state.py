@@ -72,14 +72,14 @@ class LeafState:
     wait_expired: bool = False
     # What the round's update was made with, for its history row: update_norm, upload_precision,
     # and with DP dp_epsilon, dp_delta, clip_norm, noise_multiplier.
-    update_facts: dict[str, float | str | None] = field(default_factory=dict)
+    update_facts: dict[str, Any] = field(default_factory=dict)
     model_dtypes: list[str] = field(default_factory=list)
     # The best global model so far by the primary metric, and the one the site serves
     # (`prefect_branchkey.flows.leaf.promotion`): run_number, round, aggregation_id, metric, value.
     best: dict[str, Any] | None = None
     serving: dict[str, Any] | None = None
     # What the round's global model was judged as, for its history row (`prefect_branchkey.flows.leaf.promotion`).
-    model_facts: dict[str, float | int | str | bool | None] = field(default_factory=dict)
+    model_facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def last_aggregation(self) -> str | None:

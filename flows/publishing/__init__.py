@@ -1,1 +1,2 @@
-"""What Prefect shows of a leaf: artifacts, charts, events and asset materializations, published off the round's path."""
+"""What Prefect shows of a leaf: artifacts, charts, events and asset materializations, published
+off the round's path."""

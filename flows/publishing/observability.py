@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from statistics import fmean
 from typing import Any
 from uuid import UUID
@@ -66,8 +66,8 @@ def label_flow_run(name: str, tags: Sequence[str]) -> None:
         return
     try:
         with get_client(sync_client=True) as client:
-            current = client.read_flow_run(run_id)
-            client.update_flow_run(run_id, name=name, tags=sorted(set(current.tags) | set(tags)))
+            current = client.read_flow_run(UUID(run_id))
+            client.update_flow_run(UUID(run_id), name=name, tags=sorted(set(current.tags) | set(tags)))
     except (httpx.HTTPError, PrefectException) as exc:
         logging.getLogger(__name__).warning("could not name flow run %s %r: %s", run_id, name, exc)
 
@@ -149,7 +149,8 @@ def _best_lines(latest: dict[str, Any]) -> list[str]:
     else:
         worse = (f"is {latest['metric_drop']:.4f} {metric} worse" if latest.get("metric_drop") is not None
                  else f"reported no {metric}")
-        served = f"**Served:** the best (round {latest['best_round']}); round {latest['round']}'s model {worse} and was not promoted."
+        served = (f"**Served:** the best (round {latest['best_round']}); round {latest['round']}'s model {worse} "
+                  "and was not promoted.")
     return [best, "", served, ""]
 
 
@@ -176,7 +177,8 @@ def _privacy_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     if not noised:
         return []
     last = noised[-1]
-    spent = " The privacy budget is spent: the leaf declines further rounds." if last["status"] == "budget-spent" else ""
+    spent = (" The privacy budget is spent: the leaf declines further rounds." if last["status"] == "budget-spent"
+             else "")
     return ["", f"Differential privacy: epsilon {last['dp_epsilon']:.3g} at delta {last['dp_delta']:g} so far "
                 f"(clip norm {last['clip_norm']:g}, noise multiplier {last['noise_multiplier']:g}).{spent}"]
 
@@ -193,7 +195,8 @@ def publish_artifacts(leaf_name: str, rows: Sequence[dict[str, Any]], flow_run_i
         ):
             client.create_artifact(ArtifactCreate(
                 type=artifact.type, key=artifact.key, description=artifact.description,
-                flow_run_id=flow_run_id or flow_run.get_id(), data=artifact.format(_sync=True)))
+                flow_run_id=flow_run_id or flow_run.get_id(),
+                data=artifact.format(_sync=True)))  # type: ignore[call-arg]  # sync_compatible's _sync is untyped
 
 
 def federation_table(histories: Mapping[str, Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -214,7 +217,7 @@ def federation_table(histories: Mapping[str, Sequence[dict[str, Any]]]) -> list[
     ordered = ([primary] if primary else []) + [name for name in names if name != primary]
     table = []
     for (run_number, round_number), entry in sorted(entries.items()):
-        row: dict[str, Any] = {"round": round_number, "leaves": len(entry["values"])}
+        row = {"round": round_number, "leaves": len(entry["values"])}
         for name in ordered:
             values = {leaf: metrics[name] for leaf, metrics in entry["values"].items() if name in metrics}
             row.update({f"{leaf} {name}": round(value, 4) for leaf, value in values.items()})
@@ -287,7 +290,7 @@ def round_event(record: RoundRecord, *, failed: bool = False, error: str | None 
         event="branchkey.round.failed" if failed else f"branchkey.round.{record.status}",
         resource={"prefect.resource.id": f"branchkey.leaf.{record.leaf_id}",
                   "prefect.resource.name": record.leaf_name, "branchkey.branch-id": record.branch_id},
-        related=related, payload=payload, occurred=record.finished_at or datetime.now(timezone.utc),
+        related=related, payload=payload, occurred=record.finished_at or datetime.now(UTC),
         **({"id": event_id} if event_id is not None else {}),
     )
 
@@ -305,7 +308,7 @@ def metric_dropped_event(record: RoundRecord, event_id: UUID | None = None) -> E
         payload={"metric": record.primary_metric, "value": value, "best_value": record.best_value,
                  "best_round": record.best_round, "drop": record.metric_drop, "alert_above": record.metric_drop_alert,
                  "run_number": record.run_number, "round": record.round},
-        occurred=record.finished_at or datetime.now(timezone.utc),
+        occurred=record.finished_at or datetime.now(UTC),
         **({"id": event_id} if event_id is not None else {}),
     )
 

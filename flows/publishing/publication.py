@@ -197,7 +197,7 @@ class Publication:
         self._thread = threading.Thread(target=context.run, args=(self._loop,), daemon=True,
                                         name=f"publish-{leaf_name}")
 
-    def start(self) -> "Publication":
+    def start(self) -> Publication:
         """Start the thread; it first publishes what an earlier run recorded and did not publish."""
         self.notify()
         self._thread.start()
@@ -240,7 +240,7 @@ class Publication:
             failed = False
             try:
                 publish_pending(self.leaf_name, self.work_dir, events)
-            except Exception as exc:  # noqa: BLE001 - the thread must outlive any failure; the rounds stay pending
+            except Exception as exc:
                 failed = True
                 logger.warning("%s: could not publish its rounds to Prefect (they stay pending): %s",
                                self.leaf_name, exc, exc_info=not isinstance(exc, httpx.HTTPError))

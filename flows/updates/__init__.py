@@ -1,1 +1,2 @@
-"""What happens to an update between `train()` and the upload: the guard, differential privacy, deltas and the upload precision."""
+"""What happens to an update between `train()` and the upload: the guard, differential privacy,
+deltas and the upload precision."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 # Elements per chunk (8 MB of float64 temporaries).
 CHUNK = 1 << 20
@@ -41,9 +43,10 @@ def apply_delta(layer: np.ndarray, base: np.ndarray | None, scale: float, noise_
     out = np.empty(layer.shape, layer.dtype)
     noise_dtype = np.float64 if layer.dtype == np.float64 else np.float32
     bases = chunks(base) if base is not None else None
-    for mine, target in zip(chunks(layer), chunks(out)):
+    for mine, target in zip(chunks(layer), chunks(out), strict=True):
         reference = next(bases) if bases is not None else None
-        delta = mine.astype(noise_dtype) if reference is None else np.subtract(mine, reference, dtype=noise_dtype)
+        delta: npt.NDArray[np.floating[Any]] = (mine.astype(noise_dtype) if reference is None
+                                                else np.subtract(mine, reference, dtype=noise_dtype))
         delta *= scale
         delta += noise_std * rng.standard_normal(delta.shape, dtype=noise_dtype)
         if reference is not None:

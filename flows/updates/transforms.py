@@ -108,7 +108,7 @@ def check_against_model(parameters: Sequence[np.ndarray], global_model: Sequence
         return
     if len(parameters) != len(global_model):
         raise ParticipantError(f"train() returned {len(parameters)} layers; the global model has {len(global_model)}")
-    for index, (mine, theirs) in enumerate(zip(parameters, global_model)):
+    for index, (mine, theirs) in enumerate(zip(parameters, global_model, strict=True)):
         if mine.shape != theirs.shape or mine.dtype.kind != theirs.dtype.kind:
             raise ParticipantError(f"train() returned layer {index} as {mine.dtype} {mine.shape}; the global model "
                                    f"has {theirs.dtype} {theirs.shape}")
@@ -153,4 +153,5 @@ def read_back(layers: list[np.ndarray], dtypes: Sequence[str]) -> list[np.ndarra
     float16 upload precision never changes the dtype the participant trains in."""
     if len(dtypes) != len(layers):
         return layers
-    return [layer if layer.dtype == np.dtype(dtype) else layer.astype(dtype) for layer, dtype in zip(layers, dtypes)]
+    return [layer if layer.dtype == np.dtype(dtype) else layer.astype(dtype)
+            for layer, dtype in zip(layers, dtypes, strict=True)]

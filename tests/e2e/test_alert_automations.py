@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -78,7 +78,7 @@ def _refusal(command: list[str], env: dict[str, str]) -> str:
 def _pause_schedules(api: str, deployment: dict[str, Any], active: bool = False,
                      interval_s: float | None = None) -> None:
     """Pause the deployment's schedules (and drop their scheduled runs), or activate them at an interval."""
-    anchor = (datetime.now(timezone.utc) + timedelta(seconds=2)).isoformat()
+    anchor = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
     for schedule in deployment["schedules"]:
         body: dict[str, Any] = {"active": active}
         if interval_s is not None:
@@ -93,7 +93,7 @@ def _pause_schedules(api: str, deployment: dict[str, Any], active: bool = False,
 def _drop_event(leaf: dict[str, str], branch_id: str, metric: str) -> dict[str, Any]:
     """`branchkey.metric.dropped` as the round flow emits it: the leaf, its branch and the metric as labels."""
     return {
-        "id": str(uuid4()), "occurred": datetime.now(timezone.utc).isoformat(), "event": "branchkey.metric.dropped",
+        "id": str(uuid4()), "occurred": datetime.now(UTC).isoformat(), "event": "branchkey.metric.dropped",
         "resource": {"prefect.resource.id": f"branchkey.leaf.{leaf['id']}", "prefect.resource.name": leaf["name"],
                      "branchkey.branch-id": branch_id, "branchkey.metric": metric},
         "payload": {"metric": metric, "value": 0.5, "best_value": 0.9, "best_round": 1, "drop": 0.4,
@@ -138,7 +138,8 @@ def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alerting]:
         (path,) = write_credentials(root / "creds", federation.leaves)
         _run(["bk", "edge", "setup", f"leaf-1={path}", "--host", server.url], env)
         alerts = ["bk", "edge", "alerts", "--missed-round-after", str(WINDOW_S),
-                  "--participant", "prefect_branchkey.flows.examples.digits:DigitsSoftmax", "--notify-block", f"custom-webhook/{HOOK}"]
+                  "--participant", "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
+                  "--notify-block", f"custom-webhook/{HOOK}"]
         refusals = {"undeployed": _refusal(alerts, env)}
         _run(["prefect", "--no-prompt", "deploy", "--name", "leaf-1-rounds", "--name", "ops-alerts"], env)
         rounds = _deployments(prefect.api_url)["leaf-1-rounds"]
@@ -171,7 +172,7 @@ def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alerting]:
         _wait_until(lambda: len(events(prefect.api_url, "branchkey.round.completed", leaf_id, 1, timeout=1))
                     >= len(history_rows(root / "leaves" / "leaf-1")), 60, "the last round's event at the server")
         stop_group(leaf_worker)
-        stopped_at = datetime.now(timezone.utc)
+        stopped_at = datetime.now(UTC)
         _wait_until(lambda: _completed_alert(prefect.api_url, "missed-round"), WINDOW_S + 90,
                     "the missed-round alert run after the leaf's worker stopped")
         _wait_until(lambda: len(received) >= 3, 30, "the three notifications at the webhook")

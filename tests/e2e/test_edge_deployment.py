@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,7 @@ def _all_settled(api: str) -> bool:
 def _set_rounds_schedules(api: str, deployments: dict[str, dict[str, Any]], active: bool,
                           interval_s: float | None = None) -> None:
     """Activate (with a new interval, all anchored alike) or pause every leaf's rounds schedule."""
-    anchor = (datetime.now(timezone.utc) + timedelta(seconds=3)).isoformat()
+    anchor = (datetime.now(UTC) + timedelta(seconds=3)).isoformat()
     for leaf in LEAVES:
         deployment = deployments[f"{leaf}-rounds"]
         for schedule in deployment["schedules"]:
@@ -180,7 +180,7 @@ def edge(rabbitmq: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
         env = deployer_env | {"BRANCHKEY_PROJECT_DIR": str(PROJECT), "BRANCHKEY_WORK_ROOT": str(root / "leaves")}
         federation = server.federation(leaves=3, tree="edge", branch="edge")
         paths = write_credentials(root / "creds", federation.leaves)
-        _run(["bk", "edge", "setup", *(f"{leaf}={path}" for leaf, path in zip(LEAVES, paths)),
+        _run(["bk", "edge", "setup", *(f"{leaf}={path}" for leaf, path in zip(LEAVES, paths, strict=True)),
               "--host", server.url, "--transport", "amqp", "--amqp-host", "127.0.0.1"], deployer_env)
         _run(["prefect", "--no-prompt", "deploy", "--name", "leaf-1-rounds"], deployer_env)
         assert set(_deployments(prefect.api_url)) == {"leaf-1-rounds"}
@@ -207,7 +207,7 @@ def edge(rabbitmq: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
                     "the interval schedule to fire a round for every leaf")
         _pause_every_schedule(prefect.api_url, deployments)
         _catch_up(prefect.api_url, deployments, root / "leaves")
-        names = {leaf: json.loads(Path(p).read_text())["name"] for leaf, p in zip(LEAVES, paths)}
+        names = {leaf: json.loads(Path(p).read_text())["name"] for leaf, p in zip(LEAVES, paths, strict=True)}
         yield EdgeFederation(prefect.api_url, server, root / "leaves", names, collisions)
     finally:
         for worker in workers:
@@ -328,7 +328,8 @@ def test_serve_runs_one_leafs_rounds_on_its_interval_without_a_worker(server: Bk
         federation = server.federation(leaves=1)
         (path,) = write_credentials(tmp_path / "creds", federation.leaves)
         _run(["bk", "edge", "setup", f"solo={path}", "--host", server.url], env)
-        serving = spawn(["bk", "edge", "serve", "solo", "--participant", "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
+        serving = spawn(["bk", "edge", "serve", "solo",
+                         "--participant", "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
                          "--work-dir", str(tmp_path / "solo"), "--interval-s", "4", "--cron", "",
                          "--participant-options", '{"leaf_index": 0, "leaves": 1}'], tmp_path / "serve.log", env=env)
         _wait_until(lambda: sum(r["state_type"] == "COMPLETED" for r in _flow_runs(prefect.api_url)) >= 2, 180,

@@ -46,13 +46,14 @@ class Installed:
 
 
 def _checked(result: subprocess.CompletedProcess[str], what: str) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, f"{what} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (f"{what} failed ({result.returncode}):\n"
+                                    f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 
 
 USER_PROJECT = {
-    "flows/__init__.py": '"""The user\'s own flows."""\nfrom prefect import flow\n\n\n@flow\ndef nightly_report() -> str:\n'
-                         '    return "theirs"\n',
+    "flows/__init__.py": ('"""The user\'s own flows."""\nfrom prefect import flow\n\n\n'
+                          '@flow\ndef nightly_report() -> str:\n    return "theirs"\n'),
     "tasks/__init__.py": '"""The user\'s own tasks, one named like ours."""\n\n\ndef upload_weights() -> str:\n'
                          '    return "theirs"\n',
     "deployments/__init__.py": '"""The user\'s own deployment helpers."""\nOWNER = "theirs"\n',

@@ -73,7 +73,8 @@ def test_block_saves_and_loads_with_its_secret(prefect_api: str) -> None:
 
 def test_block_registers_with_prefect_block_register(prefect_api: str) -> None:
     env = os.environ | {"PREFECT_API_URL": prefect_api}
-    result = subprocess.run([sys.executable, "-m", "prefect", "block", "register", "-m", "prefect_branchkey.bk_blocks.credentials"],
+    result = subprocess.run([sys.executable, "-m", "prefect", "block", "register",
+                             "-m", "prefect_branchkey.bk_blocks.credentials"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "BranchKey Credentials" in result.stdout

@@ -14,7 +14,8 @@ CREDENTIAL_KEYS = {"id", "name", "session_token", "tree_id", "branch_id", "owner
 
 
 def bk_server(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "prefect_branchkey.bk_server.cli", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "prefect_branchkey.bk_server.cli", *args],
+                          capture_output=True, text=True, timeout=60)
 
 
 def test_federation_create_writes_owner_only_official_credentials(server: BkServer, tmp_path: Path) -> None:

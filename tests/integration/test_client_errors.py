@@ -41,18 +41,18 @@ def test_wrong_token_raises_authentication_error(server: BkServer) -> None:
 def test_other_branch_raises_authentication_error(server: BkServer) -> None:
     leaf = server.federation(leaves=1).leaves[0]
     other = server.federation(leaves=1).branch_id
-    with credentials_for(server, leaf | {"branch_id": other}).get_client() as client:
-        with pytest.raises(AuthenticationError) as error:
-            client.run_details()
+    with (credentials_for(server, leaf | {"branch_id": other}).get_client() as client,
+          pytest.raises(AuthenticationError) as error):
+        client.run_details()
     assert error.value.status_code == 403
 
 
 def test_upload_while_paused_raises_run_not_started(server: BkServer, update_file: Callable[..., Path]) -> None:
     federation = server.federation(leaves=2)
     server.run(federation.branch_id, "pause")
-    with credentials_for(server, federation.leaves[0]).get_client() as client:
-        with pytest.raises(RunNotStartedError, match="run is blocked"):
-            client.upload(update_file())
+    with (credentials_for(server, federation.leaves[0]).get_client() as client,
+          pytest.raises(RunNotStartedError, match="run is blocked")):
+        client.upload(update_file())
 
 
 def test_server_refusal_carries_its_message(server: BkServer, update_file: Callable[..., Path],
@@ -69,9 +69,9 @@ def test_invalid_archive_is_refused_before_any_request(server: BkServer, tmp_pat
     leaf = server.federation(leaves=1).leaves[0]
     path = tmp_path / "nan.npz"
     np.savez(path, weighting=np.array([1.0]), layer_0=np.array([np.nan]))
-    with credentials_for(server, leaf, host=proxy.url).get_client() as client:
-        with pytest.raises(ArchiveRejectedError, match="NaN"):
-            client.upload(path)
+    with (credentials_for(server, leaf, host=proxy.url).get_client() as client,
+          pytest.raises(ArchiveRejectedError, match="NaN")):
+        client.upload(path)
     assert proxy.count("POST", "/upload") == 0
 
 
@@ -104,19 +104,18 @@ def test_503_is_transient(server: BkServer, proxy: FaultyProxy) -> None:
         assert client.run_details().run_status == "start"
 
 
-def test_dropped_connection_is_transient(server: BkServer, proxy: FaultyProxy, update_file: Callable[..., Path]) -> None:
+def test_dropped_connection_is_transient(server: BkServer, proxy: FaultyProxy,
+                                        update_file: Callable[..., Path]) -> None:
     leaf = server.federation(leaves=2).leaves[0]
     proxy.inject("drop", "/upload")
-    with credentials_for(server, leaf, host=proxy.url).get_client() as client:
-        with pytest.raises(TransientError):
-            client.upload(update_file())
+    with credentials_for(server, leaf, host=proxy.url).get_client() as client, pytest.raises(TransientError):
+        client.upload(update_file())
 
 
 def test_wait_without_notice_times_out_as_transient(server: BkServer) -> None:
     leaf = server.federation(leaves=2).leaves[0]
-    with credentials_for(server, leaf).get_client() as client:
-        with pytest.raises(NotificationTimeout) as error:
-            client.wait_for_aggregation(0.5, after=client.mark())
+    with credentials_for(server, leaf).get_client() as client, pytest.raises(NotificationTimeout) as error:
+        client.wait_for_aggregation(0.5, after=client.mark())
     assert isinstance(error.value, TransientError)
 
 

@@ -80,7 +80,8 @@ def test_stale_notice_from_a_skipped_round_is_not_returned(transport_server: tup
     assert notice.aggregation_id == server.wait_for_round(federation.branch_id, 2)["aggregation_id"]
 
 
-def test_notice_published_while_disconnected_is_received(amqp_server: BkServer, update_file: Callable[..., Path]) -> None:
+def test_notice_published_while_disconnected_is_received(amqp_server: BkServer,
+                                                         update_file: Callable[..., Path]) -> None:
     federation = amqp_server.federation(leaves=1)
     credentials = credentials_for(amqp_server, federation.leaves[0], "amqp")
     with credentials.get_client() as client:
@@ -190,6 +191,5 @@ def test_notice_taken_without_ack_comes_back_after_a_crash(amqp_server: BkServer
     with credentials.get_client() as client:
         assert client.wait_for_aggregation(30, auto_ack=False).aggregation_id == taken
         client.acknowledge(taken)
-    with credentials.get_client() as client:
-        with pytest.raises(TransientError):
-            client.wait_for_aggregation(2)
+    with credentials.get_client() as client, pytest.raises(TransientError):
+        client.wait_for_aggregation(2)

@@ -24,12 +24,12 @@ def test_three_leaf_round_with_block_and_client(transport_server: tuple[str, BkS
     try:
         marks = [client.mark() for client in clients]
         assert all(client.run_details().run_status == "start" for client in clients)
-        file_ids = [client.upload(path) for client, path in zip(clients, paths)]
+        file_ids = [client.upload(path) for client, path in zip(clients, paths, strict=True)]
         assert len(set(file_ids)) == 3
-        notices = [client.wait_for_aggregation(30, after=mark) for client, mark in zip(clients, marks)]
+        notices = [client.wait_for_aggregation(30, after=mark) for client, mark in zip(clients, marks, strict=True)]
         assert len({n.aggregation_id for n in notices}) == 1
         result = read_aggregate(clients[0].download(notices[0].aggregation_id, tmp_path / "agg"))
-        for got, want in zip(result, fedavg_reference([read_update(p) for p in paths])):
+        for got, want in zip(result, fedavg_reference([read_update(p) for p in paths]), strict=False):
             np.testing.assert_allclose(got.astype(float), want.astype(float), rtol=1e-3)
         for client in clients:
             client.send_metrics(notices[0].aggregation_id, {"accuracy": 0.5}, mode="test")

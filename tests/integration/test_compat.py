@@ -1,4 +1,5 @@
-"""prefect_branchkey.bk_blocks.compat.Client: the official 2.7 client's API, so scripts move over by changing one import."""
+"""prefect_branchkey.bk_blocks.compat.Client: the official 2.7 client's API, so scripts move over
+by changing one import."""
 
 from __future__ import annotations
 
@@ -108,8 +109,9 @@ def test_compat_client_runs_a_round_where_prefect_is_not_installed(amqp_server: 
     credentials = amqp_server.federation(leaves=1).leaves[0]
     script = tmp_path / "official_script.py"
     script.write_text(SCRIPT_WITHOUT_PREFECT)
-    result = subprocess.run([sys.executable, "-m", "tests.support.without_prefect", str(script), json.dumps(credentials),
-                             amqp_server.url, str(tmp_path)], cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(PROJECT)},
+    result = subprocess.run([sys.executable, "-m", "tests.support.without_prefect", str(script),
+                             json.dumps(credentials), amqp_server.url, str(tmp_path)],
+                            cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(PROJECT)},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -80,7 +80,7 @@ def test_setup_with_a_bad_credentials_file_changes_nothing(prefect_api: str, lea
     pool = f"edge-{uuid.uuid4().hex[:8]}"
     broken = tmp_path / "broken.json"
     broken.write_text('{"id": "x"}')
-    with pytest.raises(EdgeSetupError, match="broken.json.*missing"):
+    with pytest.raises(EdgeSetupError, match=r"broken\.json.*missing"):
         set_up_edge([LeafSpec("clinic-b", leaf_json), LeafSpec("broken", broken)], "http://127.0.0.1:9", pool=pool)
     assert httpx.get(f"{prefect_api}/work_pools/{pool}", timeout=30).status_code == 404
     with pytest.raises(ValueError, match="Unable to find block document named clinic-b"):
@@ -88,8 +88,9 @@ def test_setup_with_a_bad_credentials_file_changes_nothing(prefect_api: str, lea
 
 
 def _setup_cli(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "prefect_branchkey.deployments.cli", "edge", "setup", f"a={tmp_path / 'none.json'}",
-                           "--host", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "prefect_branchkey.deployments.cli", "edge", "setup",
+                           f"a={tmp_path / 'none.json'}", "--host", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | env)
 
 
@@ -133,7 +134,8 @@ def test_deployments_have_rounds_a_retraining_and_a_drift_check_per_leaf() -> No
             f"{deployment['entrypoint']} {'cron' if 'cron' in schedule else 'interval'}")
     assert set(kinds) == {"leaf-1", "leaf-2", "leaf-3"}
     for leaf_kinds in kinds.values():
-        assert leaf_kinds == {"prefect_branchkey.flows.training:federated_training cron", "prefect_branchkey.flows.round:federated_round interval",
+        assert leaf_kinds == {"prefect_branchkey.flows.training:federated_training cron",
+                              "prefect_branchkey.flows.round:federated_round interval",
                               "prefect_branchkey.flows.evaluation:federated_evaluation cron"}
 
 
@@ -165,18 +167,18 @@ def held_by_another_process(work_dir: Path) -> Iterator[int]:
 
 
 def test_a_work_dir_held_by_another_process_is_refused_naming_the_holder(tmp_path: Path) -> None:
-    with held_by_another_process(tmp_path) as pid:
-        with pytest.raises(LeafBusyError, match=f"pid {pid}"):
-            with hold_work_dir(tmp_path):
-                pass
+    with (held_by_another_process(tmp_path) as pid, pytest.raises(LeafBusyError, match=f"pid {pid}"),
+          hold_work_dir(tmp_path)):
+        pass
 
 
 def test_a_round_of_a_leaf_busy_elsewhere_ends_cancelled_and_touches_nothing(
         prefect_api: str, server: BkServer, tmp_path: Path) -> None:
     federation = server.federation(leaves=1)
     with held_by_another_process(tmp_path / "leaf") as pid:
-        state = federated_round(credentials_for(server, federation.leaves[0]), "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
-                                str(tmp_path / "leaf"), {"leaf_index": 0, "leaves": 1}, return_state=True)
+        state = federated_round(credentials_for(server, federation.leaves[0]),
+                                "prefect_branchkey.flows.examples.digits:DigitsSoftmax", str(tmp_path / "leaf"),
+                                {"leaf_index": 0, "leaves": 1}, return_state=True)
     assert state.is_cancelled() and f"pid {pid}" in (state.message or "")
     assert not (tmp_path / "leaf" / "state.json").exists()
     assert server.status(federation.branch_id)["rounds"][0]["updates"] == 0
@@ -192,10 +194,8 @@ def test_a_released_work_dir_can_be_held_by_another_process(tmp_path: Path) -> N
 
 
 def test_a_second_hold_in_this_process_is_refused_naming_this_process(tmp_path: Path) -> None:
-    with hold_work_dir(tmp_path):
-        with pytest.raises(LeafBusyError, match=f"pid {os.getpid()}"):
-            with hold_work_dir(tmp_path):
-                pass
+    with hold_work_dir(tmp_path), pytest.raises(LeafBusyError, match=f"pid {os.getpid()}"), hold_work_dir(tmp_path):
+        pass
 
 
 def test_another_thread_cannot_hold_a_work_dir_this_thread_holds(tmp_path: Path) -> None:

@@ -40,8 +40,8 @@ def test_training_ends_cleanly_when_the_platform_stops_the_run(server: BkServer,
     federation = server.federation(leaves=2)
     credentials = credentials_for(server, federation.leaves[0])
     threading.Timer(2.0, server.run, args=(federation.branch_id, "stop")).start()
-    results = federated_training(credentials, "prefect_branchkey.flows.examples.digits:DigitsSoftmax", str(tmp_path / "leaf"),
-                                 rounds=3, participant_options={"leaf_index": 0, "leaves": 2})
+    results = federated_training(credentials, "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
+                                 str(tmp_path / "leaf"), rounds=3, participant_options={"leaf_index": 0, "leaves": 2})
     assert [r.status for r in results] == ["stopped"]
 
 
@@ -66,8 +66,9 @@ def test_declined_round_uploads_nothing(server: BkServer, tmp_path: Path,
 
 def test_training_stops_at_the_target_metric(server: BkServer, tmp_path: Path) -> None:
     federation = server.federation(leaves=1)
-    results = federated_training(credentials_for(server, federation.leaves[0]), "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
-                                 str(tmp_path / "leaf"), rounds=20, participant_options={"leaf_index": 0, "leaves": 1},
+    results = federated_training(credentials_for(server, federation.leaves[0]),
+                                 "prefect_branchkey.flows.examples.digits:DigitsSoftmax", str(tmp_path / "leaf"),
+                                 rounds=20, participant_options={"leaf_index": 0, "leaves": 1},
                                  target_metric="accuracy", target_value=0.5)
     assert len(results) < 20 and results[-1].eval_metrics["accuracy"] >= 0.5
 
@@ -96,8 +97,8 @@ def test_rounds_per_run_ends_a_run_and_the_next_run_continues(server: BkServer, 
     federation = server.federation(leaves=1)
     credentials = credentials_for(server, federation.leaves[0])
     options = {"leaf_index": 0, "leaves": 1}
-    first = federated_training(credentials, "prefect_branchkey.flows.examples.digits:DigitsSoftmax", str(tmp_path / "leaf"),
-                               rounds=None, rounds_per_run=2, participant_options=options)
-    second = federated_training(credentials, "prefect_branchkey.flows.examples.digits:DigitsSoftmax", str(tmp_path / "leaf"),
-                                rounds=None, rounds_per_run=2, participant_options=options)
+    first = federated_training(credentials, "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
+                               str(tmp_path / "leaf"), rounds=None, rounds_per_run=2, participant_options=options)
+    second = federated_training(credentials, "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
+                                str(tmp_path / "leaf"), rounds=None, rounds_per_run=2, participant_options=options)
     assert [r.round for r in first] == [1, 2] and [r.round for r in second] == [3, 4]

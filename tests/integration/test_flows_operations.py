@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def _prefect(prefect_api: str) -> None:
 class Fading(Participant):
     """A site whose global model scores worse every round after the first."""
 
-    metrics = {"accuracy": "max"}
+    metrics: ClassVar[dict[str, str]] = {"accuracy": "max"}
 
     def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
         return TrainResult(1.0, [np.full(4, round_number, np.float32)])

@@ -32,7 +32,8 @@ def record(round_number: int, **extra: object) -> RoundRecord:
 
 
 def test_participant_is_loaded_by_import_path_with_json_options() -> None:
-    participant = load_participant("prefect_branchkey.flows.examples.digits:DigitsSoftmax", '{"leaf_index": 1, "leaves": 2}')
+    participant = load_participant("prefect_branchkey.flows.examples.digits:DigitsSoftmax",
+                                   '{"leaf_index": 1, "leaves": 2}')
     assert isinstance(participant, DigitsSoftmax) and participant.y_train.size > 0
 
 
@@ -90,7 +91,7 @@ def test_torch_state_round_trips_in_state_dict_order_with_dtypes() -> None:
     assert [a.shape for a in arrays] == [tuple(t.shape) for t in source.state_dict().values()]
     assert arrays[-3].dtype == np.int64, "the batch-norm counter stays an integer"
     numpy_to_torch(target, arrays)
-    for (name, want), got in zip(source.state_dict().items(), target.state_dict().values()):
+    for (name, want), got in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
         assert torch.equal(want, got), name
 
 
@@ -145,8 +146,12 @@ def test_artifact_keys_are_valid_and_stable() -> None:
 
 def test_bk_history_prints_json_csv_and_a_table(tmp_path: Path) -> None:
     append_record(tmp_path, record(1))
-    run = lambda fmt: subprocess.run([sys.executable, "-m", "prefect_branchkey.deployments.cli", "history", "--work-dir", str(tmp_path),  # noqa: E731
-                                      "--format", fmt], capture_output=True, text=True, check=True).stdout
+
+    def run(fmt: str) -> str:
+        return subprocess.run([sys.executable, "-m", "prefect_branchkey.deployments.cli", "history",
+                               "--work-dir", str(tmp_path), "--format", fmt],
+                              capture_output=True, text=True, check=True).stdout
+
     assert json.loads(run("json"))[0]["eval_accuracy"] == 0.5
     assert run("csv").splitlines()[0].startswith("run_number,round,status")
     assert "eval accuracy" in run("table")

@@ -34,7 +34,8 @@ def start_leaf(server: BkServer, leaf: dict, work_dir: Path, tmp_path: Path, pre
     creds = tmp_path / "leaf.json"
     creds.write_text(json.dumps(leaf))
     env = os.environ | {"PREFECT_API_URL": prefect_api}
-    return subprocess.Popen([sys.executable, "-m", "tests.support.leaf_process", str(creds), server.url, "amqp", str(work_dir)],
+    return subprocess.Popen([sys.executable, "-m", "tests.support.leaf_process", str(creds), server.url, "amqp",
+                             str(work_dir)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

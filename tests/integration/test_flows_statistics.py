@@ -126,7 +126,8 @@ def test_statistics_callable_that_is_not_importable_is_refused() -> None:
 def test_rerun_after_the_round_counts_once(statistics_round) -> None:
     server, leaves, results = statistics_round
     block = leaf_credentials(leaves.parent / "creds", server.url, "websocket")[0]
-    again = federated_statistics(block, str(leaves / block.leaf_name), "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
+    again = federated_statistics(block, str(leaves / block.leaf_name),
+                                 "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
                                  {"leaf_index": 0, "leaves": 3}, timeout_s=30)
     assert again.aggregation_id == results[block.leaf_name].aggregation_id
     rounds = server.status(server.federations[0].branch_id)["rounds"]

@@ -19,7 +19,7 @@ from ..support.bkserver import BkServer
 from .test_official_clients import SCRIPTS, official_python
 
 sys.path.insert(0, str(SCRIPTS))
-from site_columns import columns  # noqa: E402
+from site_columns import columns
 
 
 def official(script: str, *args: str) -> dict:

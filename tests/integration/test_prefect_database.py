@@ -38,7 +38,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _gone(pid: int, timeout: float = 15) -> bool:
@@ -65,7 +65,8 @@ def test_stop_leaves_no_postgres_process(tmp_path: Path) -> None:
 
 
 def test_postgres_dies_with_a_parent_that_is_sigkilled(tmp_path: Path) -> None:
-    script = ("import sys, time; from pathlib import Path; from prefect_branchkey.bk_dev.prefect_database import EmbeddedPostgres; "
+    script = ("import sys, time; from pathlib import Path; "
+              "from prefect_branchkey.bk_dev.prefect_database import EmbeddedPostgres; "
               "p = EmbeddedPostgres(Path(sys.argv[1])).start(); print(p.process.pid, flush=True); time.sleep(600)")
     parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "data")], cwd=PROJECT,
                               stdout=subprocess.PIPE, text=True)
@@ -201,7 +202,8 @@ class LeafRuns:
 
     def __init__(self, credentials: Path, host: str, work_dir: Path, env: dict[str, str], logs: Path,
                  reruns: int = 3) -> None:
-        self.command = [sys.executable, "-m", "tests.support.leaf_process", str(credentials), host, "amqp", str(work_dir), "2"]
+        self.command = [sys.executable, "-m", "tests.support.leaf_process", str(credentials), host, "amqp",
+                        str(work_dir), "2"]
         self.work_dir, self.env, self.logs, self.reruns = work_dir, env, logs, reruns
         self.failures: list[Path] = []
         self.process = self._start()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from ..support.flow_helpers import artifacts, events
 
 
 def _record(leaf_id: str, leaf_name: str, round_number: int) -> RoundRecord:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return RoundRecord(branch_id="branch", leaf_id=leaf_id, leaf_name=leaf_name, run_number=1, round=round_number,
                        status="completed", aggregation_id=f"agg-{round_number}", eval_metrics={"accuracy": 0.5},
                        started_at=now, finished_at=now)
@@ -77,7 +77,7 @@ def test_round_event_is_related_to_its_flow_run_and_tags(leaf: tuple[str, str, P
     related = {r["prefect.resource.id"]: r["prefect.resource.role"] for r in event["related"]}
     assert related["branchkey.branch.branch"] == "branch"
     assert related[f"prefect.tag.leaf:{name}"] == "tag"
-    assert event["occurred"].startswith(str(datetime.now(timezone.utc).year))
+    assert event["occurred"].startswith(str(datetime.now(UTC).year))
 
 
 def test_publication_survives_an_unexpected_error_and_retries_on_close(

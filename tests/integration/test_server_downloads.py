@@ -51,7 +51,8 @@ def test_download_url_for_another_branch_is_refused(server: BkServer, federation
     assert response.status_code == 403
 
 
-def test_expired_download_url_is_refused(make_server: Callable[..., BkServer], update_file: Callable[..., Path]) -> None:
+def test_expired_download_url_is_refused(make_server: Callable[..., BkServer],
+                                         update_file: Callable[..., Path]) -> None:
     server = make_server(download_url_ttl=1)
     federation = server.federation(leaves=1)
     aggregation_id = aggregated(server, federation, update_file)

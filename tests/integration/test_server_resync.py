@@ -62,7 +62,7 @@ def test_replayed_upload_of_an_aggregated_round_gets_its_aggregation(
     federation = server.federation(leaves=2)
     paths = [update_file(seed) for seed in range(2)]
     key = {"Idempotency-Key": "leaf-0.run1.round1"}
-    for leaf, path in zip(federation.leaves, paths):
+    for leaf, path in zip(federation.leaves, paths, strict=True):
         upload(server, leaf, path, extra_headers=key | round_headers(1, 1))
     aggregation_id = server.wait_for_round(federation.branch_id, 1)["aggregation_id"]
     replay = upload(server, federation.leaves[0], paths[0], extra_headers=key | round_headers(1, 1))

@@ -19,17 +19,18 @@ from ..support.wire import WsListener, download, file_id_of, run_details, upload
 
 def assert_layers_equal(actual: list[np.ndarray], expected: list[np.ndarray]) -> None:
     assert len(actual) == len(expected)
-    for got, want in zip(actual, expected):
+    for got, want in zip(actual, expected, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
-        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=1e-3 if got.dtype == np.float16 else 1e-6)
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64),
+                                   rtol=1e-3 if got.dtype == np.float16 else 1e-6)
 
 
 def test_round_closes_at_min_updates_and_aggregate_matches_numpy(
     server: BkServer, update_file: Callable[..., Path], tmp_path: Path
 ) -> None:
     federation = server.federation(leaves=3)
-    paths = [update_file(seed, weighting=w) for seed, w in zip(range(3), (40000.0, 60000.0, 5.0))]
-    for leaf, path in zip(federation.leaves, paths):
+    paths = [update_file(seed, weighting=w) for seed, w in zip(range(3), (40000.0, 60000.0, 5.0), strict=True)]
+    for leaf, path in zip(federation.leaves, paths, strict=True):
         file_id_of(upload(server, leaf, path))
     aggregation_id = server.wait_for_round(federation.branch_id, 1)["aggregation_id"]
     result = read_aggregate(download(server, federation.leaves[0], aggregation_id, tmp_path / "agg.npz"))
@@ -44,7 +45,8 @@ def test_round_stays_open_below_min_updates(server: BkServer, update_file: Calla
     assert [r["status"] for r in server.status(federation.branch_id)["rounds"]] == ["open"]
 
 
-def test_replaced_upload_is_the_one_averaged(server: BkServer, update_file: Callable[..., Path], tmp_path: Path) -> None:
+def test_replaced_upload_is_the_one_averaged(server: BkServer, update_file: Callable[..., Path],
+                                             tmp_path: Path) -> None:
     federation = server.federation(leaves=2)
     file_id_of(upload(server, federation.leaves[0], update_file(1)))
     final = update_file(2)
@@ -75,7 +77,8 @@ def test_later_round_refuses_a_different_model(server: BkServer, update_file: Ca
     assert response.status_code == 422
 
 
-def test_deadline_closes_round_once_quorum_arrived(make_server: Callable[..., BkServer], update_file: Callable[..., Path]) -> None:
+def test_deadline_closes_round_once_quorum_arrived(make_server: Callable[..., BkServer],
+                                                   update_file: Callable[..., Path]) -> None:
     server = make_server()
     federation = server.federation(leaves=3, min_updates=3, quorum=2, round_deadline_s=1.5)
     for leaf in federation.leaves[:2]:
@@ -117,9 +120,9 @@ def test_stop_then_start_begins_a_new_run(server: BkServer, update_file: Callabl
     server.run(federation.branch_id, "stop")
     assert upload(server, federation.leaves[1], update_file()).status_code == 409
     server.run(federation.branch_id, "start")
-    assert run_details(server, federation.leaves[0]).json()["data"] == {"run_status": "start", "run_number": 2, "round": 1,
-                                                                     "aggregating": [], "latest_aggregation": None,
-                                                                     "latest_statistics": None}
+    assert run_details(server, federation.leaves[0]).json()["data"] == {
+        "run_status": "start", "run_number": 2, "round": 1, "aggregating": [], "latest_aggregation": None,
+        "latest_statistics": None}
     rounds = server.status(federation.branch_id)["rounds"]
     assert [(r["run_number"], r["status"], r["updates"]) for r in rounds] == [(1, "abandoned", 0), (2, "open", 0)]
 
@@ -141,7 +144,7 @@ def test_uploads_accepted_before_a_restart_still_count(
 ) -> None:
     federation = server.federation(leaves=3)
     paths = [update_file(seed, weighting=10.0 * (seed + 1)) for seed in range(3)]
-    for leaf, path in zip(federation.leaves[:2], paths[:2]):
+    for leaf, path in zip(federation.leaves[:2], paths[:2], strict=True):
         file_id_of(upload(server, leaf, path))
     server.restart(hard=True)
     file_id_of(upload(server, federation.leaves[2], paths[2]))
@@ -163,7 +166,7 @@ def test_idempotency_survives_a_restart(server: BkServer, update_file: Callable[
 def test_api_answers_while_a_round_aggregates(server: BkServer, tmp_path: Path) -> None:
     federation = server.federation(leaves=3)
     big = [write_update(tmp_path / f"big{i}.npz", 1.0 + i, [np.full(50_000_000, i, np.float32)]) for i in range(3)]
-    for leaf, path in zip(federation.leaves, big):
+    for leaf, path in zip(federation.leaves, big, strict=True):
         file_id_of(upload(server, leaf, path))
     answered_during_aggregation = False
     while True:
@@ -195,7 +198,8 @@ def test_idempotency_key_of_a_discarded_upload_counts_again_in_the_new_run(
     assert server.status(federation.branch_id)["rounds"][-1]["updates"] == 1
 
 
-def test_retry_with_a_key_gets_its_file_id_even_while_paused(server: BkServer, update_file: Callable[..., Path]) -> None:
+def test_retry_with_a_key_gets_its_file_id_even_while_paused(server: BkServer,
+                                                             update_file: Callable[..., Path]) -> None:
     federation = server.federation(leaves=2)
     path = update_file()
     first = file_id_of(upload(server, federation.leaves[0], path, extra_headers={"Idempotency-Key": "k"}))

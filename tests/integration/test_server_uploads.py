@@ -19,14 +19,16 @@ def accepted_count(server: BkServer, branch_id: str, round_number: int = 1) -> i
     return rounds[round_number]["updates"]
 
 
-def test_upload_from_3x_client_with_integrity_headers_is_201(server: BkServer, update_file: Callable[..., Path]) -> None:
+def test_upload_from_3x_client_with_integrity_headers_is_201(server: BkServer,
+                                                             update_file: Callable[..., Path]) -> None:
     federation = server.federation(leaves=2)
     response = upload(server, federation.leaves[0], update_file())
     assert response.status_code == 201
     assert len(response.json()["data"]["file_id"]) == 36
 
 
-def test_upload_from_2x_client_with_python_looking_metadata_is_201(server: BkServer, update_file: Callable[..., Path]) -> None:
+def test_upload_from_2x_client_with_python_looking_metadata_is_201(server: BkServer,
+                                                                   update_file: Callable[..., Path]) -> None:
     federation = server.federation(leaves=2)
     response = upload(server, federation.leaves[0], update_file(), v3=False)
     assert response.status_code == 201, response.text
@@ -75,11 +77,15 @@ BAD_ARCHIVES: dict[str, tuple[Callable[[Path], None], str]] = {
     "weighting_zero": (lambda p: np.savez(p, weighting=np.array([0.0]), layer_0=np.ones(3)), "> 0"),
     "weighting_nan": (lambda p: np.savez(p, weighting=np.array([np.nan]), layer_0=np.ones(3)), "finite"),
     "no_layers": (lambda p: np.savez(p, weighting=np.array([1.0])), "no layers"),
-    "gap_in_layers": (lambda p: np.savez(p, weighting=np.array([1.0]), layer_0=np.ones(2), layer_2=np.ones(2)), "layer_1 is missing"),
+    "gap_in_layers": (lambda p: np.savez(p, weighting=np.array([1.0]), layer_0=np.ones(2), layer_2=np.ones(2)),
+                      "layer_1 is missing"),
     "nan_in_layer": (lambda p: np.savez(p, weighting=np.array([1.0]), layer_0=np.array([1.0, np.nan])), "NaN"),
-    "inf_in_layer": (lambda p: np.savez_compressed(p, weighting=np.array([1.0]), layer_0=np.array([np.inf])), "infinity"),
-    "zip_bomb": (lambda p: np.savez_compressed(p, weighting=np.array([1.0]), layer_0=np.zeros(40_000_000)), "over the limit"),
-    "analytics": (lambda p: np.savez(p, __bk_payload_kind__=np.array("federated_analytics"), age_sum=np.ones(1)), "field 'age_n' is missing from column 'age'"),
+    "inf_in_layer": (lambda p: np.savez_compressed(p, weighting=np.array([1.0]), layer_0=np.array([np.inf])),
+                     "infinity"),
+    "zip_bomb": (lambda p: np.savez_compressed(p, weighting=np.array([1.0]), layer_0=np.zeros(40_000_000)),
+                 "over the limit"),
+    "analytics": (lambda p: np.savez(p, __bk_payload_kind__=np.array("federated_analytics"), age_sum=np.ones(1)),
+                  "field 'age_n' is missing from column 'age'"),
 }
 
 
@@ -143,7 +149,8 @@ def test_upload_with_fewer_layers_is_refused(
     assert "has 2 layers" in response.json()["error"]
 
 
-def test_same_idempotency_key_returns_same_file_id_and_counts_once(server: BkServer, update_file: Callable[..., Path]) -> None:
+def test_same_idempotency_key_returns_same_file_id_and_counts_once(server: BkServer,
+                                                                   update_file: Callable[..., Path]) -> None:
     federation = server.federation(leaves=3)
     path = update_file()
     key = {"Idempotency-Key": "leaf-1-round-1-abc"}
@@ -153,7 +160,8 @@ def test_same_idempotency_key_returns_same_file_id_and_counts_once(server: BkSer
     assert accepted_count(server, federation.branch_id) == 1
 
 
-def test_idempotency_key_reused_for_another_archive_is_refused(server: BkServer, update_file: Callable[..., Path]) -> None:
+def test_idempotency_key_reused_for_another_archive_is_refused(server: BkServer,
+                                                               update_file: Callable[..., Path]) -> None:
     federation = server.federation(leaves=3)
     key = {"Idempotency-Key": "k1"}
     file_id_of(upload(server, federation.leaves[0], update_file(1), extra_headers=key))

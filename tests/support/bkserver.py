@@ -40,7 +40,7 @@ class BkServer(LocalServer):
     def amqp(self) -> bool:
         return self.amqp_url is not None
 
-    def start(self, timeout: float = 30) -> "BkServer":
+    def start(self, timeout: float = 30) -> BkServer:
         if self.amqp:
             self.options.setdefault("rabbitmq_admin_url", "http://guest:guest@127.0.0.1:15672")
         super().start(timeout)

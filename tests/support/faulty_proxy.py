@@ -81,7 +81,8 @@ class FaultyProxy:
                     self.connection.close()
                     return
                 if fault == "503":
-                    self._reply(503, {"Content-Type": "application/json"}, b'{"error": "injected: service unavailable"}')
+                    self._reply(503, {"Content-Type": "application/json"},
+                                b'{"error": "injected: service unavailable"}')
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 headers["Host"] = self.headers.get("Host", "")

@@ -18,7 +18,9 @@ OPTIONS = {"leaf_index": 0, "leaves": 2}
 
 if __name__ == "__main__":
     credentials_path, host, transport, work_dir = sys.argv[1:5]
-    block = BranchKeyCredentials.from_platform_json(json.load(open(credentials_path)), host=host,
+    with open(credentials_path) as credentials_file:
+        platform_json = json.load(credentials_file)
+    block = BranchKeyCredentials.from_platform_json(platform_json, host=host,
                                                     notification_transport=transport, amqp_host="127.0.0.1")
     if len(sys.argv) > 5:
         results = federated_training(block, PARTICIPANT, work_dir, rounds=int(sys.argv[5]),

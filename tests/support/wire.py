@@ -47,13 +47,15 @@ def upload(
     if v3:
         h["x-bk-file-size"] = str(path.stat().st_size)
         h["x-bk-file-digest"] = digest_header(path)
-        meta = metadata if metadata is not None else json.dumps({"client_version": "3.0.1", "kind": "federated_learning"})
+        meta = (metadata if metadata is not None
+                else json.dumps({"client_version": "3.0.1", "kind": "federated_learning"}))
     else:
         meta = metadata if metadata is not None else V2_METADATA
     h.update(extra_headers or {})
     with open(path, "rb") as handle:
         return requests.post(f"{server.url}/api/v1/file/upload", headers=h, timeout=120,
-                             files={"file": handle}, data={"data": json.dumps({"leaf_name": creds["name"], "metadata": meta})})
+                             files={"file": handle},
+                             data={"data": json.dumps({"leaf_name": creds["name"], "metadata": meta})})
 
 
 def file_id_of(response: requests.Response) -> str:
@@ -87,7 +89,8 @@ def send_metrics(server: BkServer, creds: dict[str, str], aggregation_id: str, m
 
 
 def run_details(server: BkServer, creds: dict[str, str], branch_id: str | None = None) -> requests.Response:
-    return requests.get(f"{server.url}/api/v1/run/{branch_id or creds['branch_id']}", headers=headers(creds), timeout=30)
+    return requests.get(f"{server.url}/api/v1/run/{branch_id or creds['branch_id']}", headers=headers(creds),
+                        timeout=30)
 
 
 class WsListener:
@@ -107,7 +110,7 @@ class WsListener:
         try:
             for text in self._ws:
                 self.messages.put(json.loads(text))
-        except Exception:  # noqa: BLE001 - the connection ends when the test closes it
+        except Exception:
             return
 
     def next(self, message_type: str, timeout: float = 30) -> dict[str, Any]:

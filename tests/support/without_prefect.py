@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import runpy
 import sys
+from collections.abc import Sequence
 from importlib.abc import MetaPathFinder
 from importlib.machinery import ModuleSpec
 from types import ModuleType
-from typing import Sequence
 
 
 class _NoPrefect(MetaPathFinder):

@@ -13,7 +13,7 @@ def make_updates(tmp_path, weightings, layer_lists, compress=False):
     """Write one update archive per (weighting, layers); `compress` may be a list per update."""
     flags = compress if isinstance(compress, list) else [compress] * len(weightings)
     updates = []
-    for index, (weighting, layers, flag) in enumerate(zip(weightings, layer_lists, flags)):
+    for index, (weighting, layers, flag) in enumerate(zip(weightings, layer_lists, flags, strict=False)):
         path = write_update(tmp_path / f"in-{index}.npz", weighting, layers, compress=flag)
         updates.append(WeightedUpdate(path, float(weighting)))
     return updates
@@ -23,8 +23,8 @@ def reference(weightings, layer_lists):
     """sum_i w_i * theta_i / sum_i w_i in float64, cast back to each layer's dtype."""
     w = np.asarray(weightings, dtype=np.float64)
     averaged = []
-    for layers in zip(*layer_lists):
-        total = sum(wi * layer.astype(np.float64) for wi, layer in zip(w, layers))
+    for layers in zip(*layer_lists, strict=False):
+        total = sum(wi * layer.astype(np.float64) for wi, layer in zip(w, layers, strict=False))
         averaged.append((total / w.sum()).astype(layers[0].dtype))
     return averaged
 
@@ -44,7 +44,7 @@ def test_float32_layers_equal_the_float64_reference_across_many_small_chunks(tmp
     # 60 bytes: 7 float64 accumulator slots but 15 float32 elements per read, so reads
     # and accumulator windows never line up and layers span dozens of chunks.
     result = aggregate(tmp_path, make_updates(tmp_path, weightings, layer_lists), chunk_bytes=60)
-    for got, want in zip(result, reference(weightings, layer_lists)):
+    for got, want in zip(result, reference(weightings, layer_lists), strict=False):
         assert got.dtype == np.float32 and got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=2e-7, atol=0)
 
@@ -105,7 +105,7 @@ def test_mix_of_stored_and_compressed_updates_is_averaged(tmp_path):
     layer_lists = [[rng.normal(size=(17, 19)).astype(np.float32), rng.normal(size=333)] for _ in weightings]
     updates = make_updates(tmp_path, weightings, layer_lists, compress=[True, False, True])
     result = aggregate(tmp_path, updates, chunk_bytes=44)
-    for got, want in zip(result, reference(weightings, layer_lists)):
+    for got, want in zip(result, reference(weightings, layer_lists), strict=False):
         assert got.dtype == want.dtype
         np.testing.assert_allclose(got, want, rtol=2e-7 if want.dtype == np.float32 else 1e-12)
 
@@ -131,7 +131,7 @@ def test_updates_with_different_shapes_are_refused(tmp_path):
 
 def test_updates_with_different_dtypes_are_refused(tmp_path):
     updates = make_updates(tmp_path, [1, 1], [[np.ones(4, np.float32)], [np.ones(4, np.float64)]])
-    with pytest.raises(AggregationError, match="layer_0 is .*float64, expected .*float32"):
+    with pytest.raises(AggregationError, match=r"layer_0 is .*float64, expected .*float32"):
         fedavg(updates, tmp_path / "agg.npz")
 
 

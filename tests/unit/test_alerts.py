@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
 import pytest
@@ -22,7 +22,7 @@ from prefect_branchkey.flows.alerts import alert_markdown
 
 DIGITS = "prefect_branchkey.flows.examples.digits:DigitsSoftmax"
 TARGETS = AlertTargets(uuid4())
-RAISED = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+RAISED = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 
 def _by_name(options: AlertOptions, targets: AlertTargets = TARGETS) -> dict[str, object]:

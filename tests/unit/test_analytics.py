@@ -94,7 +94,8 @@ def test_statistics_archive_never_holds_raw_values(tmp_path):
     data = b"".join(zipfile.ZipFile(path).read(n) for n in zipfile.ZipFile(path).namelist())
     assert np.float64(200.5).tobytes() not in data
     with np.load(path, allow_pickle=False) as archive:
-        assert sorted(archive.files) == sorted([f"value_{s}" for s in BUNDLE_SUFFIXES] + ["weighting", PAYLOAD_KIND_KEY])
+        assert sorted(archive.files) == sorted([f"value_{s}" for s in BUNDLE_SUFFIXES]
+                                               + ["weighting", PAYLOAD_KIND_KEY])
 
 
 def test_archive_layout_is_the_official_clients(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ def completed(round_number: int = 3, status: str = "completed") -> RoundRecord:
     return RoundRecord(branch_id=BRANCH, leaf_id=LEAF, leaf_name="site-a", run_number=1, round=round_number,
                        status=status, aggregation_id=f"agg-{round_number}", tree_id=TREE, branch_name="cardiology",
                        eval_metrics={"accuracy": 0.9}, flow_run_id="11111111-2222-3333-4444-555555555555",
-                       finished_at=datetime(2026, 11, 30, tzinfo=timezone.utc))
+                       finished_at=datetime(2026, 11, 30, tzinfo=UTC))
 
 
 def test_a_round_materializes_the_global_model_from_the_leafs_update() -> None:
@@ -49,7 +49,7 @@ def test_edge_setup_refuses_credentials_whose_asset_keys_prefect_refuses(tmp_pat
     path = tmp_path / "leaf-1.json"
     path.write_text(json.dumps({"id": LEAF, "name": "site-a", "session_token": "x" * 32, "tree_id": "my tree",
                                 "branch_id": BRANCH, "owner_id": "owner"}))
-    with pytest.raises(EdgeSetupError, match="cannot read leaf credentials .*asset key"):
+    with pytest.raises(EdgeSetupError, match=r"cannot read leaf credentials .*asset key"):
         leaf_block(LeafSpec.parse(f"leaf-1={path}"), "http://127.0.0.1:1")
 
 

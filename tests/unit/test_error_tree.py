@@ -19,7 +19,8 @@ def _defined_exceptions() -> dict[str, str]:
     found = {}
     for folder in PRODUCT:
         for path in sorted((PROJECT / folder).rglob("*.py")):
-            module = importlib.import_module(".".join(("prefect_branchkey", *path.relative_to(PROJECT).with_suffix("").parts)))
+            module_name = ".".join(("prefect_branchkey", *path.relative_to(PROJECT).with_suffix("").parts))
+            module = importlib.import_module(module_name)
             for name, value in vars(module).items():
                 if inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == module.__name__:
                     found[name] = module.__name__.removeprefix("prefect_branchkey.")

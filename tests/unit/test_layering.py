@@ -114,7 +114,8 @@ def test_tasks_and_flows_keep_no_module_level_registry(package: str) -> None:
 def _declared_distributions() -> set[str]:
     """Every distribution pyproject.toml names, in its dependencies or an optional extra."""
     project = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]
-    requirements = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    requirements = [*project["dependencies"],
+                    *(r for extra in project["optional-dependencies"].values() for r in extra)]
     return {re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
             for requirement in requirements}
 
@@ -125,14 +126,16 @@ def test_every_package_imported_directly_is_declared() -> None:
     imported = {name for package in (*FOLDERS, "bench") for path in _modules(package)
                 for name in _imported_packages(path)} - ours - set(sys.stdlib_module_names)
     undeclared = {name: distributions.get(name) for name in imported
-                  if not {d.lower().replace("_", "-") for d in distributions.get(name, [name])} & _declared_distributions()}
+                  if not ({d.lower().replace("_", "-") for d in distributions.get(name, [name])}
+                          & _declared_distributions())}
     assert undeclared == {}
 
 
 @pytest.mark.parametrize("folder", (*FOLDERS, "bench", "tests"))
 def test_our_modules_are_imported_only_through_the_namespace(folder: str) -> None:
     """A bare `import flows` would find a user's own `flows/` package (or ours only from this checkout)."""
-    bare = {str(path.relative_to(PROJECT)): sorted(name for name in _imported_names(path) if name.split(".")[0] in FOLDERS)
+    bare = {str(path.relative_to(PROJECT)): sorted(name for name in _imported_names(path)
+                                                   if name.split(".")[0] in FOLDERS)
             for path in _modules(folder)}
     assert {path: names for path, names in bare.items() if names} == {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ GLOBAL = [np.zeros(1000, np.float32), np.zeros((10, 10), np.float32)]
 
 
 def delta_norm(result: list[np.ndarray]) -> float:
-    return float(np.sqrt(sum(np.sum((r.astype(np.float64) - g) ** 2) for r, g in zip(result, GLOBAL))))
+    return float(np.sqrt(sum(np.sum((r.astype(np.float64) - g) ** 2) for r, g in zip(result, GLOBAL, strict=False))))
 
 
 def test_a_large_update_is_clipped_to_the_bound() -> None:
@@ -98,7 +99,7 @@ def test_a_spent_budget_is_refused_at_start(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path)
     for _ in range(3):
         ledger.record(1.0)
-    with pytest.raises(PrivacyPolicyError, match="privacy.epsilon_budget 10 is spent"):
+    with pytest.raises(PrivacyPolicyError, match=re.escape("privacy.epsilon_budget 10 is spent")):
         check_budget_at_start(PrivacySettings(clip_norm=1.0, noise_multiplier=1.0, epsilon_budget=10), tmp_path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from prefect_branchkey.flows.participant import Participant, ParticipantError, S
 class Site(Participant):
     """A participant that records each served-model change."""
 
-    metrics = {"accuracy": "max", "loss": "min"}
+    metrics: ClassVar[dict[str, str]] = {"accuracy": "max", "loss": "min"}
 
     def __init__(self) -> None:
         self.served: list[ServedModel] = []

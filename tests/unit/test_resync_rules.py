@@ -97,7 +97,10 @@ def in_step_state(**fields: object) -> LeafState:
     return state
 
 
-def platform(round_number: int | None = 3, latest: AggregationRef | None = AggregationRef("a2", 1, 2)) -> RunDetails:
+LATEST = AggregationRef("a2", 1, 2)
+
+
+def platform(round_number: int | None = 3, latest: AggregationRef | None = LATEST) -> RunDetails:
     return RunDetails("start", 1, round_number, latest)
 
 

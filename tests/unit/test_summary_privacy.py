@@ -16,7 +16,8 @@ DP = {"dp_epsilon": 4.73, "dp_delta": 1e-5, "clip_norm": 1.0, "noise_multiplier"
 
 
 def test_summary_shows_the_leafs_epsilon_and_settings_with_dp_on() -> None:
-    assert "epsilon 4.73 at delta 1e-05 so far (clip norm 1, noise multiplier 1)" in summary_markdown("leaf", [row(**DP)])
+    summary = summary_markdown("leaf", [row(**DP)])
+    assert "epsilon 4.73 at delta 1e-05 so far (clip norm 1, noise multiplier 1)" in summary
 
 
 def test_summary_says_when_the_budget_is_spent() -> None:

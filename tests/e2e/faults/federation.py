@@ -76,7 +76,8 @@ class LeafProcess:
         self.log = self.logs / f"{self.credentials['name']}-run-{self.runs}.log"
         command = [sys.executable, "-m", "tests.e2e.faults.leaf", self.arguments[0], self.host, *self.arguments[1:]]
         with open(self.log, "wb") as out:
-            return subprocess.Popen(command, cwd=PROJECT, env=self.env | extra_env, stdout=out, stderr=subprocess.STDOUT)
+            return subprocess.Popen(command, cwd=PROJECT, env=self.env | extra_env, stdout=out,
+                                    stderr=subprocess.STDOUT)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -133,7 +134,8 @@ class FaultFederation:
             extra = {"FAULT_KILL_AT": kill_at[str(leaf.index)]} if str(leaf.index) in kill_at else {}
             leaf.start(**extra)
             if leaf.index == first:
-                self.wait_until(lambda: leaf.state() is not None, f"leaf {first + 1} to train its first round")
+                self.wait_until(lambda leaf=leaf: leaf.state() is not None,
+                                f"leaf {first + 1} to train its first round")
 
     def mark_fault(self) -> None:
         """Note when the fault hit, to measure recovery from."""
@@ -213,7 +215,8 @@ class FaultFederation:
                 if round_["run_number"] not in runs or round_["status"] in ("open", "abandoned"):
                     continue
                 uploads = db.execute(
-                    "SELECT * FROM uploads WHERE branch_id = ? AND run_number = ? AND round = ? AND status = 'accepted'",
+                    "SELECT * FROM uploads WHERE branch_id = ? AND run_number = ? AND round = ? "
+                    "AND status = 'accepted'",
                     (self.branch_id, round_["run_number"], round_["round"])).fetchall()
                 where = f"run {round_['run_number']} round {round_['round']}"
                 if round_["status"] != "aggregated":
@@ -229,8 +232,9 @@ class FaultFederation:
                 lost += len(missing)
                 problems.append(f"rounds never aggregated: {missing}")
             by_round = {(r["run_number"], r["round"]): r["aggregation_id"] for r in rounds}
-            repeated = db.execute("SELECT leaf_id, aggregation_id, mode, COUNT(*) AS n FROM metrics WHERE branch_id = ? "
-                                  "GROUP BY leaf_id, aggregation_id, mode HAVING n > 1", (self.branch_id,)).fetchall()
+            repeated = db.execute("SELECT leaf_id, aggregation_id, mode, COUNT(*) AS n FROM metrics "
+                                  "WHERE branch_id = ? GROUP BY leaf_id, aggregation_id, mode HAVING n > 1",
+                                  (self.branch_id,)).fetchall()
             problems += [f"metrics {m['mode']} of aggregation {m['aggregation_id']} stored {m['n']} times"
                          for m in repeated]
         if strict:
@@ -263,10 +267,12 @@ class FaultFederation:
         files = self.server.data_dir / "files"
         total = sum(u["weighting"] for u in uploads)
         layers = [read_update(files / "uploads" / f"{u['file_id']}.npz")[1] for u in uploads]
-        expected = [sum(np.asarray(layer[i], np.float64) * (u["weighting"] / total) for layer, u in zip(layers, uploads))
+        expected = [sum(np.asarray(layer[i], np.float64) * (u["weighting"] / total)
+                        for layer, u in zip(layers, uploads, strict=True))
                     for i in range(len(layers[0]))]
         actual = read_aggregate(files / "aggregates" / f"{round_['aggregation_id']}.npz")
-        if not all(np.allclose(a, e.astype(a.dtype), rtol=1e-5, atol=1e-6) for a, e in zip(actual, expected)):
+        if not all(np.allclose(a, e.astype(a.dtype), rtol=1e-5, atol=1e-6)
+                   for a, e in zip(actual, expected, strict=False)):
             problems.append(f"{where}: the aggregate is not FedAvg of its updates")
 
     def _check_histories(self, by_round: dict[tuple[int, int], str], runs: tuple[int, ...],
@@ -276,7 +282,8 @@ class FaultFederation:
         for leaf in self.leaves:
             rows = [r for r in history_rows(leaf.work_dir) if r["run_number"] in runs]
             for row in rows:
-                if row["status"] == "completed" and by_round.get((row["run_number"], row["round"])) != row["aggregation_id"]:
+                if (row["status"] == "completed"
+                        and by_round.get((row["run_number"], row["round"])) != row["aggregation_id"]):
                     wrong += 1
                     problems.append(f"{leaf.credentials['name']}'s history row for round {row['round']} names "
                                     f"aggregation {row['aggregation_id']}, not that round's")
