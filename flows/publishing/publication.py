@@ -30,9 +30,8 @@ from pathlib import Path
 
 import httpx
 from prefect.events import Event
-from prefect.events.clients import EventsClient, get_events_client
-from prefect.exceptions import PrefectException, PrefectHTTPStatusError
-from websockets.exceptions import ConnectionClosed
+from prefect.events.clients import get_events_client
+from prefect.exceptions import PrefectHTTPStatusError
 
 from prefect_branchkey.bk_blocks.files import atomic_write
 from prefect_branchkey.flows.leaf.history import RoundRecord, file_round, history_files, rows_of
@@ -51,6 +50,9 @@ LOCK = ".published.lock"
 # How long closing a publication waits for the Prefect API (when the flow run ends normally;
 # a failing or interrupted run does not wait), before leaving the rest to the leaf's next run.
 CLOSE_TIMEOUT_S = 60.0
+# While publishing fails (the Prefect API is down), the thread tries again after these many
+# seconds, the last one repeating, whether or not a new round arrives meanwhile.
+RETRY_BACKOFF_S = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0)
 EVENT_NAMESPACE = uuid.UUID("6f1c2b0e-5b1a-4c8e-9a57-2f0e8f4f1b7d")
 
 logger = logging.getLogger(__name__)
@@ -85,36 +87,22 @@ def mark_published(work_dir: Path, run_number: int, round_number: int, file_name
         json.dump({"run_number": run_number, "round": round_number, "file": file_name}, handle)
 
 
-class EventSender:
-    """One events connection, kept open across rounds: `send` returns once the event is written
-    to it (Prefect's events client reconnects by itself; a failed send opens a new one next time)."""
+def send_events(events: list[Event]) -> None:
+    """Send a round's events over a connection opened for them and closed once they are written.
 
-    def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._client: EventsClient | None = None
+    No connection stays open between rounds: an idle events websocket needs its event loop to
+    answer keepalive pings, and a round may last hours. Opening one per round costs a handshake.
+    Raises what the events client raises when the events cannot be written (the round stays
+    pending); nothing of the connection outlives the call.
+    """
+    if events:
+        asyncio.run(_emit_all(events))
 
-    def send(self, event: Event) -> None:
-        try:
-            if self._client is None:
-                client = get_events_client()
-                self._loop.run_until_complete(client.__aenter__())
-                self._client = client
-            self._loop.run_until_complete(self._client.emit(event))
-        except BaseException:
-            self._disconnect()
-            raise
 
-    def _disconnect(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            try:
-                self._loop.run_until_complete(client.__aexit__(None, None, None))
-            except (OSError, RuntimeError, PrefectException, ConnectionClosed) as exc:
-                logger.debug("closing the events connection: %s", exc)
-
-    def close(self) -> None:
-        self._disconnect()
-        self._loop.close()
+async def _emit_all(events: list[Event]) -> None:
+    async with get_events_client() as client:
+        for event in events:
+            await client.emit(event)
 
 
 def _is_permanent(exc: Exception) -> bool:
@@ -133,7 +121,7 @@ def _turn(work_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def publish_pending(leaf_name: str, work_dir: Path, events: EventSender) -> int:
+def publish_pending(leaf_name: str, work_dir: Path) -> int:
     """Publish each completed round not yet published, in order: a new version of the leaf's
     artifacts as of that round (one version per round, as the UI's history shows them) and its
     event, then mark it published. A round the API refuses for good (4xx) is logged and passed
@@ -148,8 +136,7 @@ def publish_pending(leaf_name: str, work_dir: Path, events: EventSender) -> int:
             row = rows_of([path])[0]
             if row["status"] in PUBLISHED_STATUSES:
                 try:
-                    _publish_round(leaf_name, rows_of(files[max(0, index + 1 - ARTIFACT_ROWS):index + 1]), row,
-                                   events)
+                    _publish_round(leaf_name, rows_of(files[max(0, index + 1 - ARTIFACT_ROWS):index + 1]), row)
                 except (PrefectHTTPStatusError, httpx.HTTPStatusError) as exc:
                     if not _is_permanent(exc):
                         raise
@@ -160,18 +147,16 @@ def publish_pending(leaf_name: str, work_dir: Path, events: EventSender) -> int:
         return published
 
 
-def _publish_round(leaf_name: str, rows: list[dict[str, object]], row: dict[str, object],
-                   events: EventSender) -> None:
-    """The leaf's artifacts as of `rows` (the history up to `row`), and `row`'s events."""
+def _publish_round(leaf_name: str, rows: list[dict[str, object]], row: dict[str, object]) -> None:
+    """The leaf's artifacts as of `rows` (the history up to `row`), then `row`'s events."""
     publish_artifacts(leaf_name, rows, flow_run_id=str(row["flow_run_id"]) if row["flow_run_id"] else None)
     record = RoundRecord(**row)  # type: ignore[arg-type]
-    events.send(round_event(record, event_id=round_event_id(record.leaf_id, record.run_number, record.round,
-                                                            _event_status(record))))
+    status = _event_status(record)
+    events = [round_event(record, event_id=round_event_id(record.leaf_id, record.run_number, record.round, status))]
     if metric_dropped(row):
-        events.send(metric_dropped_event(record, round_event_id(record.leaf_id, record.run_number, record.round,
-                                                                f"metric-dropped-{_event_status(record)}")))
-    for event in model_asset_events(record):
-        events.send(event)
+        events.append(metric_dropped_event(record, round_event_id(record.leaf_id, record.run_number, record.round,
+                                                                  f"metric-dropped-{status}")))
+    send_events([*events, *model_asset_events(record)])
 
 
 def _event_status(record: RoundRecord) -> str:
@@ -192,6 +177,7 @@ class Publication:
         self._failed = False
         self._closing = False
         self._retried = False
+        self._failures = 0
         self._condition = threading.Condition()
         context = contextvars.copy_context()
         self._thread = threading.Thread(target=context.run, args=(self._loop,), daemon=True,
@@ -224,33 +210,43 @@ class Publication:
         return complete
 
     def _loop(self) -> None:
-        events = EventSender()
-        try:
-            self._publish_when_notified(events)
-        finally:
-            events.close()
-
-    def _publish_when_notified(self, events: EventSender) -> None:
+        """The thread: publish when notified, and while publishing fails, again after a back-off.
+        Nothing escapes it: a failure is logged and the rounds stay pending."""
         while True:
             with self._condition:
-                self._condition.wait_for(lambda: self._wanted > self._done or self._closing)
-                if self._wanted <= self._done:
+                notified = self._condition.wait_for(lambda: self._wanted > self._done or self._closing,
+                                                    timeout=self._retry_in())
+                if notified and self._wanted <= self._done:
                     return
                 wanted = self._wanted
-            failed = False
-            try:
-                publish_pending(self.leaf_name, self.work_dir, events)
-            except Exception as exc:
-                failed = True
-                logger.warning("%s: could not publish its rounds to Prefect (they stay pending): %s",
-                               self.leaf_name, exc, exc_info=not isinstance(exc, httpx.HTTPError))
-            finally:
-                with self._condition:
-                    self._done = wanted
-                    self._failed = failed
-                    if self._closing:
-                        self._retry_once_if_failed()
-                    self._condition.notify_all()
+            failed = not self._attempt()
+            with self._condition:
+                self._done = wanted
+                self._failed = failed
+                if self._closing:
+                    self._retry_once_if_failed()
+                self._condition.notify_all()
+
+    def _retry_in(self) -> float | None:
+        """How long the thread waits before trying again after a failure (None: until notified)."""
+        return RETRY_BACKOFF_S[min(self._failures, len(RETRY_BACKOFF_S)) - 1] if self._failed else None
+
+    def _attempt(self) -> bool:
+        """One publication of what is pending: the first failure of a streak is a warning naming
+        the cause, the ones after it are debug lines, and the catch-up after it is said once."""
+        try:
+            published = publish_pending(self.leaf_name, self.work_dir)
+        except Exception as exc:
+            self._failures += 1
+            level = logging.WARNING if self._failures == 1 else logging.DEBUG
+            logger.log(level, "%s: could not publish its rounds to Prefect (they stay pending, retried in the "
+                       "background): %s: %s", self.leaf_name, type(exc).__name__, exc)
+            return False
+        if self._failures:
+            logger.info("%s: Prefect reachable again: %d pending round(s) published after %d failed attempt(s)",
+                        self.leaf_name, published, self._failures)
+            self._failures = 0
+        return True
 
     def _retry_once_if_failed(self) -> None:
         """While closing, one more attempt after a failed one (the caller holds the condition)."""

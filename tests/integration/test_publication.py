@@ -5,7 +5,11 @@ pending, never lost."""
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +19,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 import prefect_branchkey.flows.publishing.publication as publication_module
+from prefect_branchkey.bk_dev.prefect_server import LocalPrefectServer
 from prefect_branchkey.flows.leaf.history import RoundRecord, append_record
 from prefect_branchkey.flows.publishing.observability import artifact_key
 from prefect_branchkey.flows.publishing.publication import (
@@ -117,3 +122,66 @@ def test_a_resynced_row_and_the_completed_row_of_its_round_are_both_published(
     assert len(events(prefect_api, "branchkey.round.completed", f"branchkey.leaf.{leaf_id}", expected=1)) == 1
     resynced = events(prefect_api, "branchkey.round.resynced", f"branchkey.leaf.{leaf_id}", expected=1)
     assert [e["payload"]["round"] for e in resynced] == [2]
+
+
+@pytest.fixture
+def impatient_prefect_api(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A Prefect server (embedded PostgreSQL) that closes an events websocket whose client has not
+    answered its keepalive ping within 0.5 s, pinging every 0.5 s: the 20 s default, compressed."""
+    monkeypatch.setenv("PREFECT_SERVER_API_WEBSOCKET_PING_INTERVAL", "0.5")
+    monkeypatch.setenv("PREFECT_SERVER_API_WEBSOCKET_PING_TIMEOUT", "0.5")
+    with LocalPrefectServer(tmp_path_factory.mktemp("impatient"), database="postgres") as server, \
+            temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield server.api_url
+
+
+def test_a_round_longer_than_the_events_keepalive_is_published_without_a_warning(
+        leaf: tuple[str, str, Path], impatient_prefect_api: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A round of hours, compressed: the leaf idle for six of the server's keepalive windows
+    between two rounds. No events connection waits idle, so none times out."""
+    leaf_id, name, work_dir = leaf
+    thread_errors: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    with caplog.at_level(logging.DEBUG), publishing(name, work_dir) as publication:
+        deadline = time.monotonic() + 60
+        while published_through(work_dir) != (1, 2) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3)
+        append_record(work_dir, _record(leaf_id, name, 3))
+        publication.notify()
+    assert published_through(work_dir) == (1, 3)
+    found = events(impatient_prefect_api, "branchkey.round.completed", f"branchkey.leaf.{leaf_id}", expected=2)
+    assert sorted(e["payload"]["round"] for e in found) == [2, 3]
+    assert thread_errors == []
+    assert [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_publication_catches_up_in_the_background_once_prefect_answers_again(
+        leaf: tuple[str, str, Path], prefect_api: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The Prefect API down for a while during a long round: one warning, retries in the background
+    without a new round to trigger them, one line when it caught up, every round published once."""
+    leaf_id, name, work_dir = leaf
+    monkeypatch.setattr(publication_module, "RETRY_BACKOFF_S", (0.2,))
+    real = publication_module.publish_artifacts
+    outage = {"calls": 0}
+
+    def down_for_three_attempts(*args: Any, **kwargs: Any) -> None:
+        outage["calls"] += 1
+        if outage["calls"] <= 3:
+            raise ConnectionError("Prefect API unreachable")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(publication_module, "publish_artifacts", down_for_three_attempts)
+    with caplog.at_level(logging.DEBUG, logger=publication_module.__name__):
+        publication = Publication(name, work_dir).start()
+        deadline = time.monotonic() + 60
+        while published_through(work_dir) != (1, 2) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert publication.close(timeout=60) is True
+    assert published_through(work_dir) == (1, 2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "Prefect API unreachable" in warnings[0]
+    assert any("Prefect reachable again" in r.getMessage() for r in caplog.records)
+    assert len(events(prefect_api, "branchkey.round.completed", f"branchkey.leaf.{leaf_id}", expected=1)) == 1
