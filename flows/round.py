@@ -39,6 +39,7 @@ from prefect_branchkey.bk_blocks.archive import read_aggregate, write_update
 from prefect_branchkey.bk_blocks.protocol import MetricsMode
 from prefect_branchkey.flows.leaf.history import RoundRecord, append_record, history_rows, utc_from_timestamp
 from prefect_branchkey.flows.leaf.promotion import PromotionPolicy, PromotionSettings, promote, promotion_policy
+from prefect_branchkey.flows.leaf.retention import RetentionSettings, apply_retention
 from prefect_branchkey.flows.leaf.setup import leaf_setup
 from prefect_branchkey.flows.leaf.state import (
     LeafBusyError,
@@ -118,18 +119,22 @@ def run_round(
     publication: Publication | None = None,
     policy: UpdatePolicy = UpdatePolicy(),  # noqa: B008 -- a frozen pydantic model, safe to share
     promotion: PromotionPolicy | None = None,
+    retention: RetentionSettings | None = None,
 ) -> RoundResult:
     """Run (or resume) the leaf's current round; state is saved after every step. The rows it
     recorded (`completed`, `resynced`) are published in the background by `publication` (a
     training run's), else by one this call opens and closes, everything published, at its end.
-    `promotion` judges the new global model (default: by the participant's primary metric)."""
+    `promotion` judges the new global model (default: by the participant's primary metric);
+    once the round has ended, `retention` deletes the updates and models past its counts."""
     work_dir = Path(work_dir)
     promotion = promotion or promotion_policy(participant)
     with nullcontext(publication) if publication else publishing(session.credentials.leaf_name, work_dir) as pub:
         try:
-            return _run_round(session, participant, work_dir, timeouts, policy, promotion)
+            result = _run_round(session, participant, work_dir, timeouts, policy, promotion)
         finally:
             pub.notify()
+    apply_retention(work_dir, load_state(work_dir, session.credentials.leaf_id), retention or RetentionSettings())
+    return result
 
 
 def _run_round(session: LeafSession, participant: Participant, work_dir: Path,
@@ -467,6 +472,7 @@ def federated_round(
     update: UpdateSettings = UpdateSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
     privacy: PrivacySettings = PrivacySettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
     promotion: PromotionSettings = PromotionSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
+    retention: RetentionSettings = RetentionSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
 ) -> RoundResult | State:
     """One federated round for one leaf (or the rest of an interrupted one).
 
@@ -476,8 +482,9 @@ def federated_round(
     `<leaf>-round-<n>` and tagged by leaf and branch; it ends Cancelled if another run of
     the leaf holds the work dir. `update` (upload precision, update guard), `privacy`
     (differential privacy; off by default) and `promotion` (which global model is served) are
-    typed groups of settings; a bad or misspelt value, or a DP budget already spent, fails the
-    run before the round.
+    typed groups of settings, as is `retention` (how many past updates and global models the
+    work dir keeps); a bad or misspelt value, or a DP budget already spent, fails the run
+    before the round.
     """
     policy = update_policy(update, privacy)
     leaf = leaf_setup(credentials, work_dir, participant, participant_options, promotion)
@@ -490,7 +497,7 @@ def federated_round(
             label_flow_run(round_name(block, expected), run_tags(block, session.branch_name))
             result = round_in_step(session, leaf.participant, directory,
                                    Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s), policy,
-                                   leaf.promotion)
+                                   leaf.promotion, retention)
     except LeafBusyError as exc:
         return cancelled_as_busy(exc)
     if result.round != expected:
@@ -499,11 +506,14 @@ def federated_round(
 
 
 def round_in_step(session: LeafSession, participant: Participant, work_dir: Path,
-                   timeouts: Timeouts, policy: UpdatePolicy, promotion: PromotionPolicy) -> RoundResult:
+                  timeouts: Timeouts, policy: UpdatePolicy, promotion: PromotionPolicy,
+                  retention: RetentionSettings | None = None) -> RoundResult:
     """The leaf's round; after a resync, the platform's open round (up to MAX_RESYNCS times)."""
-    result = run_round(session, participant, work_dir, timeouts, policy=policy, promotion=promotion)
+    result = run_round(session, participant, work_dir, timeouts, policy=policy, promotion=promotion,
+                       retention=retention)
     for _ in range(MAX_RESYNCS):
         if result.status != "resynced":
             break
-        result = run_round(session, participant, work_dir, timeouts, policy=policy, promotion=promotion)
+        result = run_round(session, participant, work_dir, timeouts, policy=policy, promotion=promotion,
+                           retention=retention)
     return result

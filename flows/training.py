@@ -17,6 +17,7 @@ from prefect.states import State
 
 from prefect_branchkey.bk_blocks import BranchKeyCredentials
 from prefect_branchkey.flows.leaf.promotion import PromotionPolicy, PromotionSettings
+from prefect_branchkey.flows.leaf.retention import RetentionSettings
 from prefect_branchkey.flows.leaf.setup import leaf_setup
 from prefect_branchkey.flows.leaf.state import LeafBusyError, cancelled_as_busy, hold_work_dir, load_state
 from prefect_branchkey.flows.participant import Participant
@@ -52,6 +53,7 @@ def federated_training(
     update: UpdateSettings = UpdateSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
     privacy: PrivacySettings = PrivacySettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
     promotion: PromotionSettings = PromotionSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
+    retention: RetentionSettings = RetentionSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
 ) -> list[RoundResult] | State:
     """Run this leaf's rounds until one of: round `rounds` is done (counted in the work dir
     across flow runs; None: no limit), `rounds_per_run` rounds completed in this flow run (a
@@ -62,8 +64,8 @@ def federated_training(
     The rounds run in this flow run, their steps as tasks named by round
     (`upload-round-3`): a subflow run per round cost the Prefect server a dozen API calls
     and the leaf about a second between rounds. A deployment that runs one round per flow
-    run uses `federated-round`. `update`, `privacy` and `promotion` are the round's typed groups
-    of settings (`federated_round`'s); a bad or misspelt value, or a DP budget already spent,
+    run uses `federated-round`. `update`, `privacy`, `promotion` and `retention` are the round's
+    typed groups of settings (`federated_round`'s); a bad or misspelt value, or a DP budget already spent,
     fails the run before any round, and the run ends at the round that would exceed the budget.
     """
     policy = update_policy(update, privacy)
@@ -75,15 +77,16 @@ def federated_training(
         try:
             with hold_work_dir(directory), publishing(block.leaf_name, directory) as publication:
                 check_budget_at_start(policy.privacy, directory, load_state(directory, block.leaf_id).phase != "idle")
-                return _round_loop(session, publication, policy, leaf.promotion, leaf.participant, directory,
-                                   timeouts, rounds, rounds_per_run, target_metric, target_value)
+                return _round_loop(session, publication, policy, leaf.promotion, retention, leaf.participant,
+                                   directory, timeouts, rounds, rounds_per_run, target_metric, target_value)
         except LeafBusyError as exc:
             return cancelled_as_busy(exc)
 
 
 def _round_loop(session: LeafSession, publication: Publication, policy: UpdatePolicy, promotion: PromotionPolicy,
-                model: Participant, directory: Path, timeouts: Timeouts, rounds: int | None, rounds_per_run: int | None,
-                target_metric: str | None, target_value: float | None) -> list[RoundResult]:
+                retention: RetentionSettings, model: Participant, directory: Path, timeouts: Timeouts,
+                rounds: int | None, rounds_per_run: int | None, target_metric: str | None,
+                target_value: float | None) -> list[RoundResult]:
     """The training loop: one round after another, with a progress artifact."""
     logger = get_run_logger()
     block = session.credentials
@@ -94,7 +97,7 @@ def _round_loop(session: LeafSession, publication: Publication, policy: UpdatePo
     progress: UUID = create_progress_artifact(  # type: ignore[assignment]
         progress=0.0, description=f"{block.leaf_name}: rounds {first}..{goal}")
     while _more_rounds(load_state(directory, block.leaf_id).round, rounds, results, rounds_per_run):
-        result = run_round(session, model, directory, timeouts, publication, policy, promotion)
+        result = run_round(session, model, directory, timeouts, publication, policy, promotion, retention)
         results.append(result)
         if result.status == "stopped":
             logger.info("the platform stopped the run; ending at round %d", result.round)

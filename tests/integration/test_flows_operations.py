@@ -1,4 +1,5 @@
-"""Operating a leaf: drift checks without training, the metric-drop event, and the branch's name."""
+"""Operating a leaf: drift checks without training, the metric-drop event, the branch's name, and
+how much of its past the work dir keeps."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from prefect_branchkey.flows.evaluation import federated_evaluation
 from prefect_branchkey.flows.leaf.history import history_rows
-from prefect_branchkey.flows.leaf.promotion import PromotionSettings
+from prefect_branchkey.flows.leaf.promotion import BEST_MODEL, SERVED_MODEL, PromotionSettings
+from prefect_branchkey.flows.leaf.retention import RetentionSettings
 from prefect_branchkey.flows.participant import Participant, TrainResult
 from prefect_branchkey.flows.publishing.observability import artifact_key
 from prefect_branchkey.flows.training import federated_training
@@ -126,3 +128,16 @@ def test_the_branch_is_named_as_the_platform_names_it(server: BkServer,
                                                       open_session: Callable[..., LeafSession]) -> None:
     federation = server.federation(leaves=1, branch="cardiology-sites")
     assert open_session(credentials_for(server, federation.leaves[0])).branch_name == "cardiology-sites"
+
+
+def test_training_keeps_only_the_latest_updates_and_models_with_every_round_in_the_history(
+        server: BkServer, tmp_path: Path) -> None:
+    federation = server.federation(leaves=1)
+    work_dir = tmp_path / "leaf"
+    federated_training(credentials_for(server, federation.leaves[0]), DIGITS, str(work_dir), rounds=4,
+                       participant_options=ONE_LEAF, retention=RetentionSettings(keep_updates=2, keep_models=2))
+    assert sorted(p.name for p in (work_dir / "updates").iterdir()) == ["run1-round3.npz", "run1-round4.npz"]
+    downloads = [p for p in (work_dir / "models").glob("*.npz") if p.name not in (BEST_MODEL, SERVED_MODEL)]
+    assert 2 <= len(downloads) <= 3, "the latest two, and the one the best model is linked from"
+    assert (work_dir / "models" / SERVED_MODEL).exists() and (work_dir / "models" / BEST_MODEL).exists()
+    assert [(row["round"], row["status"]) for row in history_rows(work_dir)] == [(n, "completed") for n in range(1, 5)]
