@@ -120,6 +120,10 @@ class SleepParticipant(Participant):
         self.train_s = float(train_s)
         self.weighting = float(1 + leaf_index)
 
+    def parameters(self) -> list[np.ndarray]:
+        """Its layers, so the leaf loads each global model into them in place (one copy)."""
+        return self.layers
+
     def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
         started = time.perf_counter()
         time.sleep(self.train_s)

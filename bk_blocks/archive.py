@@ -119,10 +119,16 @@ def write_update(
     for index, layer in enumerate(layers):
         array = np.asarray(layer)
         _check_layer_dtype(f"layer_{index}", array.dtype)
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
+        if array.dtype.kind == "f" and not _all_finite(array):
             raise LayerError(f"layer_{index} holds NaN or infinity")
         arrays[f"layer_{index}"] = array
     return _write_npz_atomically(Path(path), arrays, compress=compress)
+
+
+def _all_finite(array: np.ndarray, chunk_elements: int = DEFAULT_CHUNK_BYTES // 4) -> bool:
+    """Whether every element is finite, checked chunk by chunk: no temporary the layer's size."""
+    flat = array.reshape(-1)
+    return all(np.isfinite(flat[start:start + chunk_elements]).all() for start in range(0, flat.size, chunk_elements))
 
 
 def _write_npz_atomically(path: Path, arrays: dict[str, np.ndarray], *, compress: bool) -> Path:
@@ -455,6 +461,59 @@ def read_aggregate(
         specs = _layer_specs(reader, allow=frozenset())
         _check_values(reader, specs)
         return [reader.read_array(spec.name) for spec in specs]
+
+
+def read_aggregate_into(path: str | os.PathLike[str], layers: Sequence[np.ndarray], *,
+                        max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES) -> None:
+    """Validate an aggregate archive and load it into `layers` in place, chunk by chunk (each
+    value cast to its layer's dtype), so a participant's model takes the global model without
+    a second copy of it in memory. The layers must match in number and shape; nothing is
+    written when the archive is refused."""
+    with NpzReader(path, max_decompressed_bytes=max_decompressed_bytes) as reader:
+        specs = _layer_specs(reader, allow=frozenset())
+        if len(specs) != len(layers):
+            raise LayerError(f"the aggregate has {len(specs)} layers, the model {len(layers)}")
+        for spec, layer in zip(specs, layers, strict=True):
+            if tuple(spec.shape) != tuple(layer.shape) or not layer.flags.writeable:
+                raise LayerError(f"{spec.name}: the aggregate's shape is {tuple(spec.shape)}, the model's "
+                                 f"{tuple(layer.shape)}{'' if layer.flags.writeable else ' (read-only)'}")
+        _check_values(reader, specs)
+        for spec, layer in zip(specs, layers, strict=True):
+            flat = layer.reshape(-1, order="F" if spec.fortran_order else "C")
+            if not np.shares_memory(flat, layer):
+                raise LayerError(f"{spec.name}: the model's array is not contiguous, it cannot be loaded in place")
+            position = 0
+            for chunk in reader.iter_chunks(spec.name):
+                flat[position:position + chunk.size] = chunk
+                position += chunk.size
+
+
+class AggregateLayers:
+    """An aggregate's layers read from its archive chunk by chunk on demand, never held in
+    memory: what the update transforms compare an update with. Open it as a context manager."""
+
+    def __init__(self, path: str | os.PathLike[str], *,
+                 max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES) -> None:
+        self._reader = NpzReader(path, max_decompressed_bytes=max_decompressed_bytes)
+        self.layers = _layer_specs(self._reader, allow=frozenset())
+
+    def __enter__(self) -> AggregateLayers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._reader.close()
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index: int) -> MemberSpec:
+        return self.layers[index]
+
+    def chunks(self, index: int, elements: int) -> Iterator[np.ndarray]:
+        """Layer `index`'s values as flat chunks of `elements` (views of one reused buffer:
+        use each before asking for the next)."""
+        spec = self.layers[index]
+        return self._reader.iter_chunks(spec.name, chunk_bytes=elements * spec.dtype.itemsize)
 
 
 def inspect_aggregate(

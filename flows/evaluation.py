@@ -18,7 +18,6 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from prefect_branchkey.bk_blocks import BranchKeyCredentials
-from prefect_branchkey.bk_blocks.archive import read_aggregate
 from prefect_branchkey.flows.leaf.history import (
     RoundRecord,
     append_record,
@@ -33,7 +32,7 @@ from prefect_branchkey.flows.leaf.state import LeafBusyError, LeafState, cancell
 from prefect_branchkey.flows.participant import Participant
 from prefect_branchkey.flows.publishing.observability import label_flow_run, run_tags
 from prefect_branchkey.flows.publishing.publication import publishing
-from prefect_branchkey.flows.updates.transforms import read_back
+from prefect_branchkey.flows.updates.transforms import load_global_model
 from prefect_branchkey.tasks import LeafSession, run_logger
 
 EVALUATED = "evaluated"
@@ -67,7 +66,7 @@ def evaluate_served(participant: Participant, credentials: BranchKeyCredentials,
         return None
     path, entry = found
     started = time.time()
-    metrics = participant.evaluate(read_back(read_aggregate(path), state.model_dtypes), entry["round"])
+    metrics = participant.evaluate(load_global_model(participant, path, state.model_dtypes), entry["round"])
     record = RoundRecord(
         branch_id=credentials.branch_id, leaf_id=credentials.leaf_id, leaf_name=credentials.leaf_name,
         run_number=entry["run_number"], round=entry["round"], status=EVALUATED,

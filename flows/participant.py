@@ -58,6 +58,14 @@ class Participant(ABC):
         """Whether to take part in this round (a device on battery may decline)."""
         return True
 
+    def parameters(self) -> list[np.ndarray] | None:
+        """The model's live, writable arrays in layer order (e.g. numpy views of a CPU torch
+        model's state), or None, the default. When given, the leaf loads each global model into
+        them in place, chunk by chunk, and hands these same arrays to `train` and `evaluate`: the
+        model is held once in memory, whatever its size (otherwise the leaf reads the global model
+        into new arrays beside the participant's own). `train` may return them as its update."""
+        return None
+
     def statistics(self) -> dict[str, np.ndarray]:
         """Raw columns (name to 1-D values) for a federated-statistics round; they are reduced to
         count, sums, min, max and NaN count on the site, so no raw value leaves it (none by default)."""

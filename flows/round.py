@@ -16,7 +16,8 @@ meanwhile is refused by the platform and never counted in a later one.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from prefect_branchkey.bk_blocks import (
     RunNotStartedError,
     RunStoppedError,
 )
-from prefect_branchkey.bk_blocks.archive import read_aggregate, write_update
+from prefect_branchkey.bk_blocks.archive import AggregateLayers, write_update
 from prefect_branchkey.bk_blocks.protocol import MetricsMode
 from prefect_branchkey.flows.leaf.history import RoundRecord, append_record, history_rows, utc_from_timestamp
 from prefect_branchkey.flows.leaf.promotion import PromotionPolicy, PromotionSettings, promote, promotion_policy
@@ -52,6 +53,7 @@ from prefect_branchkey.flows.leaf.state import (
 from prefect_branchkey.flows.participant import Participant, check_result
 from prefect_branchkey.flows.publishing.observability import emit_round_event, label_flow_run, run_tags
 from prefect_branchkey.flows.publishing.publication import Publication, publishing
+from prefect_branchkey.flows.updates.deltas import GlobalModel
 from prefect_branchkey.flows.updates.privacy import (
     PrivacyLedger,
     PrivacySettings,
@@ -64,8 +66,8 @@ from prefect_branchkey.flows.updates.transforms import (
     RECENT_NORMS,
     UpdatePolicy,
     UpdateSettings,
+    load_global_model,
     prepare_update,
-    read_back,
     update_policy,
 )
 from prefect_branchkey.tasks import (
@@ -200,11 +202,12 @@ def _train(participant: Participant, work_dir: Path, state: LeafState, policy: U
     update is refused."""
     state.started_at = time.time()
     started = time.perf_counter()
-    global_model = _global_model(state)
-    result = check_result(participant.train(global_model, state.round))
-    prepared = prepare_update(result.parameters, global_model, policy, _recent_norms(work_dir, state, policy))
-    archive = write_update(work_dir / "updates" / f"run{state.run_number}-round{state.round}.npz",
-                           result.weighting, prepared.parameters)
+    global_model = _global_model(participant, state)
+    with _reference(state, global_model, participant) as reference:
+        result = check_result(participant.train(global_model, state.round))
+        prepared = prepare_update(result.parameters, reference, policy, _recent_norms(work_dir, state, policy))
+        archive = write_update(work_dir / "updates" / f"run{state.run_number}-round{state.round}.npz",
+                               result.weighting, prepared.parameters)
     _timed(state, "train_s", started)
     state.archive, state.weighting, state.train_metrics = str(archive), result.weighting, dict(result.metrics)
     state.update_facts = {"update_norm": prepared.update_norm, "upload_precision": prepared.precision}
@@ -242,9 +245,22 @@ def _budget_spent(session: LeafSession, work_dir: Path, state: LeafState, privac
     return True
 
 
-def _global_model(state: LeafState) -> list[np.ndarray] | None:
-    """The global model the leaf holds, in the dtypes its participant trains in."""
-    return read_back(read_aggregate(state.global_model), state.model_dtypes) if state.global_model else None
+def _global_model(participant: Participant, state: LeafState) -> list[np.ndarray] | None:
+    """The global model the leaf holds, as its participant takes it (in its live arrays when it
+    offers them, else new arrays in its dtypes); None before the run's first aggregate."""
+    return load_global_model(participant, Path(state.global_model), state.model_dtypes) if state.global_model else None
+
+
+@contextmanager
+def _reference(state: LeafState, global_model: list[np.ndarray] | None,
+               participant: Participant) -> Iterator[GlobalModel | None]:
+    """What the update is compared with: the global model's archive, read chunk by chunk, when
+    the participant trains in its live arrays (they hold the update by then), else the arrays."""
+    if global_model is None or participant.parameters() is None or state.global_model is None:
+        yield global_model
+        return
+    with AggregateLayers(state.global_model) as layers:
+        yield layers
 
 
 def _upload(session: LeafSession, work_dir: Path, state: LeafState, timeouts: Timeouts,
@@ -339,7 +355,7 @@ def _send_round_metrics(session: LeafSession, participant: Participant, work_dir
     resends it under the same idempotency key, which the platform stores once."""
     if not state.evaluated:
         started = time.perf_counter()
-        state.eval_metrics = participant.evaluate(_global_model(state) or [], state.round)
+        state.eval_metrics = participant.evaluate(_global_model(participant, state) or [], state.round)
         _timed(state, "evaluate_s", started)
         state.evaluated = True
         save_state(work_dir, state)

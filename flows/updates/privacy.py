@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_branchkey.bk_blocks.errors import BranchKeyError, MissingExtraError
 from prefect_branchkey.bk_blocks.files import atomic_write
-from prefect_branchkey.flows.updates.deltas import apply_delta, delta_norm
+from prefect_branchkey.flows.updates.deltas import GlobalModel, apply_delta, delta_norm, layer_chunks
 
 LEDGER = "privacy.json"
 # Two clipped deltas (with and without a change to the site's records) differ by up to 2 clip norms.
@@ -70,7 +70,7 @@ def _rdp_accountant() -> Any:
     return rdp.RdpAccountant(), dp_accounting.GaussianDpEvent
 
 
-def privatize(parameters: Sequence[np.ndarray], global_model: Sequence[np.ndarray] | None, clip_norm: float,
+def privatize(parameters: Sequence[np.ndarray], global_model: GlobalModel | None, clip_norm: float,
               noise_multiplier: float, rng: np.random.Generator, norm: float | None = None) -> list[np.ndarray]:
     """Global model + the clipped, noised delta, in each layer's dtype; non-float layers pass
     unchanged. Without a global model (a run's first round) the delta is taken from a zero
@@ -82,8 +82,8 @@ def privatize(parameters: Sequence[np.ndarray], global_model: Sequence[np.ndarra
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     result = list(parameters)
     for i in floats:
-        base = global_model[i] if global_model is not None else None
-        result[i] = apply_delta(parameters[i], base, scale, noise_multiplier * clip_norm, rng)
+        bases = layer_chunks(global_model, i) if global_model is not None else None
+        result[i] = apply_delta(parameters[i], bases, scale, noise_multiplier * clip_norm, rng)
     return result
 
 

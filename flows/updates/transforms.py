@@ -21,14 +21,16 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from prefect_branchkey.bk_blocks.archive import read_aggregate, read_aggregate_into
 from prefect_branchkey.bk_blocks.errors import BranchKeyError
-from prefect_branchkey.flows.participant import ParticipantError
-from prefect_branchkey.flows.updates.deltas import chunks, delta_norm
+from prefect_branchkey.flows.participant import Participant, ParticipantError
+from prefect_branchkey.flows.updates.deltas import GlobalModel, chunks, delta_norm
 from prefect_branchkey.flows.updates.privacy import PrivacySettings, privatize
 
 Precision = Literal["native", "float32", "float16"]
@@ -82,7 +84,7 @@ class PreparedUpdate:
     precision: str
 
 
-def prepare_update(parameters: Sequence[np.ndarray], global_model: Sequence[np.ndarray] | None,
+def prepare_update(parameters: Sequence[np.ndarray], global_model: GlobalModel | None,
                    policy: UpdatePolicy, recent_norms: Sequence[float],
                    rng: np.random.Generator | None = None) -> PreparedUpdate:
     """Check, guard, privatize and cast a round's update (in the module docstring's order);
@@ -102,16 +104,17 @@ def prepare_update(parameters: Sequence[np.ndarray], global_model: Sequence[np.n
     return PreparedUpdate(prepared, norm, policy.upload_precision)
 
 
-def check_against_model(parameters: Sequence[np.ndarray], global_model: Sequence[np.ndarray] | None) -> None:
+def check_against_model(parameters: Sequence[np.ndarray], global_model: GlobalModel | None) -> None:
     """Refuse parameters whose layers differ in number, shape or kind from the global model's."""
     if global_model is None:
         return
     if len(parameters) != len(global_model):
         raise ParticipantError(f"train() returned {len(parameters)} layers; the global model has {len(global_model)}")
-    for index, (mine, theirs) in enumerate(zip(parameters, global_model, strict=True)):
-        if mine.shape != theirs.shape or mine.dtype.kind != theirs.dtype.kind:
+    for index, mine in enumerate(parameters):
+        theirs = global_model[index]
+        if tuple(mine.shape) != tuple(theirs.shape) or mine.dtype.kind != theirs.dtype.kind:
             raise ParticipantError(f"train() returned layer {index} as {mine.dtype} {mine.shape}; the global model "
-                                   f"has {theirs.dtype} {theirs.shape}")
+                                   f"has {theirs.dtype} {tuple(theirs.shape)}")
 
 
 def check_finite(parameters: Sequence[np.ndarray], cast_to: str | None = None) -> None:
@@ -146,6 +149,17 @@ def cast(parameters: Sequence[np.ndarray], precision: str) -> list[np.ndarray]:
     dtype = np.dtype(precision)
     with np.errstate(over="ignore"):
         return [layer.astype(dtype, copy=False) if layer.dtype.kind == "f" else layer for layer in parameters]
+
+
+def load_global_model(participant: Participant, path: Path, dtypes: Sequence[str]) -> list[np.ndarray]:
+    """The global model at `path` as the participant takes it: loaded in place into its live
+    arrays when it offers them (`Participant.parameters`), else read into new arrays in the
+    model's own dtypes."""
+    live = participant.parameters()
+    if live is None:
+        return read_back(read_aggregate(path), dtypes)
+    read_aggregate_into(path, live)
+    return live
 
 
 def read_back(layers: list[np.ndarray], dtypes: Sequence[str]) -> list[np.ndarray]:

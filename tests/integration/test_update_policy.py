@@ -17,6 +17,7 @@ from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.leaf.state import load_state
 from prefect_branchkey.flows.participant import Participant, TrainResult
 from prefect_branchkey.flows.round import RoundResult, run_round
+from prefect_branchkey.flows.updates.deltas import CHUNK
 from prefect_branchkey.flows.updates.privacy import PrivacySettings
 from prefect_branchkey.flows.updates.transforms import UpdatePolicy, UpdateRefusedError
 from prefect_branchkey.tasks import LeafSession
@@ -132,3 +133,54 @@ def test_norm_guard_refuses_an_outlier_update_in_a_real_round(
     with pytest.raises(UpdateRefusedError, match=re.escape("100.0 times the median")):
         run_round(session, Jumping(), tmp_path / "leaf", policy=policy)
     assert server.status(federation.branch_id)["rounds"][4]["updates"] == 0
+
+
+class LiveArrays(Participant):
+    """Trains in its own arrays and offers them, so each global model is loaded into them in place."""
+
+    def __init__(self, offset: float) -> None:
+        self.model = [np.zeros(CHUNK + 3, np.float32), np.zeros((4, 4), np.float32)]
+        self.offset = offset
+        self.trained_in_own_arrays: list[bool] = []
+        self.evaluated: list[list[np.ndarray]] = []
+
+    def parameters(self) -> list[np.ndarray]:
+        return self.model
+
+    def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
+        self.trained_in_own_arrays.append(global_model is None or all(
+            a is b for a, b in zip(global_model, self.model, strict=True)))
+        for layer in self.model:
+            layer += self.offset
+        return TrainResult(1.0 + self.offset, self.model)
+
+    def evaluate(self, global_model: list[np.ndarray], round_number: int) -> dict[str, float]:
+        self.evaluated.append([layer.copy() for layer in global_model])
+        return {}
+
+
+def test_a_participant_offering_its_arrays_gets_each_global_model_in_place_through_guard_and_dp(
+        server: BkServer, open_session: Callable[..., LeafSession], tmp_path: Path) -> None:
+    federation = server.federation(leaves=2)
+    sessions = [open_session(credentials_for(server, leaf)) for leaf in federation.leaves]
+    participants = [LiveArrays(1.0), LiveArrays(3.0)]
+    policy = UpdatePolicy(max_update_norm_ratio=50, privacy=PrivacySettings(clip_norm=1e9, noise_multiplier=1e-9))
+
+    def leaf_round(index: int, results: list[RoundResult]) -> None:
+        results.append(run_round(sessions[index], participants[index], tmp_path / f"leaf-{index}", policy=policy))
+
+    for round_number in (1, 2, 3):
+        results: list[RoundResult] = []
+        threads = [threading.Thread(target=leaf_round, args=(i, results)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert sorted(r.status for r in results) == ["completed", "completed"]
+        updates = [read_update(tmp_path / f"leaf-{i}" / "updates" / f"run1-round{round_number}.npz") for i in range(2)]
+        aggregate = read_aggregate(results[0].global_model or "")
+        for got, want in zip(aggregate, fedavg_reference(updates), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+        for participant in participants:
+            assert all(np.array_equal(a, b) for a, b in zip(participant.evaluated[-1], aggregate, strict=True))
+    assert all(all(p.trained_in_own_arrays) for p in participants)
