@@ -260,9 +260,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 server.stop()
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=1))
-        return
-    print(machine_summary("prefect", "distributed", "prefect-dask"))
-    print(table(rows))
+    else:
+        print(machine_summary("prefect", "distributed", "prefect-dask"))
+        print(table(rows))
+    if not all(row.exact for row in rows):
+        progress("a platform round did not hold exactly one update per drawn leaf: the figures above are not "
+                 "of the federation asked for")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,8 @@ def federated_simulation(
     participant options (for splitting a data set across leaves). `update` and `privacy` are the
     rounds' typed settings, as `federated_round` takes them. Run it with a Dask task runner
     (`simulate` sets one up); returns each leaf's round results. Fails when every drawn leaf of a
-    round failed (nothing trains), or a leaf's participant or settings were refused."""
+    round failed (nothing trains), or a leaf's participant or settings were refused; and at the
+    end, when any round went on without some of its drawn leaves (they failed it), naming them."""
     logger = get_run_logger()
     files = leaf_files(Path(credentials_dir))
     blocks = [leaf_block(path, host, transport, amqp_host) for path in files]
@@ -199,6 +200,7 @@ def federated_simulation(
     timeouts = Timeouts(aggregation_s=aggregation_timeout_s)
     by_name = {b.leaf_name: (i, b, path) for i, (b, path) in enumerate(zip(blocks, files, strict=True))}
     results: dict[str, list[RoundResult]] = {b.leaf_name: [] for b in blocks}
+    incomplete: dict[int, list[str]] = {}
     work_dirs = {b.leaf_name: root / b.leaf_name for b in blocks}
     histories = {name: history_rows(path) for name, path in work_dirs.items()}
     for round_number in range(1, rounds + 1):
@@ -214,8 +216,15 @@ def federated_simulation(
         if len(failed) == len(futures):
             raise SimulationError(f"every leaf drawn for round {round_number} failed ({', '.join(failed)}): see their "
                                   "task runs; the simulation stops")
+        if failed:
+            incomplete[round_number] = failed
     for name, done in results.items():
         logger.info("%s: %s", name, json.dumps([(r.round, r.status, r.eval_metrics) for r in done]))
+    if incomplete:
+        raise SimulationError(f"{len(incomplete)} of {rounds} rounds went on without part of their draw, so their "
+                              "aggregates miss those leaves' updates: " + "; ".join(
+                                  f"round {n}: {', '.join(names)} failed" for n, names in incomplete.items())
+                              + " (see their task runs)")
     return results
 
 

@@ -49,9 +49,10 @@ class Steady(Participant):
         return {"accuracy": float(global_model[0][0])}
 
 
-def federation_files(server: BkServer, root: Path, leaves: int, per_round: int) -> Path:
-    """A federation of `leaves` whose rounds close at `per_round` updates; its credentials dir."""
-    federation = server.federation(leaves=leaves, min_updates=per_round, quorum=1, round_deadline_s=60)
+def federation_files(server: BkServer, root: Path, leaves: int, per_round: int, deadline_s: float = 60) -> Path:
+    """A federation of `leaves` whose rounds close at `per_round` updates (or with what they have
+    after `deadline_s`); its credentials dir."""
+    federation = server.federation(leaves=leaves, min_updates=per_round, quorum=1, round_deadline_s=deadline_s)
     write_credentials(root / "creds", federation.leaves)
     return root / "creds"
 
@@ -138,6 +139,24 @@ def test_the_simulation_fails_when_every_drawn_leaf_of_a_round_fails(server: BkS
     with pytest.raises(SimulationError, match="every leaf drawn for round 1 failed"):
         simulate(server.url, str(creds), str(tmp_path / "leaves"), workers=1, participant=f"{__name__}:Failing",
                  rounds=2)
+
+
+class FailsRoundTwoOnLeafOne(Steady):
+    """Leaf 1's training fails in round 2; every other round of every leaf trains."""
+
+    def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
+        if self.leaf_index == 1 and round_number == 2:
+            raise RuntimeError("out of memory")
+        return super().train(global_model, round_number)
+
+
+def test_a_round_that_went_on_without_a_drawn_leaf_fails_the_simulation_naming_it(
+        server: BkServer, tmp_path: Path) -> None:
+    creds = federation_files(server, tmp_path, leaves=2, per_round=2, deadline_s=20)
+    with pytest.raises(SimulationError, match=r"1 of 3 rounds went on without part of their draw.*: round 2: "
+                                              r"\S+ failed \(see their task runs\)"):
+        simulate(server.url, str(creds), str(tmp_path / "leaves"), workers=2,
+                 participant=f"{__name__}:FailsRoundTwoOnLeafOne", rounds=3)
 
 
 @pytest.fixture
