@@ -52,6 +52,7 @@ from prefect_branchkey.bk_blocks.notifications import (
     WebSocketListener,
     ticket_fetcher,
 )
+from prefect_branchkey.bk_blocks.progress import TransferProgress
 from prefect_branchkey.bk_blocks.protocol import METRIC_MODES, MetricsMode
 
 log = logging.getLogger(__name__)
@@ -228,8 +229,9 @@ class _MultipartBody:
     back to chunked encoding instead of sending this body's Content-Length.
     """
 
-    def __init__(self, path: Path, fields: dict[str, str]) -> None:
+    def __init__(self, path: Path, fields: dict[str, str], progress: TransferProgress | None = None) -> None:
         self.boundary = uuid.uuid4().hex
+        self._progress = progress
         head = "".join(
             f'--{self.boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
             for name, value in fields.items()
@@ -255,6 +257,8 @@ class _MultipartBody:
         while self._parts:
             data = self._parts[0].read(size)
             if data:
+                if self._progress is not None:
+                    self._progress.add(len(data))
                 return data
             self._parts.pop(0).close()
         return b""
@@ -396,7 +400,8 @@ class BranchKeyClient:
         meta = {"client_version": f"prefect-branchkey/{_client_version()}", "file_size": size,
                 "file_digest": digest, "kind": info.kind, **(metadata or {})}
         body = _MultipartBody(path, {"data": json.dumps({"leaf_name": self.leaf.leaf_name,
-                                                         "metadata": json.dumps(meta)})})
+                                                         "metadata": json.dumps(meta)})},
+                              TransferProgress(self.log, f"upload of {path.name}", size))
         headers = self._headers() | {"Content-Type": body.content_type, "x-bk-file-size": str(size),
                                      "x-bk-file-digest": digest}
         if idempotency_key:
@@ -445,7 +450,7 @@ class BranchKeyClient:
         target = dest_dir / f"{file_id}.npz"
         try:
             with atomic_write(target) as handle:
-                received = self._fetch(url, handle)
+                received = self._fetch(url, handle, f"download of {what} {file_id}")
                 handle.flush()
                 check(handle.name)
         except ArchiveError as exc:
@@ -453,7 +458,7 @@ class BranchKeyClient:
         self.log.info("downloaded %s %s (%d bytes)", what, file_id, received)
         return target
 
-    def _fetch(self, url: str, handle: IO[bytes]) -> int:
+    def _fetch(self, url: str, handle: IO[bytes], what: str) -> int:
         """Step two of a download: the pre-signed URL, with no auth headers, streamed to `handle`."""
         where = urlsplit(url)._replace(query="").geturl()
         try:
@@ -462,10 +467,12 @@ class BranchKeyClient:
                 if response.status_code != 200:
                     raise self._error(response, f"download from {where}")
                 expected = int(response.headers.get("Content-Length", "-1"))
+                progress = TransferProgress(self.log, what, expected if expected >= 0 else None)
                 received = 0
                 for block in response.iter_content(chunk_size=_STREAM_BLOCK):
                     handle.write(block)
                     received += len(block)
+                    progress.add(len(block))
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             raise TransientError(f"download interrupted: {type(exc).__name__}") from None
         if received == 0:

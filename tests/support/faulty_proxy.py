@@ -1,11 +1,14 @@
 """A loopback HTTP proxy in front of bk_server that injects faults on demand, a set number
 of times: answer 503 (`503`), drop the connection before forwarding (`drop`) or after the
-server answered (`drop-after`: the request took effect, the reply is lost), or cut a
-response short (`truncate`)."""
+server answered (`drop-after`: the request took effect, the reply is lost), cut a response
+short (`truncate`), or cut the link once 80 % of a request's body has arrived (`cut-80`).
+With `rate` (bytes per second) it is also a slow link: request bodies and responses pass at
+that rate."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +33,7 @@ class FaultyProxy:
     faults: list[Fault] = field(default_factory=list)
     seen: list[tuple[str, str]] = field(default_factory=list)
     headers_seen: list[dict[str, str]] = field(default_factory=list)
+    rate: float | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -53,6 +57,15 @@ class FaultyProxy:
         self._server.shutdown()
         self._server.server_close()
 
+    def _block(self) -> int:
+        """The bytes passed at a time: a tenth of a second's worth on a slow link."""
+        return max(4096, int(self.rate / 10)) if self.rate else 1 << 20
+
+    def _pace(self, count: int) -> None:
+        """Hold a slow link's bytes for as long as `rate` takes to pass them."""
+        if self.rate:
+            time.sleep(count / self.rate)
+
     def _take_fault(self, path: str) -> str | None:
         with self._lock:
             for fault in self.faults:
@@ -72,11 +85,11 @@ class FaultyProxy:
 
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
+                fault = proxy._take_fault(self.path)
+                body = self._receive(int(length * 0.8) if fault == "cut-80" else length) if length else None
                 proxy.seen.append((self.command, self.path))
                 proxy.headers_seen.append(dict(self.headers))
-                fault = proxy._take_fault(self.path)
-                if fault == "drop":
+                if fault in ("drop", "cut-80"):
                     self.close_connection = True
                     self.connection.close()
                     return
@@ -106,8 +119,22 @@ class FaultyProxy:
                     self.send_header(key, value)
                 self.send_header("Content-Length", str(len(body) if length is None else length))
                 self.end_headers()
-                self.wfile.write(body)
+                for start in range(0, len(body), proxy._block()):
+                    self.wfile.write(body[start:start + proxy._block()])
+                    proxy._pace(min(proxy._block(), len(body) - start))
                 self.wfile.flush()
+
+            def _receive(self, count: int) -> bytes:
+                """`count` bytes of the request body, at the proxy's rate."""
+                parts, left = [], count
+                while left:
+                    part = self.rfile.read(min(left, proxy._block()))
+                    if not part:
+                        break
+                    parts.append(part)
+                    left -= len(part)
+                    proxy._pace(len(part))
+                return b"".join(parts)
 
             do_GET = do_POST = do_PUT = do_DELETE = _forward
 
