@@ -205,7 +205,8 @@ def _train(participant: Participant, work_dir: Path, state: LeafState, policy: U
     global_model = _global_model(participant, state)
     with _reference(state, global_model, participant) as reference:
         result = check_result(participant.train(global_model, state.round))
-        prepared = prepare_update(result.parameters, reference, policy, _recent_norms(work_dir, state, policy))
+        prepared = prepare_update(result.parameters, reference, policy, _recent_norms(work_dir, state, policy),
+                                  trained_dtypes=state.model_dtypes if state.global_model else ())
         archive = write_update(work_dir / "updates" / f"run{state.run_number}-round{state.round}.npz",
                                result.weighting, prepared.parameters)
     _timed(state, "train_s", started)

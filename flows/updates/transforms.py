@@ -86,10 +86,12 @@ class PreparedUpdate:
 
 def prepare_update(parameters: Sequence[np.ndarray], global_model: GlobalModel | None,
                    policy: UpdatePolicy, recent_norms: Sequence[float],
-                   rng: np.random.Generator | None = None) -> PreparedUpdate:
+                   rng: np.random.Generator | None = None, trained_dtypes: Sequence[str] = ()) -> PreparedUpdate:
     """Check, guard, privatize and cast a round's update (in the module docstring's order);
-    `rng` draws the DP noise (default: seeded from the OS)."""
+    `rng` draws the DP noise (default: seeded from the OS); `trained_dtypes` are the dtypes the
+    run's earlier rounds trained in (a layer that changed dtype is refused)."""
     check_against_model(parameters, global_model)
+    check_dtypes(parameters, trained_dtypes)
     check_finite(parameters)
     norm = delta_norm(parameters, global_model) if global_model is not None else None
     if norm is not None and policy.max_update_norm_ratio is not None:
@@ -115,6 +117,17 @@ def check_against_model(parameters: Sequence[np.ndarray], global_model: GlobalMo
         if tuple(mine.shape) != tuple(theirs.shape) or mine.dtype.kind != theirs.dtype.kind:
             raise ParticipantError(f"train() returned layer {index} as {mine.dtype} {mine.shape}; the global model "
                                    f"has {theirs.dtype} {tuple(theirs.shape)}")
+
+
+def check_dtypes(parameters: Sequence[np.ndarray], trained_dtypes: Sequence[str]) -> None:
+    """Refuse a layer whose dtype changed since the run's earlier rounds (none known: nothing to
+    compare): every leaf of a branch uploads the same dtypes, and the platform would refuse it."""
+    if len(trained_dtypes) != len(parameters):
+        return
+    for index, (layer, dtype) in enumerate(zip(parameters, trained_dtypes, strict=True)):
+        if layer.dtype != np.dtype(dtype):
+            raise ParticipantError(f"train() returned layer {index} as {layer.dtype}; this run's earlier rounds "
+                                   f"trained it as {np.dtype(dtype)}: a layer keeps its dtype for the whole run")
 
 
 def check_finite(parameters: Sequence[np.ndarray], cast_to: str | None = None) -> None:

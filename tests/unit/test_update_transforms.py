@@ -109,3 +109,14 @@ def test_misspelt_privacy_setting_is_refused_rather_than_running_without_dp() ->
 def test_update_policy_joins_the_update_and_privacy_settings() -> None:
     policy = update_policy(UpdateSettings(upload_precision="float16"), PrivacySettings(clip_norm=2.0, delta=1e-6))
     assert (policy.upload_precision, policy.privacy.clip_norm, policy.privacy.delta) == ("float16", 2.0, 1e-6)
+
+
+def test_a_layer_whose_dtype_changed_mid_run_is_refused_naming_it() -> None:
+    parameters = [np.zeros((2, 3), np.float32), np.zeros(4, np.float64)]
+    with pytest.raises(ParticipantError, match="layer 1 as float64; this run's earlier rounds trained it as float32"):
+        prepare_update(parameters, GLOBAL, UpdatePolicy(), [], trained_dtypes=["<f4", "<f4"])
+
+
+def test_the_first_round_of_a_run_has_no_dtypes_to_keep() -> None:
+    prepared = prepare_update([np.zeros((2, 3), np.float64), np.zeros(4, np.float64)], None, UpdatePolicy(), [])
+    assert [layer.dtype for layer in prepared.parameters] == [np.float64, np.float64]
