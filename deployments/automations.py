@@ -163,7 +163,7 @@ def alert_triggers(options: AlertOptions, metric: str | None) -> dict[str, Event
 DESCRIPTIONS = {
     "missed-round": "A leaf completed no round within {window} s of its last completed one",
     "failed-round": "A leaf's round failed (branchkey.round.failed)",
-    "metric-drop": "A leaf's {metric} fell more than the flow's metric_drop_alert below its best",
+    "metric-drop": "A leaf's {metric} fell more than the flow's promotion.metric_drop_alert below its best",
 }
 
 

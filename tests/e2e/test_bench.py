@@ -50,6 +50,14 @@ def test_simulation_benchmark_finds_one_update_per_drawn_leaf_in_every_round(tmp
     assert rows[0]["exact"] and rows[0]["round_p50"] > 0 and rows[0]["worker_rss_mb"] > 0, rows
 
 
+def test_real_rounds_benchmark_reports_overhead_visibility_and_clean_logs(tmp_path: Path) -> None:
+    report = _bench("real_rounds.py", tmp_path)
+    assert [row["round"] for row in report["rounds"]] == [1, 2]
+    assert all(0 <= row["overhead_share"] < 1 for row in report["rounds"]), report["rounds"]
+    assert report["visible_max_s"] >= 0 and report["events_per_leaf_round"] > 0
+    assert report["bad_lines"] and sum(report["bad_lines"].values()) == 0, report["bad_lines"]
+
+
 @pytest.mark.e2e
 def test_deployed_round_benchmark_breaks_each_run_into_its_phases(tmp_path: Path) -> None:
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

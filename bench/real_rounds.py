@@ -1,0 +1,234 @@
+"""A realistic workload: a real PyTorch CNN trained for about a minute per round with every core
+busy, three leaves as separate processes each running `federated_training`, against a real
+bk-server and a Prefect server on the embedded PostgreSQL.
+
+Each leaf trains `CNN` (convolutions and a wide dense layer: tens of MB of float32) on its own
+synthetic image set, with `torch.set_num_threads(cores)`: the round's other work (the
+notification listener, publication, the Prefect run's logs and events) runs beside a saturated
+CPU. The participant offers its tensors' memory (`parameters()`), so each global model is loaded
+into the model in place.
+
+Per round, from the leaves' histories and the Prefect API: ``overhead`` = the round's wall time
+minus the participant's training, and its share of the round; ``visible`` = from the round's end
+(its history row) to its history artifact's version in Prefect; and over the run, ``events`` per
+leaf-round (every event the Prefect server stored about the leaves), and the count of ERROR and
+WARNING lines and tracebacks in every process's log (must be 0).
+
+Run from the project root (the full profile takes several minutes; `--quick` is a smoke run of
+two short rounds, as `make test` runs it):
+
+    .venv/bin/python bench/real_rounds.py
+    .venv/bin/python bench/real_rounds.py --quick --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import numpy as np
+from harness import format_table, machine_summary, percentile, progress, temporary_root
+
+from prefect_branchkey.bk_blocks import BranchKeyCredentials
+from prefect_branchkey.bk_dev.local_platform import LocalServer
+from prefect_branchkey.bk_dev.prefect_server import LocalPrefectServer
+from prefect_branchkey.bk_dev.processes import spawn, stop_group
+from prefect_branchkey.bk_server.cli import write_credentials
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.participant import Participant, TrainResult
+from prefect_branchkey.flows.publishing.observability import artifact_key
+
+PROJECT = Path(__file__).resolve().parents[1]
+ROUND_TIMEOUT_S = 1800
+BAD_LINE = re.compile(r"\b(ERROR|WARNING|CRITICAL)\b|Traceback \(most recent call last\)")
+
+
+class CNN(Participant):
+    """A small convolutional network on synthetic 32x32 images of 10 classes, trained for
+    `train_s` seconds a round with every core; `width` scales its dense layer (tens of MB)."""
+
+    metrics: ClassVar[dict[str, str]] = {"accuracy": "max"}
+
+    def __init__(self, train_s: float = 60.0, width: int = 1024, leaf_index: int = 0, leaves: int = 3) -> None:
+        import torch
+
+        torch.manual_seed(leaf_index)
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.torch, self.train_s = torch, float(train_s)
+        nn = torch.nn
+        self.model = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 8 * 8, width), nn.ReLU(), nn.Linear(width, 10))
+        generator = torch.Generator().manual_seed(100 + leaf_index)
+        self.images = torch.randn(2048, 3, 32, 32, generator=generator)
+        self.labels = (self.images.mean(dim=(1, 2, 3)) * 40).long().clamp(-5, 4) + 5
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.live = [tensor.numpy() for tensor in self.model.state_dict().values()]
+
+    def parameters(self) -> list[np.ndarray]:
+        return self.live
+
+    def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
+        started, steps = time.perf_counter(), 0
+        self.model.train()
+        while time.perf_counter() - started < self.train_s:
+            batch = slice((steps * 64) % 2048, (steps * 64) % 2048 + 64)
+            self.optimizer.zero_grad()
+            loss = self.torch.nn.functional.cross_entropy(self.model(self.images[batch]), self.labels[batch])
+            loss.backward()
+            self.optimizer.step()
+            steps += 1
+        return TrainResult(2048.0, self.live, {"participant_s": time.perf_counter() - started, "steps": steps})
+
+    def evaluate(self, global_model: list[np.ndarray], round_number: int) -> dict[str, float]:
+        self.model.eval()
+        with self.torch.no_grad():
+            predicted = self.model(self.images[:512]).argmax(dim=1)
+        return {"accuracy": float((predicted == self.labels[:512]).float().mean())}
+
+
+def leaf_main(spec: dict[str, Any]) -> None:
+    """One leaf process: `federated_training` of the CNN for every round."""
+    from prefect_branchkey.flows.training import federated_training
+
+    block = BranchKeyCredentials.from_platform_json(spec["credentials"], host=spec["host"], read_timeout_s=600.0)
+    results = federated_training(block, f"{CNN.__module__}:{CNN.__qualname__}", spec["work_dir"],
+                                 rounds=spec["rounds"], participant_options=spec["options"],
+                                 aggregation_timeout_s=ROUND_TIMEOUT_S, run_timeout_s=ROUND_TIMEOUT_S)
+    statuses = [r.status for r in results]
+    if statuses != ["completed"] * spec["rounds"]:
+        raise SystemExit(f"{block.leaf_name}: rounds ended as {statuses}")
+
+
+def api(base: str, path: str, body: Any) -> Any:
+    response = httpx.post(f"{base}{path}", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def visible_after(base: str, leaf: str, rows: list[dict[str, Any]]) -> list[float]:
+    """Per round, seconds from its history row's end to its history artifact's version in Prefect."""
+    versions = api(base, "/artifacts/filter", {"artifacts": {"key": {"any_": [artifact_key("history", leaf)]}},
+                                               "sort": "CREATED_ASC", "limit": 200})
+    created = [datetime.fromisoformat(v["created"]) for v in versions]
+    return [(made - row["finished_at"]).total_seconds() for made, row in zip(created, rows, strict=False)]
+
+
+def stored_events(base: str) -> int:
+    """Every event the Prefect server stored about the leaves' work (round, asset, run and task events)."""
+    counts = api(base, "/events/count-by/event", {"filter": {"occurred": {"since": "2000-01-01T00:00:00Z"}}})
+    return sum(c["count"] for c in counts)
+
+
+def bad_lines(logs: Sequence[Path]) -> dict[str, int]:
+    """ERROR, WARNING and traceback lines per process log (the first ones said on stderr)."""
+    found = {}
+    for path in logs:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        lines = [line for line in text.splitlines() if BAD_LINE.search(line)]
+        found[path.name] = len(lines)
+        for line in lines[:10]:
+            progress(f"{path.name}: {line}")
+    return found
+
+
+def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    prefect = LocalPrefectServer(root / "prefect", database="postgres")
+    platform = LocalServer(root / "bk" / "data")
+    leaves: list[Any] = []
+    try:
+        progress("starting the Prefect server (embedded PostgreSQL) and bk-server")
+        prefect.start()
+        platform.start()
+        federation = platform.create_federation(args.leaves, tree="real-rounds", branch="real-rounds")
+        paths = write_credentials(root / "creds", federation["leaves"])
+        names = [leaf["name"] for leaf in federation["leaves"]]
+        env = prefect.client_env() | {"PREFECT_LOGGING_LEVEL": "INFO"}
+        started = time.monotonic()
+        for index, path in enumerate(paths):
+            spec = {"credentials": str(path), "host": platform.url, "work_dir": str(root / "leaves" / names[index]),
+                    "rounds": args.rounds, "options": {"train_s": args.train_s, "width": args.width,
+                                                       "leaf_index": index, "leaves": args.leaves}}
+            leaves.append(spawn([sys.executable, __file__, "--leaf", json.dumps(spec)], root / f"{names[index]}.log",
+                                env=env, cwd=Path(__file__).parent))
+        for process in leaves:
+            if process.wait(timeout=ROUND_TIMEOUT_S * args.rounds) != 0:
+                raise RuntimeError(f"a leaf failed: see {root}/*.log\n" + "\n".join(
+                    (root / f"{n}.log").read_text(errors="replace")[-2000:] for n in names))
+        wall = time.monotonic() - started
+        time.sleep(3)
+        histories = {name: history_rows(root / "leaves" / name) for name in names}
+        rounds = []
+        for number in range(1, args.rounds + 1):
+            rows = [next(r for r in histories[n] if r["round"] == number) for n in names]
+            overheads = [r["round_s"] - r["train_metrics"]["participant_s"] for r in rows]
+            rounds.append({"round": number, "round_s": percentile([r["round_s"] for r in rows], 50),
+                           "overhead_s": percentile(overheads, 50),
+                           "overhead_share": percentile([o / r["round_s"] for o, r in zip(overheads, rows,
+                                                                                             strict=True)], 50),
+                           "accuracy": percentile([r["eval_metrics"]["accuracy"] for r in rows], 50)})
+        visible = [v for n in names for v in visible_after(prefect.api_url, n, histories[n])]
+        model_mb = sum(layer.nbytes for layer in CNN(0, args.width).parameters()) / 1e6
+        return {"rounds": rounds, "wall_s": wall, "model_mb": model_mb, "visible_p50_s": percentile(visible, 50),
+                "visible_max_s": max(visible), "events_per_leaf_round": stored_events(prefect.api_url) / (
+                    args.leaves * args.rounds),
+                "bad_lines": bad_lines([*(root / f"{n}.log" for n in names), platform.log_path, prefect.log_path])}
+    finally:
+        for process in leaves:
+            stop_group(process)
+        platform.stop()
+        prefect.stop()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--train-s", type=float, default=60.0, help="training per round, every core busy (60)")
+    parser.add_argument("--width", type=int, default=4096, help="the dense layer's width: 4096 is 17 MB of model")
+    parser.add_argument("--leaves", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 5 s training, a narrower model")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--leaf", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.train_s, args.width = 2, 5.0, 512
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.leaf:
+        leaf_main(json.loads(args.leaf))
+        return
+    with temporary_root(args.workdir, "bk-bench-real-") as root:
+        report = bench(root, args)
+    clean = sum(report["bad_lines"].values()) == 0
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(machine_summary("torch", "prefect"))
+        print(f"# {args.leaves} leaves as processes, a {report['model_mb']:.0f} MB CNN trained {args.train_s:.0f} s a "
+              f"round with {os.cpu_count()} threads each; {args.rounds} rounds in {report['wall_s']:.0f} s")
+        print(format_table(["round", "round s", "overhead s", "overhead share", "accuracy"], [
+            [str(r["round"]), f"{r['round_s']:.1f}", f"{r['overhead_s']:.2f}", f"{100 * r['overhead_share']:.1f} %",
+             f"{r['accuracy']:.3f}"] for r in report["rounds"]]))
+        print(f"round end to its artifact in Prefect: p50 {report['visible_p50_s']:.2f} s, max "
+              f"{report['visible_max_s']:.2f} s; events per leaf-round {report['events_per_leaf_round']:.1f}")
+        print("ERROR/WARNING/traceback lines: " + ", ".join(f"{k} {v}" for k, v in report["bad_lines"].items()))
+    if not clean:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
