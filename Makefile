@@ -65,8 +65,11 @@ system-deps:
 	fi
 
 # RabbitMQ with its management plugin, on 127.0.0.1 (Debian's rabbitmq-server).
+# A broker that already answers (started by the init system or by hand) is used as it is: Debian's
+# init script waits up to 10 minutes for a pid file that a broker started by hand never writes.
 broker: system-deps
-	$(SUDO) service rabbitmq-server start >/dev/null 2>&1 || $(SUDO) rabbitmq-server -detached
+	@if timeout 20 $(SUDO) rabbitmqctl -q status >/dev/null 2>&1; then echo "RabbitMQ is already running"; \
+	else timeout 120 $(SUDO) service rabbitmq-server start >/dev/null 2>&1 || $(SUDO) rabbitmq-server -detached; fi
 	timeout 120 sh -c 'until $(SUDO) rabbitmqctl -q start_app >/dev/null 2>&1; do sleep 1; done'
 	timeout 120 sh -c 'until $(SUDO) rabbitmqctl -q await_startup >/dev/null 2>&1; do sleep 1; done'
 	$(SUDO) rabbitmq-plugins -q enable rabbitmq_management >/dev/null
