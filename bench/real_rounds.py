@@ -30,7 +30,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -119,14 +119,16 @@ def api(base: str, path: str, body: Any) -> Any:
 def visible_after(base: str, leaf: str, rows: list[dict[str, Any]]) -> list[float]:
     """Per round, seconds from its history row's end to its history artifact's version in Prefect."""
     versions = api(base, "/artifacts/filter", {"artifacts": {"key": {"any_": [artifact_key("history", leaf)]}},
-                                               "sort": "CREATED_ASC", "limit": 200})
-    created = [datetime.fromisoformat(v["created"]) for v in versions]
+                                               "sort": "CREATED_DESC", "limit": 200})
+    created = sorted(datetime.fromisoformat(v["created"]) for v in versions)
     return [(made - row["finished_at"]).total_seconds() for made, row in zip(created, rows, strict=False)]
 
 
-def stored_events(base: str) -> int:
-    """Every event the Prefect server stored about the leaves' work (round, asset, run and task events)."""
-    counts = api(base, "/events/count-by/event", {"filter": {"occurred": {"since": "2000-01-01T00:00:00Z"}}})
+def stored_events(base: str, since: datetime) -> int:
+    """Every event the Prefect server stored since `since` (round, asset, run and task events)."""
+    until = datetime.now(UTC) + timedelta(minutes=1)
+    counts = api(base, "/events/count-by/event", {"filter": {"occurred": {
+        "since": since.isoformat(), "until": until.isoformat()}}, "time_unit": "hour"})
     return sum(c["count"] for c in counts)
 
 
@@ -154,7 +156,7 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         paths = write_credentials(root / "creds", federation["leaves"])
         names = [leaf["name"] for leaf in federation["leaves"]]
         env = prefect.client_env() | {"PREFECT_LOGGING_LEVEL": "INFO"}
-        started = time.monotonic()
+        started, began = time.monotonic(), datetime.now(UTC) - timedelta(minutes=1)
         for index, path in enumerate(paths):
             spec = {"credentials": str(path), "host": platform.url, "work_dir": str(root / "leaves" / names[index]),
                     "rounds": args.rounds, "options": {"train_s": args.train_s, "width": args.width,
@@ -180,7 +182,7 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         visible = [v for n in names for v in visible_after(prefect.api_url, n, histories[n])]
         model_mb = sum(layer.nbytes for layer in CNN(0, args.width).parameters()) / 1e6
         return {"rounds": rounds, "wall_s": wall, "model_mb": model_mb, "visible_p50_s": percentile(visible, 50),
-                "visible_max_s": max(visible), "events_per_leaf_round": stored_events(prefect.api_url) / (
+                "visible_max_s": max(visible), "events_per_leaf_round": stored_events(prefect.api_url, began) / (
                     args.leaves * args.rounds),
                 "bad_lines": bad_lines([*(root / f"{n}.log" for n in names), platform.log_path, prefect.log_path])}
     finally:
