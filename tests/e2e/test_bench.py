@@ -50,6 +50,13 @@ def test_simulation_benchmark_finds_one_update_per_drawn_leaf_in_every_round(tmp
     assert rows[0]["exact"] and rows[0]["round_p50"] > 0 and rows[0]["worker_rss_mb"] > 0, rows
 
 
+def test_large_model_benchmark_reports_each_leafs_peak_memory_and_steps(tmp_path: Path) -> None:
+    report = _bench("large_model.py", tmp_path)
+    assert len(report["leaf_peak_mb"]) == 2 and all(peak > report["model_mb"] for peak in report["leaf_peak_mb"])
+    assert report["server_peak_mb"] > 0 and report["upload_mb_s"] > 0 and report["download_mb_s"] > 0
+    assert set(report["steps_p50_s"]) >= {"upload_s", "wait_s", "download_s", "round_s"}
+
+
 def test_real_rounds_benchmark_reports_overhead_visibility_and_clean_logs(tmp_path: Path) -> None:
     report = _bench("real_rounds.py", tmp_path)
     assert [row["round"] for row in report["rounds"]] == [1, 2]
