@@ -121,7 +121,9 @@ def visible_after(base: str, leaf: str, rows: list[dict[str, Any]]) -> list[floa
     versions = api(base, "/artifacts/filter", {"artifacts": {"key": {"any_": [artifact_key("history", leaf)]}},
                                                "sort": "CREATED_DESC", "limit": 200})
     created = sorted(datetime.fromisoformat(v["created"]) for v in versions)
-    return [(made - row["finished_at"]).total_seconds() for made, row in zip(created, rows, strict=False)]
+    if len(created) != len(rows):
+        raise RuntimeError(f"{leaf}: {len(created)} versions of its history artifact for {len(rows)} rounds")
+    return [(made - row["finished_at"]).total_seconds() for made, row in zip(created, rows, strict=True)]
 
 
 def stored_events(base: str, since: datetime) -> int:

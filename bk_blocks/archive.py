@@ -465,37 +465,61 @@ def read_aggregate(
 
 def read_aggregate_into(path: str | os.PathLike[str], layers: Sequence[np.ndarray], *,
                         max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES) -> None:
-    """Validate an aggregate archive and load it into `layers` in place, chunk by chunk (each
-    value cast to its layer's dtype), so a participant's model takes the global model without
-    a second copy of it in memory. The layers must match in number and shape; nothing is
-    written when the archive is refused."""
+    """Validate an aggregate archive and load it into `layers` in place (each value cast to its
+    layer's dtype), so a participant's model takes the global model without a second copy of it
+    in memory. The layers must match in number, shape and kind (float, integer), and every value
+    must fit its layer's dtype; nothing is written when the archive is refused. A C-ordered
+    member goes into a contiguous layer chunk by chunk; any other pair through one layer-sized
+    temporary."""
     with NpzReader(path, max_decompressed_bytes=max_decompressed_bytes) as reader:
         specs = _layer_specs(reader, allow=frozenset())
         if len(specs) != len(layers):
             raise LayerError(f"the aggregate has {len(specs)} layers, the model {len(layers)}")
         for spec, layer in zip(specs, layers, strict=True):
-            if tuple(spec.shape) != tuple(layer.shape) or not layer.flags.writeable:
-                raise LayerError(f"{spec.name}: the aggregate's shape is {tuple(spec.shape)}, the model's "
-                                 f"{tuple(layer.shape)}{'' if layer.flags.writeable else ' (read-only)'}")
+            _check_loadable(spec, layer)
         _check_values(reader, specs)
+        _check_fits(reader, specs, layers)
         for spec, layer in zip(specs, layers, strict=True):
-            flat = layer.reshape(-1, order="F" if spec.fortran_order else "C")
-            if not np.shares_memory(flat, layer):
-                raise LayerError(f"{spec.name}: the model's array is not contiguous, it cannot be loaded in place")
-            position = 0
+            if spec.fortran_order or not layer.flags.c_contiguous:
+                layer[...] = reader.read_array(spec.name)
+                continue
+            flat, position = layer.reshape(-1), 0
             for chunk in reader.iter_chunks(spec.name):
                 flat[position:position + chunk.size] = chunk
                 position += chunk.size
 
 
+def _check_loadable(spec: MemberSpec, layer: np.ndarray) -> None:
+    """Refuse a model layer the member cannot be loaded into: another shape or kind, or read-only."""
+    if tuple(spec.shape) != tuple(layer.shape):
+        raise LayerError(f"{spec.name}: the aggregate's shape is {tuple(spec.shape)}, the model's {tuple(layer.shape)}")
+    if (spec.dtype.kind == "f") != (layer.dtype.kind == "f"):
+        raise LayerError(f"{spec.name}: the aggregate holds {spec.dtype}, the model's layer is {layer.dtype}")
+    if not layer.flags.writeable:
+        raise LayerError(f"{spec.name}: the model's array is read-only")
+
+
+def _check_fits(reader: NpzReader, specs: Sequence[MemberSpec], layers: Sequence[np.ndarray]) -> None:
+    """Refuse a float member whose values overflow a narrower float layer (they would load as infinity)."""
+    for spec, layer in zip(specs, layers, strict=True):
+        if spec.dtype.kind == "f" and layer.dtype.itemsize < spec.dtype.itemsize:
+            limit = float(np.finfo(layer.dtype).max)
+            if any(float(np.abs(chunk).max(initial=0.0)) > limit for chunk in reader.iter_chunks(spec.name)):
+                raise LayerError(f"{spec.name}: values beyond {layer.dtype}'s range, the model's dtype")
+
+
 class AggregateLayers:
-    """An aggregate's layers read from its archive chunk by chunk on demand, never held in
-    memory: what the update transforms compare an update with. Open it as a context manager."""
+    """An aggregate's layers read from its archive on demand, never held in memory: what the
+    update transforms compare an update with. Open it as a context manager."""
 
     def __init__(self, path: str | os.PathLike[str], *,
                  max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES) -> None:
         self._reader = NpzReader(path, max_decompressed_bytes=max_decompressed_bytes)
-        self.layers = _layer_specs(self._reader, allow=frozenset())
+        try:
+            self.layers = _layer_specs(self._reader, allow=frozenset())
+        except BaseException:
+            self._reader.close()
+            raise
 
     def __enter__(self) -> AggregateLayers:
         return self
@@ -509,10 +533,14 @@ class AggregateLayers:
     def __getitem__(self, index: int) -> MemberSpec:
         return self.layers[index]
 
-    def chunks(self, index: int, elements: int) -> Iterator[np.ndarray]:
-        """Layer `index`'s values as flat chunks of `elements` (views of one reused buffer:
-        use each before asking for the next)."""
+    def c_chunks(self, index: int, elements: int) -> Iterator[np.ndarray]:
+        """Layer `index`'s values in C order (as `ndarray.reshape(-1)` flattens), as flat chunks of
+        `elements`: views of one reused buffer, so use each before asking for the next. A
+        Fortran-ordered member is read whole and reordered (one layer-sized temporary)."""
         spec = self.layers[index]
+        if spec.fortran_order:
+            flat = np.ascontiguousarray(self._reader.read_array(spec.name)).reshape(-1)
+            return (flat[start:start + elements] for start in range(0, flat.size, elements))
         return self._reader.iter_chunks(spec.name, chunk_bytes=elements * spec.dtype.itemsize)
 
 

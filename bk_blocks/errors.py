@@ -62,7 +62,11 @@ class MissingExtraError(BranchKeyError, ImportError):
         missing = error.name or str(error)
         super().__init__(f"{feature} needs the {extra!r} extra ({missing} is not installed): "
                          f"pip install 'prefect-branchkey[{extra}]'", name=error.name)
-        self.extra = extra
+        self.feature, self.extra, self.error = feature, extra, error
+
+    def __reduce__(self) -> tuple[type[MissingExtraError], tuple[str, str, ImportError]]:
+        """Rebuilt from its arguments when pickled (raised on a Dask worker, it reaches the flow whole)."""
+        return type(self), (self.feature, self.extra, ModuleNotFoundError(str(self.error), name=self.error.name))
 
 
 def require_extra(feature: str, extra: str, *modules: str) -> None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from prefect_branchkey.bk_blocks import BranchKeyCredentials, BranchKeyError
     from prefect_branchkey.flows.evaluation import federated_evaluation
     from prefect_branchkey.flows.leaf.promotion import PromotionSettings
+    from prefect_branchkey.flows.leaf.retention import RetentionSettings
     from prefect_branchkey.flows.participant import Participant
     from prefect_branchkey.flows.round import federated_round
     from prefect_branchkey.flows.statistics import federated_statistics
@@ -39,6 +40,7 @@ _PUBLIC = {
     "UpdateSettings": "prefect_branchkey.flows.updates.transforms",
     "PrivacySettings": "prefect_branchkey.flows.updates.privacy",
     "PromotionSettings": "prefect_branchkey.flows.leaf.promotion",
+    "RetentionSettings": "prefect_branchkey.flows.leaf.retention",
 }
 
 
@@ -55,6 +57,7 @@ __all__ = [
     "Participant",
     "PrivacySettings",
     "PromotionSettings",
+    "RetentionSettings",
     "UpdateSettings",
     "__version__",
     "federated_evaluation",

@@ -8,13 +8,14 @@ round in progress, and the best and the served model (`models/best.npz`, `models
 and the download they are linked from). The history rows keep every round's digests and
 facts: what is deleted is the bytes, never the record of them.
 
-Only files named as the rounds name them are ever deleted; anything else in those folders is
-the user's. A file that cannot be deleted is logged and left for the next round.
+Only files named as the rounds name them are ever deleted (`run<N>-round<M>.npz`, and a
+download's `<aggregation id>.npz`, the id being the platform's UUID); anything else in those
+folders is the user's. Retention never fails a round: a file it cannot read or delete is logged
+and left for the next round.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_branchkey.flows.leaf.promotion import BEST_MODEL, SERVED_MODEL
 from prefect_branchkey.flows.leaf.state import LeafState
+from prefect_branchkey.tasks import run_logger
 
 UPDATE_NAME = re.compile(r"run(\d+)-round(\d+)\.npz")
-
-logger = logging.getLogger(__name__)
+DOWNLOAD_NAME = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\.npz")
 
 
 class RetentionSettings(BaseModel):
@@ -52,9 +53,15 @@ class Pruned:
 
 def apply_retention(work_dir: Path, state: LeafState, settings: RetentionSettings) -> Pruned:
     """Delete the updates and global models past the settings' counts, keeping what the leaf
-    still needs; safe to repeat, and a file that cannot be deleted is left for the next pass."""
-    updates = _old_updates(work_dir / "updates", state, settings.keep_updates)
-    models = _old_models(work_dir / "models", state, settings.keep_models)
+    still needs; safe to repeat, and a file that cannot be read or deleted is left for the next
+    pass (logged, never raised)."""
+    logger = run_logger(__name__)
+    try:
+        updates = _old_updates(work_dir / "updates", state, settings.keep_updates)
+        models = _old_models(work_dir / "models", state, settings.keep_models)
+    except OSError as exc:
+        logger.warning("retention: could not list the old updates and models (%s); the next round tries again", exc)
+        return Pruned(0, 0)
     files = size = 0
     for path in (*updates, *models):
         try:
@@ -87,7 +94,7 @@ def _old_models(directory: Path, state: LeafState, keep: int | None) -> list[Pat
     if keep is None or not directory.is_dir():
         return []
     promised = [directory / name for name in (BEST_MODEL, SERVED_MODEL) if (directory / name).exists()]
-    downloads = sorted((path for path in directory.glob("*.npz") if path.name not in (BEST_MODEL, SERVED_MODEL)),
+    downloads = sorted((path for path in directory.iterdir() if DOWNLOAD_NAME.fullmatch(path.name)),
                        key=lambda path: path.stat().st_mtime_ns)
     held = Path(state.global_model).name if state.global_model else None
     return [path for path in downloads[:-keep]

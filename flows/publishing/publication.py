@@ -148,8 +148,9 @@ def publish_pending(leaf_name: str, work_dir: Path) -> int:
 
 
 def _publish_round(leaf_name: str, rows: list[dict[str, object]], row: dict[str, object]) -> None:
-    """The leaf's artifacts as of `rows` (the history up to `row`), then `row`'s events."""
-    publish_artifacts(leaf_name, rows, flow_run_id=str(row["flow_run_id"]) if row["flow_run_id"] else None)
+    """`row`'s events, then the leaf's artifacts as of `rows` (the history up to `row`). Events
+    first: a resend of an event is one event (its id is fixed), while a resend of the artifacts
+    would be another version of them, so a failure between the two costs nothing."""
     record = RoundRecord(**row)  # type: ignore[arg-type]
     status = _event_status(record)
     events = [round_event(record, event_id=round_event_id(record.leaf_id, record.run_number, record.round, status))]
@@ -157,6 +158,7 @@ def _publish_round(leaf_name: str, rows: list[dict[str, object]], row: dict[str,
         events.append(metric_dropped_event(record, round_event_id(record.leaf_id, record.run_number, record.round,
                                                                   f"metric-dropped-{status}")))
     send_events([*events, *model_asset_events(record)])
+    publish_artifacts(leaf_name, rows, flow_run_id=str(row["flow_run_id"]) if row["flow_run_id"] else None)
 
 
 def _event_status(record: RoundRecord) -> str:
@@ -219,13 +221,16 @@ class Publication:
                 if notified and self._wanted <= self._done:
                     return
                 wanted = self._wanted
-            failed = not self._attempt()
-            with self._condition:
-                self._done = wanted
-                self._failed = failed
-                if self._closing:
-                    self._retry_once_if_failed()
-                self._condition.notify_all()
+            failed = True
+            try:
+                failed = not self._attempt()
+            finally:
+                with self._condition:
+                    self._done = wanted
+                    self._failed = failed
+                    if self._closing:
+                        self._retry_once_if_failed()
+                    self._condition.notify_all()
 
     def _retry_in(self) -> float | None:
         """How long the thread waits before trying again after a failure (None: until notified)."""
@@ -236,7 +241,7 @@ class Publication:
         the cause, the ones after it are debug lines, and the catch-up after it is said once."""
         try:
             published = publish_pending(self.leaf_name, self.work_dir)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
             self._failures += 1
             level = logging.WARNING if self._failures == 1 else logging.DEBUG
             logger.log(level, "%s: could not publish its rounds to Prefect (they stay pending, retried in the "

@@ -32,9 +32,9 @@ def chunks(layer: np.ndarray) -> Iterator[np.ndarray]:
 
 
 def layer_chunks(model: GlobalModel, index: int) -> Iterator[np.ndarray]:
-    """Layer `index` of a global model as CHUNK-element chunks, from memory or from its archive
-    (each chunk valid until the next is asked for)."""
-    return model.chunks(index, CHUNK) if isinstance(model, AggregateLayers) else chunks(model[index])
+    """Layer `index` of a global model as CHUNK-element chunks in C order, as `chunks` yields an
+    update's, from memory or from its archive (each chunk valid until the next is asked for)."""
+    return model.c_chunks(index, CHUNK) if isinstance(model, AggregateLayers) else chunks(model[index])
 
 
 def delta_norm(parameters: Sequence[np.ndarray], global_model: GlobalModel | None) -> float:

@@ -143,6 +143,8 @@ class LiveArrays(Participant):
         self.offset = offset
         self.trained_in_own_arrays: list[bool] = []
         self.evaluated: list[list[np.ndarray]] = []
+        self.started_from: list[list[np.ndarray]] = []
+        self.trained: list[list[np.ndarray]] = []
 
     def parameters(self) -> list[np.ndarray]:
         return self.model
@@ -150,8 +152,10 @@ class LiveArrays(Participant):
     def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
         self.trained_in_own_arrays.append(global_model is None or all(
             a is b for a, b in zip(global_model, self.model, strict=True)))
+        self.started_from.append([layer.copy() for layer in self.model])
         for layer in self.model:
             layer += self.offset
+        self.trained.append([layer.copy() for layer in self.model])
         return TrainResult(1.0 + self.offset, self.model)
 
     def evaluate(self, global_model: list[np.ndarray], round_number: int) -> dict[str, float]:
@@ -164,7 +168,8 @@ def test_a_participant_offering_its_arrays_gets_each_global_model_in_place_throu
     federation = server.federation(leaves=2)
     sessions = [open_session(credentials_for(server, leaf)) for leaf in federation.leaves]
     participants = [LiveArrays(1.0), LiveArrays(3.0)]
-    policy = UpdatePolicy(max_update_norm_ratio=50, privacy=PrivacySettings(clip_norm=1e9, noise_multiplier=1e-9))
+    clip = 1.0
+    policy = UpdatePolicy(max_update_norm_ratio=50, privacy=PrivacySettings(clip_norm=clip, noise_multiplier=1e-9))
 
     def leaf_round(index: int, results: list[RoundResult]) -> None:
         results.append(run_round(sessions[index], participants[index], tmp_path / f"leaf-{index}", policy=policy))
@@ -181,6 +186,13 @@ def test_a_participant_offering_its_arrays_gets_each_global_model_in_place_throu
         aggregate = read_aggregate(results[0].global_model or "")
         for got, want in zip(aggregate, fedavg_reference(updates), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-6)
-        for participant in participants:
+        for index, participant in enumerate(participants):
             assert all(np.array_equal(a, b) for a, b in zip(participant.evaluated[-1], aggregate, strict=True))
+            base, trained = participant.started_from[-1], participant.trained[-1]
+            norm = np.sqrt(sum(float(np.sum((t - b).astype(np.float64) ** 2)) for t, b in zip(trained, base,
+                                                                                               strict=True)))
+            clipped = [b + (t - b) * np.float32(min(1.0, clip / norm)) for t, b in zip(trained, base, strict=True)]
+            for sent, want in zip(updates[index][1], clipped, strict=True):
+                np.testing.assert_allclose(sent, want, atol=1e-5,
+                                           err_msg="DP clips the delta to the global model the round started from")
     assert all(all(p.trained_in_own_arrays) for p in participants)

@@ -47,3 +47,12 @@ def test_every_exception_above_the_client_is_listed_under_its_module() -> None:
     misplaced = {name: (module, listed.get(name)) for name, module in defined.items()
                  if not (listed.get(name) and module.startswith(listed[name]))}
     assert misplaced == {}
+
+
+def test_a_missing_extra_survives_pickling_with_its_one_line() -> None:
+    import pickle
+
+    error = errors.MissingExtraError("A simulated federation", "simulation",
+                                     ModuleNotFoundError("No module named 'distributed'", name="distributed"))
+    again = pickle.loads(pickle.dumps(error))
+    assert str(again) == str(error) and again.extra == "simulation"

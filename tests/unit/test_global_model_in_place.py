@@ -94,3 +94,46 @@ def test_privatize_against_the_archive_equals_privatize_against_arrays(tmp_path:
     with AggregateLayers(_aggregate(tmp_path / "agg.npz", base)) as archive:
         from_archive = privatize(update, archive, 1.0, 0.5, np.random.default_rng(2))
     assert np.array_equal(in_memory[0], from_archive[0])
+
+
+def test_a_fortran_ordered_aggregate_is_compared_element_by_element(tmp_path: Path) -> None:
+    update = [np.arange(12, dtype=np.float32).reshape(3, 4)]
+    with AggregateLayers(_aggregate(tmp_path / "agg.npz", [np.asfortranarray(update[0])])) as archive:
+        assert delta_norm(update, archive) == 0.0
+
+
+def test_privatize_against_a_fortran_ordered_archive_keeps_each_value_in_place(tmp_path: Path) -> None:
+    base = np.arange(12, dtype=np.float32).reshape(3, 4)
+    update = [base + np.float32(1.0)]
+    with AggregateLayers(_aggregate(tmp_path / "agg.npz", [np.asfortranarray(base)])) as archive:
+        from_archive = privatize(update, archive, 1.0, 1e-12, np.random.default_rng(0))
+    np.testing.assert_allclose(from_archive[0], privatize(update, [base], 1.0, 1e-12, np.random.default_rng(0))[0])
+
+
+def test_a_fortran_ordered_aggregate_loads_into_a_c_ordered_model(tmp_path: Path) -> None:
+    aggregate = np.arange(12, dtype=np.float32).reshape(3, 4)
+    mine = [np.zeros((3, 4), np.float32)]
+    read_aggregate_into(_aggregate(tmp_path / "agg.npz", [np.asfortranarray(aggregate)]), mine)
+    assert np.array_equal(mine[0], aggregate)
+
+
+def test_a_non_contiguous_model_layer_is_loaded_too(tmp_path: Path) -> None:
+    backing = np.zeros((4, 6), np.float32)
+    mine = [np.zeros(3, np.float32), backing[:, ::2]]
+    aggregate = _aggregate(tmp_path / "agg.npz", [np.ones(3, np.float32), np.full((4, 3), 2, np.float32)])
+    read_aggregate_into(aggregate, mine)
+    assert np.all(mine[0] == 1) and np.all(backing[:, ::2] == 2) and np.all(backing[:, 1::2] == 0)
+
+
+def test_a_float_aggregate_for_an_integer_layer_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    path = _aggregate(tmp_path / "agg.npz", [np.ones(3, np.float32), np.ones(3, np.float32)])
+    mine = [np.zeros(3, np.float32), np.zeros(3, np.int64)]
+    with pytest.raises(LayerError, match="layer_1: the aggregate holds float32, the model's layer is int64"):
+        read_aggregate_into(path, mine)
+    assert not mine[0].any()
+
+
+def test_values_beyond_a_narrower_layers_range_are_refused(tmp_path: Path) -> None:
+    path = _aggregate(tmp_path / "agg.npz", [np.array([1.0, 1e6], np.float32)])
+    with pytest.raises(LayerError, match="layer_0: values beyond float16's range"):
+        read_aggregate_into(path, [np.zeros(2, np.float16)])

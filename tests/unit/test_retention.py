@@ -21,11 +21,16 @@ def _file(path: Path, size: int = 10, age: int = 0) -> Path:
     return path
 
 
+def agg(number: int) -> str:
+    """The file name of aggregation `number`: the platform's ids are UUIDs."""
+    return f"00000000-0000-4000-8000-{number:012d}.npz"
+
+
 def _rounds(work_dir: Path, count: int) -> None:
     """`count` rounds of run 1: each one's update and downloaded model, the newest last."""
     for number in range(1, count + 1):
         _file(work_dir / "updates" / f"run1-round{number}.npz")
-        _file(work_dir / "models" / f"agg-{number}.npz", age=count - number)
+        _file(work_dir / "models" / agg(number), age=count - number)
 
 
 def _names(directory: Path) -> list[str]:
@@ -34,10 +39,10 @@ def _names(directory: Path) -> list[str]:
 
 def test_only_the_latest_updates_and_models_are_kept(tmp_path: Path) -> None:
     _rounds(tmp_path, 6)
-    state = LeafState("leaf", run_number=1, round=7, global_model=str(tmp_path / "models" / "agg-6.npz"))
+    state = LeafState("leaf", run_number=1, round=7, global_model=str(tmp_path / "models" / agg(6)))
     pruned = apply_retention(tmp_path, state, RetentionSettings(keep_updates=2, keep_models=2))
     assert _names(tmp_path / "updates") == ["run1-round5.npz", "run1-round6.npz"]
-    assert _names(tmp_path / "models") == ["agg-5.npz", "agg-6.npz"]
+    assert _names(tmp_path / "models") == [agg(5), agg(6)]
     assert (pruned.files, pruned.bytes) == (8, 80)
 
 
@@ -58,11 +63,11 @@ def test_the_update_of_a_round_in_progress_is_kept(tmp_path: Path) -> None:
 def test_the_held_best_and_served_models_are_never_deleted(tmp_path: Path) -> None:
     _rounds(tmp_path, 5)
     models = tmp_path / "models"
-    os.link(models / "agg-1.npz", models / BEST_MODEL)
-    os.link(models / "agg-2.npz", models / SERVED_MODEL)
-    state = LeafState("leaf", run_number=1, round=6, global_model=str(models / "agg-3.npz"))
+    os.link(models / agg(1), models / BEST_MODEL)
+    os.link(models / agg(2), models / SERVED_MODEL)
+    state = LeafState("leaf", run_number=1, round=6, global_model=str(models / agg(3)))
     apply_retention(tmp_path, state, RetentionSettings(keep_models=1))
-    assert _names(models) == ["agg-1.npz", "agg-2.npz", "agg-3.npz", "agg-5.npz", BEST_MODEL, SERVED_MODEL]
+    assert _names(models) == [agg(1), agg(2), agg(3), agg(5), BEST_MODEL, SERVED_MODEL]
 
 
 def test_files_not_named_as_rounds_name_them_are_left_alone(tmp_path: Path) -> None:
@@ -83,3 +88,10 @@ def test_none_keeps_every_update_and_model(tmp_path: Path) -> None:
 def test_a_count_below_one_is_refused_naming_it() -> None:
     with pytest.raises(ValidationError, match="keep_models"):
         RetentionSettings(keep_models=0)
+
+
+def test_a_users_own_model_file_is_never_deleted(tmp_path: Path) -> None:
+    _file(tmp_path / "models" / "pretrained.npz", age=100)
+    _rounds(tmp_path, 3)
+    apply_retention(tmp_path, LeafState("leaf", run_number=1, round=4), RetentionSettings(keep_models=1))
+    assert _names(tmp_path / "models") == [agg(3), "pretrained.npz"]
