@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,12 +28,9 @@ from typing import Any
 
 import numpy as np
 from harness import format_table, layer_shapes, machine_summary, percentile, progress, temporary_root
+from leaf_processes import add_leaf_run_options, leaf_federation
 
 from prefect_branchkey.bk_blocks import BranchKeyCredentials
-from prefect_branchkey.bk_dev.local_platform import LocalServer
-from prefect_branchkey.bk_dev.prefect_server import LocalPrefectServer
-from prefect_branchkey.bk_dev.processes import spawn, stop_group
-from prefect_branchkey.bk_server.cli import write_credentials
 from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.participant import Participant, TrainResult
 
@@ -84,41 +80,24 @@ def peak_rss(pid: int) -> int:
 
 
 def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    prefect = LocalPrefectServer(root / "prefect", database="postgres")
-    platform = LocalServer(root / "bk" / "data")
-    leaves: list[Any] = []
-    try:
-        progress(f"{args.leaves} leaves of a {args.model_mb:.0f} MB model, {args.rounds} rounds")
-        prefect.start()
-        platform.start()
-        federation = platform.create_federation(args.leaves, tree="large", branch="large")
-        paths = write_credentials(root / "creds", federation["leaves"])
-        names = [leaf["name"] for leaf in federation["leaves"]]
-        for index, path in enumerate(paths):
-            spec = {"credentials": str(path), "host": platform.url, "work_dir": str(root / "leaves" / names[index]),
-                    "rounds": args.rounds, "options": {"model_mb": args.model_mb, "layers": args.layers,
-                                                       "train_s": args.train_s, "live": not args.copying,
-                                                       "leaf_index": index, "leaves": args.leaves}}
-            leaves.append(spawn([sys.executable, __file__, "--leaf", json.dumps(spec)], root / f"{names[index]}.log",
-                                env=prefect.client_env(), cwd=Path(__file__).parent))
-        for name, process in zip(names, leaves, strict=True):
-            if process.wait(timeout=TIMEOUT_S * args.rounds) != 0:
-                raise RuntimeError(f"{name} failed:\n" + (root / f"{name}.log").read_text(errors="replace")[-3000:])
-        server_peak = peak_rss(platform.process.pid) if platform.process else 0
-        rows = [row for name in names for row in history_rows(root / "leaves" / name) if row["round"] > 1]
-        steps = {step: percentile([row[step] for row in rows], 50) for step in STEPS}
+    progress(f"{args.leaves} leaves of a {args.model_mb:.0f} MB model, {args.rounds} rounds")
+    with leaf_federation(root, args.leaves, "large") as federation:
+        federation.start_leaves(__file__, lambda index: {"rounds": args.rounds, "options": {
+            "model_mb": args.model_mb, "layers": args.layers, "train_s": args.train_s, "live": not args.copying,
+            "leaf_index": index, "leaves": args.leaves}})
+        federation.wait(TIMEOUT_S * args.rounds)
+        server = federation.platform.process
+        server_peak = peak_rss(server.pid) if server else 0
+        names = federation.names
+        rows = [row for name in names for row in history_rows(federation.work_dir(name)) if row["round"] > 1]
         return {
             "model_mb": args.model_mb, "leaves": args.leaves, "rounds": args.rounds, "live": not args.copying,
-            "leaf_peak_mb": [int((root / "leaves" / f"{name}.peak").read_text()) / MB for name in names],
-            "server_peak_mb": server_peak / MB, "steps_p50_s": steps,
+            "leaf_peak_mb": [int(Path(f"{federation.work_dir(name)}.peak").read_text()) / MB for name in names],
+            "server_peak_mb": server_peak / MB,
+            "steps_p50_s": {step: percentile([row[step] for row in rows], 50) for step in STEPS},
             "upload_mb_s": percentile([row["bytes_up"] / MB / row["upload_s"] for row in rows], 50),
             "download_mb_s": percentile([row["bytes_down"] / MB / row["download_s"] for row in rows], 50),
         }
-    finally:
-        for process in leaves:
-            stop_group(process)
-        platform.stop()
-        prefect.stop()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -130,9 +109,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-s", type=float, default=1.0)
     parser.add_argument("--copying", action="store_true", help="a participant that offers no arrays")
     parser.add_argument("--quick", action="store_true", help="a 50 MB model, 2 leaves, 2 rounds")
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--leaf", help=argparse.SUPPRESS)
+    add_leaf_run_options(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.model_mb, args.leaves, args.rounds, args.layers = 50.0, 2, 2, 4

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -37,12 +36,9 @@ from typing import Any, ClassVar
 import httpx
 import numpy as np
 from harness import format_table, machine_summary, percentile, progress, temporary_root
+from leaf_processes import add_leaf_run_options, leaf_federation
 
 from prefect_branchkey.bk_blocks import BranchKeyCredentials
-from prefect_branchkey.bk_dev.local_platform import LocalServer
-from prefect_branchkey.bk_dev.prefect_server import LocalPrefectServer
-from prefect_branchkey.bk_dev.processes import spawn, stop_group
-from prefect_branchkey.bk_server.cli import write_credentials
 from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.participant import Participant, TrainResult
 from prefect_branchkey.flows.publishing.observability import artifact_key
@@ -147,31 +143,16 @@ def bad_lines(logs: Sequence[Path]) -> dict[str, int]:
 
 
 def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    prefect = LocalPrefectServer(root / "prefect", database="postgres")
-    platform = LocalServer(root / "bk" / "data")
-    leaves: list[Any] = []
-    try:
-        progress("starting the Prefect server (embedded PostgreSQL) and bk-server")
-        prefect.start()
-        platform.start()
-        federation = platform.create_federation(args.leaves, tree="real-rounds", branch="real-rounds")
-        paths = write_credentials(root / "creds", federation["leaves"])
-        names = [leaf["name"] for leaf in federation["leaves"]]
-        env = prefect.client_env() | {"PREFECT_LOGGING_LEVEL": "INFO"}
+    progress("starting the Prefect server (embedded PostgreSQL) and bk-server")
+    with leaf_federation(root, args.leaves, "real-rounds") as federation:
+        names, api_url = federation.names, federation.prefect.api_url
         started, began = time.monotonic(), datetime.now(UTC) - timedelta(minutes=1)
-        for index, path in enumerate(paths):
-            spec = {"credentials": str(path), "host": platform.url, "work_dir": str(root / "leaves" / names[index]),
-                    "rounds": args.rounds, "options": {"train_s": args.train_s, "width": args.width,
-                                                       "leaf_index": index, "leaves": args.leaves}}
-            leaves.append(spawn([sys.executable, __file__, "--leaf", json.dumps(spec)], root / f"{names[index]}.log",
-                                env=env, cwd=Path(__file__).parent))
-        for process in leaves:
-            if process.wait(timeout=ROUND_TIMEOUT_S * args.rounds) != 0:
-                raise RuntimeError(f"a leaf failed: see {root}/*.log\n" + "\n".join(
-                    (root / f"{n}.log").read_text(errors="replace")[-2000:] for n in names))
+        federation.start_leaves(__file__, lambda index: {"rounds": args.rounds, "options": {
+            "train_s": args.train_s, "width": args.width, "leaf_index": index, "leaves": args.leaves}})
+        federation.wait(ROUND_TIMEOUT_S * args.rounds)
         wall = time.monotonic() - started
         time.sleep(3)
-        histories = {name: history_rows(root / "leaves" / name) for name in names}
+        histories = {name: history_rows(federation.work_dir(name)) for name in names}
         rounds = []
         for number in range(1, args.rounds + 1):
             rows = [next(r for r in histories[n] if r["round"] == number) for n in names]
@@ -181,17 +162,12 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
                            "overhead_share": percentile([o / r["round_s"] for o, r in zip(overheads, rows,
                                                                                              strict=True)], 50),
                            "accuracy": percentile([r["eval_metrics"]["accuracy"] for r in rows], 50)})
-        visible = [v for n in names for v in visible_after(prefect.api_url, n, histories[n])]
-        model_mb = sum(layer.nbytes for layer in CNN(0, args.width).parameters()) / 1e6
-        return {"rounds": rounds, "wall_s": wall, "model_mb": model_mb, "visible_p50_s": percentile(visible, 50),
-                "visible_max_s": max(visible), "events_per_leaf_round": stored_events(prefect.api_url, began) / (
-                    args.leaves * args.rounds),
-                "bad_lines": bad_lines([*(root / f"{n}.log" for n in names), platform.log_path, prefect.log_path])}
-    finally:
-        for process in leaves:
-            stop_group(process)
-        platform.stop()
-        prefect.stop()
+        visible = [v for n in names for v in visible_after(api_url, n, histories[n])]
+        logs = [*(federation.log(n) for n in names), federation.platform.log_path, federation.prefect.log_path]
+        return {"rounds": rounds, "wall_s": wall, "visible_p50_s": percentile(visible, 50),
+                "model_mb": sum(layer.nbytes for layer in CNN(0, args.width).parameters()) / 1e6,
+                "visible_max_s": max(visible), "bad_lines": bad_lines(logs),
+                "events_per_leaf_round": stored_events(api_url, began) / (args.leaves * args.rounds)}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -201,9 +177,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=4096, help="the dense layer's width: 4096 is 17 MB of model")
     parser.add_argument("--leaves", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="2 rounds of 5 s training, a narrower model")
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--leaf", help=argparse.SUPPRESS)
+    add_leaf_run_options(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.train_s, args.width = 2, 5.0, 512
