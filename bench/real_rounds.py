@@ -174,7 +174,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--train-s", type=float, default=60.0, help="training per round, every core busy (60)")
-    parser.add_argument("--width", type=int, default=4096, help="the dense layer's width: 4096 makes a 67 MB model (17M parameters)")
+    parser.add_argument("--width", type=int, default=4096,
+                        help="the dense layer's width: 4096 makes a 67 MB model (17M parameters)")
     parser.add_argument("--leaves", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="2 rounds of 5 s training, a narrower model")
     add_leaf_run_options(parser)
