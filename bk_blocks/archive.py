@@ -119,13 +119,13 @@ def write_update(
     for index, layer in enumerate(layers):
         array = np.asarray(layer)
         _check_layer_dtype(f"layer_{index}", array.dtype)
-        if array.dtype.kind == "f" and not _all_finite(array):
+        if array.dtype.kind == "f" and not all_finite(array):
             raise LayerError(f"layer_{index} holds NaN or infinity")
         arrays[f"layer_{index}"] = array
     return _write_npz_atomically(Path(path), arrays, compress=compress)
 
 
-def _all_finite(array: np.ndarray, chunk_elements: int = DEFAULT_CHUNK_BYTES // 4) -> bool:
+def all_finite(array: np.ndarray, chunk_elements: int = DEFAULT_CHUNK_BYTES // 4) -> bool:
     """Whether every element is finite, checked chunk by chunk: no temporary the layer's size."""
     flat = array.reshape(-1)
     return all(np.isfinite(flat[start:start + chunk_elements]).all() for start in range(0, flat.size, chunk_elements))

@@ -27,10 +27,10 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from prefect_branchkey.bk_blocks.archive import read_aggregate, read_aggregate_into
+from prefect_branchkey.bk_blocks.archive import all_finite, read_aggregate, read_aggregate_into
 from prefect_branchkey.bk_blocks.errors import BranchKeyError
 from prefect_branchkey.flows.participant import Participant, ParticipantError
-from prefect_branchkey.flows.updates.deltas import GlobalModel, chunks, delta_norm
+from prefect_branchkey.flows.updates.deltas import GlobalModel, delta_norm
 from prefect_branchkey.flows.updates.privacy import PrivacySettings, privatize
 
 Precision = Literal["native", "float32", "float16"]
@@ -134,7 +134,7 @@ def check_finite(parameters: Sequence[np.ndarray], cast_to: str | None = None) -
     """Refuse an update holding NaN or infinity, naming the first layer that does (after a cast
     to `cast_to`: values beyond its range, which the cast turned into infinity)."""
     for index, layer in enumerate(parameters):
-        if layer.dtype.kind == "f" and not all(np.isfinite(chunk).all() for chunk in chunks(layer)):
+        if layer.dtype.kind == "f" and not all_finite(layer):
             why = f"values beyond {cast_to}'s range" if cast_to else "NaN or infinity (the local model diverged)"
             raise UpdateRefusedError(f"update refused: layer {index} holds {why}; nothing was uploaded")
 
