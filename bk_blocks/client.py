@@ -122,6 +122,10 @@ class ConnectionOptions(BaseModel):
         default=None, description="RabbitMQ host; by default the API's host name (without its port).")
     amqp_port: int = Field(default=5672, ge=1, le=65535, description="RabbitMQ port.")
     amqp_tls: bool = Field(default=False, description="Connect to RabbitMQ over TLS (AMQPS).")
+    keepalive_s: float = Field(
+        default=20.0, ge=1, le=600,
+        description="Seconds between keepalives on the notification connection (AMQP heartbeat, WebSocket ping); "
+                    "a dead connection is noticed and reconnected within about twice this.")
 
     @field_validator("host")
     @classmethod
@@ -449,17 +453,17 @@ class BranchKeyClient:
         url = response.json()["data"]["download_url"]
         target = dest_dir / f"{file_id}.npz"
         try:
-            with atomic_write(target) as handle:
-                received = self._fetch(url, handle, f"download of {what} {file_id}")
-                handle.flush()
-                check(handle.name)
+            received = self._fetch(url, target, check, f"download of {what} {file_id}")
         except ArchiveError as exc:
             raise TransientError(f"downloaded {what} {file_id} is damaged ({exc}); download it again") from None
         self.log.info("downloaded %s %s (%d bytes)", what, file_id, received)
         return target
 
-    def _fetch(self, url: str, handle: IO[bytes], what: str) -> int:
-        """Step two of a download: the pre-signed URL, with no auth headers, streamed to `handle`."""
+    def _fetch(self, url: str, target: Path, check: Any, what: str) -> int:
+        """Step two of a download: the pre-signed URL, with no auth headers, streamed into `target`
+        through `atomic_write` and checked by `check` before it takes its name. The reply's
+        Content-Length sizes the write, so a file the disk cannot hold fails at once with
+        `DiskFullError` (as does a disk that fills up midway), never as a transient error."""
         where = urlsplit(url)._replace(query="").geturl()
         try:
             with self._session.get(url, stream=True, timeout=self._timeout, verify=self.options.verify_tls,
@@ -467,14 +471,23 @@ class BranchKeyClient:
                 if response.status_code != 200:
                     raise self._error(response, f"download from {where}")
                 expected = int(response.headers.get("Content-Length", "-1"))
-                progress = TransferProgress(self.log, what, expected if expected >= 0 else None)
-                received = 0
-                for block in response.iter_content(chunk_size=_STREAM_BLOCK):
-                    handle.write(block)
-                    received += len(block)
-                    progress.add(len(block))
+                with atomic_write(target, size=expected if expected >= 0 else None) as handle:
+                    received = self._receive(response, handle, expected, what)
+                    handle.flush()
+                    check(handle.name)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             raise TransientError(f"download interrupted: {type(exc).__name__}") from None
+        return received
+
+    def _receive(self, response: requests.Response, handle: IO[bytes], expected: int, what: str) -> int:
+        """Copy a download's body to `handle`, block by block; a body empty or shorter than
+        `expected` (when not -1) is transient."""
+        progress = TransferProgress(self.log, what, expected if expected >= 0 else None)
+        received = 0
+        for block in response.iter_content(chunk_size=_STREAM_BLOCK):
+            handle.write(block)
+            received += len(block)
+            progress.add(len(block))
         if received == 0:
             raise TransientError("download returned an empty body")
         if expected >= 0 and received != expected:
@@ -519,10 +532,11 @@ class BranchKeyClient:
         if o.notification_transport == "amqp":
             return AmqpListener(host=o.amqp_hostname, port=o.amqp_port, tree_id=self.leaf.tree_id,
                                 leaf_id=self.leaf.leaf_id, session_token=self._token, use_tls=o.amqp_tls,
-                                on_run_status=on_run_status)
+                                keepalive_s=o.keepalive_s, on_run_status=on_run_status)
         fetch = ticket_fetcher(self._ticket_session, f"{o.host}/api/v1/ws/ticket", self._headers(),
                                self._timeout, o.verify_tls, o.proxies)
-        return WebSocketListener(ticket=fetch, ws_base=o.ws_base, on_run_status=on_run_status)
+        return WebSocketListener(ticket=fetch, ws_base=o.ws_base, keepalive_s=o.keepalive_s,
+                                 on_run_status=on_run_status)
 
     def _on_run_status(self, status: str) -> None:
         """Keep the cached run current; a `start` may mean a new run, so its number is refetched."""

@@ -29,6 +29,7 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from prefect_branchkey.bk_blocks.errors import AuthenticationError, NotificationTimeout, error_for_response
+from prefect_branchkey.bk_blocks.outages import OutageLog
 from prefect_branchkey.bk_blocks.protocol import AGGREGATION_STATUS, RUN_STATUS
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,12 @@ class NotificationListener:
 
     transport = "none"
 
-    def __init__(self, *, on_run_status: Callable[[str], None] | None = None, max_backoff_s: float = 30.0) -> None:
+    def __init__(self, *, on_run_status: Callable[[str], None] | None = None, max_backoff_s: float = 30.0,
+                 keepalive_s: float = 20.0) -> None:
         self._on_run_status = on_run_status
         self._max_backoff = max_backoff_s
+        self.keepalive_s = keepalive_s
+        self._outage = OutageLog(f"{self.transport} notifications", log)
         self._lock = threading.Condition()
         self._pending: list[_Pending] = []
         self._handed_over: set[str] = set()
@@ -251,8 +255,7 @@ class NotificationListener:
             except Exception as exc:
                 if self._stopping.is_set():
                     break
-                log.warning("%s notifications interrupted (%s: %s); reconnecting in %.1f s",
-                            self.transport, type(exc).__name__, exc, backoff)
+                self._outage.failed(f"{type(exc).__name__}: {exc}", backoff)
             finally:
                 self._connected.clear()
             self._stopping.wait(backoff)
@@ -260,6 +263,7 @@ class NotificationListener:
 
     def _settle_after_connect(self) -> None:
         self.connections += 1
+        self._outage.ended()
         self._connected.set()
         if not self._settled.is_set():
             threading.Timer(_BACKLOG_SETTLE_S, self._settled.set).start()
@@ -271,6 +275,21 @@ class NotificationListener:
         raise NotImplementedError
 
 
+class _ListenerLossAtDebug(logging.Filter):
+    """pika's error lines for a connection lost in the listener's own thread, at DEBUG: the
+    listener reconnects from that and logs the outage itself, once (other pika users keep theirs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if threading.current_thread().name == f"bk-{AmqpListener.transport}-listener":
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+for _name in ("pika.adapters.blocking_connection", "pika.adapters.base_connection",
+              "pika.adapters.utils.io_services_utils", "pika.adapters.utils.connection_workflow"):
+    logging.getLogger(_name).addFilter(_ListenerLossAtDebug())
+
+
 class AmqpListener(NotificationListener):
     """2.x transport: the leaf's durable queue on its tree's vhost, consumed with manual acks."""
 
@@ -278,16 +297,17 @@ class AmqpListener(NotificationListener):
 
     def __init__(self, *, host: str, port: int, tree_id: str, leaf_id: str, session_token: str,
                  use_tls: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._parameters = pika.ConnectionParameters(
             host=host, port=port, virtual_host=tree_id,
             credentials=pika.PlainCredentials(leaf_id, session_token),
-            heartbeat=30, blocked_connection_timeout=60, connection_attempts=1, socket_timeout=10,
+            heartbeat=max(1, round(self.keepalive_s)), blocked_connection_timeout=60, connection_attempts=1,
+            socket_timeout=10,
             ssl_options=pika.SSLOptions(ssl.create_default_context(), host) if use_tls else None,
             client_properties={"connection_name": f"leaf-{leaf_id}"},
         )
         self._queue = leaf_id
         self._connection: pika.BlockingConnection | None = None
-        super().__init__(**kwargs)
 
     def _session(self) -> None:
         try:
@@ -338,6 +358,17 @@ def _amqp_ack(connection: pika.BlockingConnection, channel: Any, tag: int) -> Ca
     return ack
 
 
+class _KeepaliveFailureAtDebug(logging.LoggerAdapter[logging.Logger]):
+    """The WebSocket library's logger with its "keepalive ping failed" error (and traceback) at
+    DEBUG: a dead connection is what the listener reconnects from, and it says so itself, once."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        super().log(logging.DEBUG if msg == "keepalive ping failed" else level, msg, *args, **kwargs)
+
+
+_WIRE_LOG = _KeepaliveFailureAtDebug(logging.getLogger("websockets.client"), {})
+
+
 class WebSocketListener(NotificationListener):
     """3.x transport: a single-use ticket, then one WebSocket; a fresh ticket per reconnect."""
 
@@ -355,8 +386,8 @@ class WebSocketListener(NotificationListener):
         data = self._ticket()
         url = f"{self._ws_base}/api/v1/ws?ticket={data['ticket_id']}&request_id={data['request_id']}"
         try:
-            socket = ws_connect(url, open_timeout=self._open_timeout, ping_interval=20, ping_timeout=20,
-                                close_timeout=5)
+            socket = ws_connect(url, open_timeout=self._open_timeout, ping_interval=self.keepalive_s,
+                                ping_timeout=self.keepalive_s, close_timeout=5, logger=_WIRE_LOG)
         except InvalidStatus as exc:
             raise ConnectionError(f"WebSocket refused with HTTP {exc.response.status_code}") from None
         self._socket = socket

@@ -23,6 +23,7 @@ from prefect_branchkey.bk_blocks import (
     RunStoppedError,
     TransientError,
 )
+from prefect_branchkey.bk_blocks.outages import OutageLog
 from prefect_branchkey.tasks.retries import RETRY_OPTIONS
 from prefect_branchkey.tasks.session import LeafSession
 
@@ -64,6 +65,7 @@ def wait_for_aggregation(
     client.listen()
     deadline = time.monotonic() + timeout_s
     connections = client.connections
+    run_checks = OutageLog(f"run check while round {round_number} waits", client.log)
     next_check = time.monotonic() + (0 if catch_up_first else run_check_interval_s)
     while True:
         look_s = max(_FIRST_LOOK_S, min(_SLICE_S, deadline - time.monotonic(), next_check - time.monotonic()))
@@ -77,7 +79,7 @@ def wait_for_aggregation(
             pass
         if time.monotonic() >= next_check or client.connections != connections:
             connections = client.connections
-            found = _caught_up(client, run_number, round_number, counted_in)
+            found = _caught_up(client, run_number, round_number, counted_in, run_checks)
             if found is not None:
                 logger.info("round %d aggregated as %s (caught up from the run details)", round_number, found)
                 session.forget_mark(run_number, round_number)
@@ -90,14 +92,16 @@ def wait_for_aggregation(
 
 
 def _caught_up(client: BranchKeyClient, run_number: int, round_number: int,
-               counted_in: tuple[int, int] | None) -> str | None:
+               counted_in: tuple[int, int] | None, outage: OutageLog) -> str | None:
     """Ask the platform: the aggregation that closed `counted_in` if it is the latest one, None
-    to keep waiting; raises when the run is over or the round will never be answered."""
+    to keep waiting; raises when the run is over or the round will never be answered. Failed
+    checks are logged as one outage, not a line per check."""
     try:
         details = client.run_details()
     except TransientError as exc:
-        client.log.warning("run check failed (%s); still waiting for round %d", exc, round_number)
+        outage.failed(str(exc))
         return None
+    outage.ended()
     return answer_from_run(details, run_number, round_number, counted_in)
 
 
