@@ -46,6 +46,12 @@ _LAYER_NAME = re.compile(r"^layer_(0|[1-9][0-9]*)$")
 _ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 # Real numeric kinds a layer may hold: float, signed and unsigned integer, bool.
 _LAYER_KINDS = "fiub"
+# What `npz_size` adds to the data: a `.npy` header's fixed text (magic, length, dict keys, the
+# growth padding numpy leaves, newline) before rounding to 64 bytes; a member's zip local header
+# and central directory entry with their zip64 extras, besides its name twice; the end records.
+_NPY_HEADER_FIXED = 100
+_ZIP_MEMBER_BOUND = 30 + 20 + 46 + 28
+_ZIP_END_BOUND = 22 + 56 + 20
 
 
 @dataclass(frozen=True)
@@ -131,8 +137,21 @@ def all_finite(array: np.ndarray, chunk_elements: int = DEFAULT_CHUNK_BYTES // 4
     return all(np.isfinite(flat[start:start + chunk_elements]).all() for start in range(0, flat.size, chunk_elements))
 
 
+def npz_size(arrays: dict[str, np.ndarray]) -> int:
+    """An upper bound on the bytes of the uncompressed `.npz` `np.savez` writes for `arrays` (within
+    a few hundred bytes a member): the room a write needs, checked before its first byte."""
+    total = _ZIP_END_BOUND
+    for name, array in arrays.items():
+        header = len(repr(np.lib.format.dtype_to_descr(array.dtype))) + len(repr(array.shape))
+        npy_header = -(-(_NPY_HEADER_FIXED + header) // 64) * 64
+        total += _ZIP_MEMBER_BOUND + 2 * len(name + ".npy") + npy_header + array.nbytes
+    return total
+
+
 def _write_npz_atomically(path: Path, arrays: dict[str, np.ndarray], *, compress: bool) -> Path:
-    with atomic_write(path) as handle:
+    """Write `arrays` as an `.npz` through `atomic_write`; an uncompressed one (whose size is known
+    beforehand) is refused at once, `DiskFullError`, when its disk has no room for it."""
+    with atomic_write(path, size=None if compress else npz_size(arrays)) as handle:
         (np.savez_compressed if compress else np.savez)(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub: a **kwds key could shadow allow_pickle
     return path
 

@@ -20,6 +20,7 @@
     ├── OutOfSyncError                       the leaf's round is not the platform's: resync
     ├── RunStoppedError                      the run stopped while the leaf waited
     ├── AggregationTimeoutError              the bounded wait for the round's aggregate ran out
+    ├── DiskFullError (OSError)              ENOSPC/EDQUOT writing or downloading a file: final, resumable
     └── defined where they are raised, in the layers above (tests/unit/test_error_tree.py
         keeps this list complete):
         flows.leaf.state             StateError, WorkDirError (ValueError), LeafBusyError (RuntimeError)
@@ -33,12 +34,17 @@
         deployments.edge             EdgeSetupError (ValueError)
 
 Only `TransientError` is retried by the tasks. No message ever contains the session token.
+`DiskFullError` is not retried: a full disk does not free itself in seconds, so the round fails at
+once naming the file and the bytes; the leaf's state keeps its last step, and the next run resumes
+there once space is freed.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
+import os
 
 from prefect_branchkey.bk_blocks.protocol import ERROR_CODE_RUN_BLOCKED, ERROR_CODE_STALE_ROUND, RUN_BLOCKED_TEXT
 
@@ -174,6 +180,54 @@ class StaleRoundError(OutOfSyncError, RequestRefusedError):
 class AggregationTimeoutError(BranchKeyError):
     """The round's upload was not aggregated within the time allowed: a bounded wait that fails
     the round clearly rather than wedging the leaf (not retried; the next run rejoins)."""
+
+
+class DiskFullError(BranchKeyError, OSError):
+    """The disk (or the user's quota) filled up writing a file: ENOSPC or EDQUOT, or a file whose
+    size is known to exceed the free space, refused before its first byte. The message names the
+    file, the bytes it needs (when known) and the bytes free on its filesystem. Final, not
+    transient: nothing of the file is left under its name, and the round resumes from its last
+    saved step once space is freed. An `OSError` (`errno` ENOSPC or EDQUOT), so code that
+    handles I/O errors handles it too."""
+
+    def __init__(self, path: str | os.PathLike[str], needed_bytes: int | None, free_bytes: int | None,
+                 error_number: int = errno.ENOSPC) -> None:
+        self.path, self.needed_bytes, self.free_bytes = str(path), needed_bytes, free_bytes
+        super().__init__(error_number, disk_full_message(self.path, needed_bytes, free_bytes, error_number), self.path)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    def __reduce__(self) -> tuple[type[DiskFullError], tuple[str, int | None, int | None, int]]:
+        """Rebuilt from its arguments when pickled (a Prefect state or a Dask worker carries it whole)."""
+        return type(self), (self.path, self.needed_bytes, self.free_bytes, self.errno or errno.ENOSPC)
+
+
+def disk_full_message(path: str, needed_bytes: int | None, free_bytes: int | None,
+                      error_number: int = errno.ENOSPC) -> str:
+    """What `DiskFullError` says: the file, the bytes it needs and those free, and how to go on."""
+    quota = error_number == getattr(errno, "EDQUOT", None)
+    need = f"it needs {byte_count(needed_bytes)}" if needed_bytes is not None else "it needs more room"
+    if free_bytes is None:
+        room = f"{need}; the free space of its filesystem could not be read"
+    elif needed_bytes is None:
+        room = f"it needs more than the {byte_count(free_bytes)} free on that filesystem"
+    else:
+        room = f"{need} and {byte_count(free_bytes)} are free on that filesystem"
+    return (f"{'disk quota exceeded' if quota else 'disk full'} writing {path}: {room}"
+            f"{' (the quota allows less)' if quota else ''}. No partial file was kept; free space there and run "
+            "the round again: it resumes from its last saved step")
+
+
+def byte_count(count: int) -> str:
+    """A byte count exactly and in binary units, as in `67,109,120 bytes (64.0 MiB)`."""
+    if abs(count) < 1024:
+        return f"{count:,} bytes"
+    units = ("KiB", "MiB", "GiB", "TiB")
+    size, index = count / 1024, 0
+    while abs(size) >= 1024 and index < len(units) - 1:
+        size, index = size / 1024, index + 1
+    return f"{count:,} bytes ({size:.1f} {units[index]})"
 
 
 def error_for_response(status: int, body: bytes, reason: str, what: str) -> BranchKeyError:

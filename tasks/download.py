@@ -1,4 +1,6 @@
-"""The download task: an aggregate into the work dir, never as a partial file."""
+"""The download task: an aggregate into the work dir, never as a partial file. A disk without room
+for it fails the task at once (`DiskFullError`, not retried); the state keeps the round at
+`aggregated`, so the next run downloads it again once space is freed."""
 
 from __future__ import annotations
 

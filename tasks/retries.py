@@ -3,7 +3,9 @@
 Every task in this package retries with exponential backoff and jitter, and only when
 the failure is a `TransientError` (5xx, timeouts, dropped connections, a notification
 not there yet). Authentication errors and rejected archives fail at once, with the
-platform's message.
+platform's message. So does a full disk (`DiskFullError`): it does not free itself within a
+backoff's seconds, and each retry of a large write or download would fill it again; the round
+fails naming the file and the bytes, and its next run resumes at the saved step once space is freed.
 """
 
 from __future__ import annotations

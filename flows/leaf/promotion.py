@@ -20,11 +20,13 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from prefect_branchkey.bk_blocks.files import atomic_write
 from prefect_branchkey.flows.leaf.state import LeafState
 from prefect_branchkey.flows.participant import Participant, ParticipantError, ServedModel
 
 BEST_MODEL = "best.npz"
 SERVED_MODEL = "serving.npz"
+COPY_BLOCK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -144,5 +146,13 @@ def _link(source: Path, target: Path) -> None:
     try:
         os.link(source, temporary)
     except OSError:
-        shutil.copyfile(source, temporary)
+        _copy(source, target)
+        return
     os.replace(temporary, target)
+
+
+def _copy(source: Path, target: Path) -> None:
+    """Copy `source` over `target` through `atomic_write`: a disk without room for the copy raises
+    `DiskFullError` (naming `target` and the model's size) and leaves the old `target` whole."""
+    with open(source, "rb") as model, atomic_write(target, size=source.stat().st_size) as handle:
+        shutil.copyfileobj(model, handle, COPY_BLOCK_BYTES)
