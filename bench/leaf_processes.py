@@ -44,14 +44,15 @@ class LeafFederation:
     def work_dir(self, name: str) -> Path:
         return self.root / "leaves" / name
 
-    def start_leaves(self, script: str, spec_of: Callable[[int], dict[str, Any]]) -> None:
+    def start_leaves(self, script: str, spec_of: Callable[[int], dict[str, Any]],
+                     env: dict[str, str] | None = None) -> None:
         """One `python SCRIPT --leaf SPEC` per leaf, SPEC its credentials, host and work dir plus
-        `spec_of(index)`; each logs to `<root>/<leaf>.log`."""
+        `spec_of(index)`, with `env` added to the Prefect client's; each logs to `<root>/<leaf>.log`."""
         for index, (name, path) in enumerate(zip(self.names, self.credentials, strict=True)):
             spec = {"credentials": str(path), "host": self.platform.url, "work_dir": str(self.work_dir(name)),
                     **spec_of(index)}
             self.processes.append(spawn([sys.executable, script, "--leaf", json.dumps(spec)], self.log(name),
-                                        env=self.prefect.client_env(), cwd=Path(script).parent))
+                                        env={**self.prefect.client_env(), **(env or {})}, cwd=Path(script).parent))
 
     def wait(self, timeout: float) -> None:
         """Wait for every leaf to end; a leaf that failed raises with its log's tail."""

@@ -11,11 +11,16 @@ into the model in place.
 Per round, from the leaves' histories and the Prefect API: ``overhead`` = the round's wall time
 minus the participant's training, and its share of the round; ``visible`` = from the round's end
 (its history row) to its history artifact's version in Prefect; and over the run, ``events`` per
-leaf-round (every event the Prefect server stored about the leaves), and the count of ERROR and
-WARNING lines and tracebacks in every process's log (must be 0).
+leaf-round (every event the Prefect server stored about the leaves), the flow runs' heartbeats
+(every `--heartbeat-s`, Prefect's shortest being 30 s) and the longest gap between two of them
+(a starved process would stretch it past the window, and Prefect would take the run for crashed),
+the notification connections each leaf opened (1: its keepalives, every `--keepalive-s`, were
+answered all along), and the count of ERROR and WARNING lines and tracebacks in every process's
+log (must be 0).
 
-Run from the project root (the full profile takes several minutes; `--quick` is a smoke run of
-two short rounds, as `make test` runs it):
+Run from the project root (the full profile takes several minutes; `--quick` is one round whose
+training saturates the cores for longer than the heartbeat window, with 1 s keepalives, as
+`make test` runs it):
 
     .venv/bin/python bench/real_rounds.py
     .venv/bin/python bench/real_rounds.py --quick --json
@@ -24,10 +29,13 @@ two short rounds, as `make test` runs it):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import logging
 import os
 import re
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -94,10 +102,19 @@ class CNN(Participant):
 
 
 def leaf_main(spec: dict[str, Any]) -> None:
-    """One leaf process: `federated_training` of the CNN for every round."""
+    """One leaf process: `federated_training` of the CNN for every round, the package's own log
+    lines (each notification connection among them) on stderr from INFO up."""
     from prefect_branchkey.flows.training import federated_training
 
-    block = BranchKeyCredentials.from_platform_json(spec["credentials"], host=spec["host"], read_timeout_s=600.0)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s - %(message)s"))
+    package_log = logging.getLogger("prefect_branchkey")
+    package_log.setLevel(logging.INFO)
+    package_log.addHandler(handler)
+    package_log.propagate = False
+
+    block = BranchKeyCredentials.from_platform_json(spec["credentials"], host=spec["host"], read_timeout_s=600.0,
+                                                    keepalive_s=spec["keepalive_s"])
     results = federated_training(block, f"{CNN.__module__}:{CNN.__qualname__}", spec["work_dir"],
                                  rounds=spec["rounds"], participant_options=spec["options"],
                                  aggregation_timeout_s=ROUND_TIMEOUT_S, run_timeout_s=ROUND_TIMEOUT_S)
@@ -130,6 +147,26 @@ def stored_events(base: str, since: datetime) -> int:
     return sum(c["count"] for c in counts)
 
 
+def heartbeat_gaps(base: str, since: datetime) -> dict[str, list[float]]:
+    """Per flow run, the seconds between its consecutive heartbeat events since `since`."""
+    body: dict[str, Any] = {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]}, "occurred": {
+        "since": since.isoformat(), "until": (datetime.now(UTC) + timedelta(minutes=1)).isoformat()}}, "limit": 50}
+    page, beats = api(base, "/events/filter", body), defaultdict(list)
+    while True:
+        for event in page["events"]:
+            beats[event["resource"]["prefect.resource.id"]].append(datetime.fromisoformat(event["occurred"]))
+        if not page.get("next_page"):
+            break
+        page = httpx.get(page["next_page"], timeout=30).json()
+    return {run: [(b - a).total_seconds() for a, b in itertools.pairwise(sorted(times))]
+            for run, times in beats.items()}
+
+
+def connections_opened(log: Path) -> int:
+    """How many notification connections a leaf's process opened (its log says each one)."""
+    return log.read_text(errors="replace").count("listening for notifications")
+
+
 def bad_lines(logs: Sequence[Path]) -> dict[str, int]:
     """ERROR, WARNING and traceback lines per process log (the first ones said on stderr)."""
     found = {}
@@ -147,8 +184,10 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     with leaf_federation(root, args.leaves, "real-rounds") as federation:
         names, api_url = federation.names, federation.prefect.api_url
         started, began = time.monotonic(), datetime.now(UTC) - timedelta(minutes=1)
-        federation.start_leaves(__file__, lambda index: {"rounds": args.rounds, "options": {
-            "train_s": args.train_s, "width": args.width, "leaf_index": index, "leaves": args.leaves}})
+        federation.start_leaves(__file__, lambda index: {"rounds": args.rounds, "keepalive_s": args.keepalive_s,
+                                                         "options": {"train_s": args.train_s, "width": args.width,
+                                                                     "leaf_index": index, "leaves": args.leaves}},
+                                env={"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(args.heartbeat_s)})
         federation.wait(ROUND_TIMEOUT_S * args.rounds)
         wall = time.monotonic() - started
         time.sleep(3)
@@ -164,7 +203,11 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
                            "accuracy": percentile([r["eval_metrics"]["accuracy"] for r in rows], 50)})
         visible = [v for n in names for v in visible_after(api_url, n, histories[n])]
         logs = [*(federation.log(n) for n in names), federation.platform.log_path, federation.prefect.log_path]
-        return {"rounds": rounds, "wall_s": wall, "visible_p50_s": percentile(visible, 50),
+        gaps = heartbeat_gaps(api_url, began)
+        return {"heartbeat_runs": len(gaps), "heartbeats": sum(len(g) + 1 for g in gaps.values()),
+                "heartbeat_max_gap_s": max((g for run in gaps.values() for g in run), default=None),
+                "connections": {n: connections_opened(federation.log(n)) for n in names},
+                "rounds": rounds, "wall_s": wall, "visible_p50_s": percentile(visible, 50),
                 "model_mb": sum(layer.nbytes for layer in CNN(0, args.width).parameters()) / 1e6,
                 "visible_max_s": max(visible), "bad_lines": bad_lines(logs),
                 "events_per_leaf_round": stored_events(api_url, began) / (args.leaves * args.rounds)}
@@ -177,11 +220,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=4096,
                         help="the dense layer's width: 4096 makes a 67 MB model (17M parameters)")
     parser.add_argument("--leaves", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 5 s training, a narrower model")
+    parser.add_argument("--heartbeat-s", type=int, default=30, help="the flow runs' heartbeat interval (30)")
+    parser.add_argument("--keepalive-s", type=float, default=20.0, help="the notification keepalive (20)")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 round of 40 s training (past the heartbeat window), a narrower model, 1 s keepalives")
     add_leaf_run_options(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.train_s, args.width = 2, 5.0, 512
+        args.rounds, args.train_s, args.width, args.keepalive_s = 1, 40.0, 512, 1.0
     return args
 
 
@@ -192,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     with temporary_root(args.workdir, "bk-bench-real-") as root:
         report = bench(root, args)
-    clean = sum(report["bad_lines"].values()) == 0
+    clean = sum(report["bad_lines"].values()) == 0 and set(report["connections"].values()) == {1}
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -204,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> None:
              f"{r['accuracy']:.3f}"] for r in report["rounds"]]))
         print(f"round end to its artifact in Prefect: p50 {report['visible_p50_s']:.2f} s, max "
               f"{report['visible_max_s']:.2f} s; events per leaf-round {report['events_per_leaf_round']:.1f}")
+        gap = report["heartbeat_max_gap_s"]
+        print(f"heartbeats: {report['heartbeats']} from {report['heartbeat_runs']} flow runs, every "
+              f"{args.heartbeat_s} s; longest gap {'-' if gap is None else f'{gap:.1f} s'}; "
+              "notification connections per leaf: " + ", ".join(f"{k} {v}" for k, v in report["connections"].items()))
         print("ERROR/WARNING/traceback lines: " + ", ".join(f"{k} {v}" for k, v in report["bad_lines"].items()))
     if not clean:
         raise SystemExit(1)
