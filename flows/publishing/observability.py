@@ -202,8 +202,8 @@ def publish_artifacts(leaf_name: str, rows: Sequence[dict[str, Any]], flow_run_i
 def federation_table(histories: Mapping[str, Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per round with every leaf's evaluation metrics side by side, and their means.
 
-    Columns: round, how many leaves reported, then per metric (the primary one first) each
-    leaf's value and the mean, then the run and the aggregation's id.
+    Columns: round, how many leaves reported and which did not, then per metric (the primary one
+    first) each leaf's value and the mean, then the run and the aggregation's id.
     """
     entries: dict[tuple[int, int], dict[str, Any]] = {}
     for leaf in sorted(histories):
@@ -217,7 +217,8 @@ def federation_table(histories: Mapping[str, Sequence[dict[str, Any]]]) -> list[
     ordered = ([primary] if primary else []) + [name for name in names if name != primary]
     table = []
     for (run_number, round_number), entry in sorted(entries.items()):
-        row = {"round": round_number, "leaves": len(entry["values"])}
+        missing = [leaf for leaf in sorted(histories) if leaf not in entry["values"]]
+        row = {"round": round_number, "leaves": len(entry["values"]), "missing": ", ".join(missing) or "-"}
         for name in ordered:
             values = {leaf: metrics[name] for leaf, metrics in entry["values"].items() if name in metrics}
             row.update({f"{leaf} {name}": round(value, 4) for leaf, value in values.items()})
@@ -229,31 +230,56 @@ def federation_table(histories: Mapping[str, Sequence[dict[str, Any]]]) -> list[
 
 
 def federation_summary(title: str, histories: Mapping[str, Sequence[dict[str, Any]]]) -> str:
-    """The federation's latest round per leaf and a chart of the primary metric, every leaf a line."""
+    """The federation's latest round per leaf (a leaf that did not report it is shown missing, with
+    its last report), each leaf's best and served model, and a chart of the primary metric."""
     table = federation_table(histories)
     if not table:
         return f"# {title}\n\nNo completed round yet."
     latest = table[-1]
-    run = latest["run_number"]
+    run, round_number = latest["run_number"], latest["round"]
     names = sorted({name for rows in histories.values() for r in rows for name in r["eval_metrics"]})
     metric = primary_metric(names)
-    lines = [f"# {title}", "", f"Round {latest['round']} of run {run}: {latest['leaves']} of {len(histories)} "
+    lines = [f"# {title}", "", f"Round {round_number} of run {run}: {latest['leaves']} of {len(histories)} "
              f"leaves reported, aggregation `{latest['aggregation_id']}`.", ""]
     if metric is None:
         return "\n".join(lines)
-    lines += [f"| leaf | {metric} (latest) | first round | trend |", "|---|---|---|---|"]
+    lines += [f"| leaf | {metric} (round {round_number}) | first round | trend | best | served |",
+              "|---|---|---|---|---|---|"]
     series: dict[str, list[tuple[int, float]]] = {}
     for leaf in sorted(histories):
-        points = [(r["round"], r["eval_metrics"][metric]) for r in histories[leaf]
-                  if r["status"] == "completed" and r["run_number"] == run and metric in r["eval_metrics"]]
+        completed = [r for r in histories[leaf] if r["status"] == "completed"]
+        points = [(r["round"], r["eval_metrics"][metric]) for r in completed
+                  if r["run_number"] == run and metric in r["eval_metrics"]]
         if points:
             series[leaf] = points
-            trend = sparkline([v for _, v in points])
-            lines.append(f"| {leaf} | {points[-1][1]:.4f} | {points[0][1]:.4f} | {trend} |")
+        lines.append(f"| {leaf} | {_latest_cell(completed, points, run, round_number)} | "
+                     f"{f'{points[0][1]:.4f}' if points else '-'} | {sparkline([v for _, v in points])} | "
+                     f"{_best_and_served(completed[-1]) if completed else '- | -'} |")
     if series:
         chart = line_chart_svg(f"global model {metric} per round, by leaf", series)
         lines += ["", markdown_image(f"{metric} per round by leaf", chart)]
     return "\n".join(lines)
+
+
+def _latest_cell(completed: Sequence[dict[str, Any]], points: Sequence[tuple[int, float]], run: int,
+                 round_number: int) -> str:
+    """The leaf's value for the federation's latest round, or `missing` with its last report: never
+    an older value passed off as the current one."""
+    if points and points[-1][0] == round_number and completed[-1]["run_number"] == run:
+        return f"{points[-1][1]:.4f}"
+    if not completed:
+        return "missing (no round reported)"
+    last = completed[-1]
+    return f"missing (last reported round {last['round']} of run {last['run_number']})"
+
+
+def _best_and_served(row: dict[str, Any]) -> str:
+    """The best global model so far and the one the site serves, as two table cells."""
+    if row.get("best_value") is None:
+        return "- | -"
+    best = f"{row['best_value']:.4f} (round {row.get('best_round')})"
+    served = f"round {row['round']}" if row.get("served") else f"round {row.get('best_round')} (the best)"
+    return f"{best} | {served}"
 
 
 def publish_federation_artifacts(name: str, histories: Mapping[str, Sequence[dict[str, Any]]]) -> None:
@@ -277,6 +303,9 @@ def round_event(record: RoundRecord, *, failed: bool = False, error: str | None 
         "round_s": record.round_s, "bytes_up": record.bytes_up, "update_norm": record.update_norm,
         "upload_precision": record.upload_precision, "dp_epsilon": record.dp_epsilon, "dp_delta": record.dp_delta,
         "clip_norm": record.clip_norm, "noise_multiplier": record.noise_multiplier,
+        "branch_name": record.branch_name, "primary_metric": record.primary_metric,
+        "best_run_number": record.best_run_number, "best_round": record.best_round, "best_value": record.best_value,
+        "served": record.served,
     }
     if error is not None:
         payload["error"] = error

@@ -1,0 +1,87 @@
+"""The deployed federation's dashboard, built from the leaves' round events: each report counted
+once, the latest one for a round wins, and a leaf that did not report the latest round is shown
+missing, never with an older value."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prefect.events.schemas.events import ReceivedEvent
+
+from prefect_branchkey.flows.federation.dashboard import collect_reports
+from prefect_branchkey.flows.publishing.observability import federation_summary, federation_table
+
+START = datetime(2026, 12, 1, tzinfo=UTC)
+BRANCH = "b0d6c6a4-5d7e-4b53-9d3c-2b2f3f0e9a11"
+
+
+def event(leaf: str, round_number: int, accuracy: float, *, run_number: int = 1, minutes: int = 0,
+          event_id: uuid.UUID | None = None, branch_name: str | None = "digits", **payload: Any) -> ReceivedEvent:
+    return ReceivedEvent(
+        id=event_id or uuid.uuid4(), occurred=START + timedelta(minutes=minutes), received=START,
+        event="branchkey.round.completed",
+        resource={"prefect.resource.id": f"branchkey.leaf.{leaf}-id", "prefect.resource.name": leaf,
+                  "branchkey.branch-id": BRANCH},
+        related=[{"prefect.resource.id": f"prefect.tag.branch:{branch_name or BRANCH}", "prefect.resource.role": "tag"}],
+        payload={"run_number": run_number, "round": round_number, "status": "completed",
+                 "aggregation_id": f"agg-{run_number}-{round_number}", "eval_metrics": {"accuracy": accuracy},
+                 "branch_name": branch_name, **payload})
+
+
+def histories(*events: ReceivedEvent, leaves: tuple[str, ...] = ()) -> dict[str, list[dict[str, Any]]]:
+    return collect_reports(events)[BRANCH].histories(leaves)
+
+
+def test_each_leafs_rounds_become_its_history_in_round_order() -> None:
+    rows = histories(event("leaf-1", 2, 0.8, minutes=2), event("leaf-1", 1, 0.7))["leaf-1"]
+    assert [(r["round"], r["eval_metrics"]["accuracy"]) for r in rows] == [(1, 0.7), (2, 0.8)]
+
+
+def test_an_event_id_counts_once() -> None:
+    same = uuid.uuid4()
+    reports = collect_reports([event("leaf-1", 1, 0.7, event_id=same), event("leaf-1", 1, 0.9, event_id=same)])
+    assert reports[BRANCH].histories()["leaf-1"][0]["eval_metrics"] == {"accuracy": 0.7}
+
+
+def test_the_latest_report_of_a_round_wins() -> None:
+    rows = histories(event("leaf-1", 1, 0.9, minutes=5), event("leaf-1", 1, 0.7, minutes=1))["leaf-1"]
+    assert [r["eval_metrics"]["accuracy"] for r in rows] == [0.9]
+
+
+def test_branch_is_named_by_its_payload_or_else_its_tag() -> None:
+    assert collect_reports([event("leaf-1", 1, 0.7)])[BRANCH].name == "digits"
+    assert collect_reports([event("leaf-1", 1, 0.7, branch_name=None)])[BRANCH].name == BRANCH
+
+
+def test_event_without_a_round_is_ignored() -> None:
+    broken = event("leaf-1", 1, 0.7)
+    broken.payload.pop("round")
+    assert collect_reports([broken]) == {}
+
+
+def test_leaf_that_missed_the_latest_round_is_shown_missing_with_its_last_report() -> None:
+    summary = federation_summary("Federation digits", histories(
+        event("leaf-1", 1, 0.7), event("leaf-2", 1, 0.6), event("leaf-1", 2, 0.8, minutes=2)))
+    assert "| leaf-1 | 0.8000 |" in summary
+    assert "| leaf-2 | missing (last reported round 1 of run 1) |" in summary
+    assert "0.6000 |" not in summary.split("| leaf-2 |")[1].split("|")[1]
+
+
+def test_leaf_reporting_only_in_an_older_run_is_shown_missing() -> None:
+    summary = federation_summary("Federation digits", histories(
+        event("leaf-1", 1, 0.7, run_number=2, minutes=9), event("leaf-2", 4, 0.6, run_number=1)))
+    assert "| leaf-2 | missing (last reported round 4 of run 1) |" in summary
+
+
+def test_leaf_named_but_never_reported_is_missing_in_every_round() -> None:
+    rows = histories(event("leaf-1", 1, 0.7), leaves=("leaf-1", "leaf-3"))
+    assert federation_table(rows)[0]["missing"] == "leaf-3"
+    assert "| leaf-3 | missing (no round reported) |" in federation_summary("Federation digits", rows)
+
+
+def test_summary_shows_each_leafs_best_and_served_model() -> None:
+    summary = federation_summary("Federation digits", histories(
+        event("leaf-1", 2, 0.6, best_value=0.8, best_round=1, served=False)))
+    assert "| 0.8000 (round 1) | round 1 (the best) |" in summary
