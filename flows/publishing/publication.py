@@ -34,7 +34,7 @@ from prefect.events.clients import get_events_client
 from prefect.exceptions import PrefectHTTPStatusError
 
 from prefect_branchkey.bk_blocks.files import atomic_write
-from prefect_branchkey.flows.leaf.history import RoundRecord, file_round, history_files, rows_of
+from prefect_branchkey.flows.leaf.history import RoundRecord, file_round, history_files, rows_by_file
 from prefect_branchkey.flows.leaf.promotion import metric_dropped
 from prefect_branchkey.flows.publishing.assets import model_asset_events
 from prefect_branchkey.flows.publishing.observability import metric_dropped_event, publish_artifacts, round_event
@@ -125,18 +125,25 @@ def publish_pending(leaf_name: str, work_dir: Path) -> int:
     """Publish each completed round not yet published, in order: a new version of the leaf's
     artifacts as of that round (one version per round, as the UI's history shows them) and its
     event, then mark it published. A round the API refuses for good (4xx) is logged and passed
-    over; any other failure raises and leaves the round pending. Returns the rounds published."""
+    over; any other failure raises and leaves the round pending. Returns the rounds published.
+
+    Rows are walked by (run, round, file name) whether they are loose or compacted into a segment
+    (a compacted row keeps its file name), so compaction neither skips nor repeats one."""
     with _turn(work_dir):
         files = history_files(work_dir)
         done = _published_key(work_dir)
+        pending = [index for index, path in enumerate(files) if (*file_round(path), path.name) > done]
+        if not pending:
+            return 0
+        rows = rows_by_file(files[max(0, pending[0] + 1 - ARTIFACT_ROWS):])
         published = 0
-        for index, path in enumerate(files):
-            if (*file_round(path), path.name) <= done:
-                continue
-            row = rows_of([path])[0]
+        for index in pending:
+            path = files[index]
+            row = rows[path.name]
             if row["status"] in PUBLISHED_STATUSES:
+                window = {before.name for before in files[max(0, index + 1 - ARTIFACT_ROWS):index + 1]}
                 try:
-                    _publish_round(leaf_name, rows_of(files[max(0, index + 1 - ARTIFACT_ROWS):index + 1]), row)
+                    _publish_round(leaf_name, [r for name, r in rows.items() if name in window], row)
                 except (PrefectHTTPStatusError, httpx.HTTPStatusError) as exc:
                     if not _is_permanent(exc):
                         raise
