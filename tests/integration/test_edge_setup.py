@@ -38,6 +38,7 @@ def leaf_json(tmp_path: Path) -> Path:
 
 
 ALERTS_ENTRYPOINT = "prefect_branchkey.flows.alerts:branchkey_alert"
+DASHBOARD_ENTRYPOINT = "prefect_branchkey.flows.federation.dashboard:federation_dashboard"
 
 
 def _all_deployments() -> list[dict[str, Any]]:
@@ -45,8 +46,9 @@ def _all_deployments() -> list[dict[str, Any]]:
 
 
 def _deployments() -> list[dict[str, Any]]:
-    """The leaves' deployments (the alert deployment serves no leaf)."""
-    return [deployment for deployment in _all_deployments() if deployment["entrypoint"] != ALERTS_ENTRYPOINT]
+    """The leaves' deployments (the alert and dashboard deployments serve no leaf)."""
+    return [deployment for deployment in _all_deployments()
+            if deployment["entrypoint"] not in (ALERTS_ENTRYPOINT, DASHBOARD_ENTRYPOINT)]
 
 
 def test_leaf_spec_without_a_name_is_named_after_its_file() -> None:
@@ -118,6 +120,13 @@ def test_the_alert_deployment_runs_unscheduled_on_the_ops_queue_of_the_pool() ->
     (alerts,) = [deployment for deployment in _all_deployments() if deployment["entrypoint"] == ALERTS_ENTRYPOINT]
     assert alerts["name"] == "ops-alerts" and not alerts.get("schedules")
     assert alerts["work_pool"] == {"name": "branchkey-edge", "work_queue_name": "ops"}
+
+
+def test_the_dashboard_deployment_runs_unscheduled_on_the_ops_queue_one_run_at_a_time() -> None:
+    (dashboard,) = [deployment for deployment in _all_deployments() if deployment["entrypoint"] == DASHBOARD_ENTRYPOINT]
+    assert dashboard["work_pool"] == {"name": "branchkey-edge", "work_queue_name": "ops"}
+    assert dashboard["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    assert not dashboard.get("schedules") and not dashboard.get("triggers")
 
 
 def test_deployments_pull_the_code_explicitly_from_the_workers_checkout() -> None:
