@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import requests
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prefect_branchkey.bk_blocks.analytics import inspect_analytics, write_statistics
 from prefect_branchkey.bk_blocks.archive import FEDERATED_ANALYTICS, inspect_aggregate, inspect_update, write_update
@@ -45,6 +45,7 @@ from prefect_branchkey.bk_blocks.errors import (
     error_for_response,
 )
 from prefect_branchkey.bk_blocks.files import atomic_write, sha256_file
+from prefect_branchkey.bk_blocks.network import Egress, check_ca_bundle, check_proxy_url, origin
 from prefect_branchkey.bk_blocks.notifications import (
     AggregationNotice,
     AmqpListener,
@@ -104,15 +105,34 @@ def read_platform_credentials(source: str | os.PathLike[str] | dict[str, Any]) -
 
 
 class ConnectionOptions(BaseModel):
-    """How to reach the platform: its API, TLS, proxies, timeouts, and the notification transport.
-    (`BranchKeySettings` reads the same fields from `BRANCHKEY_*` variables.)"""
+    """How to reach the platform: its API, TLS trust, the egress proxy, timeouts, and the
+    notification transport. (`BranchKeySettings` reads the same fields from `BRANCHKEY_*` variables.)
+
+    `ca_bundle` and `proxy_url` hold for every transport (HTTP, WebSocket, AMQP); what each does
+    with them is `bk_blocks/network.py`'s docstring. Both are optional, so a Block saved before
+    they existed loads unchanged. `proxies` is the older, HTTP-only proxy setting: still honoured
+    for HTTP requests, deprecated, and refused together with `proxy_url`.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     host: str = Field(default="https://app.branchkey.com", description="Base URL of the BranchKey platform API.")
     verify_tls: bool = Field(default=True, description="Verify the platform's TLS certificates (leave on).")
+    ca_bundle: str | None = Field(
+        default=None, title="CA bundle",
+        description="CA certificates the platform's TLS is verified with, instead of the default ones (behind a "
+                    "TLS-inspecting proxy: the proxy's CA), for HTTP, WebSocket and AMQP: a path to a PEM file on "
+                    "the machine that runs the leaf, or the PEM text itself (told apart by its '-----BEGIN' start). "
+                    "Not a secret field: certificates only, never a private key.")
+    proxy_url: str | None = Field(
+        default=None, title="Proxy URL",
+        description="An http:// proxy that tunnels with CONNECT, e.g. http://proxy.example.org:3128, used for every "
+                    "connection to the platform (HTTP, WebSocket, AMQP). Unset: HTTP and WebSocket follow "
+                    "HTTPS_PROXY/NO_PROXY of the environment and AMQP connects directly. No credentials in it.")
     proxies: dict[str, str] | None = Field(
-        default=None, description="Proxies for HTTP(S) requests, as for `requests`: {'https': 'http://proxy:8080'}.")
+        default=None,
+        description="Deprecated, use proxy_url: proxies for HTTP requests only, as for `requests` "
+                    "({'https': 'http://proxy:8080'}); notifications do not use them.")
     connect_timeout_s: float = Field(default=10.0, gt=0, description="Seconds to wait for a connection to open.")
     read_timeout_s: float = Field(default=120.0, gt=0, description="Seconds to wait for data on an open connection.")
     notification_transport: Literal["amqp", "websocket"] = Field(
@@ -131,6 +151,24 @@ class ConnectionOptions(BaseModel):
     @classmethod
     def _host_is_a_url(cls, value: str) -> str:
         return check_host(value)
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle_is_a_path_or_pem(cls, value: str | None) -> str | None:
+        return check_ca_bundle(value)
+
+    @field_validator("proxy_url")
+    @classmethod
+    def _proxy_url_is_an_http_proxy(cls, value: str | None) -> str | None:
+        return check_proxy_url(value)
+
+    @model_validator(mode="after")
+    def _settings_agree(self) -> ConnectionOptions:
+        if self.proxy_url and self.proxies:
+            raise ValueError("give proxy_url or the older proxies, not both (proxy_url covers HTTP and notifications)")
+        if self.ca_bundle and not self.verify_tls:
+            raise ValueError("ca_bundle is given but verify_tls is off, so it would never be used: turn verify_tls on")
+        return self
 
     @property
     def amqp_hostname(self) -> str:
@@ -282,6 +320,11 @@ class BranchKeyClient:
         self.options = options or ConnectionOptions()
         self.log = logger or log
         self._token = session_token
+        self._egress = Egress(ca_bundle=self.options.ca_bundle, verify_tls=self.options.verify_tls,
+                              proxy_url=self.options.proxy_url, proxies=self.options.proxies)
+        if self.options.proxies:
+            self.log.warning("the Block's `proxies` is deprecated and used for HTTP requests only; set proxy_url "
+                             "instead so that notifications go through the proxy too")
         self._session = requests.Session()
         self._session.headers.clear()
         self._timeout = (self.options.connect_timeout_s, self.options.read_timeout_s)
@@ -307,6 +350,7 @@ class BranchKeyClient:
             self._listener = None
         self._session.close()
         self._ticket_session.close()
+        self._egress.close()
 
     # -- HTTP plumbing -----------------------------------------------------------------
 
@@ -318,15 +362,22 @@ class BranchKeyClient:
         url = self.options.host + path
         kwargs.setdefault("headers", self._headers())
         try:
-            response = self._session.request(method, url, timeout=self._timeout, verify=self.options.verify_tls,
-                                             proxies=self.options.proxies, **kwargs)
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise TransientError(f"{what} failed: {type(exc).__name__} talking to {self.options.host}") from None
+            response = self._session.request(method, url, timeout=self._timeout, verify=self._egress.requests_verify,
+                                             proxies=self._egress.requests_proxies, **kwargs)
         except requests.RequestException as exc:
-            raise TransientError(f"{what} failed: {type(exc).__name__}") from None
+            raise self._connection_error(exc, what, self.options.host) from None
         if response.status_code != expected:
             raise self._error(response, what)
         return response
+
+    def _connection_error(self, exc: requests.RequestException, what: str, url: str) -> BranchKeyError:
+        """What a request that got no reply raises: `CertificateError` or `ProxyRefusedError`
+        (final, one line), else a `TransientError` naming the failure and where."""
+        final = self._egress.final_error(exc, url)
+        if final is not None:
+            return final
+        via = f" through proxy {self.options.proxy_url}" if self.options.proxy_url else ""
+        return TransientError(f"{what} failed: {type(exc).__name__} talking to {origin(url)}{via}")
 
     @staticmethod
     def _error(response: requests.Response, what: str) -> BranchKeyError:
@@ -466,8 +517,8 @@ class BranchKeyClient:
         `DiskFullError` (as does a disk that fills up midway), never as a transient error."""
         where = urlsplit(url)._replace(query="").geturl()
         try:
-            with self._session.get(url, stream=True, timeout=self._timeout, verify=self.options.verify_tls,
-                                   proxies=self.options.proxies) as response:
+            with self._session.get(url, stream=True, timeout=self._timeout, verify=self._egress.requests_verify,
+                                   proxies=self._egress.requests_proxies) as response:
                 if response.status_code != 200:
                     raise self._error(response, f"download from {where}")
                 expected = int(response.headers.get("Content-Length", "-1"))
@@ -476,6 +527,9 @@ class BranchKeyClient:
                     handle.flush()
                     check(handle.name)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            final = self._egress.final_error(exc, url)
+            if final is not None:
+                raise final from None
             raise TransientError(f"download interrupted: {type(exc).__name__}") from None
         return received
 
@@ -525,18 +579,21 @@ class BranchKeyClient:
         if not self._listener.wait_ready(ready_timeout):
             self.log.warning("notifications over %s not connected after %.0f s; still trying",
                              self._listener.transport, ready_timeout)
+        if self._listener.failure is not None:
+            raise self._listener.failure
         return self._listener
 
     def _make_listener(self) -> NotificationListener:
-        o, on_run_status = self.options, self._on_run_status
+        o, on_run_status, egress = self.options, self._on_run_status, self._egress
         if o.notification_transport == "amqp":
             return AmqpListener(host=o.amqp_hostname, port=o.amqp_port, tree_id=self.leaf.tree_id,
                                 leaf_id=self.leaf.leaf_id, session_token=self._token, use_tls=o.amqp_tls,
-                                keepalive_s=o.keepalive_s, on_run_status=on_run_status)
+                                keepalive_s=o.keepalive_s, on_run_status=on_run_status, egress=egress,
+                                connect_timeout_s=o.connect_timeout_s)
         fetch = ticket_fetcher(self._ticket_session, f"{o.host}/api/v1/ws/ticket", self._headers(),
-                               self._timeout, o.verify_tls, o.proxies)
+                               self._timeout, egress)
         return WebSocketListener(ticket=fetch, ws_base=o.ws_base, keepalive_s=o.keepalive_s,
-                                 on_run_status=on_run_status)
+                                 on_run_status=on_run_status, egress=egress)
 
     def _on_run_status(self, status: str) -> None:
         """Keep the cached run current; a `start` may mean a new run, so its number is refetched."""

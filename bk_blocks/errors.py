@@ -9,6 +9,8 @@
     │   ├── NotAnArchiveError, PickledArrayError, WeightingError, LayerError,
     │   ├── ArchiveTooLargeError, UnsupportedPayloadError
     │   └── AnalyticsError                   a federated_analytics archive or column that cannot be sent
+    ├── CertificateError                     the platform's TLS certificate is not trusted: final
+    ├── ProxyRefusedError                    the egress proxy refused the tunnel (403, 407): final
     ├── TransientError                       a retry may fix it: 5xx, timeouts, dropped connections
     │   └── NotificationTimeout
     ├── RequestRefusedError                  the platform said no (4xx): final
@@ -34,6 +36,10 @@
         deployments.edge             EdgeSetupError (ValueError)
 
 Only `TransientError` is retried by the tasks. No message ever contains the session token.
+`CertificateError` and `ProxyRefusedError` are not retried either, by the tasks or by the
+notification listener: an untrusted certificate or a proxy's policy does not change within a
+backoff, so the first request fails at once with one line naming the problem and the setting
+that fixes it (`ca_bundle`, `proxy_url`).
 `DiskFullError` is not retried: a full disk does not free itself in seconds, so the round fails at
 once naming the file and the bytes; the leaf's state keeps its last step, and the next run resumes
 there once space is freed.
@@ -126,6 +132,33 @@ class AnalyticsError(ArchiveError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class CertificateError(BranchKeyError):
+    """The TLS certificate the platform (or an inspecting proxy in front of it) presented is not
+    trusted: an unknown CA, a host name it does not name, an expired certificate. Final: the fix is
+    the Block's `ca_bundle` (or the certificate itself), never a retry. `reason` is OpenSSL's."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[CertificateError], tuple[str, str]]:
+        """Rebuilt from its arguments when pickled (a Prefect state carries it whole)."""
+        return type(self), (str(self), self.reason)
+
+
+class ProxyRefusedError(BranchKeyError):
+    """The egress proxy refused to open a tunnel to the platform: 407 (it wants credentials) or
+    403 (its policy forbids that host or port). Final: the proxy's rules must change."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+    def __reduce__(self) -> tuple[type[ProxyRefusedError], tuple[str, int | None]]:
+        """Rebuilt from its arguments when pickled (a Prefect state carries it whole)."""
+        return type(self), (str(self), self.status_code)
 
 
 class TransientError(BranchKeyError):

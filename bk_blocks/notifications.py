@@ -1,7 +1,11 @@
 """Platform notifications behind one interface, over AMQP (2.x) or WebSocket (3.x).
 
 A listener runs in a background thread, reconnects with backoff when the broker or the
-socket goes away, and never exits the process. Aggregation notices are kept in order
+socket goes away, and never exits the process. It stops only for what a reconnect cannot
+fix: refused credentials, an untrusted TLS certificate, a proxy refusing the tunnel
+(`failure`, raised by every later wait). Both transports take the client's `Egress` (CA
+bundle and proxy: `bk_blocks/network.py`); over AMQP a proxy's CONNECT tunnel reaches pika
+through a loopback port. Aggregation notices are kept in order
 with a sequence number; `wait_for_aggregation(after=mark)` returns the first notice that
 arrived after a mark taken before the upload, so a notice left over from an earlier
 round is never mistaken for the answer. Over AMQP a notice is acknowledged only once it
@@ -14,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,17 +27,34 @@ from typing import Any
 import pika
 import pika.exceptions
 import requests
-from websockets.exceptions import InvalidStatus, WebSocketException
+from websockets.exceptions import InvalidProxyStatus, InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-from prefect_branchkey.bk_blocks.errors import AuthenticationError, NotificationTimeout, error_for_response
+from prefect_branchkey.bk_blocks.errors import (
+    AuthenticationError,
+    BranchKeyError,
+    CertificateError,
+    NotificationTimeout,
+    ProxyRefusedError,
+    error_for_response,
+)
+from prefect_branchkey.bk_blocks.network import (
+    FINAL_PROXY_STATUS,
+    Egress,
+    LoopbackTunnel,
+    environment_proxy,
+    open_tunnel,
+    origin,
+)
 from prefect_branchkey.bk_blocks.outages import OutageLog
 from prefect_branchkey.bk_blocks.protocol import AGGREGATION_STATUS, RUN_STATUS
 
 log = logging.getLogger(__name__)
 
 _BACKLOG_SETTLE_S = 0.3
+# What ends a listener instead of a reconnect: a retry meets the same refusal.
+FINAL_FAILURES = (AuthenticationError, CertificateError, ProxyRefusedError)
 
 
 @dataclass(frozen=True)
@@ -95,7 +115,7 @@ class NotificationListener:
         self._thread = threading.Thread(target=self._run, name=f"bk-{self.transport}-listener", daemon=True)
         self.run_status: str | None = None
         self.connections = 0
-        self.failure: AuthenticationError | None = None
+        self.failure: BranchKeyError | None = None
 
     def start(self) -> NotificationListener:
         self._thread.start()
@@ -245,8 +265,8 @@ class NotificationListener:
             try:
                 self._session()
                 backoff = 0.5
-            except AuthenticationError as exc:
-                log.error("%s notifications refused: %s; not retrying", self.transport, exc)
+            except FINAL_FAILURES as exc:
+                log.error("%s notifications failed: %s; not retrying", self.transport, exc)
                 with self._lock:
                     self.failure = exc
                     self._lock.notify_all()
@@ -296,26 +316,63 @@ class AmqpListener(NotificationListener):
     transport = "amqp"
 
     def __init__(self, *, host: str, port: int, tree_id: str, leaf_id: str, session_token: str,
-                 use_tls: bool = False, **kwargs: Any) -> None:
+                 use_tls: bool = False, egress: Egress | None = None, connect_timeout_s: float = 10.0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._parameters = pika.ConnectionParameters(
-            host=host, port=port, virtual_host=tree_id,
-            credentials=pika.PlainCredentials(leaf_id, session_token),
-            heartbeat=max(1, round(self.keepalive_s)), blocked_connection_timeout=60, connection_attempts=1,
-            socket_timeout=10,
-            ssl_options=pika.SSLOptions(ssl.create_default_context(), host) if use_tls else None,
-            client_properties={"connection_name": f"leaf-{leaf_id}"},
-        )
+        self._host, self._port, self._use_tls = host, port, use_tls
+        self._egress = egress or Egress(ca_bundle=None, verify_tls=True, proxy_url=None, proxies=None)
+        self._connect_timeout = connect_timeout_s
+        self._vhost, self._credentials = tree_id, pika.PlainCredentials(leaf_id, session_token)
         self._queue = leaf_id
         self._connection: pika.BlockingConnection | None = None
+        self._tunnel: LoopbackTunnel | None = None
+        if not self._egress.proxy_url and environment_proxy(host):
+            log.info("AMQP connects directly to %s:%d: the proxy of the environment (HTTPS_PROXY) covers HTTP and "
+                     "WebSocket only; set proxy_url to tunnel AMQP through it too", host, port)
 
-    def _session(self) -> None:
+    @property
+    def where(self) -> str:
+        """The broker, as errors name it."""
+        return f"{'amqps' if self._use_tls else 'amqp'}://{self._host}:{self._port}"
+
+    def _parameters(self, host: str, port: int) -> pika.ConnectionParameters:
+        """pika's parameters for a connection to host:port (the broker, or the loopback end of a
+        tunnel to it); TLS always checks the broker's own name."""
+        context = self._egress.ssl_context() if self._use_tls else None
+        return pika.ConnectionParameters(
+            host=host, port=port, virtual_host=self._vhost, credentials=self._credentials,
+            heartbeat=max(1, round(self.keepalive_s)), blocked_connection_timeout=60, connection_attempts=1,
+            socket_timeout=self._connect_timeout,
+            ssl_options=pika.SSLOptions(context, self._host) if context is not None else None,
+            client_properties={"connection_name": f"leaf-{self._queue}"},
+        )
+
+    def _connect(self) -> pika.BlockingConnection:
+        """A connection to the broker, directly or through the proxy's tunnel; an untrusted
+        certificate or a refused tunnel is final, refused credentials too on a first connection."""
+        parameters = self._parameters(self._host, self._port)
+        if self._egress.proxy_url:
+            upstream = open_tunnel(self._egress, self._host, self._port, self._connect_timeout)
+            self._tunnel = LoopbackTunnel(upstream, accept_timeout=self._connect_timeout)
+            parameters = self._parameters("127.0.0.1", self._tunnel.port)
         try:
-            connection = pika.BlockingConnection(self._parameters)
+            return pika.BlockingConnection(parameters)
         except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
             if self.connections:
                 raise ConnectionError(f"RabbitMQ refused the leaf for now ({type(exc).__name__})") from None
             raise AuthenticationError(f"RabbitMQ refused the leaf's credentials ({type(exc).__name__})") from None
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            final = self._egress.final_error(exc, self.where)
+            if final is not None:
+                raise final from None
+            raise
+
+    def _session(self) -> None:
+        try:
+            connection = self._connect()
+        except BaseException:
+            self._close_tunnel()
+            raise
         self._connection = connection
         try:
             channel = connection.channel()
@@ -336,6 +393,12 @@ class AmqpListener(NotificationListener):
                     connection.close()
             except (pika.exceptions.AMQPError, OSError):
                 pass
+            self._close_tunnel()
+
+    def _close_tunnel(self) -> None:
+        tunnel, self._tunnel = self._tunnel, None
+        if tunnel is not None:
+            tunnel.close()
 
     def _interrupt(self) -> None:
         return None
@@ -375,21 +438,37 @@ class WebSocketListener(NotificationListener):
     transport = "websocket"
 
     def __init__(self, *, ticket: Callable[[], dict[str, str]], ws_base: str, open_timeout: float = 10.0,
-                 **kwargs: Any) -> None:
+                 egress: Egress | None = None, **kwargs: Any) -> None:
         self._ticket = ticket
         self._ws_base = ws_base.rstrip("/")
         self._open_timeout = open_timeout
+        self._egress = egress or Egress(ca_bundle=None, verify_tls=True, proxy_url=None, proxies=None)
         self._socket: ClientConnection | None = None
         super().__init__(**kwargs)
 
     def _session(self) -> None:
         data = self._ticket()
         url = f"{self._ws_base}/api/v1/ws?ticket={data['ticket_id']}&request_id={data['request_id']}"
+        secure = url.startswith("wss:")
         try:
             socket = ws_connect(url, open_timeout=self._open_timeout, ping_interval=self.keepalive_s,
-                                ping_timeout=self.keepalive_s, close_timeout=5, logger=_WIRE_LOG)
+                                ping_timeout=self.keepalive_s, close_timeout=5, logger=_WIRE_LOG,
+                                ssl=self._egress.ssl_context() if secure else None,
+                                proxy=self._egress.websocket_proxy)
         except InvalidStatus as exc:
             raise ConnectionError(f"WebSocket refused with HTTP {exc.response.status_code}") from None
+        except InvalidProxyStatus as exc:
+            status, reason = exc.response.status_code, exc.response.reason_phrase
+            if status in FINAL_PROXY_STATUS:
+                raise self._egress.proxy_refused(status, reason, self._ws_base) from None
+            raise ConnectionError(f"the proxy could not open a tunnel to {origin(self._ws_base)}: "
+                                  f"{status} {reason}") from None
+        except (OSError, WebSocketException) as exc:
+            final = self._egress.final_error(exc, self._ws_base)
+            if final is not None:
+                raise final from None
+            raise ConnectionError(f"WebSocket to {origin(self._ws_base)} not opened: "
+                                  f"{type(exc).__name__}: {exc}") from None
         self._socket = socket
         try:
             self._settle_after_connect()
@@ -411,11 +490,19 @@ class WebSocketListener(NotificationListener):
 
 
 def ticket_fetcher(session: requests.Session, url: str, headers: dict[str, str], timeout: tuple[float, float],
-                   verify: bool, proxies: dict[str, str] | None) -> Callable[[], dict[str, str]]:
-    """A function that asks the platform for a fresh WebSocket ticket (the listener thread's own session)."""
+                   egress: Egress) -> Callable[[], dict[str, str]]:
+    """A function that asks the platform for a fresh WebSocket ticket (the listener thread's own
+    session), through the client's proxy and with its CA bundle."""
 
     def fetch() -> dict[str, str]:
-        response = session.post(url, headers=headers, timeout=timeout, verify=verify, proxies=proxies)
+        try:
+            response = session.post(url, headers=headers, timeout=timeout, verify=egress.requests_verify,
+                                    proxies=egress.requests_proxies)
+        except requests.RequestException as exc:
+            final = egress.final_error(exc, url)
+            if final is not None:
+                raise final from None
+            raise ConnectionError(f"WebSocket ticket: {type(exc).__name__} talking to {origin(url)}") from None
         if response.status_code != 200:
             error = error_for_response(response.status_code, response.content, response.reason or "",
                                        "WebSocket ticket")
