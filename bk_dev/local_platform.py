@@ -1,9 +1,12 @@
 """A `bk-server serve` process on loopback, driven through its admin API: the real platform
-the demo, the benchmarks and the tests use for a while."""
+the demo, the benchmarks and the tests use for a while. With `ssl_certfile` and `ssl_keyfile`
+among its options it serves HTTPS, and is itself reached with `ca_file`, the CA that signed the
+certificate."""
 
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -23,10 +26,21 @@ class LocalServer:
     options: dict[str, Any] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    ca_file: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server serves HTTPS (its options name a certificate)."""
+        return bool(self.options.get("ssl_certfile"))
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """How this process checks the server's certificate: against `ca_file` when given."""
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.tls and self.ca_file else True
 
     @property
     def log_path(self) -> Path:
@@ -48,7 +62,8 @@ class LocalServer:
                         else [f"--{flag}", str(value)])
         self.process = spawn(command, self.log_path)
         try:
-            wait_until_answering(self.process, f"{self.url}/healthz", timeout, self.log_path, "bk-server")
+            wait_until_answering(self.process, f"{self.url}/healthz", timeout, self.log_path, "bk-server",
+                                 verify=self.verify)
         except ServerStartError:
             self.stop(hard=True)
             raise
@@ -70,7 +85,7 @@ class LocalServer:
         self.stop()
 
     def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        return admin_call(self.url, self.admin_token, method, path, body)
+        return admin_call(self.url, self.admin_token, method, path, body, verify=self.verify)
 
     def create_federation(self, leaves: int, min_updates: int | None = None, **extra: Any) -> dict[str, Any]:
         """A tree, a branch with `leaves` leaves and a started run: ids and leaf credentials."""

@@ -12,6 +12,7 @@ import ctypes
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -69,14 +70,15 @@ class ServerStartError(RuntimeError):
 
 
 def wait_until_answering(process: subprocess.Popen[bytes], url: str, timeout: float, log_path: Path,
-                         what: str) -> None:
-    """Poll `url` until it answers 2xx; ServerStartError if the process exits first or time runs out."""
+                         what: str, verify: ssl.SSLContext | bool = True) -> None:
+    """Poll `url` until it answers 2xx (an https:// one verified by `verify`); ServerStartError if
+    the process exits first or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ServerStartError(f"{what} exited with {process.returncode}; see {log_path}")
         try:
-            if httpx.get(url, timeout=2).is_success:
+            if httpx.get(url, timeout=2, verify=verify).is_success:
                 return
         except httpx.HTTPError:
             pass

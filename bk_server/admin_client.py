@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import httpx
@@ -13,11 +14,14 @@ class AdminCallError(RuntimeError):
     """The admin API could not be reached or refused the call."""
 
 
-def admin_call(base_url: str, token: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """Call `/admin/v1<path>` and return its `data`, or raise AdminCallError with the server's message."""
+def admin_call(base_url: str, token: str, method: str, path: str, body: dict[str, Any] | None = None,
+               verify: ssl.SSLContext | bool = True) -> Any:
+    """Call `/admin/v1<path>` and return its `data`, or raise AdminCallError with the server's message.
+    `verify`: how an https:// server's certificate is checked (default: the system's CAs, or `SSL_CERT_FILE`)."""
     url = f"{base_url.rstrip('/')}/admin/v1{path}"
     try:
-        response = httpx.request(method, url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        response = httpx.request(method, url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60,
+                                 verify=verify)
     except httpx.HTTPError as exc:
         raise AdminCallError(f"cannot reach the server at {base_url}: {exc}") from exc
     if response.status_code >= 400:

@@ -38,6 +38,8 @@ def serve(
     download_url_ttl: float = 300.0,
     ws_ticket_ttl: float = 30.0,
     extensions: bool = True,
+    ssl_certfile: Path | None = None,
+    ssl_keyfile: Path | None = None,
     log_level: str = "info",
 ) -> None:
     """Serve the platform's API on HOST:PORT, keeping its state in DATA_DIR.
@@ -65,8 +67,16 @@ def serve(
         Say more than the official platform (the open round and latest aggregation in run
         details, the round in upload replies and notices, error codes) and refuse an upload
         for a closed round. --no-extensions answers exactly as the official platform does.
+    ssl_certfile
+        Serve HTTPS (and wss://) with this PEM certificate chain; needs --ssl-keyfile. Clients
+        verify it against their CA bundle (the Block's ca_bundle; `SSL_CERT_FILE` for the
+        admin commands of this CLI).
+    ssl_keyfile
+        The PEM private key of --ssl-certfile.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise AdminCallError("give both --ssl-certfile and --ssl-keyfile to serve HTTPS, or neither")
     settings = ServerSettings(
         data_dir=data_dir.resolve(), amqp_url=amqp_url, rabbitmq_admin_url=rabbitmq_admin_url,
         max_upload_bytes=max_upload_bytes, max_decompressed_bytes=max_decompressed_bytes,
@@ -75,10 +85,12 @@ def serve(
     settings.make_dirs()
     token = new_secret()
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    write_admin_file(settings.admin_file, f"http://{shown_host}:{port}", token)
+    scheme = "https" if ssl_certfile else "http"
+    write_admin_file(settings.admin_file, f"{scheme}://{shown_host}:{port}", token)
     uvicorn.run(
         create_app(settings, admin_token=token), host=host, port=port, log_level=log_level,
         ws_ping_interval=ws_ping_interval, ws_ping_timeout=ws_ping_interval, timeout_graceful_shutdown=5,
+        ssl_certfile=str(ssl_certfile) if ssl_certfile else None, ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
     )
 
 
