@@ -71,6 +71,18 @@ def test_training_that_saturates_every_core_starves_no_heartbeat_keepalive_or_pu
     assert report["bad_lines"] and sum(report["bad_lines"].values()) == 0, report["bad_lines"]
 
 
+
+def test_soak_benchmark_runs_every_round_with_compaction_and_reports_what_grows(tmp_path: Path) -> None:
+    """30 short rounds of one leaf, its history compacted past 4 loose rows: every round is in the
+    history once, and every 10 rounds a report of disk, RSS, history reads and the Prefect database.
+    A report may catch an append before its compaction: 5 loose rows, never more."""
+    report = _bench("soak.py", tmp_path)
+    assert report["every_round_once"] and report["failure"] is None, report
+    assert [row["round"] for row in report["samples"]] == [10, 20, 30]
+    assert all(row["loose"] <= 5 and row["segments"] >= 1 for row in report["samples"]), report["samples"]
+    assert all(row["disk_mb"] > 0 and row["rss_mb"] > 0 and row["read_s"] > 0 and row["db_mb"] > 0
+               for row in report["samples"]), report["samples"]
+
 @pytest.mark.e2e
 def test_deployed_round_benchmark_breaks_each_run_into_its_phases(tmp_path: Path) -> None:
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
