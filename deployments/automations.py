@@ -11,6 +11,12 @@ The missed-round trigger is Prefect's heartbeat pattern: proactive, `after` and 
 `branchkey.round.completed`, so every completed round starts the leaf's window afresh and the
 automation fires once, WINDOW seconds after the leaf's last completed round, then waits for
 its next one. A leaf is watched from its first completed round on.
+
+`bk edge setup --lost-run-after` adds one more, of Prefect's own pattern for zombie runs: a
+BranchKey flow run (tagged `branchkey`, as every deployment of prefect.yaml and `bk edge serve`
+is) that sent a heartbeat and then neither another one nor a final state within the window is
+set Crashed, so a run whose machine or worker died never stays Running. Its heartbeats come
+from `PREFECT_FLOWS_HEARTBEAT_FREQUENCY`, which `bk edge worker` sets (30 s, Prefect's shortest).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from typing import Any
 from uuid import UUID
 
 from prefect import get_client
-from prefect.events.actions import RunDeployment, SendNotification
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState, RunDeployment, SendNotification
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 
@@ -35,6 +42,12 @@ COMPLETED, FAILED, DROPPED = "branchkey.round.completed", "branchkey.round.faile
 # Prefect refuses a proactive trigger's window below 10 s.
 MIN_WINDOW_S = 10.0
 LEAF = "{{ event.resource.name }}"
+LOST_RUN_AUTOMATION = "branchkey-lost-run"
+HEARTBEAT = "prefect.flow-run.heartbeat"
+RUN_ENDED = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
+# Two heartbeats (30 s apart at the shortest) may never be missed by a healthy run: the window is
+# at least that; pick it longer than the network outages an edge machine may have (300 s).
+MIN_LOST_RUN_S = 60.0
 SUBJECTS = {
     "missed-round": "BranchKey: " + LEAF + " has not completed a round",
     "failed-round": "BranchKey: " + LEAF + " failed a round",
@@ -225,3 +238,32 @@ def set_up_alerts(options: AlertOptions) -> list[tuple[AutomationCore, bool]]:
     watched_metric(options)
     automations = alert_automations(options, find_alert_targets(options))
     return [(automation, ensure_automation(automation)) for automation in automations]
+
+
+def check_lost_run_window(seconds: float) -> timedelta:
+    """The lost-run window, refused below two of Prefect's shortest heartbeat intervals."""
+    if not (math.isfinite(seconds) and seconds >= MIN_LOST_RUN_S):
+        raise EdgeSetupError(f"--lost-run-after must be at least {MIN_LOST_RUN_S:g} s (two heartbeats of 30 s), "
+                             f"got {seconds:g}")
+    return timedelta(seconds=seconds)
+
+
+def lost_run_automation(after_s: float) -> AutomationCore:
+    """Crash a BranchKey flow run that stopped sending heartbeats for `after_s` seconds without
+    ending (pure: nothing is read from or sent to the server)."""
+    trigger = EventTrigger(
+        match={"prefect.resource.id": "prefect.flow-run.*"},
+        match_related={"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.branchkey"},
+        after={HEARTBEAT}, expect={HEARTBEAT, *RUN_ENDED}, for_each={"prefect.resource.id"},
+        posture=Posture.Proactive, threshold=1, within=check_lost_run_window(after_s))
+    message = (f"No heartbeat for {after_s:g} s: the run's machine or worker died, or lost the Prefect server. "
+               "The leaf's next run resumes its round.")
+    return AutomationCore(name=LOST_RUN_AUTOMATION, enabled=True, trigger=trigger,
+                          description=f"A BranchKey flow run without a heartbeat for {after_s:g} s is set Crashed",
+                          actions=[ChangeFlowRunState(state=StateType.CRASHED, message=message)])
+
+
+def set_up_lost_runs(after_s: float) -> bool:
+    """The lost-run automation on the server (updated in place by name); True if it was created."""
+    require_api_url()
+    return ensure_automation(lost_run_automation(after_s))

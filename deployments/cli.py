@@ -1,6 +1,11 @@
 """`bk`: the leaf-side command line: `bk history` (a work dir's round history), `bk simulate`
-(a whole federation on a Dask cluster), `bk statistics` (a whole federation's statistics round)
-and `bk edge` (deployments to edge workers)."""
+(a whole federation on a Dask cluster), `bk statistics` (a whole federation's statistics round),
+`bk edge` (deployments to edge workers) and `bk dev` (the development platform: a trial Prefect
+server).
+
+Of the product, only this module starts the development platform (`prefect_branchkey.bk_dev`,
+the `dev` extra): `bk simulate` without `--host` and `bk dev prefect-server`, each importing it
+only when run, so `bk` works on an edge machine without that extra."""
 
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from prefect_branchkey.flows.updates.transforms import UpdateSettings, settings_
 
 app = App(name="bk", help="prefect-branchkey, leaf side.")
 app.command(edge_app)
+dev_app = App(name="dev", help="The development platform on this machine (needs the `dev` extra).")
+app.command(dev_app)
 COLUMNS = ("run_number", "round", "status", "leaf_name", "aggregation_id", "weighting", "round_s", "wait_s",
            "bytes_up", "bytes_down", "update_norm", "upload_precision", "dp_epsilon", "dp_delta", "clip_norm",
            "noise_multiplier", "primary_metric", "best_round", "metric_drop", "metric_drop_alert", "served",
@@ -245,6 +252,31 @@ def statistics(*, host: str, credentials_dir: Path, work_root: Path,
     for row in first:
         table.add_row(*(_text(value) for value in row.values()))
     Console().print(table)
+
+
+@dev_app.command(name="prefect-server")
+def prefect_server(*, port: int = 4200, data: Path = Path("prefect-data")) -> None:
+    """Run a trial Prefect server on an embedded PostgreSQL at 127.0.0.1:PORT, its data in DATA,
+    until Ctrl-C or SIGTERM; print the PREFECT_API_URL to export. Started again on the same DATA,
+    it has the same flows, deployments and runs.
+
+    Parameters
+    ----------
+    port
+        The server's port on 127.0.0.1 (the docs assume 4200).
+    data
+        The directory of its database and logs (created on first start; reused after).
+    """
+    try:
+        from prefect_branchkey.bk_dev.processes import ServerStartError
+        from prefect_branchkey.bk_dev.trial_server import serve_trial_server
+    except MissingExtraError as exc:
+        _fail("dev prefect-server", exc)
+    try:
+        status = serve_trial_server(data, port)
+    except ServerStartError as exc:
+        _fail("dev prefect-server", exc)
+    raise SystemExit(status)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""`bk edge`: set a Prefect server up for edge leaves, or serve one leaf without a worker."""
+"""`bk edge`: set a Prefect server up for edge leaves, run a leaf's worker, or serve one leaf without a worker."""
 
 from __future__ import annotations
 
@@ -7,9 +7,16 @@ from typing import Literal, NoReturn
 
 from cyclopts import App
 
-from prefect_branchkey.deployments.automations import ALERT_DEPLOYMENT, AlertOptions, set_up_alerts
+from prefect_branchkey.deployments.automations import (
+    ALERT_DEPLOYMENT,
+    AlertOptions,
+    check_lost_run_window,
+    set_up_alerts,
+    set_up_lost_runs,
+)
 from prefect_branchkey.deployments.edge import DEFAULT_POOL, EdgeSetupError, LeafSpec, set_up_edge
 from prefect_branchkey.deployments.serve import serve_leaf
+from prefect_branchkey.deployments.worker import DEFAULT_GRACE_S, HEARTBEAT_S, WorkerOptions, run_worker
 from prefect_branchkey.flows.participant import ParticipantError, parse_options
 
 app = App(name="edge", help="Run BranchKey leaves on edge machines (see docs/edge-workers.md).")
@@ -22,9 +29,10 @@ def _fail(error: Exception) -> NoReturn:
 
 @app.command
 def setup(*leaves: str, host: str, transport: Literal["websocket", "amqp"] = "websocket",
-          amqp_host: str | None = None, pool: str = DEFAULT_POOL) -> None:
+          amqp_host: str | None = None, pool: str = DEFAULT_POOL, lost_run_after: float | None = None) -> None:
     """Register the Block type, create the process work pool, and per leaf a work queue and a
-    credentials Block, for `prefect deploy --all`.
+    credentials Block, for `prefect deploy --all`; with --lost-run-after, the automation that sets
+    a run without heartbeats Crashed.
 
     Parameters
     ----------
@@ -39,15 +47,24 @@ def setup(*leaves: str, host: str, transport: Literal["websocket", "amqp"] = "we
         RabbitMQ host, when it is not the API's host.
     pool
         The work pool's name (prefect.yaml names branchkey-edge).
+    lost_run_after
+        Seconds without a heartbeat after which a BranchKey flow run is set Crashed (at least 60;
+        e.g. 300): the automation `branchkey-lost-run`, created or updated in place.
     """
     settings = {"amqp_host": amqp_host} if amqp_host else {}
     try:
+        if lost_run_after is not None:
+            check_lost_run_window(lost_run_after)
         specs = [LeafSpec.parse(text) for text in leaves]
         blocks = set_up_edge(specs, host, transport, pool, **settings)
+        created = set_up_lost_runs(lost_run_after) if lost_run_after is not None else None
     except EdgeSetupError as exc:
         _fail(exc)
     for spec, block in zip(specs, blocks, strict=True):
         print(f"leaf {block.leaf_name}: Block branchkey-credentials/{spec.name}, queue {pool}/{spec.name}")
+    if created is not None:
+        print(f"automation branchkey-lost-run: {'created' if created else 'updated'} (a BranchKey flow run without "
+              f"a heartbeat for {lost_run_after:g} s is set Crashed)")
 
 
 @app.command
@@ -109,3 +126,38 @@ def serve(leaf: str, *, participant: str, work_dir: str, participant_options: st
     except ParticipantError as exc:
         _fail(exc)
     serve_leaf(leaf, participant, work_dir, options, interval_s, cron or None, rounds_per_run)
+
+
+@app.command
+def worker(leaf: str, *, grace_s: float = DEFAULT_GRACE_S, pool: str = DEFAULT_POOL,
+           extra_queue: list[str] | None = None, name: str | None = None, heartbeat_s: int = HEARTBEAT_S,
+           env_credentials: bool = False) -> None:
+    """Run LEAF's process worker on its work queue until SIGTERM or Ctrl-C, which stop it within a
+    bound: no new runs at once, a run in progress finishes within GRACE_S or is cancelled (its
+    round resumes at the next run); the worker exits at most GRACE_S + 60 s after the signal.
+
+    Parameters
+    ----------
+    leaf
+        The leaf's queue and credentials Block name (as `bk edge setup` created them).
+    grace_s
+        Seconds a run in progress has to finish after a stop before it is cancelled.
+    pool
+        The work pool (prefect.yaml names branchkey-edge).
+    extra_queue
+        Serve this queue of the pool too (repeatable), e.g. ops for the alert runs.
+    name
+        The worker's name in the UI (default: LEAF@<hostname>).
+    heartbeat_s
+        The runs' heartbeat interval (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, at least 30), which the
+        lost-run automation watches.
+    env_credentials
+        The leaf's deployments take their credentials from the environment (`credentials: $env`):
+        no credentials Block is required.
+    """
+    options = WorkerOptions(leaf, pool, tuple(extra_queue or ()), grace_s, name, heartbeat_s, not env_credentials)
+    try:
+        status = run_worker(options)
+    except EdgeSetupError as exc:
+        _fail(exc)
+    raise SystemExit(status)
