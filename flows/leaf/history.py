@@ -69,7 +69,7 @@ LEARNING = "learning"
 ANALYTICS = "analytics"
 # Loose row files a history directory holds before they are merged into a segment (read when a
 # row is appended: tests and benchmarks lower it to compact often).
-COMPACT_AFTER = 64
+COMPACT_AFTER = 16
 # The column a segment keeps each row's key (the name of the loose file it was written as) in.
 KEY = "history_file"
 SEGMENT_SCHEMA = SCHEMA.append(pa.field(KEY, pa.string()))
