@@ -579,8 +579,6 @@ class BranchKeyClient:
         if not self._listener.wait_ready(ready_timeout):
             self.log.warning("notifications over %s not connected after %.0f s; still trying",
                              self._listener.transport, ready_timeout)
-        if self._listener.failure is not None:
-            raise self._listener.failure
         return self._listener
 
     def _make_listener(self) -> NotificationListener:
