@@ -323,8 +323,8 @@ class BranchKeyClient:
         self._egress = Egress(ca_bundle=self.options.ca_bundle, verify_tls=self.options.verify_tls,
                               proxy_url=self.options.proxy_url, proxies=self.options.proxies)
         if self.options.proxies:
-            self.log.warning("the Block's `proxies` is deprecated and used for HTTP requests only; set proxy_url "
-                             "instead so that notifications go through the proxy too")
+            self.log.warning("`proxies` is deprecated and used for HTTP requests only; set proxy_url instead so "
+                             "that notifications go through the proxy too")
         self._session = requests.Session()
         self._session.headers.clear()
         self._timeout = (self.options.connect_timeout_s, self.options.read_timeout_s)
