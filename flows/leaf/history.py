@@ -79,7 +79,7 @@ SEGMENT_FILES = f"{SEGMENT_PREFIX}*.parquet"
 LOCK = ".lock"
 # How often a reader looks again for rows a concurrent compaction moved before it gives up.
 LOOKS = 10
-ORDER = [("run_number", "ascending"), ("round", "ascending"), ("leaf_name", "ascending"), (KEY, "ascending")]
+ORDER = (("run_number", "ascending"), ("round", "ascending"), ("leaf_name", "ascending"), (KEY, "ascending"))
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def _sorted(tables: list[pa.Table]) -> pa.Table:
     """The rows by run, round and leaf (and key, so a round's rows keep the order of their files)."""
     if not tables:
         return SEGMENT_SCHEMA.empty_table()
-    return pa.concat_tables(tables).sort_by(ORDER)
+    return pa.concat_tables(tables).sort_by(list(ORDER))
 
 
 def _plain_rows(table: pa.Table) -> dict[str, dict[str, Any]]:
@@ -298,13 +298,16 @@ def _index(directory: Path) -> dict[str, Path]:
 def _segments(directory: Path) -> list[_Segment]:
     """The directory's segments, oldest first, each with its keys; listed again when one is merged
     away while they are read."""
-    for look in range(LOOKS):
+    for _ in range(LOOKS - 1):
         try:
-            return [_segment_keys(path) for path in sorted(directory.glob(SEGMENT_FILES))]
+            return _list_segments(directory)
         except FileNotFoundError:
-            if look == LOOKS - 1:
-                raise
-    raise AssertionError("unreachable")
+            continue
+    return _list_segments(directory)
+
+
+def _list_segments(directory: Path) -> list[_Segment]:
+    return [_segment_keys(path) for path in sorted(directory.glob(SEGMENT_FILES))]
 
 
 def _segment_keys(path: Path) -> _Segment:
@@ -386,8 +389,8 @@ def _compact_quietly(directory: Path, after: int) -> None:
 
 
 def _compact(directory: Path, after: int) -> bool:
-    """With the writers' lock held: past `after` loose rows, merge them into a new segment (durable
-    before they are deleted), then merge segments."""
+    """With the writers' lock held: past `after` loose rows, merge them all into a new segment
+    (durable before they are deleted), then merge segments."""
     loose = sorted(directory.glob(LOOSE_FILES))
     if len(loose) <= after:
         return False
