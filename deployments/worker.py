@@ -13,8 +13,10 @@ in this process, under its own signal handling, and keeps these promises:
   the UI does. A second signal skips what is left of the grace.
 - Whatever of a cancelled run's process group is alive `CANCEL_BOUND_S` after the request is
   SIGKILLed by this worker, and a run that is not then Completed, Failed or Cancelled is forced
-  Cancelled. So the worker exits within `grace_s + CANCEL_BOUND_S` (plus its teardown, a few
-  seconds: `stop_bound_s`), and no process of a run it cancelled outlives it.
+  Cancelled. The worker itself has a deadline from the signal on (the grace, `CANCEL_BOUND_S`,
+  its teardown `TEARDOWN_S`): past it, its teardown is cut short and what is left of its runs
+  killed and marked. So it exits within `stop_bound_s(grace_s)` = `grace_s` + 60 s, and no
+  process of a run it cancelled outlives it.
 - The leaf's state is crash-safe (`flows/leaf/state.py`): a cancelled round resumes at the step
   that did not finish on the leaf's next run.
 
@@ -40,9 +42,11 @@ from pathlib import Path
 from uuid import UUID
 
 import anyio
+import httpx
 from prefect import get_client
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.responses import OrchestrationResult, SetStateStatus
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_WORKER_QUERY_SECONDS
 from prefect.states import Cancelled, Cancelling
@@ -59,8 +63,11 @@ DEFAULT_GRACE_S = 120.0
 # Prefect's cancellation SIGTERMs the run's process group and SIGKILLs it 30 s later; past this,
 # the worker SIGKILLs what is left itself.
 CANCEL_BOUND_S = 45.0
-# The worker's own teardown after its last run ended: closing the API client and the event streams.
+# The worker's own teardown after its last run ended: Prefect's side of the cancellation (the run's
+# cancellation hooks, its Cancelled state: 10-20 s measured), closing the API client, and FINISH_S
+# for the runs' final check (`Reaper.finish`).
 TEARDOWN_S = 15.0
+FINISH_S = 5.0
 # Prefect's shortest flow-run heartbeat, and the one the runs of this worker send by default: the
 # lost-run automation (`bk edge setup --lost-run-after`) marks a run Crashed when they stop.
 HEARTBEAT_S = 30
@@ -102,6 +109,9 @@ def check_leaf(options: WorkerOptions) -> None:
     require_api_url()
     if not options.grace_s >= 0:
         raise EdgeSetupError(f"--grace-s must be 0 or more seconds, got {options.grace_s:g}")
+    if options.heartbeat_s < HEARTBEAT_S:
+        raise EdgeSetupError(f"--heartbeat-s must be at least {HEARTBEAT_S} (Prefect's shortest), "
+                             f"got {options.heartbeat_s}")
     setup = f"bk edge setup {options.leaf}=<its credentials JSON> --host <the platform's API>"
     with get_client(sync_client=True) as client:
         try:
@@ -235,25 +245,35 @@ class Reaper:
                 cancellation.killed = True
 
     async def _ask(self, run_id: UUID, pgid: int) -> None:
-        """Cancelling, as the UI sets it: the run's executor here then stops it. If the API cannot
-        be reached, SIGTERM the group directly (the state is then left to the lost-run automation)."""
+        """Cancelling, as the UI and `prefect flow-run cancel` set it: the run's executor here then
+        stops it. Not forced, so a run that ended meanwhile keeps its final state. If the server
+        cannot be reached or does not accept it, SIGTERM the group directly (what ends the run's
+        state is then `finish`, or the lost-run automation)."""
         say(f"flow run {run_id}: cancelling (the worker is stopping)")
         try:
-            await self.client.set_flow_run_state(run_id, Cancelling(message=STOP_MESSAGE), force=True)
+            result: OrchestrationResult[object] = await self.client.set_flow_run_state(
+                run_id, Cancelling(message=STOP_MESSAGE))
+            if result.status == SetStateStatus.ACCEPT:
+                return
+            reason = f"the server answered {result.status.value}"
         except Exception as exc:  # any failure to reach the API: the signal is left as the way
-            say(f"flow run {run_id}: cannot set Cancelling ({type(exc).__name__}: {exc}); sending SIGTERM")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
+            reason = f"{type(exc).__name__}: {exc}"
+        say(f"flow run {run_id}: not set Cancelling ({reason}); sending SIGTERM to its processes")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
 
     async def finish(self) -> None:
-        """After the worker's teardown: no group of a cancelled run left, and each run final."""
-        for run_id, cancellation in self.cancelled.items():
-            if group_alive(cancellation.pgid):
+        """After the worker's teardown: no group of a cancelled run left, and each run final, within
+        FINISH_S."""
+        for run_id, pid in flow_run_processes().items():  # started after the last sweep, if teardown was cut short
+            self.cancelled.setdefault(run_id, Cancellation(pid, time.monotonic()))
+        with anyio.move_on_after(FINISH_S):
+            for cancellation in self.cancelled.values():
                 kill_group(cancellation.pgid)
-            with anyio.move_on_after(5):
-                while group_alive(cancellation.pgid):
-                    await anyio.sleep(0.05)
-            await self._ensure_final(run_id)
+            while any(group_alive(c.pgid) for c in self.cancelled.values()):
+                await anyio.sleep(0.05)
+            for run_id in self.cancelled:
+                await self._ensure_final(run_id)
 
     async def _ensure_final(self, run_id: UUID) -> None:
         """Force Cancelled unless the run ended Completed, Failed or Cancelled (a run SIGKILLed here
@@ -290,7 +310,11 @@ async def _watch_signals(shutdown: Shutdown, grace_s: float) -> None:
 
 
 async def _poll_until_stopped(worker: ProcessWorker, shutdown: Shutdown) -> None:
-    """Poll for runs and heartbeat until a stop is requested; then neither, at once."""
+    """Poll for runs and heartbeat until a stop is requested; then neither, at once. One heartbeat
+    first, which the first poll needs (the work pool's template; Prefect 3.9 sends it on entering
+    the worker, earlier 3.x in `start()`); a failed one is left to the heartbeat loop."""
+    with contextlib.suppress(httpx.HTTPError):
+        await worker.sync_with_backend()
     async with anyio.create_task_group() as services:
         services.start_soon(_keep, worker.get_and_submit_flow_runs, PREFECT_WORKER_QUERY_SECONDS.value(), "polling",
                             shutdown)
@@ -311,19 +335,33 @@ async def _grace(shutdown: Shutdown, grace_s: float) -> None:
             await anyio.sleep(SWEEP_S)
 
 
+async def _bound(scope: anyio.CancelScope, shutdown: Shutdown, grace_s: float) -> None:
+    """Give the worker (its grace, its runs' cancellation and its own teardown) a deadline from the
+    stop on, brought forward by a second signal: Prefect's side of a cancellation (the run's
+    cancellation hooks, its final state) has no bound of its own."""
+    await shutdown.requested.wait()
+    scope.deadline = anyio.current_time() + grace_s + CANCEL_BOUND_S + TEARDOWN_S - FINISH_S
+    await shutdown.hurry.wait()
+    scope.deadline = min(scope.deadline, anyio.current_time() + CANCEL_BOUND_S + TEARDOWN_S - FINISH_S)
+
+
 async def serve(options: WorkerOptions) -> int:
     """Run the leaf's worker until a stop; 0 after a requested stop, 1 if its loops failed."""
     shutdown = Shutdown()
     async with get_client() as client, anyio.create_task_group() as background:
         background.start_soon(_watch_signals, shutdown, options.grace_s)
         reaper = Reaper(client)
-        async with ProcessWorker(work_pool_name=options.pool, work_queues=options.queues, name=options.worker_name,
-                                 create_pool_if_not_found=False) as worker:
-            say(f"worker {worker.name!r} started on {options.pool}/{', '.join(options.queues)}; a stop takes at most "
-                f"{stop_bound_s(options.grace_s):g} s (grace {options.grace_s:g} s)")
-            await _poll_until_stopped(worker, shutdown)
-            await _grace(shutdown, options.grace_s)
-            background.start_soon(reaper.run)
+        with anyio.CancelScope() as bounded:
+            background.start_soon(_bound, bounded, shutdown, options.grace_s)
+            async with ProcessWorker(work_pool_name=options.pool, work_queues=options.queues,
+                                     name=options.worker_name, create_pool_if_not_found=False) as worker:
+                say(f"worker {worker.name!r} started on {options.pool}/{', '.join(options.queues)}; a stop takes at "
+                    f"most {stop_bound_s(options.grace_s):g} s (grace {options.grace_s:g} s)")
+                await _poll_until_stopped(worker, shutdown)
+                await _grace(shutdown, options.grace_s)
+                background.start_soon(reaper.run)
+        if bounded.cancelled_caught:
+            say("the worker's teardown reached the stop's bound: cut short")
         await reaper.finish()
         background.cancel_scope.cancel()
     say(f"worker {options.worker_name!r} stopped")
