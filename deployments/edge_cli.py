@@ -147,7 +147,7 @@ def worker(leaf: str, *, grace_s: float = DEFAULT_GRACE_S, pool: str = DEFAULT_P
     extra_queue
         Serve this queue of the pool too (repeatable), e.g. ops for the alert runs.
     name
-        The worker's name in the UI (default: LEAF@<hostname>).
+        The worker's name in the UI (default: LEAF@HOSTNAME, the same across restarts).
     heartbeat_s
         The runs' heartbeat interval (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, at least 30), which the
         lost-run automation watches.
