@@ -48,7 +48,7 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.responses import OrchestrationResult, SetStateStatus
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_WORKER_QUERY_SECONDS
+from prefect.settings import PREFECT_API_URL, PREFECT_WORKER_QUERY_SECONDS
 from prefect.states import Cancelled, Cancelling
 from prefect.utilities.services import critical_service_loop
 from prefect.workers.process import ProcessWorker
@@ -112,6 +112,15 @@ def check_leaf(options: WorkerOptions) -> None:
     if options.heartbeat_s < HEARTBEAT_S:
         raise EdgeSetupError(f"--heartbeat-s must be at least {HEARTBEAT_S} (Prefect's shortest), "
                              f"got {options.heartbeat_s}")
+    try:
+        _check_server_side(options)
+    except httpx.HTTPError as exc:
+        raise EdgeSetupError(f"cannot reach the Prefect server at {PREFECT_API_URL.value()}: "
+                             f"{type(exc).__name__}: {exc}") from None
+
+
+def _check_server_side(options: WorkerOptions) -> None:
+    """The pool, the queues and the Block, read from the server (httpx errors are the caller's)."""
     setup = f"bk edge setup {options.leaf}=<its credentials JSON> --host <the platform's API>"
     with get_client(sync_client=True) as client:
         try:
@@ -370,11 +379,11 @@ async def serve(options: WorkerOptions) -> int:
 
 def run_worker(options: WorkerOptions) -> int:
     """Check the leaf, then serve its queue until stopped; the exit status."""
+    if sys.platform != "linux":
+        raise EdgeSetupError("bk edge worker finds its runs' processes in /proc: it runs on Linux")
     check_leaf(options)
     os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(options.heartbeat_s)
     if not lost_runs_watched():
         say(f"no {LOST_RUN_AUTOMATION} automation on the server: a run whose machine dies stays Running; "
             "create it with `bk edge setup ... --lost-run-after 300`")
-    if sys.platform != "linux":
-        raise EdgeSetupError("bk edge worker finds its runs' processes in /proc: it runs on Linux")
     return anyio.run(serve, options)
