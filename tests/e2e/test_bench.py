@@ -57,6 +57,18 @@ def test_large_model_benchmark_reports_each_leafs_peak_memory_and_steps(tmp_path
     assert set(report["steps_p50_s"]) >= {"upload_s", "wait_s", "download_s", "round_s"}
 
 
+def test_transfer_rate_benchmark_times_both_clients_on_the_same_bytes(tmp_path: Path) -> None:
+    report = _bench("transfer_rate.py", tmp_path)
+    assert report["same_bytes"], report
+    assert report["stored_bytes"] == {"ours": [report["archive_bytes"]], "plain": [report["archive_bytes"]]}
+    assert report["downloaded_sha256"]["ours"] == report["downloaded_sha256"]["plain"]
+    assert set(report["mb_s"]) == {"upload ours", "upload ours post", "upload plain", "download ours",
+                                   "download plain"}
+    assert all(rate > 0 for rate in report["mb_s"].values()), report["mb_s"]
+    assert report["upload_share"] > 0 and report["download_share"] > 0
+    assert report["target"] is None and report["target_met"] is None
+
+
 def test_training_that_saturates_every_core_starves_no_heartbeat_keepalive_or_publication(tmp_path: Path) -> None:
     """Three torch leaves, each training with every core for 40 s (past Prefect's 30 s heartbeat
     window) on a 2-core machine: heartbeats keep their rhythm, the 1 s notification keepalives are
