@@ -62,6 +62,8 @@ from prefect_branchkey.flows.leaf.history import history_rows
 
 ROUND_DEADLINE_S = 120
 SAMPLE_S = 0.2
+# Lines of a failed simulation's log shown before the benchmark exits (its directory is removed).
+LOG_LINES = 30
 PROJECT = Path(__file__).resolve().parents[1]
 
 
@@ -113,6 +115,16 @@ class PeakMemory:
                         self.worker_peak = max([self.worker_peak, *workers])
                 except psutil.NoSuchProcess:
                     continue
+
+
+def what_went_wrong(log: Path, most: int = LOG_LINES) -> list[str]:
+    """The simulation log's last `most` lines that say what went wrong at the federation's level:
+    the flow's warnings and errors (failed leaves, lost Dask workers and their reasons, the
+    simulation's own error) and distributed's, not the leaves' routine resync warnings."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    wanted = [line for line in lines if ("| Flow run" in line or "distributed." in line)
+              and ("WARNING" in line or "ERROR" in line)]
+    return wanted[-most:] or lines[-most:]
 
 
 def prefect_cpu_seconds(prefect: LocalPrefectServer) -> float:
@@ -190,7 +202,10 @@ def bench_one(prefect: LocalPrefectServer, server: BenchServer, root: Path, leav
                 time.sleep(SAMPLE_S)
     wall = time.perf_counter() - started
     if child.returncode != 0:
-        raise SystemExit(f"bk simulate failed (exit {child.returncode}); see {run_dir / 'simulation.log'}")
+        for line in what_went_wrong(run_dir / "simulation.log"):
+            progress(f"    {line}")
+        raise SystemExit(f"bk simulate failed (exit {child.returncode}): its flow-level warnings and errors above "
+                         "(the log goes with the temporary directory)")
     prefect_cpu = prefect_cpu_seconds(prefect) - cpu_before["prefect"]
     platform_cpu = cpu_seconds(server.process.pid) - cpu_before["platform"]
     names = [leaf["name"] for leaf in federation["leaves"]]
