@@ -13,6 +13,7 @@ import math
 import os
 import re
 import struct
+import threading
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -345,17 +346,19 @@ def _read_exactly(stream: IO[bytes], view: memoryview, name: str) -> int:
     return filled
 
 
+# numpy parses a `.npy` header with `ast.literal_eval`, and CPython 3.11 before 3.11.8 builds ASTs
+# with a recursion counter that threads share: parsed from several threads at once (leaves as Dask
+# threads, bk-server's request threads) it raised "SystemError: AST constructor recursion depth
+# mismatch" (python/cpython#106905). Headers are parsed one at a time; each takes microseconds.
+_HEADER_PARSE = threading.Lock()
+
+
 def _read_npy_header(stream: IO[bytes], name: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     """Parse a `.npy` header without ever allowing pickle; return shape, order, dtype, length."""
-    fmt = np.lib.format
     try:
-        version = fmt.read_magic(stream)
-        if version == (1, 0):
-            shape, fortran_order, dtype = fmt.read_array_header_1_0(stream, max_header_size=_MAX_NPY_HEADER)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran_order, dtype = fmt.read_array_header_2_0(stream, max_header_size=_MAX_NPY_HEADER)
-        else:
-            raise NotAnArchiveError(f"member {name!r} has unsupported .npy version {version}")
+        version = np.lib.format.read_magic(stream)
+        with _HEADER_PARSE:
+            shape, fortran_order, dtype = _header_fields(stream, name, version)
     except (ValueError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as exc:
         if isinstance(exc, ArchiveError):
             raise
@@ -364,6 +367,15 @@ def _read_npy_header(stream: IO[bytes], name: str) -> tuple[tuple[int, ...], boo
         raise PickledArrayError(f"member {name!r} is an object array (pickled); pickles are never loaded")
     header_len = stream.tell()
     return tuple(int(n) for n in shape), bool(fortran_order), dtype, header_len
+
+
+def _header_fields(stream: IO[bytes], name: str, version: tuple[int, int]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """The header's shape, order and dtype, for the `.npy` versions numpy writes."""
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(stream, max_header_size=_MAX_NPY_HEADER)
+    if version in ((2, 0), (3, 0)):
+        return np.lib.format.read_array_header_2_0(stream, max_header_size=_MAX_NPY_HEADER)
+    raise NotAnArchiveError(f"member {name!r} has unsupported .npy version {version}")
 
 
 def _stored_data_offset(fd: int, info: zipfile.ZipInfo) -> int:
