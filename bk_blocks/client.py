@@ -202,6 +202,12 @@ class ConnectionOptions(BaseModel):
             raise ValueError("give proxy_url or the older proxies, not both (proxy_url covers HTTP and notifications)")
         if self.ca_bundle and not self.verify_tls:
             raise ValueError("ca_bundle is given but verify_tls is off, so it would never be used: turn verify_tls on")
+        if self.proxy_url and not self.host.startswith("https://"):
+            raise ValueError("proxy_url with an http:// host would send the session token to the proxy in clear: "
+                             "use the platform's https:// address")
+        if self.proxy_url and self.notification_transport == "amqp" and not self.amqp_tls:
+            raise ValueError("proxy_url with AMQP but amqp_tls off would send the session token through the proxy "
+                             "in clear: turn amqp_tls on (AMQPS, usually port 5671) or use the websocket transport")
         return self
 
     @property

@@ -219,3 +219,14 @@ def test_the_block_field_descriptions_say_which_transports_they_cover() -> None:
     assert "HTTP, WebSocket and AMQP" in (fields["ca_bundle"].description or "")
     assert "HTTP, WebSocket, AMQP" in (fields["proxy_url"].description or "")
     assert "Deprecated" in (fields["proxies"].description or "")
+
+
+def test_a_proxy_with_a_plain_http_host_is_refused_as_it_would_see_the_token() -> None:
+    with pytest.raises(ValidationError, match="http:// host would send the session token to the proxy in clear"):
+        ConnectionOptions(host="http://platform.example.org", proxy_url="http://proxy:3128")
+
+
+def test_a_proxy_with_amqp_without_tls_is_refused_as_it_would_see_the_token() -> None:
+    with pytest.raises(ValidationError, match="turn amqp_tls on"):
+        ConnectionOptions(proxy_url="http://proxy:3128", notification_transport="amqp")
+    assert ConnectionOptions(proxy_url="http://proxy:3128", notification_transport="amqp", amqp_tls=True).amqp_tls
