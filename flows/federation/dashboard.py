@@ -9,8 +9,10 @@ and publishes the federation's artifacts under the keys the demo uses
 Invariants: an event id counts once (a leaf resends a round's event under the same id); a
 leaf's report of a (run, round) is its latest event for it; a leaf that did not report the
 federation's latest round, or reported only in an older run, is shown missing for it, never
-with an older value; a branch whose newest event was already published is not published again
-(a Prefect Variable per branch remembers it), so a burst of triggers adds one version.
+with an older value; a branch is published again only when the server received an event since
+its last publication (a Prefect Variable per branch remembers the newest one by its receipt, so
+a late event about an earlier moment, a leaf's deferred publication, still counts), and a burst of
+triggers adds one version.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class BranchReports:
 
     branch_id: str
     name: str
-    newest: str = ""
+    newest: str = ""  # the newest event by its receipt at the server, then its id
     reports: dict[str, dict[tuple[int, int, str], tuple[datetime, dict[str, Any]]]] = field(default_factory=dict)
 
     def add(self, leaf: str, occurred: datetime, row: dict[str, Any]) -> None:
@@ -110,7 +112,7 @@ def collect_reports(events: Iterable[ReceivedEvent]) -> dict[str, BranchReports]
         seen.add(str(event.id))
         branch = branches.setdefault(branch_id, BranchReports(branch_id, branch_name(event) or branch_id))
         branch.add(event.resource.name or event.resource.id, event.occurred, row)
-        stamp = f"{event.occurred.isoformat()} {event.id}"
+        stamp = f"{event.received.isoformat()} {event.id}"
         branch.newest = max(branch.newest, stamp)
     return branches
 

@@ -18,9 +18,11 @@ BRANCH = "b0d6c6a4-5d7e-4b53-9d3c-2b2f3f0e9a11"
 
 
 def event(leaf: str, round_number: int, accuracy: float, *, run_number: int = 1, minutes: int = 0,
-          event_id: uuid.UUID | None = None, branch_name: str | None = "digits", **payload: Any) -> ReceivedEvent:
+          event_id: uuid.UUID | None = None, branch_name: str | None = "digits", received_minutes: int = 0,
+          **payload: Any) -> ReceivedEvent:
     return ReceivedEvent(
-        id=event_id or uuid.uuid4(), occurred=START + timedelta(minutes=minutes), received=START,
+        id=event_id or uuid.uuid4(), occurred=START + timedelta(minutes=minutes),
+        received=START + timedelta(minutes=received_minutes),
         event="branchkey.round.completed",
         resource={"prefect.resource.id": f"branchkey.leaf.{leaf}-id", "prefect.resource.name": leaf,
                   "branchkey.branch-id": BRANCH},
@@ -86,3 +88,11 @@ def test_summary_shows_each_leafs_best_and_served_model() -> None:
     summary = federation_summary("Federation digits", histories(
         event("leaf-1", 2, 0.6, best_value=0.8, best_round=1, served=False)))
     assert "| 0.8000 (round 1) | round 1 (the best) |" in summary
+
+
+def test_a_late_event_about_an_earlier_moment_is_news() -> None:
+    """A leaf whose publication was deferred reports a round that ended before the last one shown:
+    its event is received later, so the dashboard publishes again."""
+    shown = collect_reports([event("leaf-1", 5, 0.7, minutes=10, received_minutes=10)])[BRANCH].newest
+    late = event("leaf-2", 5, 0.6, minutes=9, received_minutes=30)
+    assert collect_reports([event("leaf-1", 5, 0.7, minutes=10, received_minutes=10), late])[BRANCH].newest > shown
