@@ -277,11 +277,11 @@ class Reaper:
         for run_id, pid in flow_run_processes().items():  # started after the last sweep, if teardown was cut short
             self.cancelled.setdefault(run_id, Cancellation(pid, time.monotonic()))
         with anyio.move_on_after(FINISH_S):
-            for cancellation in self.cancelled.values():
+            for cancellation in list(self.cancelled.values()):  # copies: the sweep may still add runs
                 kill_group(cancellation.pgid)
-            while any(group_alive(c.pgid) for c in self.cancelled.values()):
+            while any(group_alive(c.pgid) for c in list(self.cancelled.values())):
                 await anyio.sleep(0.05)
-            for run_id in self.cancelled:
+            for run_id in list(self.cancelled):
                 await self._ensure_final(run_id)
 
     async def _ensure_final(self, run_id: UUID) -> None:
@@ -308,8 +308,8 @@ async def _keep(workload: Callable[[], Coroutine[object, object, object]], inter
     try:
         await critical_service_loop(workload=workload, interval=interval, jitter_range=0.3, backoff=4,
                                     printer=lambda *parts: say(" ".join(str(p) for p in parts)))
-    except RuntimeError as exc:
-        shutdown.fail(f"{what} failed repeatedly ({exc})")
+    except Exception as exc:  # past the threshold, or a 4xx Prefect's loop re-raises at once (a revoked key)
+        shutdown.fail(f"{what} failed ({type(exc).__name__}: {exc})")
 
 
 async def _watch_signals(shutdown: Shutdown, grace_s: float) -> None:
