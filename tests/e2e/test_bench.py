@@ -77,7 +77,8 @@ def test_training_that_saturates_every_core_starves_no_heartbeat_keepalive_or_pu
     assert [row["round"] for row in report["rounds"]] == [1]
     assert 0 <= report["rounds"][0]["overhead_share"] < 1, report["rounds"]
     assert report["heartbeat_runs"] == 3 and report["heartbeats"] >= 6, report
-    assert report["heartbeat_max_gap_s"] < 45, f"a heartbeat came {report['heartbeat_max_gap_s']:.0f} s after the last"
+    # Twice the interval: a run is taken for lost by an automation that waits for about three.
+    assert report["heartbeat_max_gap_s"] < 60, f"a heartbeat came {report['heartbeat_max_gap_s']:.0f} s after the last"
     assert set(report["connections"].values()) == {1}, report["connections"]
     assert report["visible_max_s"] >= 0 and report["events_per_leaf_round"] > 0
     assert report["bad_lines"] and sum(report["bad_lines"].values()) == 0, report["bad_lines"]
