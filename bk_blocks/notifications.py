@@ -353,7 +353,11 @@ class AmqpListener(NotificationListener):
         parameters = self._parameters(self._host, self._port)
         if self._egress.proxy_url:
             upstream = open_tunnel(self._egress, self._host, self._port, self._connect_timeout)
-            self._tunnel = LoopbackTunnel(upstream, accept_timeout=self._connect_timeout)
+            try:
+                self._tunnel = LoopbackTunnel(upstream, accept_timeout=self._connect_timeout)
+            except BaseException:
+                upstream.close()
+                raise
             parameters = self._parameters("127.0.0.1", self._tunnel.port)
         try:
             return pika.BlockingConnection(parameters)
