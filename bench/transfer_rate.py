@@ -4,8 +4,8 @@ One `bk-server serve` process on 127.0.0.1 (started here, its data in a temporar
 removed at the end) and one update archive of ``--size-mb`` MB of float32 in ``--layers`` layers,
 written with `write_update`. First the uploads, then the downloads: in each direction one untimed
 warm-up call by each client (the first transfer after other work costs the process more CPU,
-whichever client makes it), then ``--repeats`` timed calls by each, the two clients' order swapped
-every repeat so that drift (page cache, other work on the machine) hits both alike:
+whichever client makes it), then ``--repeats`` timed calls by each, the clients' order rotated
+every repeat so that drift (page cache, other work on the machine) hits them alike:
 
 - upload, ours: `BranchKeyClient.upload_update(path)` timed end to end: it validates the archive
   (`inspect_update` reads every layer), hashes it (SHA-256), then streams the multipart body. The
@@ -17,7 +17,9 @@ every repeat so that drift (page cache, other work on the machine) hits both ali
 - download, ours: `BranchKeyClient.download` (link, streamed into a temporary file, fsync,
   structure check, rename);
 - download, plain: the same two requests with ``requests``: the link, then ``stream=True`` and
-  ``iter_content(1 MiB)`` into a file.
+  ``iter_content(1 MiB)`` into a file;
+- download, plain + fsync (a reference, not judged): the same, with the file made durable at the
+  end as ours is before its rename: what of a gap is the disk's.
 
 Every upload goes to a leaf of its own in a federation whose round never closes (one leaf never
 uploads), so each is accepted on its own (201, or the benchmark fails) and none starts an
@@ -30,9 +32,9 @@ The target (issue "Real rounds"): ours at >= 90 % of plain MB/s in each directio
 judged on its transfer (plain does not validate or hash) and the download end to end. Without
 ``--quick`` the script exits 1 when a direction misses it (and always when the bytes differ). MB
 is 10**6 bytes; MB/s is the archive's MB over the wall seconds of the call (median over the
-repeats). Each call's CPU seconds, the client's process and bk-server's, are reported beside: on
-a busy machine they vary less than the wall time. Loopback: the client and bk-server share the
-CPUs and the disk. Progress goes to stderr.
+repeats). Each call's CPU seconds, the client's process (with the kernel's work on its behalf,
+such as writing its file to disk) and bk-server's, are reported beside: what each side spent.
+Loopback: the client and bk-server share the CPUs and the disk. Progress goes to stderr.
 
     .venv/bin/python bench/transfer_rate.py                    # 1000 MB, 3 repeats
     .venv/bin/python bench/transfer_rate.py --size-mb 4000 --repeats 2
@@ -74,7 +76,8 @@ from prefect_branchkey.bk_blocks.client import BranchKeyClient, ConnectionOption
 
 MIB = 1 << 20
 TARGET = 0.90
-OURS, PLAIN = "ours", "plain"
+OURS, PLAIN, PLAIN_FSYNC = "ours", "plain", "plain+fsync"
+CLIENTS = {"upload": (OURS, PLAIN), "download": (OURS, PLAIN, PLAIN_FSYNC)}
 TIMEOUT = (10.0, 600.0)
 T = TypeVar("T")
 
@@ -191,8 +194,9 @@ def plain_upload_call(host: str, leaf: dict[str, Any], path: Path, sha256: bytes
     return upload
 
 
-def plain_download(host: str, leaf: dict[str, Any], file_id: str, target: Path) -> int:
-    """Plain requests' download: the link, then the file streamed in 1 MiB blocks; bytes received."""
+def plain_download(host: str, leaf: dict[str, Any], file_id: str, target: Path, fsync: bool = False) -> int:
+    """Plain requests' download: the link, then the file streamed in 1 MiB blocks (with `fsync`,
+    made durable at the end, as ours is before its rename); bytes received."""
     with requests.Session() as session:
         link = session.get(f"{host}/api/v1/file/download/{file_id}", headers=plain_headers(leaf, "*/*"),
                            timeout=TIMEOUT)
@@ -206,12 +210,14 @@ def plain_download(host: str, leaf: dict[str, Any], file_id: str, target: Path) 
                 for block in response.iter_content(chunk_size=MIB):
                     handle.write(block)
                     received += len(block)
+                if fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
     return received
 
 
 def measured(call: Callable[[], T], server_pid: int | None) -> tuple[T, Cost]:
-    """Run `call`; its result, wall seconds and the client's and bk-server's CPU seconds. On a busy
-    machine the CPU seconds vary less than the wall time: they say what each side spent."""
+    """Run `call`; its result, wall seconds and the client's and bk-server's CPU seconds."""
     server_cpu, client_cpu, start = cpu_seconds(server_pid), time.process_time(), time.perf_counter()
     result = call()
     seconds = time.perf_counter() - start
@@ -235,7 +241,7 @@ def sha256_hex(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# One repeat: both uploads, both downloads, in the repeat's order.
+# The timed calls: one upload or download by one client, checked.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -267,7 +273,7 @@ def download(server: BenchServer, client: str, leaf: dict[str, Any], file_id: st
         with our_client(server.url, leaf) as ours:
             _, cost = timed(lambda: ours.download(file_id, dest), server)
     else:
-        _, cost = timed(lambda: plain_download(server.url, leaf, file_id, target), server)
+        _, cost = timed(lambda: plain_download(server.url, leaf, file_id, target, client == PLAIN_FSYNC), server)
     timings.add(f"download {client}", cost)
     timings.downloaded_sha256.setdefault(client, []).append(sha256_hex(target))
     progress(f"  download {client}: {target.stat().st_size / MB / cost.seconds:.1f} MB/s ({cost.seconds:.2f} s)")
@@ -307,11 +313,12 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         timings = Timings()
         for direction, call in calls.items():
             progress(f"{direction}: a warm-up by each client, then {args.repeats} repeats")
-            for client in (OURS, PLAIN):
+            clients = CLIENTS[direction]
+            for client in clients:
                 call(client, Timings())
             for repeat in range(args.repeats):
-                order = (OURS, PLAIN) if repeat % 2 == 0 else (PLAIN, OURS)
-                for client in order:
+                turn = repeat % len(clients)
+                for client in clients[turn:] + clients[:turn]:
                     call(client, timings)
     finally:
         server.stop()
@@ -343,6 +350,7 @@ def report(args: argparse.Namespace, nbytes: int, sha256: str, timings: Timings,
         "repeats": args.repeats, "costs": {name: [asdict(c) for c in values] for name, values in costs.items()},
         "mb_s": rates, "upload_prepare_s": prepare, "upload_share": upload_share,
         "upload_end_to_end_share": rates["upload ours"] / rates["upload plain"], "download_share": download_share,
+        "download_share_of_fsync": rates["download ours"] / rates["download plain+fsync"],
         "stored_bytes": timings.stored_bytes, "downloaded_sha256": timings.downloaded_sha256,
         "same_bytes": stored == {nbytes} and len(hashes) == 1,
         "target": None if args.quick else TARGET,
@@ -357,6 +365,7 @@ ROWS = (
     ("upload", "plain requests, streamed body", "upload plain", None),
     ("download", "ours: temp file, fsync, check, rename (judged)", "download ours", "download plain"),
     ("download", "plain requests, iter_content(1 MiB)", "download plain", None),
+    ("download", "plain requests + fsync (reference)", "download plain+fsync", None),
 )
 
 
@@ -382,7 +391,7 @@ def print_report(result: dict[str, Any]) -> None:
     print(machine_summary("requests", "urllib3", "uvicorn", "numpy"))
     print(f"# {result['archive_bytes'] / MB:.1f} MB archive (float32, {result['layers']} layers), "
           f"{result['repeats']} repeats after a warm-up call per client and direction, the clients' order "
-          f"swapped each repeat;\n# loopback, client and bk-server on the same CPUs; load average "
+          f"rotated each repeat;\n# loopback, client and bk-server on the same CPUs; load average "
           f"{before[0]:.2f} before, {after[0]:.2f} after")
     print("# MB/s: median over the repeats (min, max); wall and CPU seconds: medians; CPU seconds: the "
           "client's process and bk-server's, during the call")
@@ -390,6 +399,7 @@ def print_report(result: dict[str, Any]) -> None:
     prepare = median(result["upload_prepare_s"])
     print(f"ours before the POST (validate + hash): {prepare:.2f} s p50; end to end "
           f"{result['upload_end_to_end_share']:.1%} of plain")
+    print(f"download: ours {result['download_share_of_fsync']:.1%} of plain requests + fsync (durable as ours is)")
     print(f"same bytes: {'yes' if result['same_bytes'] else 'NO'} (stored uploads {result['stored_bytes']}, "
           f"{sum(len(v) for v in result['downloaded_sha256'].values())} downloads' SHA-256)")
     if result["target"] is not None:

@@ -61,9 +61,10 @@ def test_transfer_rate_benchmark_times_both_clients_on_the_same_bytes(tmp_path: 
     report = _bench("transfer_rate.py", tmp_path)
     assert report["same_bytes"], report
     assert report["stored_bytes"] == {"ours": [report["archive_bytes"]], "plain": [report["archive_bytes"]]}
-    assert report["downloaded_sha256"]["ours"] == report["downloaded_sha256"]["plain"]
+    hashes = report["downloaded_sha256"]
+    assert hashes["ours"] == hashes["plain"] == hashes["plain+fsync"], hashes
     assert set(report["mb_s"]) == {"upload ours", "upload ours post", "upload plain", "download ours",
-                                   "download plain"}
+                                   "download plain", "download plain+fsync"}
     assert all(rate > 0 for rate in report["mb_s"].values()), report["mb_s"]
     assert report["upload_share"] > 0 and report["download_share"] > 0
     assert report["target"] is None and report["target_met"] is None
