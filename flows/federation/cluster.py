@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from prefect_branchkey.bk_blocks.errors import MissingExtraError
@@ -34,10 +35,10 @@ NANNY_GONE = frozenset({Status.closing, Status.closing_gracefully, Status.closed
 CAPACITY_WAIT_S = 120.0
 CAPACITY_POLL_S = 1.0
 # What the scheduler's stimulus for removing a worker means, for the log.
-REMOVALS = {
+REMOVALS = MappingProxyType({
     "handle-worker-cleanup": "its connection to the scheduler closed (handle-worker-cleanup)",
     "check-worker-ttl": "no heartbeat within distributed.scheduler.worker-ttl (check-worker-ttl)",
-}
+})
 
 
 class ClusterWatch:
