@@ -3,12 +3,14 @@
 A write that fills the disk (ENOSPC, EDQUOT) raises `DiskFullError` naming the file, the bytes it
 needs and the bytes free, after its temporary file is removed: a full disk leaves nothing behind
 but the space it had, and never a partial file under the final name. A write whose size is known
-beforehand is refused before its first byte when it cannot fit.
+beforehand is refused before its first byte when it cannot fit. `exclusively` takes turns on a
+lock file between threads and processes.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -108,3 +110,15 @@ def sha256_file(path: str | os.PathLike[str], block_bytes: int = 1 << 20) -> byt
         while block := handle.read(block_bytes):
             sha.update(block)
     return sha.digest()
+
+
+@contextmanager
+def exclusively(lock_path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive `flock` on `lock_path` (created if missing): other threads and processes
+    taking the same lock wait their turn."""
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

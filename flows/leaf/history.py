@@ -28,7 +28,6 @@ compacted row's path names no file any more: `rows_of` reads it from its segment
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -43,7 +42,7 @@ import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow: no stubs
 import pyarrow.compute as pc  # type: ignore[import-untyped]  # pyarrow: no stubs
 import pyarrow.parquet as pq  # type: ignore[import-untyped]  # pyarrow: no stubs
 
-from prefect_branchkey.bk_blocks.files import atomic_write
+from prefect_branchkey.bk_blocks.files import atomic_write, exclusively
 
 METRICS = pa.map_(pa.string(), pa.float64())
 SCHEMA = pa.schema([
@@ -370,12 +369,8 @@ def _read_file(path: Path) -> pa.Table:
 @contextmanager
 def _writing(directory: Path) -> Iterator[None]:
     """Hold the history's writers' lock (appends and compactions of other threads and processes wait)."""
-    with open(directory / LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusively(directory / LOCK):
+        yield
 
 
 def _compact_quietly(directory: Path, after: int) -> None:

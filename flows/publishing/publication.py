@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import fcntl
 import json
 import logging
 import threading
@@ -33,7 +32,7 @@ from prefect.events import Event
 from prefect.events.clients import get_events_client
 from prefect.exceptions import PrefectHTTPStatusError
 
-from prefect_branchkey.bk_blocks.files import atomic_write
+from prefect_branchkey.bk_blocks.files import atomic_write, exclusively
 from prefect_branchkey.flows.leaf.history import RoundRecord, file_round, history_files, rows_by_file
 from prefect_branchkey.flows.leaf.promotion import metric_dropped
 from prefect_branchkey.flows.publishing.assets import model_asset_events
@@ -113,12 +112,8 @@ def _is_permanent(exc: Exception) -> bool:
 @contextmanager
 def _turn(work_dir: Path) -> Iterator[None]:
     """Hold the work dir's publication lock (other threads and processes wait their turn)."""
-    with open(Path(work_dir) / LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusively(Path(work_dir) / LOCK):
+        yield
 
 
 def publish_pending(leaf_name: str, work_dir: Path) -> int:
