@@ -116,13 +116,13 @@ def sample(federation: LeafFederation, name: str, pid: int, rounds: int, before:
     work_dir = federation.work_dir(name)
     read_s, read_last_s = timed_read(work_dir, None), timed_read(work_dir, LAST)
     try:
-        rss = psutil.Process(pid).memory_info().rss
+        rss: float | None = psutil.Process(pid).memory_info().rss / MB
     except psutil.NoSuchProcess:
-        rss = 0
+        rss = None  # the leaf finished its last round before the sample
     files = sorted(path.name for path in history_dir(work_dir).glob("*.parquet"))
     database = prefect_database_bytes(federation.prefect)
     return {"round": rounds, "disk_mb": tree_bytes(work_dir) / MB,
-            "history_kb": tree_bytes(history_dir(work_dir)) / 1e3, "rss_mb": rss / MB,
+            "history_kb": tree_bytes(history_dir(work_dir)) / 1e3, "rss_mb": rss,
             "read_s": read_s, "read_last_s": read_last_s, "loose": sum(name.startswith("run-") for name in files),
             "segments": sum(name.startswith(history.SEGMENT_PREFIX) for name in files),
             "db_mb": database / MB,
@@ -131,7 +131,8 @@ def sample(federation: LeafFederation, name: str, pid: int, rounds: int, before:
 
 
 def row_cells(row: dict[str, Any]) -> list[str]:
-    return [str(row["round"]), f"{row['disk_mb']:.1f}", f"{row['history_kb']:.0f}", f"{row['rss_mb']:.0f}",
+    rss = "ended" if row["rss_mb"] is None else f"{row['rss_mb']:.0f}"
+    return [str(row["round"]), f"{row['disk_mb']:.1f}", f"{row['history_kb']:.0f}", rss,
             f"{row['read_s']:.3f}", f"{row['read_last_s']:.3f}", f"{row['loose']} + {row['segments']}",
             f"{row['db_mb']:.1f}", f"{row['db_kb_per_round']:.1f}"]
 
@@ -153,7 +154,7 @@ def watch(federation: LeafFederation, name: str, args: argparse.Namespace) -> li
         if done >= before["round"] + args.every or (ended and done > before["round"]):
             before = sample(federation, name, process.pid, done, before)
             samples.append(before)
-            progress(f"  round {done}: {json.dumps({k: round(v, 3) for k, v in before.items()})}")
+            progress(f"  round {done}: {json.dumps({k: v if v is None else round(v, 3) for k, v in before.items()})}")
             if not args.json:
                 lines = format_table(HEADINGS, [row_cells(before)]).splitlines()
                 print("\n".join(lines if len(samples) == 1 else lines[-1:]), flush=True)
