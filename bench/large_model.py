@@ -5,7 +5,8 @@ model of ``--model-mb`` MB in ``--layers`` layers (preallocated, as a real model
 training sleeps ``--train-s`` and nudges a few elements, so what the round costs beyond it is
 the leaf's own. The participant offers its arrays (`Participant.parameters`): the global model
 is loaded into them in place (``--copying`` leaves that out, to compare with a participant that
-takes the global model as new arrays).
+takes the global model as new arrays). ``--update`` turns on an update transform (``dp``: clipping
+and Gaussian noise; ``float16``: a half-precision upload), to state its peak beside the default's.
 
 Reported: each leaf process's peak RSS (``ru_maxrss``) and its ratio to the model, bk-server's
 peak RSS (``VmHWM``), and per measured round (round 1 is a warm-up) the p50 of the steps and the
@@ -13,6 +14,7 @@ upload and download rates. MB is 10**6 bytes.
 
     .venv/bin/python bench/large_model.py                       # 1 GB, 3 leaves, 3 rounds
     .venv/bin/python bench/large_model.py --model-mb 4000 --leaves 2 --rounds 2
+    .venv/bin/python bench/large_model.py --update dp            # the same with DP on
     .venv/bin/python bench/large_model.py --quick --json        # 50 MB, a smoke run
 """
 
@@ -33,9 +35,16 @@ from leaf_processes import add_leaf_run_options, leaf_federation
 from prefect_branchkey.bk_blocks import BranchKeyCredentials
 from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.participant import Participant, TrainResult
+from prefect_branchkey.flows.updates.privacy import PrivacySettings
+from prefect_branchkey.flows.updates.transforms import UpdateSettings
 
 MB = 1e6
 TIMEOUT_S = 3600
+UPDATES = {
+    "default": (UpdateSettings(), PrivacySettings()),
+    "dp": (UpdateSettings(), PrivacySettings(clip_norm=10.0, noise_multiplier=1e-3)),
+    "float16": (UpdateSettings(upload_precision="float16"), PrivacySettings()),
+}
 STEPS = ("train_s", "upload_s", "wait_s", "download_s", "evaluate_s", "round_s")
 
 
@@ -62,10 +71,12 @@ def leaf_main(spec: dict[str, Any]) -> None:
     """One leaf process: its rounds, then its peak RSS written beside its work dir."""
     from prefect_branchkey.flows.training import federated_training
 
+    update, privacy = UPDATES[spec["update"]]
     block = BranchKeyCredentials.from_platform_json(spec["credentials"], host=spec["host"], read_timeout_s=600.0)
     results = federated_training(block, f"{LargeModel.__module__}:{LargeModel.__qualname__}", spec["work_dir"],
                                  rounds=spec["rounds"], participant_options=spec["options"],
-                                 aggregation_timeout_s=TIMEOUT_S, run_timeout_s=TIMEOUT_S)
+                                 aggregation_timeout_s=TIMEOUT_S, run_timeout_s=TIMEOUT_S,
+                                 update=update, privacy=privacy)
     Path(spec["work_dir"] + ".peak").write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
     if [r.status for r in results] != ["completed"] * spec["rounds"]:
         raise SystemExit(f"{block.leaf_name}: rounds ended as {[r.status for r in results]}")
@@ -82,7 +93,7 @@ def peak_rss(pid: int) -> int:
 def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     progress(f"{args.leaves} leaves of a {args.model_mb:.0f} MB model, {args.rounds} rounds")
     with leaf_federation(root, args.leaves, "large") as federation:
-        federation.start_leaves(__file__, lambda index: {"rounds": args.rounds, "options": {
+        federation.start_leaves(__file__, lambda index: {"rounds": args.rounds, "update": args.update, "options": {
             "model_mb": args.model_mb, "layers": args.layers, "train_s": args.train_s, "live": not args.copying,
             "leaf_index": index, "leaves": args.leaves}})
         federation.wait(TIMEOUT_S * args.rounds)
@@ -92,6 +103,7 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         rows = [row for name in names for row in history_rows(federation.work_dir(name)) if row["round"] > 1]
         return {
             "model_mb": args.model_mb, "leaves": args.leaves, "rounds": args.rounds, "live": not args.copying,
+            "update": args.update,
             "leaf_peak_mb": [int(Path(f"{federation.work_dir(name)}.peak").read_text()) / MB for name in names],
             "server_peak_mb": server_peak / MB,
             "steps_p50_s": {step: percentile([row[step] for row in rows], 50) for step in STEPS},
@@ -108,6 +120,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds, the first a warm-up (3)")
     parser.add_argument("--train-s", type=float, default=1.0)
     parser.add_argument("--copying", action="store_true", help="a participant that offers no arrays")
+    parser.add_argument("--update", choices=sorted(UPDATES), default="default",
+                        help="the update transform: none (default), DP, or a float16 upload")
     parser.add_argument("--quick", action="store_true", help="a 50 MB model, 2 leaves, 2 rounds")
     add_leaf_run_options(parser)
     args = parser.parse_args(argv)
@@ -129,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(machine_summary("numpy", "prefect"))
     model = report["model_mb"]
     print(f"# {report['leaves']} leaves as processes, a {model:.0f} MB float32 model, {report['rounds']} rounds "
-          f"(round 1 a warm-up); the participant {'offers' if report['live'] else 'does not offer'} its arrays")
+          f"(round 1 a warm-up); the participant {'offers' if report['live'] else 'does not offer'} its arrays; "
+          f"update transform: {report['update']}")
     print(format_table(["leaf", "peak RSS", "x model", "target (1.3x + 200 MB)"], [
         [str(i + 1), f"{peak:.0f} MB", f"{peak / model:.2f}", f"{1.3 * model + 200:.0f} MB"]
         for i, peak in enumerate(report["leaf_peak_mb"])]))
