@@ -28,6 +28,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect import get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState, RunDeployment, SendNotification
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
@@ -38,7 +39,11 @@ from prefect_branchkey.flows.leaf.promotion import metric_goal
 from prefect_branchkey.flows.participant import ParticipantError, participant_class
 
 ALERT_DEPLOYMENT = "branchkey-alert/ops-alerts"
+DASHBOARD_DEPLOYMENT = "federation-dashboard/ops-dashboard"
 COMPLETED, FAILED, DROPPED = "branchkey.round.completed", "branchkey.round.failed", "branchkey.metric.dropped"
+RESYNCED = "branchkey.round.resynced"
+# The dashboard is rebuilt at most once per window (60 s by default), never more often than every 5 s.
+DEFAULT_DASHBOARD_EVERY_S, MIN_DASHBOARD_EVERY_S = 60.0, 5.0
 # Prefect refuses a proactive trigger's window below 10 s.
 MIN_WINDOW_S = 10.0
 LEAF = "{{ event.resource.name }}"
@@ -76,6 +81,8 @@ class AlertOptions:
     metric: str | None = None
     notify_block: str | None = None
     alert_deployment: str = ALERT_DEPLOYMENT
+    dashboard_every_s: float = DEFAULT_DASHBOARD_EVERY_S
+    dashboard_deployment: str = DASHBOARD_DEPLOYMENT
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ class AlertTargets:
 
     deployment_id: UUID
     notify_block_id: UUID | None = None
+    dashboard_deployment_id: UUID | None = None
 
 
 def check_window(seconds: float) -> timedelta:
@@ -112,6 +120,13 @@ def watched_metric(options: AlertOptions) -> str | None:
         return metric_goal(cls, options.metric).name
     except ParticipantError as exc:
         raise EdgeSetupError(str(exc)) from None
+
+
+def check_dashboard_every(seconds: float) -> timedelta:
+    """The dashboard automation's window, refused below MIN_DASHBOARD_EVERY_S."""
+    if not (math.isfinite(seconds) and seconds >= MIN_DASHBOARD_EVERY_S):
+        raise EdgeSetupError(f"--dashboard-every must be at least {MIN_DASHBOARD_EVERY_S:g} s, got {seconds:g}")
+    return timedelta(seconds=seconds)
 
 
 def parse_block_name(text: str) -> tuple[str, str]:
@@ -180,8 +195,25 @@ DESCRIPTIONS = {
 }
 
 
+def dashboard_automation(options: AlertOptions, deployment_id: UUID) -> AutomationCore:
+    """Rebuild the federation's dashboard after its leaves' rounds: fire on a round's first event,
+    at most once per window, and have the run watch for the window, so the events the trigger
+    ignores meanwhile (the round's other leaves) are published by it (pure)."""
+    every = check_dashboard_every(options.dashboard_every_s)
+    trigger = EventTrigger(match=leaf_match(options), expect={COMPLETED, RESYNCED}, posture=Posture.Reactive,
+                           threshold=1, within=every)
+    parameters = {"branch_id": options.branch_id, "watch_s": options.dashboard_every_s}
+    scope = f" (branch {options.branch_id})" if options.branch_id else " (every BranchKey leaf)"
+    return AutomationCore(name=automation_name("dashboard", options), enabled=True, trigger=trigger,
+                          description=(f"Rebuild the federation dashboard after rounds, at most once per "
+                                       f"{options.dashboard_every_s:g} s{scope}"),
+                          actions=[RunDeployment(source="selected", deployment_id=deployment_id,
+                                                 parameters=parameters)])
+
+
 def alert_automations(options: AlertOptions, targets: AlertTargets) -> list[AutomationCore]:
-    """The federation's automations for these options (pure: nothing is read from or sent to the server)."""
+    """The federation's automations for these options, the dashboard's last when its deployment is
+    known (pure: nothing is read from or sent to the server)."""
     metric = watched_metric(options)
     scope = f" (branch {options.branch_id})" if options.branch_id else " (every BranchKey leaf)"
     automations = []
@@ -190,18 +222,27 @@ def alert_automations(options: AlertOptions, targets: AlertTargets) -> list[Auto
         automations.append(AutomationCore(name=automation_name(kind, options), description=description + scope,
                                           enabled=True, trigger=trigger,
                                           actions=alert_actions(kind, options, targets)))
+    if targets.dashboard_deployment_id is not None:
+        automations.append(dashboard_automation(options, targets.dashboard_deployment_id))
     return automations
 
 
+def _deployment_id(client: SyncPrefectClient, deployment: str) -> UUID:
+    """A deployment's id by `flow/deployment`, refused with the command that deploys it."""
+    try:
+        return client.read_deployment_by_name(deployment).id
+    except ObjectNotFound:
+        name = deployment.partition("/")[2]
+        raise EdgeSetupError(f"the deployment {deployment} is not deployed: run `prefect deploy --name {name}` "
+                             f"(or `--all`) first") from None
+
+
 def find_alert_targets(options: AlertOptions) -> AlertTargets:
-    """The alert deployment's id and the notification Block's, refused if either is missing on the server."""
+    """The alert and dashboard deployments' ids and the notification Block's, refused if one is
+    missing on the server."""
     with get_client(sync_client=True) as client:
-        try:
-            deployment = client.read_deployment_by_name(options.alert_deployment)
-        except ObjectNotFound:
-            name = options.alert_deployment.partition("/")[2]
-            raise EdgeSetupError(f"the alert deployment {options.alert_deployment} is not deployed: run "
-                                 f"`prefect deploy --name {name}` (or `--all`) first") from None
+        alert_id = _deployment_id(client, options.alert_deployment)
+        dashboard_id = _deployment_id(client, options.dashboard_deployment)
         block_id = None
         if options.notify_block:
             slug, name = parse_block_name(options.notify_block)
@@ -213,7 +254,7 @@ def find_alert_targets(options: AlertOptions) -> AlertTargets:
             if "notify" not in (document.block_schema.capabilities if document.block_schema else []):
                 raise EdgeSetupError(f"Block {options.notify_block} is not a notification Block")
             block_id = document.id
-    return AlertTargets(deployment.id, block_id)
+    return AlertTargets(alert_id, block_id, dashboard_id)
 
 
 def ensure_automation(automation: AutomationCore) -> bool:
@@ -235,6 +276,7 @@ def set_up_alerts(options: AlertOptions) -> list[tuple[AutomationCore, bool]]:
     """
     require_api_url()
     check_window(options.missed_round_after_s)
+    check_dashboard_every(options.dashboard_every_s)
     watched_metric(options)
     automations = alert_automations(options, find_alert_targets(options))
     return [(automation, ensure_automation(automation)) for automation in automations]

@@ -13,6 +13,11 @@ with an older value; a branch is published again only when the server received a
 its last publication (a Prefect Variable per branch remembers the newest one by its receipt, so
 a late event about an earlier moment, a leaf's deferred publication, still counts), and a burst of
 triggers adds one version.
+
+Deployed, it runs from the `branchkey-dashboard` automation (`bk edge alerts`): Prefect's reactive
+trigger fires on a round's first event and ignores the others for its window, so each run keeps
+watching for that window (`watch_s`) and the events the trigger ignored are published by the
+run they would have started.
 """
 
 from __future__ import annotations
@@ -121,23 +126,16 @@ def _variable_name(branch_id: str) -> str:
     return f"branchkey-dashboard-{branch_id}".lower()
 
 
-@flow(name="federation-dashboard", log_prints=False)
-def federation_dashboard(branch_id: str | None = None, leaves: Sequence[str] = (), days: float = 90.0,
-                         settle_s: float = 5.0) -> dict[str, int]:
-    """Publish each branch's federation artifacts from its leaves' round events of the last `days`.
-
-    `branch_id` limits it to one federation; `leaves` names leaves to show even before they first
-    report. It waits `settle_s` first, so the events of a round's other leaves (which end
-    together) land in the same version. Returns, per branch published, how many rounds it shows.
-    """
+def publish_new_reports(branch_id: str | None, leaves: Sequence[str], days: float) -> dict[str, int]:
+    """Publish each branch whose leaves reported something since its last publication; per branch
+    published, how many rounds it shows."""
     logger = get_run_logger()
-    time.sleep(settle_s)
     since = datetime.now(UTC) - timedelta(days=days)
     published: dict[str, int] = {}
     for branch in collect_reports(read_round_events(branch_id, since)).values():
         variable = _variable_name(branch.branch_id)
         if Variable.get(variable, default=None) == branch.newest:
-            logger.info("federation %s: nothing new since its last publication", branch.name)
+            logger.debug("federation %s: nothing new since its last publication", branch.name)
             continue
         histories = branch.histories(leaves if branch_id else ())
         publish_federation_artifacts(branch.name, histories)
@@ -145,4 +143,27 @@ def federation_dashboard(branch_id: str | None = None, leaves: Sequence[str] = (
         published[branch.name] = len({(r["run_number"], r["round"]) for rows in histories.values() for r in rows})
         logger.info("federation %s: published %d rounds of %d leaves", branch.name, published[branch.name],
                     len(histories))
+    return published
+
+
+@flow(name="federation-dashboard", log_prints=False)
+def federation_dashboard(branch_id: str | None = None, leaves: Sequence[str] = (), days: float = 90.0,
+                         settle_s: float = 5.0, watch_s: float = 0.0, poll_s: float = 10.0) -> dict[str, int]:
+    """Publish each branch's federation artifacts from its leaves' round events of the last `days`.
+
+    `branch_id` limits it to one federation; `leaves` names leaves to show even before they first
+    report. It waits `settle_s` first, so the events of a round's other leaves (which end
+    together) land in the same version, then keeps watching for `watch_s`, reading again every
+    `poll_s`: the dashboard automation fires at most once per window and passes the window here,
+    so a report that arrives inside it is published by this run. Returns, per branch published,
+    how many rounds it shows.
+    """
+    time.sleep(settle_s)
+    deadline = time.monotonic() + watch_s
+    published = publish_new_reports(branch_id, leaves, days)
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(poll_s, left))
+        published |= publish_new_reports(branch_id, leaves, days)
+    if not published:
+        get_run_logger().info("nothing new to publish: every branch's dashboard is current")
     return published

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -37,21 +36,20 @@ from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.publishing.observability import artifact_key
 
 from ..support.bkserver import BkServer
+from ..support.browser import page_text, render
 from ..support.flow_helpers import artifacts, events
 from ..support.process_helpers import assert_none_left, new_marker
 from ..support.webhook import webhook_server
-from . import test_demo
 from .test_edge_deployment import _api, _deployments, _flow_runs, _run, _wait_until
 
 pytestmark = [pytest.mark.e2e]
-chromium = test_demo.chromium
 
 PROJECT = Path(__file__).resolve().parents[2]
 WINDOW_S = 30
 INTERVAL_S = 5
 HEALTHY_ROUNDS = 3
 HOOK = "alerts-hook"
-AUTOMATIONS = {"branchkey-missed-round", "branchkey-failed-round", "branchkey-metric-drop"}
+AUTOMATIONS = {"branchkey-missed-round", "branchkey-failed-round", "branchkey-metric-drop", "branchkey-dashboard"}
 
 
 @dataclass
@@ -139,9 +137,10 @@ def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alerting]:
         _run(["bk", "edge", "setup", f"leaf-1={path}", "--host", server.url], env)
         alerts = ["bk", "edge", "alerts", "--missed-round-after", str(WINDOW_S),
                   "--participant", "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
-                  "--notify-block", f"custom-webhook/{HOOK}"]
+                  "--notify-block", f"custom-webhook/{HOOK}", "--dashboard-every", "10"]
         refusals = {"undeployed": _refusal(alerts, env)}
-        _run(["prefect", "--no-prompt", "deploy", "--name", "leaf-1-rounds", "--name", "ops-alerts"], env)
+        _run(["prefect", "--no-prompt", "deploy", "--name", "leaf-1-rounds", "--name", "ops-alerts",
+              "--name", "ops-dashboard"], env)
         rounds = _deployments(prefect.api_url)["leaf-1-rounds"]
         _pause_schedules(prefect.api_url, rounds)
         refusals["missing block"] = _refusal(alerts, env)
@@ -195,7 +194,7 @@ def _automations(api: str) -> list[dict[str, Any]]:
 def test_alerts_created_twice_are_one_automation_each(alerting: Alerting) -> None:
     names = [automation["name"] for automation in _automations(alerting.prefect.api_url)]
     assert sorted(names) == sorted(AUTOMATIONS)
-    assert alerting.setup_outputs[0].count("created") == 3 and alerting.setup_outputs[1].count("updated") == 3
+    assert alerting.setup_outputs[0].count("created") == 4 and alerting.setup_outputs[1].count("updated") == 4
 
 
 def test_alerts_before_the_alert_deployment_is_deployed_are_refused(alerting: Alerting) -> None:
@@ -272,31 +271,19 @@ def test_each_alert_is_sent_through_the_notification_block(alerting: Alerting) -
                                f"in round 2, down 0.4 from its best 0.9") for text in texts)
 
 
-def _rendered_text(chromium: str, profile: Path, url: str, expected: str, dump: Path) -> str:
-    """The page's text after its scripts ran, dumped up to three times until `expected` shows: on a
-    loaded machine the UI may not finish rendering within Chromium's virtual time budget."""
-    text = ""
-    for _ in range(3):
-        dumped = subprocess.run([chromium, *test_demo.CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
-                                capture_output=True, text=True, timeout=120).stdout
-        dump.write_text(dumped)
-        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dumped))
-        if expected in text:
-            break
-    return text
+def _rendered_text(chromium: str, tmp_path: Path, url: str, expected: str, name: str) -> str:
+    """The page's text after its scripts ran; its screenshot and DOM saved in tmp_path as `name`."""
+    return page_text(render(chromium, url, tmp_path, f"{name}.png", expected))
 
 
 @pytest.mark.browser
 def test_automations_page_renders_every_automation(alerting: Alerting, chromium: str, tmp_path: Path) -> None:
     """The list is a virtual scroller whose items a DOM dump may not hold, so the list page is
     checked for its count (and its screenshot saved) and each automation's own page for its name."""
-    profile, url = tmp_path / "chromium-profile", f"{alerting.prefect.url}/automations"
-    subprocess.run([chromium, *test_demo.CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                    f"--screenshot={tmp_path / 'automations.png'}", url], capture_output=True, timeout=120)
-    assert (tmp_path / "automations.png").stat().st_size > 0
-    listed = _rendered_text(chromium, profile, url, "3 automations", tmp_path / "automations.html")
-    assert "3 automations" in listed, f"screenshot and DOM in {tmp_path}"
+    url = f"{alerting.prefect.url}/automations"
+    listed = _rendered_text(chromium, tmp_path, url, "4 automations", "automations")
+    assert "4 automations" in listed, f"screenshot and DOM in {tmp_path}"
     for automation in _automations(alerting.prefect.api_url):
-        page = _rendered_text(chromium, profile, f"{url}/automation/{automation['id']}", automation["name"],
-                              tmp_path / f"{automation['name']}.html")
+        page = _rendered_text(chromium, tmp_path, f"{url}/automation/{automation['id']}", automation["name"],
+                              automation["name"])
         assert automation["name"] in page and automation["description"] in page, f"DOM in {tmp_path}"

@@ -4,6 +4,7 @@ when nothing new arrived."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import UTC, datetime
 
@@ -52,4 +53,17 @@ def test_dashboard_adds_no_version_until_a_new_round_is_reported(prefect_api: st
     assert federation_dashboard(branch_id=branch, settle_s=0) == {}
     _report(prefect_api, _round(branch, "leaf-1", 2, 0.8))
     assert federation_dashboard(branch_id=branch, settle_s=0) == {name: 2}
+    assert len(artifacts(prefect_api, artifact_key("federation", name))) == 2
+
+
+def test_a_watching_run_publishes_a_round_reported_while_it_watches(prefect_api: str) -> None:
+    branch = str(uuid.uuid4())
+    name = f"dash-{branch[:8]}"
+    _report(prefect_api, _round(branch, "leaf-1", 1, 0.7))
+    late = threading.Timer(2.0, _report, (prefect_api, _round(branch, "leaf-1", 2, 0.8)))
+    late.start()
+    try:
+        assert federation_dashboard(branch_id=branch, settle_s=0, watch_s=8, poll_s=1) == {name: 2}
+    finally:
+        late.join()
     assert len(artifacts(prefect_api, artifact_key("federation", name))) == 2

@@ -139,3 +139,22 @@ def test_a_metric_drop_alert_states_the_value_its_best_and_the_drop() -> None:
                           {"metric": "accuracy", "value": 0.71, "best_value": 0.93, "best_round": 3, "drop": 0.22,
                            "round": 5, "run_number": 1}, "branchkey-metric-drop", RAISED)
     assert "`accuracy` is 0.71, its best 0.93 (round 3): a drop of 0.22" in text
+
+
+def test_the_dashboard_automation_fires_once_per_window_and_the_run_watches_that_window() -> None:
+    dashboard = uuid4()
+    automation = _by_name(AlertOptions(30, branch_id="b-1", dashboard_every_s=20),
+                          AlertTargets(uuid4(), dashboard_deployment_id=dashboard))["branchkey-dashboard-b-1"]
+    trigger = automation.trigger
+    assert trigger.posture == Posture.Reactive and trigger.threshold == 1
+    assert trigger.within == timedelta(seconds=20) and not trigger.for_each
+    assert trigger.expect == {"branchkey.round.completed", "branchkey.round.resynced"}
+    assert trigger.match.model_dump()["branchkey.branch-id"] == "b-1"
+    (action,) = automation.actions
+    assert isinstance(action, RunDeployment) and action.deployment_id == dashboard
+    assert action.parameters == {"branch_id": "b-1", "watch_s": 20}
+
+
+def test_a_dashboard_window_below_five_seconds_is_refused() -> None:
+    with pytest.raises(EdgeSetupError, match="--dashboard-every must be at least 5 s, got 1"):
+        _by_name(AlertOptions(30, dashboard_every_s=1), AlertTargets(uuid4(), dashboard_deployment_id=uuid4()))
