@@ -17,6 +17,7 @@ from prefect_branchkey.bk_blocks.archive import write_update
 from prefect_branchkey.tasks import LeafSession
 
 from .support.bkserver import BkServer, broker_available, in_ci
+from .support.browser import find_chromium
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +41,12 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 APILogWorker.drain_all(timeout=10)
                 EventsWorker.drain_all(timeout=10)
                 os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's headless Chromium, for the tests that render the Prefect UI."""
+    return find_chromium()
 
 
 @pytest.fixture(scope="session")

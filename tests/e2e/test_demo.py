@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -20,15 +19,11 @@ import pytest
 
 from prefect_branchkey.flows.leaf.history import history_rows
 
-from ..support.bkserver import in_ci
+from ..support.browser import render
 from ..support.process_helpers import left_running, new_marker, processes_with
 
 PROJECT = Path(__file__).resolve().parents[2]
 ROUNDS = 3
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,1000", "--virtual-time-budget=20000"]
-
 
 class Demo:
     """`make demo` in a process group of its own, its output read line by line."""
@@ -69,17 +64,6 @@ class Demo:
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One demo directory for the module's runs: a rerun must not clash with the run before."""
     return tmp_path_factory.mktemp("demo")
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    """Debian's Chromium (`.ci/run` installs it); a failure in CI, a loud skip elsewhere."""
-    path = shutil.which("chromium")
-    if path:
-        return path
-    if in_ci():
-        pytest.fail("chromium is not installed (CI=true: .ci/run installs Debian's chromium)")
-    pytest.skip("SKIPPING browser test: chromium is not installed (apt-get install chromium)")
 
 
 @pytest.fixture(scope="module")
@@ -127,20 +111,6 @@ def test_dashboard_renders_the_federation_history_rows(finished_demo: tuple[Demo
 def page_url(demo: Demo, label: str) -> str:
     """The dashboard URL the demo printed under `label`."""
     return next(m.group(1) for line in demo.lines if (m := re.search(rf"{re.escape(label)}: (\S+)", line)))
-
-
-def render(chromium: str, url: str, tmp_path: Path, screenshot: str, expect: str) -> str:
-    """The page's DOM after its scripts ran (asked again, up to three times, while it lacks `expect`:
-    on a busy machine the page may not have rendered within Chromium's virtual time budget), and a
-    screenshot of it saved as `screenshot` in tmp_path."""
-    command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]
-    for _ in range(3):
-        dom = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-        if expect in dom:
-            break
-    subprocess.run([*command, f"--screenshot={tmp_path / screenshot}", url], capture_output=True, timeout=120)
-    assert (tmp_path / screenshot).stat().st_size > 0
-    return dom
 
 
 @pytest.mark.browser

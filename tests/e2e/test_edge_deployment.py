@@ -17,19 +17,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
 import pytest
 
 from prefect_branchkey.bk_blocks.archive import read_aggregate, read_update
+from prefect_branchkey.bk_dev.demo import latest_artifact_id, latest_event_page
 from prefect_branchkey.bk_dev.prefect_server import LocalPrefectServer
 from prefect_branchkey.bk_dev.processes import spawn, stop_group
 from prefect_branchkey.bk_server.cli import write_credentials
 from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.publishing.assets import MATERIALIZED, global_model_asset
 from prefect_branchkey.flows.publishing.observability import artifact_key
 
 from ..support.bkserver import BkServer
+from ..support.browser import page_text, render
 from ..support.flow_helpers import artifacts
 from ..support.process_helpers import assert_none_left, left_running, new_marker
 from ..support.reference import fedavg_reference
@@ -41,6 +45,7 @@ LEAVES = ("leaf-1", "leaf-2", "leaf-3")
 TRAINING_ROUNDS = 2
 INTERVAL_S = 20
 SCHEDULER_LOOP_S = 2
+DASHBOARD_EVERY_S = 10
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # The message Prefect's server gives a run it cancels under a CANCEL_NEW concurrency limit.
 SKIPPED_TICK = "Deployment concurrency limit reached."
@@ -85,17 +90,43 @@ def _deployments(api: str) -> dict[str, dict[str, Any]]:
     return {d["name"]: d for d in _api(api, "POST", "/deployments/filter", {"limit": 50})}
 
 
-def _wait_until(condition: Any, timeout: float, what: str) -> None:
+def _wait_until(condition: Any, timeout: float, what: str, story: Any = None) -> None:
+    """Wait for `condition`; on a timeout, fail naming `what`, with what `story()` tells of it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"\n{story()}" if story else ""))
 
 
 def _all_settled(api: str) -> bool:
     return all(run["state_type"] in TERMINAL for run in _flow_runs(api) if run["state_type"] != "SCHEDULED")
+
+
+def _dashboard_rounds(api: str) -> list[int]:
+    """The rounds the latest federation artifact shows with no leaf missing."""
+    versions = artifacts(api, artifact_key("federation", "edge"))
+    return [row["round"] for row in json.loads(versions[0]["data"]) if row["missing"] == "-"] if versions else []
+
+
+def _dashboard_settled(api: str, rounds: list[int]) -> bool:
+    """The dashboard shows these rounds with no leaf missing, and no run is waiting for a slot."""
+    waiting = any(r["state_name"] == "AwaitingConcurrencySlot" for r in _flow_runs(api))
+    return not waiting and _all_settled(api) and _dashboard_rounds(api) == rounds
+
+
+def _settle_with_the_dashboard(api: str, deployments: dict[str, dict[str, Any]], work_root: Path) -> None:
+    """Level the leaves, then wait for the dashboard automation's runs to show every round and end;
+    again if a straggling scheduled round ran meanwhile."""
+    for _ in range(3):
+        _catch_up(api, deployments, work_root)
+        rounds = list(range(1, len(history_rows(work_root / "leaf-1")) + 1))
+        _wait_until(lambda: _dashboard_settled(api, rounds), 240,  # noqa: B023 -- called within the iteration
+                    f"the dashboard automation to publish rounds {rounds}", lambda: _dashboard_story(api))
+        if len(history_rows(work_root / "leaf-1")) == len(rounds):
+            return
+    raise AssertionError("the leaves kept running rounds after their schedules were paused")
 
 
 def _set_rounds_schedules(api: str, deployments: dict[str, dict[str, Any]], active: bool,
@@ -187,9 +218,11 @@ def edge(rabbitmq: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
         _run(["prefect", "--no-prompt", "deploy", "--all"], deployer_env)
         deployments = _deployments(prefect.api_url)
         _pause_every_schedule(prefect.api_url, deployments)
-        for leaf in LEAVES:
-            workers.append(spawn(["prefect", "worker", "start", "--pool", "branchkey-edge", "--work-queue", leaf,
-                                  "--name", f"edge-{leaf}"], root / f"worker-{leaf}.log", env=env))
+        _run(["bk", "edge", "alerts", "--missed-round-after", "3600", "--dashboard-every", str(DASHBOARD_EVERY_S)],
+             deployer_env)
+        for queue in (*LEAVES, "ops"):
+            workers.append(spawn(["prefect", "worker", "start", "--pool", "branchkey-edge", "--work-queue", queue,
+                                  "--name", f"edge-{queue}"], root / f"worker-{queue}.log", env=env))
         for leaf in LEAVES:
             _run(["prefect", "deployment", "run", f"federated-training/{leaf}-nightly",
                   "--param", f"rounds_per_run={TRAINING_ROUNDS}"], env)
@@ -207,6 +240,7 @@ def edge(rabbitmq: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
                     "the interval schedule to fire a round for every leaf")
         _pause_every_schedule(prefect.api_url, deployments)
         _catch_up(prefect.api_url, deployments, root / "leaves")
+        _settle_with_the_dashboard(prefect.api_url, deployments, root / "leaves")
         names = {leaf: json.loads(Path(p).read_text())["name"] for leaf, p in zip(LEAVES, paths, strict=True)}
         yield EdgeFederation(prefect.api_url, server, root / "leaves", names, collisions)
     finally:
@@ -341,3 +375,84 @@ def test_serve_runs_one_leafs_rounds_on_its_interval_without_a_worker(server: Bk
         prefect.stop()
     assert [row["round"] for row in history_rows(tmp_path / "solo")][:2] == [1, 2]
     assert left_running(marker) == []
+
+
+
+def _dashboard_story(api: str) -> str:
+    """What a dashboard failure needs: the dashboard runs and the round events, in time order."""
+    deployment_id = _deployments(api)["ops-dashboard"]["id"]
+    runs = [f"run {r['name']} {r['state_name']} created {r['created']} start {r['start_time']} end {r['end_time']} "
+            f"{r['parameters']}" for r in _flow_runs(api) if r["deployment_id"] == deployment_id]
+    found = _api(api, "POST", "/events/filter", {"filter": {
+        "event": {"prefix": ["branchkey.round."]}, "occurred": {"since": "2000-01-01T00:00:00Z"}, "order": "ASC"},
+        "limit": 50})["events"]
+    events = [f"event {e['event']} {e['resource'].get('prefect.resource.name')} round {e['payload'].get('round')} "
+              f"occurred {e['occurred']} received {e['received']}" for e in found]
+    return "\n".join(sorted(runs + events, key=lambda line: line.split(" occurred ")[-1].split(" created ")[-1]))
+
+
+def test_the_dashboard_automation_shows_every_leaf_side_by_side_for_every_round(edge: EdgeFederation) -> None:
+    """The fixture waited for the dashboard to show every round with no leaf missing; here, its columns."""
+    rounds = sorted({row["round"] for row in history_rows(edge.work_root / "leaf-1")})  # the drift check's too
+    (latest, *_) = artifacts(edge.api, artifact_key("federation", "edge"))
+    table = json.loads(latest["data"])
+    assert [row["round"] for row in table] == rounds, _dashboard_story(edge.api)
+    for row in table:
+        assert all(f"{edge.leaf_names[leaf]} accuracy" in row for leaf in LEAVES), row
+
+
+def _page(edge: EdgeFederation, chromium: str, tmp_path: Path, url: str, expect: str, name: str) -> str:
+    """A Prefect UI page's text as Chromium renders it; screenshot and DOM kept in tmp_path."""
+    return page_text(render(chromium, f"{edge.api.removesuffix('/api')}{url}", tmp_path, f"{name}.png", expect))
+
+
+def _artifact_page(edge: EdgeFederation, key: str) -> str:
+    artifact_id = latest_artifact_id(edge.api, key)
+    assert artifact_id, f"no artifact {key}"
+    return f"/artifacts/artifact/{artifact_id}"
+
+
+@pytest.mark.browser
+def test_the_deployed_federation_page_shows_every_leaf_by_name(edge: EdgeFederation, chromium: str,
+                                                                 tmp_path: Path) -> None:
+    names = [edge.leaf_names[leaf] for leaf in LEAVES]
+    text = _page(edge, chromium, tmp_path, _artifact_page(edge, artifact_key("federation", "edge")),
+                 f"{names[-1]} accuracy", "federation")
+    assert all(f"{name} accuracy" in text for name in names) and "mean accuracy" in text, f"see {tmp_path}"
+
+
+@pytest.mark.browser
+def test_a_deployed_leafs_history_page_renders_its_rounds(edge: EdgeFederation, chromium: str,
+                                                          tmp_path: Path) -> None:
+    leaf = edge.leaf_names["leaf-1"]
+    text = _page(edge, chromium, tmp_path, _artifact_page(edge, artifact_key("history", leaf)), "aggregation_id",
+                 "history")
+    assert "aggregation_id" in text and leaf in text, f"see {tmp_path}"
+
+
+@pytest.mark.browser
+def test_the_runs_page_filtered_by_a_leafs_tag_lists_its_rounds(edge: EdgeFederation, chromium: str,
+                                                                tmp_path: Path) -> None:
+    leaf = edge.leaf_names["leaf-1"]
+    text = _page(edge, chromium, tmp_path, f"/runs?tag={quote(f'leaf:{leaf}')}", f"{leaf}-round-", "runs")
+    assert f"{leaf}-round-" in text, f"see {tmp_path}"
+    assert f"{edge.leaf_names['leaf-2']}-round-" not in text, f"another leaf's runs shown; see {tmp_path}"
+
+
+@pytest.mark.browser
+def test_the_automations_page_lists_the_dashboard_automation(edge: EdgeFederation, chromium: str,
+                                                             tmp_path: Path) -> None:
+    (automation,) = [a for a in _api(edge.api, "POST", "/automations/filter", {}) if a["name"] == "branchkey-dashboard"]
+    text = _page(edge, chromium, tmp_path, f"/automations/automation/{automation['id']}", "branchkey-dashboard",
+                 "automation")
+    assert "branchkey-dashboard" in text and "at most once per 10 s" in text, f"see {tmp_path}"
+
+
+@pytest.mark.browser
+def test_a_materialization_event_page_renders(edge: EdgeFederation, chromium: str, tmp_path: Path) -> None:
+    row = history_rows(edge.work_root / "leaf-1")[-1]
+    asset = global_model_asset(row["tree_id"], row["branch_id"]).key
+    page = latest_event_page("", edge.api, MATERIALIZED, asset)
+    assert page, f"no materialization of {asset}"
+    text = _page(edge, chromium, tmp_path, page, "materialization", "materialization")
+    assert "prefect.asset.materialization.succeeded" in text or "Materialization" in text, f"see {tmp_path}"

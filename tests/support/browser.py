@@ -1,0 +1,57 @@
+"""Debian's headless Chromium against the Prefect UI: a page's DOM after its scripts ran, its text,
+and a screenshot kept beside it for a failure's reader."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .bkserver import in_ci
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+    "--virtual-time-budget=20000",
+]
+
+
+def find_chromium() -> str:
+    """Debian's Chromium (`.ci/run` installs it); a failure in CI, a loud skip elsewhere."""
+    path = shutil.which("chromium")
+    if path:
+        return path
+    if in_ci():
+        pytest.fail("chromium is not installed (CI=true: .ci/run installs Debian's chromium)")
+    pytest.skip("SKIPPING browser test: chromium is not installed (apt-get install chromium)")
+
+
+def render(chromium: str, url: str, tmp_path: Path, screenshot: str, expect: str) -> str:
+    """The page's DOM after its scripts ran (asked again, up to three times, while it lacks `expect`:
+    on a busy machine the page may not have rendered within Chromium's virtual time budget), and a
+    screenshot of it saved as `screenshot` in tmp_path, the DOM beside it."""
+    command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    dom = ""
+    for _ in range(3):
+        dom = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+        if expect in dom:
+            break
+    (tmp_path / screenshot).with_suffix(".html").write_text(dom)
+    subprocess.run([*command, f"--screenshot={tmp_path / screenshot}", url], capture_output=True, timeout=120)
+    assert (tmp_path / screenshot).stat().st_size > 0
+    return dom
+
+
+def page_text(dom: str) -> str:
+    """A DOM's visible text, tags dropped and whitespace folded."""
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
