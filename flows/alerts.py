@@ -31,8 +31,8 @@ HEADLINES: Mapping[str, str] = MappingProxyType({
 })
 CHECKS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "missed-round": (
-        "Is the leaf's machine up, and its worker running (`prefect worker start --pool branchkey-edge "
-        "--work-queue <leaf>`)?",
+        "Is the leaf's machine up, and its worker running (`bk edge worker <queue>`, the queue `bk edge setup` "
+        "created for the leaf, e.g. `leaf-1`; the leaf's runs are tagged `leaf:<leaf>`)?",
         "Are its runs Late or Scheduled in the UI (no worker polls its queue, or the queue is paused)?",
         "Is the federation's run paused or stopped on the platform?",
     ),
@@ -64,7 +64,7 @@ def _facts(kind: str, payload: Mapping[str, Any], window_s: float | None) -> lis
     """The payload's highlights for this kind of alert, as markdown list items."""
     facts = []
     if kind == "missed-round" and window_s is not None:
-        facts.append(f"- No `branchkey.round.completed` within {window_s:g} s of the one below.")
+        facts.append(f"- No `branchkey.round.completed` within {window_s:g} s of the event above.")
     if "round" in payload:
         facts.append(f"- Round {_value(payload.get('round'))} of run {_value(payload.get('run_number'))}.")
     if kind == "metric-drop":
