@@ -121,7 +121,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-s", type=float, default=1.0)
     parser.add_argument("--copying", action="store_true", help="a participant that offers no arrays")
     parser.add_argument("--update", choices=sorted(UPDATES), default="default",
-                        help="the update transform: none (default), DP, or a float16 upload")
+                        help="the update transform: default (none), dp, or float16 (a half-precision upload)")
     parser.add_argument("--quick", action="store_true", help="a 50 MB model, 2 leaves, 2 rounds")
     add_leaf_run_options(parser)
     args = parser.parse_args(argv)

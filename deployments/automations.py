@@ -1,11 +1,14 @@
-"""The federation's automations: a leaf that missed its round, a failed round, a metric drop.
+"""The federation's automations: a leaf that missed its round, a failed round, a metric drop,
+and the federation dashboard's rebuild after rounds.
 
 One set per federation (a branch id), or for every BranchKey leaf on the server when no
-branch is named: each automation watches all the federation's leaves separately (`for_each`
-on the leaf's resource id), so a leaf added later is watched without setting anything up
-again, and the UI lists three automations, not three per leaf. Each runs the `branchkey-alert`
-deployment with parameters templated from the triggering event, and sends a notification
-through a Block when one is named. Created by name and updated in place: idempotent.
+branch is named. Each alert automation watches all the federation's leaves separately
+(`for_each` on the leaf's resource id), so a leaf added later is watched without setting
+anything up again, and the UI lists one automation per kind, not one per leaf; each runs the
+`branchkey-alert` deployment with parameters templated from the triggering event, and sends a
+notification through a Block when one is named. The dashboard's watches the leaves together
+and runs `ops-dashboard` at most once per window. Created by name and updated in place:
+idempotent.
 
 The missed-round trigger is Prefect's heartbeat pattern: proactive, `after` and `expect` both
 `branchkey.round.completed`, so every completed round starts the leaf's window afresh and the
@@ -87,9 +90,10 @@ class AlertOptions:
 
 @dataclass(frozen=True)
 class AlertTargets:
-    """The server objects the automations act through: the alert deployment and the notification Block."""
+    """The server objects the automations act through: the alert and dashboard deployments and the
+    notification Block."""
 
-    deployment_id: UUID
+    alert_deployment_id: UUID
     notify_block_id: UUID | None = None
     dashboard_deployment_id: UUID | None = None
 
@@ -163,7 +167,7 @@ def alert_parameters(kind: str, options: AlertOptions) -> dict[str, Any]:
 
 def alert_actions(kind: str, options: AlertOptions, targets: AlertTargets) -> list[Any]:
     """Run the alert deployment; with a notification Block, also send the alert's short text through it."""
-    actions: list[Any] = [RunDeployment(source="selected", deployment_id=targets.deployment_id,
+    actions: list[Any] = [RunDeployment(source="selected", deployment_id=targets.alert_deployment_id,
                                         parameters=alert_parameters(kind, options))]
     if targets.notify_block_id is not None:
         body = BODIES[kind].replace("{window}", f"{options.missed_round_after_s:g}")
@@ -195,6 +199,11 @@ DESCRIPTIONS = {
 }
 
 
+def _scope(options: AlertOptions) -> str:
+    """What the automations watch, for their descriptions."""
+    return f" (branch {options.branch_id})" if options.branch_id else " (every BranchKey leaf)"
+
+
 def dashboard_automation(options: AlertOptions, deployment_id: UUID) -> AutomationCore:
     """Rebuild the federation's dashboard after its leaves' rounds: fire on a round's first event,
     at most once per window, and have the run watch for the window, so the events the trigger
@@ -202,11 +211,11 @@ def dashboard_automation(options: AlertOptions, deployment_id: UUID) -> Automati
     every = check_dashboard_every(options.dashboard_every_s)
     trigger = EventTrigger(match=leaf_match(options), expect={COMPLETED, RESYNCED}, posture=Posture.Reactive,
                            threshold=1, within=every)
-    parameters = {"branch_id": options.branch_id, "watch_s": options.dashboard_every_s}
-    scope = f" (branch {options.branch_id})" if options.branch_id else " (every BranchKey leaf)"
+    parameters = {"branch_id": options.branch_id, "watch_s": options.dashboard_every_s,
+                  "window_start": "{{ event.occurred | string }}"}
     return AutomationCore(name=automation_name("dashboard", options), enabled=True, trigger=trigger,
                           description=(f"Rebuild the federation dashboard after rounds, at most once per "
-                                       f"{options.dashboard_every_s:g} s{scope}"),
+                                       f"{options.dashboard_every_s:g} s{_scope(options)}"),
                           actions=[RunDeployment(source="selected", deployment_id=deployment_id,
                                                  parameters=parameters)])
 
@@ -215,7 +224,7 @@ def alert_automations(options: AlertOptions, targets: AlertTargets) -> list[Auto
     """The federation's automations for these options, the dashboard's last when its deployment is
     known (pure: nothing is read from or sent to the server)."""
     metric = watched_metric(options)
-    scope = f" (branch {options.branch_id})" if options.branch_id else " (every BranchKey leaf)"
+    scope = _scope(options)
     automations = []
     for kind, trigger in alert_triggers(options, metric).items():
         description = DESCRIPTIONS[kind].format(window=f"{options.missed_round_after_s:g}", metric=metric)

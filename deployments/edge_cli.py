@@ -9,6 +9,7 @@ from cyclopts import App
 
 from prefect_branchkey.deployments.automations import (
     ALERT_DEPLOYMENT,
+    DASHBOARD_DEPLOYMENT,
     DEFAULT_DASHBOARD_EVERY_S,
     AlertOptions,
     check_lost_run_window,
@@ -71,7 +72,8 @@ def setup(*leaves: str, host: str, transport: Literal["websocket", "amqp"] = "we
 @app.command
 def alerts(*, missed_round_after: float, branch: str | None = None, participant: str | None = None,
            metric: str | None = None, notify_block: str | None = None,
-           alert_deployment: str = ALERT_DEPLOYMENT, dashboard_every: float = DEFAULT_DASHBOARD_EVERY_S) -> None:
+           alert_deployment: str = ALERT_DEPLOYMENT, dashboard_every: float = DEFAULT_DASHBOARD_EVERY_S,
+           dashboard_deployment: str = DASHBOARD_DEPLOYMENT) -> None:
     """Create (or update in place) the federation's automations, after `prefect deploy --all`:
     a leaf that missed its round, a failed round, and a metric drop, each running the alert
     deployment; and the one that rebuilds the federation dashboard (`ops-dashboard`) after rounds.
@@ -94,9 +96,11 @@ def alerts(*, missed_round_after: float, branch: str | None = None, participant:
     dashboard_every
         Seconds: the dashboard is rebuilt at most once per this window after a round's first event,
         and each run watches that long for the round's other leaves (at least 5).
+    dashboard_deployment
+        The dashboard flow's deployment, `flow/deployment`.
     """
     options = AlertOptions(missed_round_after, branch, participant, metric, notify_block, alert_deployment,
-                           dashboard_every)
+                           dashboard_every, dashboard_deployment)
     try:
         created = set_up_alerts(options)
     except EdgeSetupError as exc:

@@ -16,12 +16,14 @@ triggers adds one version.
 
 Deployed, it runs from the `branchkey-dashboard` automation (`bk edge alerts`): Prefect's reactive
 trigger fires on a round's first event and ignores the others for its window, so each run keeps
-watching for that window (`watch_s`) and the events the trigger ignored are published by the
-run they would have started.
+watching until that window after the triggering event (`window_start`, `watch_s`) and the events
+the trigger ignored are published by the run they would have started; a run queued behind
+another past its window reads once and ends.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -146,22 +148,43 @@ def publish_new_reports(branch_id: str | None, leaves: Sequence[str], days: floa
     return published
 
 
-@flow(name="federation-dashboard", log_prints=False)
+def watch_deadline(watch_s: float, settle_s: float, window_start: str | None) -> datetime:
+    """Until when a run keeps watching: `watch_s` after the triggering event occurred (`window_start`,
+    ISO 8601), plus `settle_s` for its reports to land; without one, `watch_s` from now. A run
+    queued past its window reads once and ends, so queued runs drain."""
+    if not (math.isfinite(watch_s) and watch_s >= 0):
+        raise ValueError(f"watch_s must be a number of seconds >= 0, got {watch_s}")
+    if window_start is None:
+        return datetime.now(UTC) + timedelta(seconds=watch_s)
+    try:
+        start = datetime.fromisoformat(window_start)
+    except ValueError:
+        raise ValueError(f"window_start must be an ISO 8601 time, got {window_start!r}") from None
+    if start.tzinfo is None:
+        raise ValueError(f"window_start must name its time zone, got {window_start!r}")
+    return start + timedelta(seconds=watch_s + settle_s)
+
+
+@flow(name="federation-dashboard", log_prints=False, retries=2, retry_delay_seconds=10)
 def federation_dashboard(branch_id: str | None = None, leaves: Sequence[str] = (), days: float = 90.0,
-                         settle_s: float = 5.0, watch_s: float = 0.0, poll_s: float = 10.0) -> dict[str, int]:
+                         settle_s: float = 5.0, watch_s: float = 0.0, poll_s: float = 10.0,
+                         window_start: str | None = None) -> dict[str, int]:
     """Publish each branch's federation artifacts from its leaves' round events of the last `days`.
 
     `branch_id` limits it to one federation; `leaves` names leaves to show even before they first
     report. It waits `settle_s` first, so the events of a round's other leaves (which end
-    together) land in the same version, then keeps watching for `watch_s`, reading again every
-    `poll_s`: the dashboard automation fires at most once per window and passes the window here,
-    so a report that arrives inside it is published by this run. Returns, per branch published,
-    how many rounds it shows.
+    together) land in the same version, then keeps watching until `watch_s` after `window_start`
+    (the triggering event's time; now without one), reading again every `poll_s`: the dashboard
+    automation fires at most once per window and passes the window here, so a report that arrives
+    inside it is published by this run. Retried on an API error, as every read starts afresh.
+    Returns, per branch published, how many rounds it shows.
     """
+    if not (math.isfinite(poll_s) and poll_s > 0):
+        raise ValueError(f"poll_s must be a positive number of seconds, got {poll_s}")
+    deadline = watch_deadline(watch_s, settle_s, window_start)
     time.sleep(settle_s)
-    deadline = time.monotonic() + watch_s
     published = publish_new_reports(branch_id, leaves, days)
-    while (left := deadline - time.monotonic()) > 0:
+    while (left := (deadline - datetime.now(UTC)).total_seconds()) > 0:
         time.sleep(min(poll_s, left))
         published |= publish_new_reports(branch_id, leaves, days)
     if not published:

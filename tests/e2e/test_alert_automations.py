@@ -36,7 +36,7 @@ from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.publishing.observability import artifact_key
 
 from ..support.bkserver import BkServer
-from ..support.browser import page_text, render
+from ..support.browser import render_text
 from ..support.flow_helpers import artifacts, events
 from ..support.process_helpers import assert_none_left, new_marker
 from ..support.webhook import webhook_server
@@ -156,8 +156,8 @@ def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alerting]:
                             "--name", "ops"], root / "worker-ops.log", env=worker_env)
         _api(prefect.api_url, "POST", f"/deployments/{rounds['id']}/create_flow_run",
              {"parameters": {"participant": "tests.support.alerting:DigitsFailingEvaluation"}})
-        _wait_until(lambda: any(r["state_type"] == "FAILED" for r in _flow_runs(prefect.api_url)), 180,
-                    "the round whose evaluation raises to fail")
+        _wait_until(lambda: any(r["state_type"] == "FAILED" and r["deployment_id"] == rounds["id"]
+                                for r in _flow_runs(prefect.api_url)), 180, "the round whose evaluation raises to fail")
         for metric in ("loss", "accuracy"):
             _api(prefect.api_url, "POST", "/events", [_drop_event(federation.leaves[0], federation.branch_id, metric)])
         _wait_until(lambda: _completed_alert(prefect.api_url, "metric-drop"), 120, "the metric-drop alert run")
@@ -271,19 +271,14 @@ def test_each_alert_is_sent_through_the_notification_block(alerting: Alerting) -
                                f"in round 2, down 0.4 from its best 0.9") for text in texts)
 
 
-def _rendered_text(chromium: str, tmp_path: Path, url: str, expected: str, name: str) -> str:
-    """The page's text after its scripts ran; its screenshot and DOM saved in tmp_path as `name`."""
-    return page_text(render(chromium, url, tmp_path, f"{name}.png", expected))
-
-
 @pytest.mark.browser
 def test_automations_page_renders_every_automation(alerting: Alerting, chromium: str, tmp_path: Path) -> None:
     """The list is a virtual scroller whose items a DOM dump may not hold, so the list page is
     checked for its count (and its screenshot saved) and each automation's own page for its name."""
     url = f"{alerting.prefect.url}/automations"
-    listed = _rendered_text(chromium, tmp_path, url, "4 automations", "automations")
+    listed = render_text(chromium, url, tmp_path, "automations", "4 automations")
     assert "4 automations" in listed, f"screenshot and DOM in {tmp_path}"
     for automation in _automations(alerting.prefect.api_url):
-        page = _rendered_text(chromium, tmp_path, f"{url}/automation/{automation['id']}", automation["name"],
-                              automation["name"])
+        page = render_text(chromium, f"{url}/automation/{automation['id']}", tmp_path, automation["name"],
+                           automation["name"])
         assert automation["name"] in page and automation["description"] in page, f"DOM in {tmp_path}"

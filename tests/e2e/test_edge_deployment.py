@@ -33,7 +33,7 @@ from prefect_branchkey.flows.publishing.assets import MATERIALIZED, global_model
 from prefect_branchkey.flows.publishing.observability import artifact_key
 
 from ..support.bkserver import BkServer
-from ..support.browser import page_text, render
+from ..support.browser import render_text
 from ..support.flow_helpers import artifacts
 from ..support.process_helpers import assert_none_left, left_running, new_marker
 from ..support.reference import fedavg_reference
@@ -108,6 +108,19 @@ def _dashboard_rounds(api: str) -> list[int]:
     """The rounds the latest federation artifact shows with no leaf missing."""
     versions = artifacts(api, artifact_key("federation", "edge"))
     return [row["round"] for row in json.loads(versions[0]["data"]) if row["missing"] == "-"] if versions else []
+
+
+def _dashboard_story(api: str) -> str:
+    """What a dashboard failure needs: the dashboard runs and the round events, in time order."""
+    deployment_id = _deployments(api)["ops-dashboard"]["id"]
+    runs = [f"run {r['name']} {r['state_name']} created {r['created']} start {r['start_time']} end {r['end_time']} "
+            f"{r['parameters']}" for r in _flow_runs(api) if r["deployment_id"] == deployment_id]
+    found = _api(api, "POST", "/events/filter", {"filter": {
+        "event": {"prefix": ["branchkey.round."]}, "occurred": {"since": "2000-01-01T00:00:00Z"}, "order": "ASC"},
+        "limit": 50})["events"]
+    events = [f"event {e['event']} {e['resource'].get('prefect.resource.name')} round {e['payload'].get('round')} "
+              f"occurred {e['occurred']} received {e['received']}" for e in found]
+    return "\n".join(sorted(runs + events, key=lambda line: line.split(" occurred ")[-1].split(" created ")[-1]))
 
 
 def _dashboard_settled(api: str, rounds: list[int]) -> bool:
@@ -377,20 +390,6 @@ def test_serve_runs_one_leafs_rounds_on_its_interval_without_a_worker(server: Bk
     assert left_running(marker) == []
 
 
-
-def _dashboard_story(api: str) -> str:
-    """What a dashboard failure needs: the dashboard runs and the round events, in time order."""
-    deployment_id = _deployments(api)["ops-dashboard"]["id"]
-    runs = [f"run {r['name']} {r['state_name']} created {r['created']} start {r['start_time']} end {r['end_time']} "
-            f"{r['parameters']}" for r in _flow_runs(api) if r["deployment_id"] == deployment_id]
-    found = _api(api, "POST", "/events/filter", {"filter": {
-        "event": {"prefix": ["branchkey.round."]}, "occurred": {"since": "2000-01-01T00:00:00Z"}, "order": "ASC"},
-        "limit": 50})["events"]
-    events = [f"event {e['event']} {e['resource'].get('prefect.resource.name')} round {e['payload'].get('round')} "
-              f"occurred {e['occurred']} received {e['received']}" for e in found]
-    return "\n".join(sorted(runs + events, key=lambda line: line.split(" occurred ")[-1].split(" created ")[-1]))
-
-
 def test_the_dashboard_automation_shows_every_leaf_side_by_side_for_every_round(edge: EdgeFederation) -> None:
     """The fixture waited for the dashboard to show every round with no leaf missing; here, its columns."""
     rounds = sorted({row["round"] for row in history_rows(edge.work_root / "leaf-1")})  # the drift check's too
@@ -403,7 +402,7 @@ def test_the_dashboard_automation_shows_every_leaf_side_by_side_for_every_round(
 
 def _page(edge: EdgeFederation, chromium: str, tmp_path: Path, url: str, expect: str, name: str) -> str:
     """A Prefect UI page's text as Chromium renders it; screenshot and DOM kept in tmp_path."""
-    return page_text(render(chromium, f"{edge.api.removesuffix('/api')}{url}", tmp_path, f"{name}.png", expect))
+    return render_text(chromium, f"{edge.api.removesuffix('/api')}{url}", tmp_path, name, expect)
 
 
 def _artifact_page(edge: EdgeFederation, key: str) -> str:
@@ -454,5 +453,5 @@ def test_a_materialization_event_page_renders(edge: EdgeFederation, chromium: st
     asset = global_model_asset(row["tree_id"], row["branch_id"]).key
     page = latest_event_page("", edge.api, MATERIALIZED, asset)
     assert page, f"no materialization of {asset}"
-    text = _page(edge, chromium, tmp_path, page, "materialization", "materialization")
-    assert "prefect.asset.materialization.succeeded" in text or "Materialization" in text, f"see {tmp_path}"
+    text = _page(edge, chromium, tmp_path, page, "prefect.asset.materialization.succeeded", "materialization")
+    assert "prefect.asset.materialization.succeeded" in text and "global-model" in text, f"see {tmp_path}"

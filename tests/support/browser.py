@@ -48,10 +48,16 @@ def render(chromium: str, url: str, tmp_path: Path, screenshot: str, expect: str
             break
     (tmp_path / screenshot).with_suffix(".html").write_text(dom)
     subprocess.run([*command, f"--screenshot={tmp_path / screenshot}", url], capture_output=True, timeout=120)
-    assert (tmp_path / screenshot).stat().st_size > 0
+    shot = tmp_path / screenshot
+    assert shot.exists() and shot.stat().st_size > 0, f"Chromium saved no screenshot of {url}"
     return dom
 
 
 def page_text(dom: str) -> str:
     """A DOM's visible text, tags dropped and whitespace folded."""
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+def render_text(chromium: str, url: str, tmp_path: Path, name: str, expect: str) -> str:
+    """`render`'s page as its visible text; screenshot and DOM kept in tmp_path as `name`."""
+    return page_text(render(chromium, url, tmp_path, f"{name}.png", expect))

@@ -70,7 +70,7 @@ def test_a_branch_scopes_the_automations_match_and_names() -> None:
 def test_each_automation_runs_the_alert_deployment_with_templated_parameters() -> None:
     for automation in alert_automations(AlertOptions(30, participant=DIGITS), TARGETS):
         (action,) = automation.actions
-        assert isinstance(action, RunDeployment) and action.deployment_id == TARGETS.deployment_id
+        assert isinstance(action, RunDeployment) and action.deployment_id == TARGETS.alert_deployment_id
         assert action.parameters["leaf"] == "{{ event.resource.name }}"
         assert action.parameters["payload"] == "{{ event.payload }}"
         assert action.parameters["automation"] == "{{ automation.name }}"
@@ -153,7 +153,7 @@ def test_the_dashboard_automation_fires_once_per_window_and_the_run_watches_that
     assert trigger.match.model_dump()["branchkey.branch-id"] == "b-1"
     (action,) = automation.actions
     assert isinstance(action, RunDeployment) and action.deployment_id == dashboard
-    assert action.parameters == {"branch_id": "b-1", "watch_s": 20}
+    assert action.parameters == {"branch_id": "b-1", "watch_s": 20, "window_start": "{{ event.occurred | string }}"}
 
 
 def test_a_dashboard_window_below_five_seconds_is_refused() -> None:

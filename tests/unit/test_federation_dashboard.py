@@ -1,6 +1,6 @@
 """The deployed federation's dashboard, built from the leaves' round events: each report counted
 once, the latest one for a round wins, and a leaf that did not report the latest round is shown
-missing, never with an older value."""
+missing, never with an older value; a triggered run watches its window and no longer."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from prefect.events.schemas.events import ReceivedEvent
 
-from prefect_branchkey.flows.federation.dashboard import collect_reports
+from prefect_branchkey.flows.federation.dashboard import collect_reports, watch_deadline
 from prefect_branchkey.flows.publishing.observability import federation_summary, federation_table
 
 START = datetime(2026, 12, 1, tzinfo=UTC)
@@ -96,3 +97,28 @@ def test_a_late_event_about_an_earlier_moment_is_news() -> None:
     shown = collect_reports([event("leaf-1", 5, 0.7, minutes=10, received_minutes=10)])[BRANCH].newest
     late = event("leaf-2", 5, 0.6, minutes=9, received_minutes=30)
     assert collect_reports([event("leaf-1", 5, 0.7, minutes=10, received_minutes=10), late])[BRANCH].newest > shown
+
+
+def test_a_triggered_run_watches_until_the_window_after_its_event_and_the_settle_time() -> None:
+    deadline = watch_deadline(60, 5, "2026-12-02 19:03:18.515141+00:00")
+    assert deadline == datetime(2026, 12, 2, 19, 4, 23, 515141, tzinfo=UTC)
+
+
+def test_a_run_queued_past_its_window_does_not_watch() -> None:
+    hour_ago = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    assert watch_deadline(60, 5, hour_ago) < datetime.now(UTC)
+
+
+def test_a_run_without_a_trigger_watches_from_now() -> None:
+    before = datetime.now(UTC)
+    assert before + timedelta(seconds=30) <= watch_deadline(30, 5, None) <= datetime.now(UTC) + timedelta(seconds=30)
+
+
+def test_a_window_start_without_a_time_zone_is_refused() -> None:
+    with pytest.raises(ValueError, match="window_start must name its time zone"):
+        watch_deadline(60, 5, "2026-12-02T19:03:18")
+
+
+def test_a_negative_watch_is_refused() -> None:
+    with pytest.raises(ValueError, match="watch_s must be a number of seconds >= 0, got -1"):
+        watch_deadline(-1, 5, None)
