@@ -114,7 +114,9 @@ def run_child(script: str | Path, spec: dict[str, Any], env: Mapping[str, str] |
     """Run `script --one <spec as JSON>` in a fresh interpreter (with `env`, default ours) and return
     the JSON it printed last."""
     command = [sys.executable, str(Path(script).resolve()), CHILD_OPTION, json.dumps(spec)]
-    completed = subprocess.run(command, check=False, stdout=subprocess.PIPE, text=True, env=env)
+    # A child that dies of a signal prints every thread's Python stack on its stderr (ours).
+    child_env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+    completed = subprocess.run(command, check=False, stdout=subprocess.PIPE, text=True, env=child_env)
     if completed.returncode != 0:
         raise RuntimeError(f"child {spec['task']} failed with exit code {completed.returncode}")
     return json.loads(completed.stdout.strip().splitlines()[-1])

@@ -18,11 +18,14 @@ closing it waits until everything recorded is published.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextvars
 import json
 import logging
 import threading
+import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +55,10 @@ CLOSE_TIMEOUT_S = 60.0
 # While publishing fails (the Prefect API is down), the thread tries again after these many
 # seconds, the last one repeating, whether or not a new round arrives meanwhile.
 RETRY_BACKOFF_S = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0)
+# How long the process's exit waits for a publication thread still attempting (one left
+# retrying after its flow run): it must not be in pyarrow's native code when the interpreter
+# finalises, which aborts the process ("terminate called without an active exception").
+EXIT_JOIN_S = 15.0
 EVENT_NAMESPACE = uuid.UUID("6f1c2b0e-5b1a-4c8e-9a57-2f0e8f4f1b7d")
 
 logger = logging.getLogger(__name__)
@@ -181,6 +188,7 @@ class Publication:
         self._failed = False
         self._closing = False
         self._retried = False
+        self._stopping = False
         self._failures = 0
         self._condition = threading.Condition()
         context = contextvars.copy_context()
@@ -191,6 +199,7 @@ class Publication:
         """Start the thread; it first publishes what an earlier run recorded and did not publish."""
         self.notify()
         self._thread.start()
+        _RUNNING.add(self)
         return self
 
     def notify(self) -> None:
@@ -213,14 +222,26 @@ class Publication:
                            self.leaf_name)
         return complete
 
+    def stop(self) -> None:
+        """Tell the thread to end without another attempt (what it leaves pending, the leaf's
+        next run publishes); `join` waits for the attempt under way."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+
+    def join(self, timeout: float) -> None:
+        """Wait up to `timeout` s for the thread to end."""
+        if self._thread.is_alive():
+            self._thread.join(max(timeout, 0.0))
+
     def _loop(self) -> None:
         """The thread: publish when notified, and while publishing fails, again after a back-off.
         Nothing escapes it: a failure is logged and the rounds stay pending."""
         while True:
             with self._condition:
-                notified = self._condition.wait_for(lambda: self._wanted > self._done or self._closing,
-                                                    timeout=self._retry_in())
-                if notified and self._wanted <= self._done:
+                notified = self._condition.wait_for(
+                    lambda: self._wanted > self._done or self._closing or self._stopping, timeout=self._retry_in())
+                if self._stopping or (notified and self._wanted <= self._done):
                     return
                 wanted = self._wanted
             failed = True
@@ -260,6 +281,20 @@ class Publication:
         if self._failed and not self._retried:
             self._retried = True
             self._wanted += 1
+
+
+_RUNNING: weakref.WeakSet[Publication] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """Stop every publication thread still running before the interpreter finalises."""
+    running = list(_RUNNING)
+    for publication in running:
+        publication.stop()
+    deadline = time.monotonic() + EXIT_JOIN_S
+    for publication in running:
+        publication.join(deadline - time.monotonic())
 
 
 @contextmanager
