@@ -46,7 +46,7 @@ from prefect_branchkey.bk_dev.processes import spawn, stop_group
 from prefect_branchkey.bk_server.cli import write_credentials
 
 PROJECT = Path(__file__).resolve().parents[1]
-LEAVES = ("leaf-1", "leaf-2", "leaf-3")
+LEAVES = ("digits-leaf-1", "digits-leaf-2", "digits-leaf-3")
 ROUND_TIMEOUT_S = 300
 PHASES = ("queued", "launch", "start", "tasks", "finish", "total")
 
@@ -113,9 +113,9 @@ def bench(root: Path, args: argparse.Namespace) -> list[dict[str, float]]:
         platform.start()
         env = prefect.client_env() | {"BRANCHKEY_PROJECT_DIR": str(PROJECT),
                                       "BRANCHKEY_WORK_ROOT": str(root / "leaves")}
-        federation = platform.create_federation(len(LEAVES), tree="deployed", branch="deployed")
+        federation = platform.create_federation(len(LEAVES), tree="deployed", branch="digits")
         paths = write_credentials(root / "creds", federation["leaves"])
-        run_cli(["bk", "edge", "setup", *(f"{leaf}={path}" for leaf, path in zip(LEAVES, paths, strict=True)),
+        run_cli(["bk", "edge", "setup", *map(str, paths),
                  "--host", platform.url, "--transport", "websocket"], env)
         run_cli(["prefect", "--no-prompt", "deploy", "--all"], env)
         deployments = {d["name"]: d for d in api(prefect.api_url, "POST", "/deployments/filter", {"limit": 50})}

@@ -32,7 +32,7 @@ class FederationRequest(BaseModel):
     leaves: int = Field(ge=1, le=10_000, description="Number of leaves to create.")
     min_updates: int = Field(ge=1, description="Distinct leaves that close a round.")
     tree: str = Field(default="tree", min_length=1, max_length=200)
-    branch: str = Field(default="branch", min_length=1, max_length=200)
+    branch: str = Field(default="main", min_length=1, max_length=200)
     quorum: int | None = Field(default=None, ge=1, description="Leaves enough to close a round at its deadline.")
     round_deadline_s: float | None = Field(default=None, gt=0,
                                            description="Seconds after which a round with a quorum closes.")

@@ -126,7 +126,7 @@ def federation_create(
     out: Path,
     data_dir: Path | None = None,
     tree: str = "tree",
-    branch: str = "branch",
+    branch: str = "main",
     quorum: int | None = None,
     round_deadline: Annotated[float | None, Parameter(name="--round-deadline")] = None,
     server: str | None = None,
@@ -136,6 +136,9 @@ def federation_create(
 
     Parameters
     ----------
+    branch
+        The branch's name; its leaves are named `<branch>-leaf-<n>` and their credentials
+        written to OUT/`<branch>-leaf-<n>`.json.
     min_updates
         Distinct leaves whose updates close a round.
     quorum

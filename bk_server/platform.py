@@ -133,7 +133,7 @@ class Platform:
         leaves: int,
         min_updates: int,
         tree_name: str = "tree",
-        branch_name: str = "branch",
+        branch_name: str = "main",
         quorum: int | None = None,
         round_deadline_s: float | None = None,
         owner_id: str | None = None,

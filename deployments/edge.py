@@ -32,21 +32,36 @@ class EdgeSetupError(BranchKeyError, ValueError):
 
 @dataclass(frozen=True)
 class LeafSpec:
-    """One leaf to set up: the Block (and queue) name and the platform's credentials JSON."""
+    """One leaf to set up: the name of its Block and queue (None: the leaf's own name on the
+    platform) and the platform's credentials JSON."""
 
-    name: str
+    name: str | None
     credentials_file: Path
 
     @classmethod
     def parse(cls, text: str) -> LeafSpec:
-        """`NAME=PATH` (`leaf-1=creds/leaf-1.json`), or just `PATH`: the Block is named after the file."""
+        """`PATH` (`creds/digits-leaf-1.json`): the Block and queue take the leaf's name on the
+        platform; or `NAME=PATH` to name them otherwise."""
         name, sep, path = text.partition("=")
         if not sep:
-            name, path = Path(text).stem, text
+            return cls(None, Path(text))
         name = name.strip()
-        if not BLOCK_NAME.match(name):
-            raise EdgeSetupError(f"leaf name {name!r} must be lowercase letters, digits and dashes (a Block name)")
+        _check_block_name(name, f"leaf name {name!r}")
         return cls(name, Path(path))
+
+    def block_name(self, block: BranchKeyCredentials) -> str:
+        """The Block and queue name: the one given, else the leaf's name on the platform, so that
+        the Block, queue, deployments, runs, tags and artifacts all say the same."""
+        if self.name is not None:
+            return self.name
+        _check_block_name(block.leaf_name, f"{self.credentials_file}: the platform's leaf name {block.leaf_name!r}",
+                          hint=f"; name the Block and queue with NAME={self.credentials_file}")
+        return block.leaf_name
+
+
+def _check_block_name(name: str, what: str, hint: str = "") -> None:
+    if not BLOCK_NAME.match(name):
+        raise EdgeSetupError(f"{what} cannot name a Block and queue (lowercase letters, digits and dashes){hint}")
 
 
 def require_api_url() -> None:
@@ -109,9 +124,10 @@ def set_up_edge(leaves: list[LeafSpec], host: str, transport: Literal["websocket
     """
     require_api_url()
     blocks = [leaf_block(spec, host, transport, **settings) for spec in leaves]
+    names = [spec.block_name(block) for spec, block in zip(leaves, blocks, strict=True)]
     register_block_types()
     ensure_work_pool(pool)
-    for spec, block in zip(leaves, blocks, strict=True):
-        ensure_leaf_queue(spec.name, pool)
-        block.save(spec.name, overwrite=True)
+    for name, block in zip(names, blocks, strict=True):
+        ensure_leaf_queue(name, pool)
+        block.save(name, overwrite=True)
     return blocks

@@ -39,8 +39,9 @@ def setup(*leaves: str, host: str, transport: Literal["websocket", "amqp"] = "we
     Parameters
     ----------
     leaves
-        `NAME=PATH` per leaf: the Block and queue name and the platform's credentials JSON
-        (`leaf-1=creds/leaf-1.json`); a bare PATH names the Block after the file.
+        The platform's credentials JSON per leaf (`creds/digits-leaf-1.json`): the Block and
+        queue take the leaf's name on the platform, as its runs, tags and artifacts do;
+        `NAME=PATH` names them otherwise.
     host
         The BranchKey API, e.g. https://app.branchkey.com.
     transport
@@ -63,7 +64,11 @@ def setup(*leaves: str, host: str, transport: Literal["websocket", "amqp"] = "we
     except EdgeSetupError as exc:
         _fail(exc)
     for spec, block in zip(specs, blocks, strict=True):
-        print(f"leaf {block.leaf_name}: Block branchkey-credentials/{spec.name}, queue {pool}/{spec.name}")
+        name = spec.block_name(block)
+        print(f"leaf {block.leaf_name}: Block branchkey-credentials/{name}, queue {pool}/{name}")
+        if name != block.leaf_name:
+            print(f"  note: its runs, tags and artifacts say {block.leaf_name}, its Block and queue {name}; "
+                  f"drop '{name}=' to use one name for all")
     if created is not None:
         print(f"automation branchkey-lost-run: {'created' if created else 'updated'} (a BranchKey flow run without "
               f"a heartbeat for {lost_run_after:g} s is set Crashed)")

@@ -31,13 +31,13 @@ HEADLINES: Mapping[str, str] = MappingProxyType({
 })
 CHECKS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "missed-round": (
-        "Is the leaf's machine up, and its worker running (`bk edge worker <queue>`, the queue `bk edge setup` "
-        "created for the leaf, e.g. `leaf-1`; the leaf's runs are tagged `leaf:<leaf>`)?",
+        "Is the leaf's machine up, and its worker running (`bk edge worker {leaf}`: `bk edge setup` names the "
+        "leaf's queue after it; its runs are tagged `leaf:{leaf}`)?",
         "Are its runs Late or Scheduled in the UI (no worker polls its queue, or the queue is paused)?",
         "Is the federation's run paused or stopped on the platform?",
     ),
     "failed-round": (
-        "The failed flow run's logs (the run is related to the event, and tagged `leaf:<name>`).",
+        "The failed flow run's logs (the run is related to the event, and tagged `leaf:{leaf}`).",
         "The error below: a platform refusal, an aggregation timeout or the participant's own exception.",
         "The leaf's next run resumes the round from its work dir; `bk history` shows its rows.",
     ),
@@ -87,7 +87,7 @@ def alert_markdown(kind: AlertKind, leaf: str, event: str, occurred: str, payloa
              f"- Event `{event}` at {occurred}" + (" (the leaf's last completed round)." if kind == "missed-round"
                                                    else "."),
              *_facts(kind, payload, window_s), "", "## What to check", ""]
-    lines += [f"{number}. {check}" for number, check in enumerate(CHECKS[kind], start=1)]
+    lines += [f"{number}. {check.format(leaf=leaf)}" for number, check in enumerate(CHECKS[kind], start=1)]
     return "\n".join(lines)
 
 

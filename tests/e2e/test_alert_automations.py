@@ -132,16 +132,16 @@ def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alerting]:
         # The leaf's participant here is a test's (tests.support.alerting): importable from the checkout.
         worker_env = env | {"BRANCHKEY_PROJECT_DIR": str(PROJECT), "BRANCHKEY_WORK_ROOT": str(root / "leaves"),
                             "PYTHONPATH": str(PROJECT)}
-        federation = server.federation(leaves=1, tree="alerts", branch="alerts")
+        federation = server.federation(leaves=1, tree="alerts", branch="digits")
         (path,) = write_credentials(root / "creds", federation.leaves)
-        _run(["bk", "edge", "setup", f"leaf-1={path}", "--host", server.url], env)
+        _run(["bk", "edge", "setup", str(path), "--host", server.url], env)
         alerts = ["bk", "edge", "alerts", "--missed-round-after", str(WINDOW_S),
                   "--participant", "prefect_branchkey.flows.examples.digits:DigitsSoftmax",
                   "--notify-block", f"custom-webhook/{HOOK}", "--dashboard-every", "10"]
         refusals = {"undeployed": _refusal(alerts, env)}
-        _run(["prefect", "--no-prompt", "deploy", "--name", "leaf-1-rounds", "--name", "ops-alerts",
+        _run(["prefect", "--no-prompt", "deploy", "--name", "digits-leaf-1-rounds", "--name", "ops-alerts",
               "--name", "ops-dashboard"], env)
-        rounds = _deployments(prefect.api_url)["leaf-1-rounds"]
+        rounds = _deployments(prefect.api_url)["digits-leaf-1-rounds"]
         _pause_schedules(prefect.api_url, rounds)
         refusals["missing block"] = _refusal(alerts, env)
         refusals["unknown metric"] = _refusal([*alerts, "--metric", "f1"], env)
@@ -150,8 +150,8 @@ def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alerting]:
             CustomWebhookNotificationBlock(name="ops", url=f"http://127.0.0.1:{hook.server_port}/hook",
                                            json_data={"text": "{{subject}}: {{body}}"}).save(HOOK)
         outputs = [_run(alerts, env), _run(alerts, env)]
-        leaf_worker = spawn(["prefect", "worker", "start", "--pool", "branchkey-edge", "--work-queue", "leaf-1",
-                             "--name", "edge-leaf-1"], root / "worker-leaf-1.log", env=worker_env)
+        leaf_worker = spawn(["prefect", "worker", "start", "--pool", "branchkey-edge", "--work-queue", "digits-leaf-1",
+                             "--name", "edge-digits-leaf-1"], root / "worker-digits-leaf-1.log", env=worker_env)
         ops_worker = spawn(["prefect", "worker", "start", "--pool", "branchkey-edge", "--work-queue", "ops",
                             "--name", "ops"], root / "worker-ops.log", env=worker_env)
         _api(prefect.api_url, "POST", f"/deployments/{rounds['id']}/create_flow_run",
@@ -163,20 +163,20 @@ def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alerting]:
         _wait_until(lambda: _completed_alert(prefect.api_url, "metric-drop"), 120, "the metric-drop alert run")
         _pause_schedules(prefect.api_url, rounds, active=True, interval_s=INTERVAL_S)
         first_completed = time.monotonic()
-        _wait_until(lambda: len(history_rows(root / "leaves" / "leaf-1")) >= 1, 180, "the leaf's first round")
-        _wait_until(lambda: len(history_rows(root / "leaves" / "leaf-1")) >= HEALTHY_ROUNDS
+        _wait_until(lambda: len(history_rows(root / "leaves" / "digits-leaf-1")) >= 1, 180, "the leaf's first round")
+        _wait_until(lambda: len(history_rows(root / "leaves" / "digits-leaf-1")) >= HEALTHY_ROUNDS
                     and time.monotonic() - first_completed > WINDOW_S + 5, 300,
                     "healthy rounds for longer than the window")
         leaf_id = f"branchkey.leaf.{federation.leaves[0]['id']}"
         _wait_until(lambda: len(events(prefect.api_url, "branchkey.round.completed", leaf_id, 1, timeout=1))
-                    >= len(history_rows(root / "leaves" / "leaf-1")), 60, "the last round's event at the server")
+                    >= len(history_rows(root / "leaves" / "digits-leaf-1")), 60, "the last round's event at the server")
         stop_group(leaf_worker)
         stopped_at = datetime.now(UTC)
         _wait_until(lambda: _completed_alert(prefect.api_url, "missed-round"), WINDOW_S + 90,
                     "the missed-round alert run after the leaf's worker stopped")
         _wait_until(lambda: len(received) >= 3, 30, "the three notifications at the webhook")
         name = json.loads(Path(path).read_text())["name"]
-        yield Alerting(prefect, name, root / "leaves" / "leaf-1", outputs, refusals, stopped_at, received)
+        yield Alerting(prefect, name, root / "leaves" / "digits-leaf-1", outputs, refusals, stopped_at, received)
     finally:
         for worker in (leaf_worker, ops_worker):
             if worker is not None:

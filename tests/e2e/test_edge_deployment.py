@@ -41,7 +41,9 @@ from ..support.reference import fedavg_reference
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq]
 
 PROJECT = Path(__file__).resolve().parents[2]
-LEAVES = ("leaf-1", "leaf-2", "leaf-3")
+# The leaves prefect.yaml deploys: the names the platform gives branch `digits`'s leaves.
+BRANCH = "digits"
+LEAVES = ("digits-leaf-1", "digits-leaf-2", "digits-leaf-3")
 TRAINING_ROUNDS = 2
 INTERVAL_S = 20
 SCHEDULER_LOOP_S = 2
@@ -106,7 +108,7 @@ def _all_settled(api: str) -> bool:
 
 def _dashboard_rounds(api: str) -> list[int]:
     """The rounds the latest federation artifact shows with no leaf missing."""
-    versions = artifacts(api, artifact_key("federation", "edge"))
+    versions = artifacts(api, artifact_key("federation", BRANCH))
     return [row["round"] for row in json.loads(versions[0]["data"]) if row["missing"] == "-"] if versions else []
 
 
@@ -134,10 +136,10 @@ def _settle_with_the_dashboard(api: str, deployments: dict[str, dict[str, Any]],
     again if a straggling scheduled round ran meanwhile."""
     for _ in range(3):
         _catch_up(api, deployments, work_root)
-        rounds = list(range(1, len(history_rows(work_root / "leaf-1")) + 1))
+        rounds = list(range(1, len(history_rows(work_root / "digits-leaf-1")) + 1))
         _wait_until(lambda: _dashboard_settled(api, rounds), 240,  # noqa: B023 -- called within the iteration
                     f"the dashboard automation to publish rounds {rounds}", lambda: _dashboard_story(api))
-        if len(history_rows(work_root / "leaf-1")) == len(rounds):
+        if len(history_rows(work_root / "digits-leaf-1")) == len(rounds):
             return
     raise AssertionError("the leaves kept running rounds after their schedules were paused")
 
@@ -222,12 +224,12 @@ def edge(rabbitmq: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
         # The machine that deploys has none of the workers' variables: they are resolved on the workers.
         deployer_env = prefect.client_env()
         env = deployer_env | {"BRANCHKEY_PROJECT_DIR": str(PROJECT), "BRANCHKEY_WORK_ROOT": str(root / "leaves")}
-        federation = server.federation(leaves=3, tree="edge", branch="edge")
+        federation = server.federation(leaves=3, tree="edge", branch=BRANCH)
         paths = write_credentials(root / "creds", federation.leaves)
-        _run(["bk", "edge", "setup", *(f"{leaf}={path}" for leaf, path in zip(LEAVES, paths, strict=True)),
+        _run(["bk", "edge", "setup", *map(str, paths),
               "--host", server.url, "--transport", "amqp", "--amqp-host", "127.0.0.1"], deployer_env)
-        _run(["prefect", "--no-prompt", "deploy", "--name", "leaf-1-rounds"], deployer_env)
-        assert set(_deployments(prefect.api_url)) == {"leaf-1-rounds"}
+        _run(["prefect", "--no-prompt", "deploy", "--name", "digits-leaf-1-rounds"], deployer_env)
+        assert set(_deployments(prefect.api_url)) == {"digits-leaf-1-rounds"}
         _run(["prefect", "--no-prompt", "deploy", "--all"], deployer_env)
         deployments = _deployments(prefect.api_url)
         _pause_every_schedule(prefect.api_url, deployments)
@@ -315,7 +317,7 @@ def test_each_leaf_ran_on_its_own_queue(edge: EdgeFederation) -> None:
 
 def test_every_round_aggregate_is_the_fedavg_of_the_leaves_uploads(edge: EdgeFederation) -> None:
     histories = {leaf: history_rows(edge.work_root / leaf) for leaf in LEAVES}
-    rounds = [r["round"] for r in histories["leaf-1"]]
+    rounds = [r["round"] for r in histories["digits-leaf-1"]]
     assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) >= TRAINING_ROUNDS + 1
     for index, round_number in enumerate(rounds):
         aggregation_ids = {histories[leaf][index]["aggregation_id"] for leaf in LEAVES}
@@ -332,34 +334,48 @@ def test_every_round_aggregate_is_the_fedavg_of_the_leaves_uploads(edge: EdgeFed
 def test_round_history_artifacts_exist_for_every_leaf(edge: EdgeFederation) -> None:
     for leaf in LEAVES:
         rounds = len(history_rows(edge.work_root / leaf))
-        versions = artifacts(edge.api, artifact_key("history", edge.leaf_names[leaf]))
+        versions = artifacts(edge.api, artifact_key("history", leaf))
         assert len(versions) == rounds, f"{leaf}: one history version per round"
         assert [row["round"] for row in json.loads(versions[0]["data"])] == list(range(1, rounds + 1))
 
 
+def test_a_leaf_has_one_name_from_its_credentials_to_its_runs(edge: EdgeFederation) -> None:
+    """Set up from the platform's files as issued, each leaf's platform name names its Block, its
+    queue (which prefect.yaml's deployments use), its work dir, and its runs' tags and queue."""
+    assert edge.leaf_names == {leaf: leaf for leaf in LEAVES}
+    queues = {q["name"] for q in _api(edge.api, "POST", "/work_pools/branchkey-edge/queues/filter", {})}
+    blocks = {b["name"] for b in _api(edge.api, "POST", "/block_documents/filter",
+                                      {"block_types": {"slug": {"any_": ["branchkey-credentials"]}}})}
+    assert set(LEAVES) <= queues and set(LEAVES) <= blocks
+    for leaf in LEAVES:
+        tagged = [r for r in _flow_runs(edge.api) if f"leaf:{leaf}" in r["tags"]]
+        assert tagged and {r["work_queue_name"] for r in tagged} == {leaf}
+        assert {row["leaf_name"] for row in history_rows(edge.work_root / leaf)} == {leaf}
+
+
 def test_runs_are_named_and_tagged_by_leaf_and_branch(edge: EdgeFederation) -> None:
     """The retraining run does its rounds itself; every other round is a run of the rounds deployment."""
-    leaf = edge.leaf_names["leaf-1"]
-    branch_id = history_rows(edge.work_root / "leaf-1")[0]["branch_id"]
+    leaf = "digits-leaf-1"
+    branch_id = history_rows(edge.work_root / "digits-leaf-1")[0]["branch_id"]
     runs = [r for r in _flow_runs(edge.api) if r["state_type"] == "COMPLETED" and leaf in r["name"]]
     rounds = [r for r in runs if r["name"].startswith(f"{leaf}-round-")]
     assert [r["name"] for r in runs if r not in rounds] == [f"{leaf}-training"]
-    assert len(rounds) == len(history_rows(edge.work_root / "leaf-1")) - TRAINING_ROUNDS
+    assert len(rounds) == len(history_rows(edge.work_root / "digits-leaf-1")) - TRAINING_ROUNDS
     for run in runs:
-        assert {f"leaf:{leaf}", "branch:edge", f"branch-id:{branch_id}"} <= set(run["tags"])
+        assert {f"leaf:{leaf}", f"branch:{BRANCH}", f"branch-id:{branch_id}"} <= set(run["tags"])
 
 
 def test_the_drift_deployment_evaluates_on_the_leafs_worker_and_uploads_nothing(edge: EdgeFederation) -> None:
-    """Runs after the tests that count history rows: it adds an `evaluated` row to leaf-1's."""
-    before = history_rows(edge.work_root / "leaf-1")
+    """Runs after the tests that count history rows: it adds an `evaluated` row to digits-leaf-1's."""
+    before = history_rows(edge.work_root / "digits-leaf-1")
     branch_id = before[0]["branch_id"]
     uploads = sum(r["updates"] for r in edge.server.status(branch_id)["rounds"])
-    run_id = _create_run(edge.api, _deployments(edge.api)["leaf-1-drift"])
+    run_id = _create_run(edge.api, _deployments(edge.api)["digits-leaf-1-drift"])
     _wait_until(lambda: _api(edge.api, "GET", f"/flow_runs/{run_id}")["state_type"] in TERMINAL, 180,
                 "the drift check")
     run = _api(edge.api, "GET", f"/flow_runs/{run_id}")
-    assert run["state_type"] == "COMPLETED" and run["work_queue_name"] == "leaf-1", run["state"]["message"]
-    after = history_rows(edge.work_root / "leaf-1")
+    assert run["state_type"] == "COMPLETED" and run["work_queue_name"] == "digits-leaf-1", run["state"]["message"]
+    after = history_rows(edge.work_root / "digits-leaf-1")
     assert [r["status"] for r in after[len(before):]] == ["evaluated"] and after[-1]["round"] == before[-1]["round"]
     assert sum(r["updates"] for r in edge.server.status(branch_id)["rounds"]) == uploads
 
@@ -392,12 +408,12 @@ def test_serve_runs_one_leafs_rounds_on_its_interval_without_a_worker(server: Bk
 
 def test_the_dashboard_automation_shows_every_leaf_side_by_side_for_every_round(edge: EdgeFederation) -> None:
     """The fixture waited for the dashboard to show every round with no leaf missing; here, its columns."""
-    rounds = sorted({row["round"] for row in history_rows(edge.work_root / "leaf-1")})  # the drift check's too
-    (latest, *_) = artifacts(edge.api, artifact_key("federation", "edge"))
+    rounds = sorted({row["round"] for row in history_rows(edge.work_root / "digits-leaf-1")})  # the drift check's too
+    (latest, *_) = artifacts(edge.api, artifact_key("federation", BRANCH))
     table = json.loads(latest["data"])
     assert [row["round"] for row in table] == rounds, _dashboard_story(edge.api)
     for row in table:
-        assert all(f"{edge.leaf_names[leaf]} accuracy" in row for leaf in LEAVES), row
+        assert all(f"{leaf} accuracy" in row for leaf in LEAVES), row
 
 
 def _page(edge: EdgeFederation, chromium: str, tmp_path: Path, url: str, expect: str, name: str) -> str:
@@ -414,8 +430,8 @@ def _artifact_page(edge: EdgeFederation, key: str) -> str:
 @pytest.mark.browser
 def test_the_deployed_federation_page_shows_every_leaf_by_name(edge: EdgeFederation, chromium: str,
                                                                  tmp_path: Path) -> None:
-    names = [edge.leaf_names[leaf] for leaf in LEAVES]
-    text = _page(edge, chromium, tmp_path, _artifact_page(edge, artifact_key("federation", "edge")),
+    names = [leaf for leaf in LEAVES]
+    text = _page(edge, chromium, tmp_path, _artifact_page(edge, artifact_key("federation", BRANCH)),
                  f"{names[-1]} accuracy", "federation")
     assert all(f"{name} accuracy" in text for name in names) and "mean accuracy" in text, f"see {tmp_path}"
 
@@ -423,7 +439,7 @@ def test_the_deployed_federation_page_shows_every_leaf_by_name(edge: EdgeFederat
 @pytest.mark.browser
 def test_a_deployed_leafs_history_page_renders_its_rounds(edge: EdgeFederation, chromium: str,
                                                           tmp_path: Path) -> None:
-    leaf = edge.leaf_names["leaf-1"]
+    leaf = "digits-leaf-1"
     text = _page(edge, chromium, tmp_path, _artifact_page(edge, artifact_key("history", leaf)), "aggregation_id",
                  "history")
     assert "aggregation_id" in text and leaf in text, f"see {tmp_path}"
@@ -432,10 +448,10 @@ def test_a_deployed_leafs_history_page_renders_its_rounds(edge: EdgeFederation, 
 @pytest.mark.browser
 def test_the_runs_page_filtered_by_a_leafs_tag_lists_its_rounds(edge: EdgeFederation, chromium: str,
                                                                 tmp_path: Path) -> None:
-    leaf = edge.leaf_names["leaf-1"]
+    leaf = "digits-leaf-1"
     text = _page(edge, chromium, tmp_path, f"/runs?tag={quote(f'leaf:{leaf}')}", f"{leaf}-round-", "runs")
     assert f"{leaf}-round-" in text, f"see {tmp_path}"
-    assert f"{edge.leaf_names['leaf-2']}-round-" not in text, f"another leaf's runs shown; see {tmp_path}"
+    assert f"{'digits-leaf-2'}-round-" not in text, f"another leaf's runs shown; see {tmp_path}"
 
 
 @pytest.mark.browser
@@ -449,7 +465,7 @@ def test_the_automations_page_lists_the_dashboard_automation(edge: EdgeFederatio
 
 @pytest.mark.browser
 def test_a_materialization_event_page_renders(edge: EdgeFederation, chromium: str, tmp_path: Path) -> None:
-    row = history_rows(edge.work_root / "leaf-1")[-1]
+    row = history_rows(edge.work_root / "digits-leaf-1")[-1]
     asset = global_model_asset(row["tree_id"], row["branch_id"]).key
     page = latest_event_page("", edge.api, MATERIALIZED, asset)
     assert page, f"no materialization of {asset}"

@@ -31,6 +31,23 @@ def test_federation_create_writes_owner_only_official_credentials(server: BkServ
     assert run_details(server, leaf).json()["data"]["run_status"] == "start"
 
 
+def test_federation_create_names_leaves_and_files_after_the_branch(server: BkServer, tmp_path: Path) -> None:
+    result = bk_server("federation", "create", "--data-dir", str(server.data_dir), "--leaves", "2",
+                       "--min-updates", "2", "--branch", "digits", "--out", str(tmp_path / "creds"))
+    assert result.returncode == 0, result.stderr
+    paths = [Path(p) for p in json.loads(result.stdout)["credentials"]]
+    assert [(p.name, json.loads(p.read_text())["name"]) for p in paths] == [
+        ("digits-leaf-1.json", "digits-leaf-1"), ("digits-leaf-2.json", "digits-leaf-2")]
+
+
+def test_federation_create_without_a_branch_name_calls_it_main(server: BkServer, tmp_path: Path) -> None:
+    result = bk_server("federation", "create", "--data-dir", str(server.data_dir), "--leaves", "1",
+                       "--min-updates", "1", "--out", str(tmp_path / "creds"))
+    assert result.returncode == 0, result.stderr
+    (path,) = [Path(p) for p in json.loads(result.stdout)["credentials"]]
+    assert json.loads(path.read_text())["name"] == "main-leaf-1"
+
+
 def test_run_pause_through_the_cli_reaches_the_leaves(server: BkServer) -> None:
     federation = server.federation(leaves=1)
     result = bk_server("run", "pause", "--data-dir", str(server.data_dir), "--branch", federation.branch_id)

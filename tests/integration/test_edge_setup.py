@@ -51,12 +51,25 @@ def _deployments() -> list[dict[str, Any]]:
             if deployment["entrypoint"] not in (ALERTS_ENTRYPOINT, DASHBOARD_ENTRYPOINT)]
 
 
-def test_leaf_spec_without_a_name_is_named_after_its_file() -> None:
-    assert LeafSpec.parse("creds/clinic-a.json") == LeafSpec("clinic-a", Path("creds/clinic-a.json"))
+def test_leaf_set_up_from_its_file_alone_takes_its_platform_name(prefect_api: str, tmp_path: Path) -> None:
+    issued = tmp_path / "issued-by-the-platform.json"
+    issued.write_text(json.dumps(PLATFORM_JSON))
+    pool = f"edge-{uuid.uuid4().hex[:8]}"
+    set_up_edge([LeafSpec.parse(str(issued))], "http://127.0.0.1:9", "amqp", pool)
+    assert httpx.get(f"{prefect_api}/work_pools/{pool}/queues/clinic-a", timeout=30).status_code == 200
+    assert BranchKeyCredentials.load("clinic-a").leaf_name == "clinic-a"
+
+
+def test_platform_name_that_cannot_name_a_block_asks_for_one(prefect_api: str, tmp_path: Path) -> None:
+    issued = tmp_path / "clinic.json"
+    issued.write_text(json.dumps(PLATFORM_JSON | {"name": "Clinic A"}))
+    with pytest.raises(EdgeSetupError, match=rf"{issued}: the platform's leaf name 'Clinic A' cannot name a Block.*"
+                                             rf"NAME={issued}"):
+        set_up_edge([LeafSpec.parse(str(issued))], "http://127.0.0.1:9")
 
 
 def test_leaf_name_that_cannot_be_a_block_name_is_refused() -> None:
-    with pytest.raises(EdgeSetupError, match="'Clinic_A' must be lowercase"):
+    with pytest.raises(EdgeSetupError, match="'Clinic_A' cannot name a Block and queue"):
         LeafSpec.parse("Clinic_A=creds/a.json")
 
 
@@ -89,9 +102,9 @@ def test_setup_with_a_bad_credentials_file_changes_nothing(prefect_api: str, lea
         BranchKeyCredentials.load("clinic-b")
 
 
-def _setup_cli(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def _setup_cli(tmp_path: Path, leaf: str = "", **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "prefect_branchkey.deployments.cli", "edge", "setup",
-                           f"a={tmp_path / 'none.json'}", "--host", "http://127.0.0.1:9"],
+                           leaf or f"a={tmp_path / 'none.json'}", "--host", "http://127.0.0.1:9"],
                           capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | env)
 
@@ -100,6 +113,14 @@ def test_setup_cli_names_the_problem_without_a_traceback(prefect_api: str, tmp_p
     result = _setup_cli(tmp_path, PREFECT_API_URL=prefect_api)
     assert result.returncode == 2
     assert "cannot read leaf credentials" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_setup_cli_says_both_names_when_the_block_is_named_otherwise(prefect_api: str, leaf_json: Path,
+                                                                    tmp_path: Path) -> None:
+    result = _setup_cli(tmp_path, f"site-a={leaf_json}", PREFECT_API_URL=prefect_api)
+    assert result.returncode == 0, result.stderr
+    assert "leaf clinic-a: Block branchkey-credentials/site-a, queue branchkey-edge/site-a" in result.stdout
+    assert "its runs, tags and artifacts say clinic-a, its Block and queue site-a" in result.stdout
 
 
 def test_setup_without_a_prefect_server_refuses_rather_than_use_a_throwaway_one(tmp_path: Path) -> None:
@@ -141,7 +162,7 @@ def test_deployments_have_rounds_a_retraining_and_a_drift_check_per_leaf() -> No
         (schedule,) = deployment["schedules"]
         kinds.setdefault(deployment["name"].rsplit("-", 1)[0], set()).add(
             f"{deployment['entrypoint']} {'cron' if 'cron' in schedule else 'interval'}")
-    assert set(kinds) == {"leaf-1", "leaf-2", "leaf-3"}
+    assert set(kinds) == {"digits-leaf-1", "digits-leaf-2", "digits-leaf-3"}
     for leaf_kinds in kinds.values():
         assert leaf_kinds == {"prefect_branchkey.flows.training:federated_training cron",
                               "prefect_branchkey.flows.round:federated_round interval",

@@ -124,7 +124,7 @@ def test_a_missed_round_alert_names_the_window_the_last_round_and_what_to_check(
     text = alert_markdown("missed-round", "digits-leaf-1", "branchkey.round.completed", "2026-11-30 11:59:00+00:00",
                           {"round": 4, "run_number": 1}, "branchkey-missed-round", RAISED, window_s=30)
     assert text.startswith("# digits-leaf-1 has not completed a round")
-    assert "within 30 s" in text and "Round 4 of run 1" in text and "bk edge worker <queue>" in text
+    assert "within 30 s" in text and "Round 4 of run 1" in text and "`bk edge worker digits-leaf-1`" in text
     assert text.index("- Event `branchkey.round.completed`") < text.index("within 30 s of the event above")
 
 
