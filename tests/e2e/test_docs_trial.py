@@ -1,0 +1,223 @@
+"""docs/edge-workers.md's trial on one machine, run as written: each `<!-- trial: NAME -->` block
+of the doc in a shell of its own (a terminal), from the checkout, at the ports the doc names.
+The servers and workers run in the background as a user's terminals would; the set-up and the
+rounds run to their end; then each terminal gets the doc's Ctrl-C. What the doc promises is
+checked: every leaf's two rounds, the federation's dashboard, and workers and server that stop
+leaving no run Running and no process behind.
+
+The doc's ports (4200, 8080) and directory (`./trial` in the checkout) are fixed, so this test
+refuses to run, naming them, when one is taken. A failing run prints every terminal's output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from prefect_branchkey.bk_dev.processes import spawn, stop_group
+from prefect_branchkey.flows.leaf.history import history_rows
+from prefect_branchkey.flows.publishing.observability import artifact_key
+
+from ..support.flow_helpers import artifacts
+from ..support.process_helpers import left_running, new_marker
+
+pytestmark = [pytest.mark.e2e]
+
+PROJECT = Path(__file__).resolve().parents[2]
+DOC = PROJECT / "docs" / "edge-workers.md"
+TRIAL = PROJECT / "trial"
+API = "http://127.0.0.1:4200/api"
+PLATFORM = "http://127.0.0.1:8080"
+LEAVES = ("digits-leaf-1", "digits-leaf-2", "digits-leaf-3")
+WORKERS = ("worker-1", "worker-2", "worker-3")
+ROUNDS = 2
+# How long a terminal may take to end after its Ctrl-C: an idle worker's teardown, or the
+# server and then its PostgreSQL.
+STOP_BOUND_S = 60
+ACTIVE = {"PENDING", "RUNNING", "CANCELLING"}
+# `<!-- trial: NAME -->` opens a terminal; `<!-- trial: NAME (in OTHER's terminal) -->` goes on in
+# OTHER's, with the environment its block left.
+MARKER = re.compile(r"^<!-- trial: ([\w-]+)(?: \(in ([\w-]+)'s terminal\))? -->$")
+
+
+def trial_blocks(text: str) -> dict[str, tuple[str, str | None]]:
+    """Each marked block of the doc: its indented lines after the marker, unindented, and the
+    block whose terminal it goes on in (None: its own)."""
+    blocks: dict[str, tuple[str, str | None]] = {}
+    lines = text.splitlines()
+    for number, line in enumerate(lines):
+        found = MARKER.match(line.strip())
+        if not found:
+            continue
+        body: list[str] = []
+        for following in lines[number + 1:]:
+            if following.startswith("    "):
+                body.append(following[4:])
+            elif following.strip() or body:
+                break
+        blocks[found.group(1)] = ("\n".join(body), found.group(2))
+    return blocks
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _api(method: str, path: str, body: Any = None) -> Any:
+    response = httpx.request(method, f"{API}{path}", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def _flow_runs() -> list[dict[str, Any]]:
+    return _api("POST", "/flow_runs/filter", {"limit": 200})
+
+
+def _wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _quiet() -> bool:
+    """No run in progress (the dashboard's watch included) and none due within a minute and a half."""
+    soon = datetime.now(UTC) + timedelta(seconds=90)
+    runs = _flow_runs()
+    return not any(r["state_type"] in ACTIVE or (r["state_type"] == "SCHEDULED"
+                                                 and datetime.fromisoformat(r["expected_start_time"]) < soon)
+                   for r in runs)
+
+
+def _dashboard_rounds() -> list[int]:
+    versions = artifacts(API, artifact_key("federation", "digits"))
+    return [row["round"] for row in json.loads(versions[0]["data"]) if row["missing"] == "-"] if versions else []
+
+
+class Terminals:
+    """The doc's terminals: background shells, one log each, all printed when the test fails."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs = env, logs
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, block: tuple[str, str | None]) -> subprocess.Popen[bytes]:
+        """Start a block that runs until its Ctrl-C (a server, a worker) in a terminal of its own."""
+        assert block[1] is None, f"{name} must open a terminal of its own"
+        self.running[name] = spawn(["bash", "-e", "-c", block[0]], self.logs / f"{name}.log", env=self.env,
+                                   cwd=PROJECT)
+        return self.running[name]
+
+    def run(self, name: str, block: str, terminal_of: str | None = None) -> None:
+        """Run a block to its end, as pasted into a terminal (`terminal_of`'s, with the environment
+        that block left); a failing command ends it."""
+        before = f". {self.logs / terminal_of}.env\n" if terminal_of else ""
+        script = f"{before}{block}\nexport -p > {self.logs / name}.env"
+        result = subprocess.run(["bash", "-e", "-c", script], cwd=PROJECT, env=self.env, capture_output=True,
+                                text=True, timeout=600, stdin=subprocess.DEVNULL)
+        (self.logs / f"{name}.log").write_text(result.stdout + result.stderr)
+        assert result.returncode == 0, f"the doc's block {name!r} failed:\n{block}\n{result.stdout}\n{result.stderr}"
+
+    def ctrl_c(self, *names: str) -> dict[str, tuple[int | None, float]]:
+        """SIGINT to each terminal's foreground group at once, as Ctrl-C sends it: each one's exit
+        status (None: still running after STOP_BOUND_S) and seconds to exit."""
+        began = time.monotonic()
+        for name in names:
+            os.killpg(self.running[name].pid, signal.SIGINT)
+        ended: dict[str, tuple[int | None, float]] = {}
+        for name in names:
+            try:
+                status: int | None = self.running[name].wait(timeout=max(STOP_BOUND_S - (time.monotonic() - began), 0))
+            except subprocess.TimeoutExpired:
+                status = None
+            ended[name] = (status, time.monotonic() - began)
+        return ended
+
+    def story(self) -> str:
+        return "\n".join(f"--- {path.name} ---\n{path.read_text(errors='replace')[-4000:]}"
+                         for path in sorted(self.logs.glob("*.log")))
+
+    def close(self) -> None:
+        for process in self.running.values():
+            stop_group(process, timeout=STOP_BOUND_S)
+
+
+@pytest.fixture
+def terminals(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Terminals]:
+    """The doc's terminals, with the environment a user's shell has in the checkout (Prefect
+    kept offline in its own home); the trial directory removed afterwards."""
+    taken = [port for port in (4200, 8080) if not _port_free(port)]
+    if taken or TRIAL.exists():
+        pytest.fail(f"the doc's trial needs ports 4200 and 8080 free (taken: {taken}) and no {TRIAL}")
+    marker = new_marker()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           marker[0]: marker[1]}
+    env.pop("PREFECT_API_URL", None)
+    opened = Terminals(env, tmp_path)
+    failed_before = request.session.testsfailed
+    try:
+        yield opened
+    finally:
+        opened.close()
+        if request.session.testsfailed > failed_before:
+            print(opened.story())
+        shutil.rmtree(TRIAL, ignore_errors=True)
+    assert left_running(marker) == [], "processes of the trial outlived their terminals"
+
+
+def test_the_docs_trial_runs_as_written_and_stops_cleanly(terminals: Terminals) -> None:
+    blocks = trial_blocks(DOC.read_text())
+    assert set(blocks) == {"prefect-server", "platform", "setup", *WORKERS, "rounds"}, sorted(blocks)
+    terminals.start("prefect-server", blocks["prefect-server"])
+    terminals.start("platform", blocks["platform"])
+    _wait_until(lambda: _answers(f"{API}/health") and _answers(f"{PLATFORM}/healthz"), 180,
+                f"the Prefect server and the platform to answer\n{terminals.story()}")
+    terminals.run("setup", *blocks["setup"])
+    for worker in WORKERS:
+        terminals.start(worker, blocks[worker])
+    terminals.run("rounds", *blocks["rounds"])
+
+    def trained() -> bool:
+        runs = [r for r in _flow_runs() if r["name"].endswith("-training")]
+        return len(runs) == len(LEAVES) and all(r["state_type"] in {"COMPLETED", "FAILED", "CRASHED"} for r in runs)
+
+    _wait_until(trained, 300, f"every leaf's training run to end\n{terminals.story()}")
+    runs = {r["name"]: r["state_type"] for r in _flow_runs() if r["name"].endswith("-training")}
+    assert runs == {f"{leaf}-training": "COMPLETED" for leaf in LEAVES}, terminals.story()
+    # The rounds schedules (every 15 minutes) may add a round of every leaf meanwhile.
+    _wait_until(_quiet, 300, f"every run to end, none due soon\n{terminals.story()}")
+    rounds = {leaf: [row["round"] for row in history_rows(TRIAL / "leaves" / leaf)] for leaf in LEAVES}
+    assert rounds["digits-leaf-1"][:ROUNDS] == list(range(1, ROUNDS + 1))
+    assert all(done == rounds["digits-leaf-1"] for done in rounds.values()), rounds
+    _wait_until(lambda: _dashboard_rounds() == rounds["digits-leaf-1"], 180,
+                f"the federation's dashboard to show every round\n{terminals.story()}")
+
+    stops = terminals.ctrl_c(*WORKERS)
+    assert {worker: status for worker, (status, _) in stops.items()} == dict.fromkeys(WORKERS, 0), terminals.story()
+    assert [r["name"] for r in _flow_runs() if r["state_type"] in ACTIVE] == []
+    ((status, _),) = terminals.ctrl_c("prefect-server").values()
+    assert status == 0, terminals.story()
+    print("Ctrl-C to exit: " + ", ".join(f"{worker} {seconds:.1f} s" for worker, (_, seconds) in stops.items()))
