@@ -1,9 +1,11 @@
 """docs/edge-workers.md's trial on one machine, run as written: each `<!-- trial: NAME -->` block
 of the doc in a shell of its own (a terminal), from the checkout, at the ports the doc names.
 The servers and workers run in the background as a user's terminals would; the set-up and the
-rounds run to their end; then each terminal gets the doc's Ctrl-C. What the doc promises is
-checked: every leaf's two rounds, the federation's dashboard, and workers and server that stop
-leaving no run Running and no process behind.
+rounds run to their end, each command timed. What the doc promises is checked: every leaf's
+triggered and scheduled rounds, the federation's dashboard built by its automation, workers
+that SIGTERM stops within the documented bound leaving no run Running, and a server that Ctrl-C
+stops leaving no process behind. The one timer shortened is the Prefect scheduler's loop (60 s
+to 5 s), so that the doc's one-minute schedule starts its first round within a minute.
 
 The doc's ports (4200, 8080) and directory (`./trial` in the checkout) are fixed, so this test
 refuses to run, naming them, when one is taken. A failing run prints every terminal's output.
@@ -14,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,14 @@ import httpx
 import pytest
 
 from prefect_branchkey.bk_dev.processes import spawn, stop_group
+from prefect_branchkey.deployments.worker import DEFAULT_GRACE_S, stop_bound_s
 from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.publishing.observability import artifact_key
 
 from ..support.flow_helpers import artifacts
 from ..support.process_helpers import left_running, new_marker
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 
 PROJECT = Path(__file__).resolve().parents[2]
 DOC = PROJECT / "docs" / "edge-workers.md"
@@ -43,10 +46,12 @@ API = "http://127.0.0.1:4200/api"
 PLATFORM = "http://127.0.0.1:8080"
 LEAVES = ("digits-leaf-1", "digits-leaf-2", "digits-leaf-3")
 WORKERS = ("worker-1", "worker-2", "worker-3")
+# The rounds of the doc's triggered runs; its schedule adds one every minute after them.
 ROUNDS = 2
-# How long a terminal may take to end after its Ctrl-C: an idle worker's teardown, or the
-# server and then its PostgreSQL.
-STOP_BOUND_S = 60
+# A worker stopped mid-round lets the run finish for its grace; docs/edge-workers.md bounds its stop.
+WORKER_STOP_BOUND_S = stop_bound_s(DEFAULT_GRACE_S)
+# The trial server, then its PostgreSQL.
+SERVER_STOP_BOUND_S = 60
 ACTIVE = {"PENDING", "RUNNING", "CANCELLING"}
 # `<!-- trial: NAME -->` opens a terminal; `<!-- trial: NAME (in OTHER's terminal) -->` goes on in
 # OTHER's, with the environment its block left.
@@ -103,13 +108,10 @@ def _wait_until(condition: Callable[[], object], timeout: float, what: str) -> N
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _quiet() -> bool:
-    """No run in progress (the dashboard's watch included) and none due within a minute and a half."""
-    soon = datetime.now(UTC) + timedelta(seconds=90)
-    runs = _flow_runs()
-    return not any(r["state_type"] in ACTIVE or (r["state_type"] == "SCHEDULED"
-                                                 and datetime.fromisoformat(r["expected_start_time"]) < soon)
-                   for r in runs)
+def _scheduled_rounds_completed() -> set[str]:
+    """The leaves with a scheduled round (a run of their rounds deployment, made by its schedule) completed."""
+    return {r["name"].split("-round-")[0] for r in _flow_runs()
+            if r["auto_scheduled"] and r["state_type"] == "COMPLETED" and "-round-" in r["name"]}
 
 
 def _dashboard_rounds() -> list[int]:
@@ -135,26 +137,34 @@ class Terminals:
         """Run a block to its end, as pasted into a terminal (`terminal_of`'s, with the environment
         that block left); a failing command ends it."""
         before = f". {self.logs / terminal_of}.env\n" if terminal_of else ""
-        script = f"{before}{block}\nexport -p > {self.logs / name}.env"
+        timed = "\n".join(f"__began=$EPOCHREALTIME\n{line}\nprintf '%s\\t%s\\t%s\\n' \"$__began\" \"$EPOCHREALTIME\" "
+                          f"{shlex.quote(line)} >> {self.logs / name}.timings" for line in block.splitlines())
+        script = f"{before}{timed}\nexport -p > {self.logs / name}.env"
         result = subprocess.run(["bash", "-e", "-c", script], cwd=PROJECT, env=self.env, capture_output=True,
                                 text=True, timeout=600, stdin=subprocess.DEVNULL)
         (self.logs / f"{name}.log").write_text(result.stdout + result.stderr)
         assert result.returncode == 0, f"the doc's block {name!r} failed:\n{block}\n{result.stdout}\n{result.stderr}"
 
-    def ctrl_c(self, *names: str) -> dict[str, tuple[int | None, float]]:
-        """SIGINT to each terminal's foreground group at once, as Ctrl-C sends it: each one's exit
-        status (None: still running after STOP_BOUND_S) and seconds to exit."""
+    def stop(self, sig: signal.Signals, bound_s: float, *names: str) -> dict[str, tuple[int | None, float]]:
+        """`sig` to each terminal's process group at once (SIGINT: Ctrl-C): each one's exit status
+        (None: still running `bound_s` after the signal) and seconds to exit."""
         began = time.monotonic()
         for name in names:
-            os.killpg(self.running[name].pid, signal.SIGINT)
+            os.killpg(self.running[name].pid, sig)
         ended: dict[str, tuple[int | None, float]] = {}
         for name in names:
             try:
-                status: int | None = self.running[name].wait(timeout=max(STOP_BOUND_S - (time.monotonic() - began), 0))
+                status: int | None = self.running[name].wait(timeout=max(bound_s - (time.monotonic() - began), 0))
             except subprocess.TimeoutExpired:
                 status = None
             ended[name] = (status, time.monotonic() - began)
         return ended
+
+    def timings(self) -> list[tuple[str, float]]:
+        """Each command the blocks ran to their end, with its seconds."""
+        lines = [line.split("\t", 2) for path in sorted(self.logs.glob("*.timings"))
+                 for line in path.read_text().splitlines()]
+        return [(command, float(end) - float(start)) for start, end, command in lines]
 
     def story(self) -> str:
         return "\n".join(f"--- {path.name} ---\n{path.read_text(errors='replace')[-4000:]}"
@@ -162,7 +172,7 @@ class Terminals:
 
     def close(self) -> None:
         for process in self.running.values():
-            stop_group(process, timeout=STOP_BOUND_S)
+            stop_group(process, timeout=SERVER_STOP_BOUND_S)
 
 
 @pytest.fixture
@@ -174,7 +184,7 @@ def terminals(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Termin
         pytest.fail(f"the doc's trial needs ports 4200 and 8080 free (taken: {taken}) and no {TRIAL}")
     marker = new_marker()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           marker[0]: marker[1]}
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", marker[0]: marker[1]}
     env.pop("PREFECT_API_URL", None)
     opened = Terminals(env, tmp_path)
     failed_before = request.session.testsfailed
@@ -207,17 +217,18 @@ def test_the_docs_trial_runs_as_written_and_stops_cleanly(terminals: Terminals) 
     _wait_until(trained, 300, f"every leaf's training run to end\n{terminals.story()}")
     runs = {r["name"]: r["state_type"] for r in _flow_runs() if r["name"].endswith("-training")}
     assert runs == {f"{leaf}-training": "COMPLETED" for leaf in LEAVES}, terminals.story()
-    # The rounds schedules (every 15 minutes) may add a round of every leaf meanwhile.
-    _wait_until(_quiet, 300, f"every run to end, none due soon\n{terminals.story()}")
-    rounds = {leaf: [row["round"] for row in history_rows(TRIAL / "leaves" / leaf)] for leaf in LEAVES}
-    assert rounds["digits-leaf-1"][:ROUNDS] == list(range(1, ROUNDS + 1))
-    assert all(done == rounds["digits-leaf-1"] for done in rounds.values()), rounds
-    _wait_until(lambda: _dashboard_rounds() == rounds["digits-leaf-1"], 180,
-                f"the federation's dashboard to show every round\n{terminals.story()}")
+    _wait_until(lambda: _scheduled_rounds_completed() == set(LEAVES), 300,
+                f"a scheduled round of every leaf\n{terminals.story()}")
+    expected = list(range(1, ROUNDS + 2))
+    for leaf in LEAVES:
+        assert [row["round"] for row in history_rows(TRIAL / "leaves" / leaf)][:ROUNDS + 1] == expected
+    _wait_until(lambda: _dashboard_rounds()[:ROUNDS + 1] == expected, 240,
+                f"the federation's dashboard to show rounds {expected}\n{terminals.story()}")
 
-    stops = terminals.ctrl_c(*WORKERS)
+    stops = terminals.stop(signal.SIGTERM, WORKER_STOP_BOUND_S, *WORKERS)
     assert {worker: status for worker, (status, _) in stops.items()} == dict.fromkeys(WORKERS, 0), terminals.story()
     assert [r["name"] for r in _flow_runs() if r["state_type"] in ACTIVE] == []
-    ((status, _),) = terminals.ctrl_c("prefect-server").values()
+    ((status, _),) = terminals.stop(signal.SIGINT, SERVER_STOP_BOUND_S, "prefect-server").values()
     assert status == 0, terminals.story()
-    print("Ctrl-C to exit: " + ", ".join(f"{worker} {seconds:.1f} s" for worker, (_, seconds) in stops.items()))
+    print("\n".join(f"{seconds:6.1f} s  {command}" for command, seconds in terminals.timings()))
+    print("SIGTERM to exit: " + ", ".join(f"{worker} {seconds:.1f} s" for worker, (_, seconds) in stops.items()))
