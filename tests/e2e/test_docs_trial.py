@@ -37,7 +37,7 @@ from prefect_branchkey.flows.publishing.observability import artifact_key
 from ..support.flow_helpers import artifacts
 from ..support.process_helpers import left_running, new_marker
 
-pytestmark = [pytest.mark.e2e, pytest.mark.serial]
+pytestmark = [pytest.mark.e2e]
 
 PROJECT = Path(__file__).resolve().parents[2]
 DOC = PROJECT / "docs" / "edge-workers.md"
