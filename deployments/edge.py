@@ -60,7 +60,7 @@ class LeafSpec:
 
 
 def _check_block_name(name: str, what: str, hint: str = "") -> None:
-    if not BLOCK_NAME.match(name):
+    if not BLOCK_NAME.fullmatch(name):
         raise EdgeSetupError(f"{what} cannot name a Block and queue (lowercase letters, digits and dashes){hint}")
 
 
@@ -125,6 +125,10 @@ def set_up_edge(leaves: list[LeafSpec], host: str, transport: Literal["websocket
     require_api_url()
     blocks = [leaf_block(spec, host, transport, **settings) for spec in leaves]
     names = [spec.block_name(block) for spec, block in zip(leaves, blocks, strict=True)]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise EdgeSetupError(f"two leaves would share the Block and queue {', '.join(repeated)}: give each its own "
+                             "name with NAME=PATH")
     register_block_types()
     ensure_work_pool(pool)
     for name, block in zip(names, blocks, strict=True):

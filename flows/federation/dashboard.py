@@ -151,7 +151,8 @@ def publish_new_reports(branch_id: str | None, leaves: Sequence[str], days: floa
 def watch_deadline(watch_s: float, settle_s: float, window_start: str | None) -> datetime:
     """Until when a run keeps watching: `watch_s` after the triggering event occurred (`window_start`,
     ISO 8601), plus `settle_s` for its reports to land; without one, `watch_s` from now. A run
-    queued past its window reads once and ends, so queued runs drain."""
+    queued past its window reads once and ends, so queued runs drain; and never later than
+    `watch_s` + `settle_s` from now, since the event's time is the leaf's clock, which may run ahead."""
     if not (math.isfinite(watch_s) and watch_s >= 0):
         raise ValueError(f"watch_s must be a number of seconds >= 0, got {watch_s}")
     if window_start is None:
@@ -162,7 +163,8 @@ def watch_deadline(watch_s: float, settle_s: float, window_start: str | None) ->
         raise ValueError(f"window_start must be an ISO 8601 time, got {window_start!r}") from None
     if start.tzinfo is None:
         raise ValueError(f"window_start must name its time zone, got {window_start!r}")
-    return start + timedelta(seconds=watch_s + settle_s)
+    window = timedelta(seconds=watch_s + settle_s)
+    return min(start + window, datetime.now(UTC) + window)
 
 
 @flow(name="federation-dashboard", log_prints=False, retries=2, retry_delay_seconds=10)

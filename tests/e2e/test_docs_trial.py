@@ -73,6 +73,9 @@ def trial_blocks(text: str) -> dict[str, tuple[str, str | None]]:
                 body.append(following[4:])
             elif following.strip() or body:
                 break
+        assert found.group(1) not in blocks, f"two blocks named {found.group(1)!r}"
+        assert not any(line.rstrip().endswith(("\\", "&&", "|")) for line in body), \
+            f"block {found.group(1)!r}: one command per line, so that each can be run and timed alone"
         blocks[found.group(1)] = ("\n".join(body), found.group(2))
     return blocks
 
@@ -96,7 +99,10 @@ def _api(method: str, path: str, body: Any = None) -> Any:
 
 
 def _flow_runs() -> list[dict[str, Any]]:
-    return _api("POST", "/flow_runs/filter", {"limit": 200})
+    """Every run past Scheduled: the one-minute schedules keep an hour of runs (about 60 a leaf)
+    scheduled ahead, more than a page of the API holds."""
+    return _api("POST", "/flow_runs/filter", {"flow_runs": {"state": {"type": {"not_any_": ["SCHEDULED"]}}},
+                                              "limit": 200})
 
 
 def _wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
@@ -136,10 +142,12 @@ class Terminals:
     def run(self, name: str, block: str, terminal_of: str | None = None) -> None:
         """Run a block to its end, as pasted into a terminal (`terminal_of`'s, with the environment
         that block left); a failing command ends it."""
-        before = f". {self.logs / terminal_of}.env\n" if terminal_of else ""
+        before = f". {shlex.quote(str(self.logs / f'{terminal_of}.env'))}\n" if terminal_of else ""
+        timings = shlex.quote(str(self.logs / f"{name}.timings"))
         timed = "\n".join(f"__began=$EPOCHREALTIME\n{line}\nprintf '%s\\t%s\\t%s\\n' \"$__began\" \"$EPOCHREALTIME\" "
-                          f"{shlex.quote(line)} >> {self.logs / name}.timings" for line in block.splitlines())
-        script = f"{before}{timed}\nexport -p > {self.logs / name}.env"
+                          f"{shlex.quote(line)} >> {timings}" for line in block.splitlines())
+        carried = shlex.quote(str(self.logs / f"{name}.env"))
+        script = f"{before}{timed}\nexport -p | grep -v -e ' SHELLOPTS=' -e ' BASHOPTS=' > {carried}"
         result = subprocess.run(["bash", "-e", "-c", script], cwd=PROJECT, env=self.env, capture_output=True,
                                 text=True, timeout=600, stdin=subprocess.DEVNULL)
         (self.logs / f"{name}.log").write_text(result.stdout + result.stderr)

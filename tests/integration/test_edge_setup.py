@@ -52,12 +52,23 @@ def _deployments() -> list[dict[str, Any]]:
 
 
 def test_leaf_set_up_from_its_file_alone_takes_its_platform_name(prefect_api: str, tmp_path: Path) -> None:
+    name = f"clinic-{uuid.uuid4().hex[:8]}"
     issued = tmp_path / "issued-by-the-platform.json"
-    issued.write_text(json.dumps(PLATFORM_JSON))
+    issued.write_text(json.dumps(PLATFORM_JSON | {"name": name}))
     pool = f"edge-{uuid.uuid4().hex[:8]}"
     set_up_edge([LeafSpec.parse(str(issued))], "http://127.0.0.1:9", "amqp", pool)
-    assert httpx.get(f"{prefect_api}/work_pools/{pool}/queues/clinic-a", timeout=30).status_code == 200
-    assert BranchKeyCredentials.load("clinic-a").leaf_name == "clinic-a"
+    assert httpx.get(f"{prefect_api}/work_pools/{pool}/queues/{name}", timeout=30).status_code == 200
+    assert BranchKeyCredentials.load(name).leaf_name == name
+
+
+def test_two_leaves_with_one_name_are_refused_before_anything_is_set_up(prefect_api: str, leaf_json: Path,
+                                                                        tmp_path: Path) -> None:
+    other = tmp_path / "other-federation.json"
+    other.write_text(json.dumps(PLATFORM_JSON | {"id": "9a2e"}))
+    pool = f"edge-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(EdgeSetupError, match="two leaves would share the Block and queue clinic-a"):
+        set_up_edge([LeafSpec.parse(str(leaf_json)), LeafSpec.parse(str(other))], "http://127.0.0.1:9", pool=pool)
+    assert httpx.get(f"{prefect_api}/work_pools/{pool}", timeout=30).status_code == 404
 
 
 def test_platform_name_that_cannot_name_a_block_asks_for_one(prefect_api: str, tmp_path: Path) -> None:

@@ -109,6 +109,11 @@ def test_a_run_queued_past_its_window_does_not_watch() -> None:
     assert watch_deadline(60, 5, hour_ago) < datetime.now(UTC)
 
 
+def test_an_event_from_a_clock_ahead_watches_no_longer_than_its_window_from_now() -> None:
+    hour_ahead = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    assert watch_deadline(60, 5, hour_ahead) <= datetime.now(UTC) + timedelta(seconds=65)
+
+
 def test_a_run_without_a_trigger_watches_from_now() -> None:
     before = datetime.now(UTC)
     assert before + timedelta(seconds=30) <= watch_deadline(30, 5, None) <= datetime.now(UTC) + timedelta(seconds=30)
