@@ -26,6 +26,7 @@
     └── defined where they are raised, in the layers above (tests/unit/test_error_tree.py
         keeps this list complete):
         flows.leaf.state             StateError, WorkDirError (ValueError), LeafBusyError (RuntimeError)
+        flows.leaf.audit             AuditTrailError (ValueError), AuditTrailBrokenError  nothing is sent
         flows.participant            ParticipantError (ValueError)
         flows.adapters               ShapeMismatchError (ValueError)
         flows.updates.transforms     UpdateRefusedError            the update guard refused the update

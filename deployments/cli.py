@@ -1,4 +1,5 @@
-"""`bk`: the leaf-side command line: `bk history` (a work dir's round history), `bk simulate`
+"""`bk`: the leaf-side command line: `bk history` (a work dir's round history), `bk audit` (its
+audit trail: `prefect_branchkey.deployments.audit_cli`), `bk simulate`
 (a whole federation on a Dask cluster), `bk statistics` (a whole federation's statistics round),
 `bk edge` (deployments to edge workers) and `bk dev` (the development platform: a trial Prefect
 server).
@@ -21,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prefect_branchkey.bk_blocks.errors import BranchKeyError, MissingExtraError, UsageError
+from prefect_branchkey.deployments.audit_cli import app as audit_app
 from prefect_branchkey.deployments.edge_cli import app as edge_app
 from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.participant import ParticipantError, parse_options
@@ -30,6 +32,7 @@ from prefect_branchkey.flows.updates.transforms import UpdateSettings, settings_
 
 app = App(name="bk", help="prefect-branchkey, leaf side.")
 app.command(edge_app)
+app.command(audit_app)
 dev_app = App(name="dev", help="The development platform on this machine (needs the `dev` extra).")
 app.command(dev_app)
 COLUMNS = ("run_number", "round", "status", "leaf_name", "aggregation_id", "weighting", "round_s", "wait_s",

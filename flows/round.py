@@ -32,12 +32,15 @@ from prefect_branchkey.bk_blocks import (
     AggregationTimeoutError,
     BranchKeyCredentials,
     OutOfSyncError,
+    RequestRefusedError,
     RunDetails,
     RunNotStartedError,
     RunStoppedError,
 )
 from prefect_branchkey.bk_blocks.archive import AggregateLayers, write_update
+from prefect_branchkey.bk_blocks.files import sha256_file
 from prefect_branchkey.bk_blocks.protocol import MetricsMode
+from prefect_branchkey.flows.leaf.audit import AuditTrail, archive_facts, leaf_facts, received_facts
 from prefect_branchkey.flows.leaf.history import RoundRecord, append_record, history_rows, utc_from_timestamp
 from prefect_branchkey.flows.leaf.promotion import PromotionPolicy, PromotionSettings, promote, promotion_policy
 from prefect_branchkey.flows.leaf.retention import RetentionSettings, apply_retention
@@ -74,6 +77,7 @@ from prefect_branchkey.tasks import (
     LeafSession,
     current_run,
     download_aggregate,
+    idempotency_key,
     round_metrics_key,
     run_logger,
     send_metrics,
@@ -270,21 +274,33 @@ def _upload(session: LeafSession, work_dir: Path, state: LeafState, timeouts: Ti
 
     A fresh round marks the notice stream first, so only a later notice answers it. A
     resumed round does not: its upload may already have been accepted before the crash
-    and its aggregation announced, so the latest notice not yet consumed answers it.
+    and its aggregation announced, so the latest notice not yet consumed answers it. The audit
+    trail records the upload before its first byte leaves and confirms it once accepted.
     """
     started = time.perf_counter()
     if mark:
         session.forget_mark(state.run_number, state.round)
+    archive = Path(state.archive or "")
+    sha256 = sha256_file(archive).hex()
+    key = idempotency_key(session.credentials.leaf_id, state.run_number, state.round, sha256)
+    trail = AuditTrail(work_dir)
+    trail.sending("upload", key, leaf_facts(session, state.run_number, state.round) | archive_facts(archive, sha256)
+                  | state.update_facts)
     while True:
         try:
-            receipt = upload_weights(session, Path(state.archive or ""), state.round, state.run_number,
-                                     name_round=True, mark=mark)
+            receipt = upload_weights(session, archive, state.round, state.run_number, name_round=True, mark=mark,
+                                     sha256=sha256)
             break
         except RunNotStartedError:
             details = wait_for_run(session, state.round, timeouts.run_poll_s, timeouts.run_s)
             if details.run_status == "stop" or details.run_number != state.run_number:
                 raise RunStoppedError(f"run {state.run_number} ended before round {state.round} was uploaded") from None
+        except RequestRefusedError as exc:
+            state.audit_head = trail.refused("upload", key, exc)
+            raise
     _timed(state, "upload_s", started)
+    state.audit_head = trail.confirmed("upload", key, {"file_id": receipt.file_id, "counted_in": receipt.counted_in})
+    state.payloads_sent += 1
     state.file_id, state.idempotency_key, state.bytes_up = receipt.file_id, receipt.idempotency_key, receipt.size
     state.counted_in = list(receipt.counted_in) if receipt.counted_in else None
     state.phase = "uploaded"
@@ -329,10 +345,19 @@ def _download(session: LeafSession, work_dir: Path, state: LeafState) -> None:
     started = time.perf_counter()
     path = download_aggregate(session, state.aggregation_id or "", work_dir / "models", state.round)
     _timed(state, "download_s", started)
+    _audit_download(session, work_dir, state, state.aggregation_id or "", state.round, path)
     state.global_model, state.bytes_down = str(path), path.stat().st_size
     state.consumed_aggregations = [*state.consumed_aggregations, state.aggregation_id or ""][-1000:]
     state.phase = "downloaded"
     save_state(work_dir, state)
+
+
+def _audit_download(session: LeafSession, work_dir: Path, state: LeafState, aggregation_id: str,
+                    round_number: int, path: Path) -> None:
+    """Record a global model that arrived (the aggregate of `round_number`) in the audit trail, once
+    per aggregation."""
+    facts = leaf_facts(session, state.run_number, round_number) | {"aggregation_id": aggregation_id}
+    state.audit_head = AuditTrail(work_dir).received("download", aggregation_id, facts | received_facts(path))
 
 
 def _evaluate_and_record(session: LeafSession, participant: Participant, work_dir: Path,
@@ -363,10 +388,19 @@ def _send_round_metrics(session: LeafSession, participant: Participant, work_dir
     aggregation_id = state.aggregation_id or ""
     sends: tuple[tuple[MetricsMode, dict[str, float]], ...] = (("train", state.train_metrics),
                                                              ("test", state.eval_metrics))
+    trail = AuditTrail(work_dir)
     for mode, metrics in sends:
         if metrics and mode not in state.sent_metrics:
-            send_metrics(session, aggregation_id, metrics, state.round, mode=mode,
-                         idempotency_key=round_metrics_key(session.credentials.leaf_id, aggregation_id, mode))
+            key = round_metrics_key(session.credentials.leaf_id, aggregation_id, mode)
+            trail.sending("metrics", key, leaf_facts(session, state.run_number, state.round)
+                          | {"aggregation_id": aggregation_id, "mode": mode, "metrics": dict(metrics)})
+            try:
+                send_metrics(session, aggregation_id, metrics, state.round, mode=mode, idempotency_key=key)
+            except RequestRefusedError as exc:
+                state.audit_head = trail.refused("metrics", key, exc)
+                raise
+            state.audit_head = trail.confirmed("metrics", key)
+            state.payloads_sent += 1
             state.sent_metrics = [*state.sent_metrics, mode]
             save_state(work_dir, state)
 
@@ -434,6 +468,7 @@ def _adopt(session: LeafSession, work_dir: Path, state: LeafState,
     state.started_at = time.time()
     if adopted is not None and adopted.aggregation_id != state.last_aggregation:
         path = download_aggregate(session, adopted.aggregation_id, work_dir / "models", adopted.round)
+        _audit_download(session, work_dir, state, adopted.aggregation_id, adopted.round, path)
         state.global_model, state.bytes_down = str(path), path.stat().st_size
         state.consumed_aggregations = [*state.consumed_aggregations, adopted.aggregation_id][-1000:]
     state.round = details.round or 1
@@ -469,7 +504,8 @@ def _record(session: LeafSession, state: LeafState, status: str,
         round_s=finished - state.started_at if state.started_at else None, bytes_up=state.bytes_up,
         bytes_down=state.bytes_down, started_at=utc_from_timestamp(state.started_at),
         finished_at=utc_from_timestamp(finished), flow_run_id=flow_run.get_id(), tree_id=leaf.tree_id,
-        branch_name=session.branch_name, **state.update_facts, **state.model_facts,
+        branch_name=session.branch_name, payloads_sent=state.payloads_sent, audit_head=state.audit_head,
+        **state.update_facts, **state.model_facts,
     )
 
 

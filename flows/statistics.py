@@ -27,15 +27,23 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import State
 
-from prefect_branchkey.bk_blocks import BranchKeyCredentials, RunStoppedError
+from prefect_branchkey.bk_blocks import BranchKeyCredentials, RequestRefusedError, RunStoppedError
 from prefect_branchkey.bk_blocks.analytics import NAN_OMIT, bundle_columns, read_fields, summarize
+from prefect_branchkey.bk_blocks.files import sha256_file
 from prefect_branchkey.flows.federation.leaves import leaf_credentials
+from prefect_branchkey.flows.leaf.audit import AuditTrail, leaf_facts, received_facts, statistics_facts
 from prefect_branchkey.flows.leaf.history import ANALYTICS, RoundRecord, append_record, utc_from_timestamp
 from prefect_branchkey.flows.leaf.state import LeafBusyError, cancelled_as_busy, hold_work_dir, resolve_work_dir
 from prefect_branchkey.flows.participant import ParticipantError, import_object, load_participant, parse_options
 from prefect_branchkey.flows.publishing.observability import artifact_key, label_flow_run, run_tags
 from prefect_branchkey.tasks import LeafSession, current_run, resolve_credentials
-from prefect_branchkey.tasks.statistics import download_statistics, upload_statistics, wait_for_statistics
+from prefect_branchkey.tasks.statistics import (
+    download_statistics,
+    statistics_key,
+    upload_statistics,
+    wait_for_statistics,
+)
+from prefect_branchkey.tasks.upload import UploadReceipt
 
 STATISTICS_DIR = "statistics"
 _STATISTICS = ("n", "completeness", "mean", "variance", "std", "min", "max")
@@ -132,13 +140,16 @@ def federated_statistics(
             archive.parent.mkdir(parents=True, exist_ok=True)
             session.client.write_statistics(archive, columns, nan_policy)
         own = read_fields(archive)
-        receipt = upload_statistics(session, archive, details.run_number, 0)
+        receipt = _upload_audited(session, directory, archive, details.run_number)
         uploaded = time.time()
         run_number, round_number = receipt.counted_in or (details.run_number, details.round or 0)
         aggregation_id = receipt.aggregation_id or wait_for_statistics(session, details.run_number, 0,
                                                                       receipt.counted_in, timeout_s)
         waited = time.time()
         path = download_statistics(session, aggregation_id, directory / STATISTICS_DIR)
+        head = AuditTrail(directory).received("download", aggregation_id, leaf_facts(session, run_number, round_number)
+                                              | {"aggregation_id": aggregation_id, "what": "statistics"}
+                                              | received_facts(path))
         table = statistics_table(read_fields(path, combined=True), own)
         create_table_artifact(table=table, key=artifact_key("statistics", block.leaf_name),
                               description=f"BranchKey federated statistics of run {run_number} round "
@@ -150,10 +161,27 @@ def federated_statistics(
             train_metrics=_metrics(table, "site "), eval_metrics=_metrics(table, ""), upload_s=uploaded - started,
             wait_s=waited - uploaded, download_s=finished - waited, round_s=finished - started,
             bytes_up=receipt.size, bytes_down=path.stat().st_size, started_at=utc_from_timestamp(started),
-            finished_at=utc_from_timestamp(finished), flow_run_id=flow_run.get_id(), round_kind=ANALYTICS))
+            finished_at=utc_from_timestamp(finished), flow_run_id=flow_run.get_id(), round_kind=ANALYTICS,
+            payloads_sent=1, audit_head=head))
     logger.info("statistics of run %d round %d combined as %s: %d column(s)", run_number, round_number,
                 aggregation_id, len(table))
     return StatisticsResult(run_number, round_number, aggregation_id, table)
+
+
+def _upload_audited(session: LeafSession, work_dir: Path, archive: Path, run_number: int) -> UploadReceipt:
+    """Upload the site's statistics, recorded in the audit trail before they leave and confirmed
+    (or refused) after."""
+    sha256 = sha256_file(archive).hex()
+    key = statistics_key(session.credentials.leaf_id, run_number, 0, sha256)
+    trail = AuditTrail(work_dir)
+    trail.sending("statistics", key, leaf_facts(session, run_number, 0) | statistics_facts(archive, sha256))
+    try:
+        receipt = upload_statistics(session, archive, run_number, 0, sha256=sha256)
+    except RequestRefusedError as exc:
+        trail.refused("statistics", key, exc)
+        raise
+    trail.confirmed("statistics", key, {"file_id": receipt.file_id, "counted_in": receipt.counted_in})
+    return receipt
 
 
 def _metrics(table: list[dict[str, Any]], prefix: str) -> dict[str, float]:

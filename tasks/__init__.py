@@ -9,7 +9,7 @@ from prefect_branchkey.tasks.retries import retry_only_transient
 from prefect_branchkey.tasks.run import current_run, wait_for_run
 from prefect_branchkey.tasks.session import FROM_ENVIRONMENT, LeafSession, resolve_credentials
 from prefect_branchkey.tasks.statistics import download_statistics, upload_statistics, wait_for_statistics
-from prefect_branchkey.tasks.upload import UploadReceipt, upload_weights
+from prefect_branchkey.tasks.upload import UploadReceipt, idempotency_key, upload_weights
 
 __all__ = [
     "FROM_ENVIRONMENT",
@@ -18,6 +18,7 @@ __all__ = [
     "current_run",
     "download_aggregate",
     "download_statistics",
+    "idempotency_key",
     "resolve_credentials",
     "retry_only_transient",
     "round_metrics_key",

@@ -28,17 +28,24 @@ _SLICE_S = 1.0
 
 @task(name="upload_statistics", task_run_name="upload-statistics-run-{run_number}", cache_policy=NO_CACHE,
       **RETRY_OPTIONS)
-def upload_statistics(session: LeafSession, archive: Path, run_number: int, round_number: int) -> UploadReceipt:
-    """Upload an analytics archive into the open round; return the platform's receipt."""
+def upload_statistics(session: LeafSession, archive: Path, run_number: int, round_number: int,
+                      sha256: str | None = None) -> UploadReceipt:
+    """Upload an analytics archive into the open round; return the platform's receipt. `sha256`
+    (hex) spares hashing the archive again when the caller already did."""
     logger = get_run_logger()
     session.mark_round(run_number, round_number)
-    sha256 = sha256_file(archive)
-    key = "stats." + idempotency_key(session.credentials.leaf_id, run_number, round_number, sha256.hex())
-    reply = session.client.upload_update(archive, idempotency_key=key, sha256=sha256)
+    digest = bytes.fromhex(sha256) if sha256 else sha256_file(archive)
+    key = statistics_key(session.credentials.leaf_id, run_number, round_number, digest.hex())
+    reply = session.client.upload_update(archive, idempotency_key=key, sha256=digest)
     logger.info("statistics %s accepted as %s", Path(archive).name, reply.file_id)
     counted_in = (reply.run_number, reply.round) if reply.run_number is not None and reply.round is not None else None
-    return UploadReceipt(reply.file_id, key, sha256.hex(), Path(archive).stat().st_size, counted_in,
+    return UploadReceipt(reply.file_id, key, digest.hex(), Path(archive).stat().st_size, counted_in,
                          reply.aggregation_id)
+
+
+def statistics_key(leaf_id: str, run_number: int, round_number: int, sha256: str) -> str:
+    """A statistics upload's idempotency key: an update's, marked as statistics."""
+    return "stats." + idempotency_key(leaf_id, run_number, round_number, sha256)
 
 
 @task(name="wait_for_statistics", task_run_name="wait-for-statistics-run-{run_number}", cache_policy=NO_CACHE,

@@ -39,7 +39,7 @@ def idempotency_key(leaf_id: str, run_number: int, round_number: int, sha256: st
 @task(name="upload_weights", task_run_name="upload-round-{round_number}", cache_policy=NO_CACHE, **RETRY_OPTIONS)
 def upload_weights(
     session: LeafSession, archive: Path, round_number: int, run_number: int, name_round: bool = False,
-    mark: bool = True,
+    mark: bool = True, sha256: str | None = None,
 ) -> UploadReceipt:
     """Upload an update archive for a round; return the platform's file id.
 
@@ -49,18 +49,19 @@ def upload_weights(
     have been accepted, and answered, before the crash). With `name_round` (when `round_number`
     is the platform's round, as the round flow keeps it) the upload names its run and round, so
     a platform that knows them refuses it once that round has closed (`StaleRoundError`: resync)
-    rather than counting it in a later one.
+    rather than counting it in a later one. `sha256` (hex) spares hashing the archive again when
+    the caller already did (the round flow, for its audit trail).
     """
     logger = get_run_logger()
     if mark:
         session.mark_round(run_number, round_number)
-    sha256 = sha256_file(archive)
-    key = idempotency_key(session.credentials.leaf_id, run_number, round_number, sha256.hex())
-    reply = session.client.upload_update(archive, idempotency_key=key, sha256=sha256,
+    digest = bytes.fromhex(sha256) if sha256 else sha256_file(archive)
+    key = idempotency_key(session.credentials.leaf_id, run_number, round_number, digest.hex())
+    reply = session.client.upload_update(archive, idempotency_key=key, sha256=digest,
                                          for_round=(run_number, round_number) if name_round else None)
     logger.info("round %d: update %s accepted as %s", round_number, Path(archive).name, reply.file_id)
     counted_in = (reply.run_number, reply.round) if reply.run_number is not None and reply.round is not None else None
     if reply.aggregation_id:
         session.forget_mark(run_number, round_number)
-    return UploadReceipt(reply.file_id, key, sha256.hex(), Path(archive).stat().st_size, counted_in,
+    return UploadReceipt(reply.file_id, key, digest.hex(), Path(archive).stat().st_size, counted_in,
                          reply.aggregation_id)

@@ -63,6 +63,7 @@ SCHEMA = pa.schema([
     ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
     ("flow_run_id", pa.string()),
     ("round_kind", pa.string()),
+    ("payloads_sent", pa.int64()), ("audit_head", pa.string()),
 ])
 LEARNING = "learning"
 ANALYTICS = "analytics"
@@ -96,6 +97,8 @@ class RoundRecord:
     `primary_metric` judges the global models (`prefect_branchkey.flows.leaf.promotion`): `best_*` name the best one so
     far, `metric_drop` is how far this round's fell below it (0 when it is the best),
     `metric_drop_alert` the drop that raises an alert, and `served` whether the site now serves it.
+    `payloads_sent` counts what the round sent (its upload, its metrics) and `audit_head` is the
+    leaf's audit trail's head hash after them (`prefect_branchkey.flows.leaf.audit`).
     """
 
     branch_id: str
@@ -136,6 +139,8 @@ class RoundRecord:
     finished_at: datetime | None = None
     flow_run_id: str | None = None
     round_kind: str = LEARNING
+    payloads_sent: int | None = None
+    audit_head: str | None = None
 
 
 def history_dir(work_dir: Path) -> Path:

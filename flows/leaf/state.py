@@ -80,6 +80,10 @@ class LeafState:
     serving: dict[str, Any] | None = None
     # What the round's global model was judged as, for its history row (`prefect_branchkey.flows.leaf.promotion`).
     model_facts: dict[str, Any] = field(default_factory=dict)
+    # Payloads the round sent (its upload, its metrics), and the audit trail's head after the
+    # leaf's latest entry (`prefect_branchkey.flows.leaf.audit`): both go into the history row.
+    payloads_sent: int = 0
+    audit_head: str | None = None
 
     @property
     def last_aggregation(self) -> str | None:
@@ -99,7 +103,7 @@ class LeafState:
         self.aggregation_id, self.bytes_down, self.durations, self.started_at = None, 0, {}, None
         self.eval_metrics, self.evaluated, self.sent_metrics = {}, False, []
         self.counted_in, self.wait_expired = None, False
-        self.update_facts, self.model_facts = {}, {}
+        self.update_facts, self.model_facts, self.payloads_sent = {}, {}, 0
 
 
 def state_path(work_dir: Path) -> Path:

@@ -128,6 +128,7 @@ def summary_markdown(leaf_name: str, rows: Sequence[dict[str, Any]]) -> str:
             previous = f"{series[-2]:.4f}" if len(series) > 1 else "-"
             lines.append(f"| {source} {name} | {series[-1]:.4f} | {previous} | {sparkline(series)} |")
     lines += _privacy_lines(rows)
+    lines += _audit_lines(rows)
     lines += _evaluation_lines(rows)
     for name in sorted(latest["eval_metrics"]):
         points = [(r["round"], r["eval_metrics"][name]) for r in completed
@@ -181,6 +182,23 @@ def _privacy_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
              else "")
     return ["", f"Differential privacy: epsilon {last['dp_epsilon']:.3g} at delta {last['dp_delta']:g} so far "
                 f"(clip norm {last['clip_norm']:g}, noise multiplier {last['noise_multiplier']:g}).{spent}"]
+
+
+def _audit_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """What the latest flow run sent, as its audit trail records it: payloads, bytes, epsilon spent,
+    and the trail's head hash to check the leaf's trail against (`bk audit verify --head`)."""
+    audited = [r for r in rows if r.get("audit_head")]
+    if not audited:
+        return []
+    latest = audited[-1]
+    this_run = [r for r in audited if r.get("flow_run_id") == latest.get("flow_run_id")]
+    payloads = sum(r.get("payloads_sent") or 0 for r in this_run)
+    sent = sum(r.get("bytes_up") or 0 for r in this_run)
+    epsilon = [r["dp_epsilon"] for r in this_run if r.get("dp_epsilon") is not None]
+    spent = f"; epsilon spent so far {epsilon[-1]:.3g}" if epsilon else "; no differential privacy"
+    return ["", f"**Sent by this run:** {payloads} payload(s), {sent:,} bytes uploaded{spent}. Audit trail head "
+                f"`{latest['audit_head']}`: `bk audit verify WORK_DIR --head {latest['audit_head']}` on the leaf's "
+                "machine proves its trail still holds every entry up to this one."]
 
 
 def publish_artifacts(leaf_name: str, rows: Sequence[dict[str, Any]], flow_run_id: str | None = None) -> None:

@@ -95,7 +95,7 @@ def test_soak_benchmark_runs_every_round_with_compaction_and_reports_what_grows(
     assert report["every_round_once"] and report["failure"] is None, report
     rounds = [row["round"] for row in report["samples"]]
     assert len(rounds) == 3 and rounds[-1] == 30, rounds
-    assert all(later - earlier >= 10 for earlier, later in zip([0, *rounds[:-2]], rounds[:-1])), rounds
+    assert all(later - earlier >= 10 for earlier, later in zip([0, *rounds[:-2]], rounds[:-1], strict=True)), rounds
     assert all(row["loose"] <= 5 and row["segments"] >= 1 for row in report["samples"]), report["samples"]
     assert all(row["disk_mb"] > 0 and row["read_s"] > 0 and row["db_mb"] > 0 for row in report["samples"])
     *running, last = report["samples"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 
 from prefect_branchkey.bk_server.cli import write_credentials
 from prefect_branchkey.flows.federation.simulation import federated_simulation
+from prefect_branchkey.flows.leaf.audit import read_entries, trail_path
 from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.publishing.observability import artifact_key
 
@@ -181,6 +184,48 @@ def test_history_and_summary_name_the_best_round_by_accuracy(simulated: tuple[Bk
     assert (leaf_dir / "models" / "best.npz").samefile(leaf_dir / "models" / f"{best['aggregation_id']}.npz")
     summary = artifacts(prefect_api, artifact_key("summary", leaf_dir.name))[0]["data"]
     assert f"**Best global model:** round {best['round']} of run 1" in summary
+
+
+def test_each_leafs_audit_trail_records_every_payload_that_left_or_arrived(
+        simulated: tuple[BkServer, Path, dict]) -> None:
+    server, leaves, _ = simulated
+    for leaf_dir in leaf_dirs(leaves):
+        entries = list(read_entries(leaf_dir))
+        rows = history_rows(leaf_dir)
+        per_round = [("upload", "sending"), ("upload", "confirmed"), ("download", "received"),
+                     ("metrics", "sending"), ("metrics", "confirmed"), ("metrics", "sending"), ("metrics", "confirmed")]
+        assert [(e["kind"], e["step"]) for e in entries] == per_round * ROUNDS
+        for row, upload, confirmed, download in zip(rows, entries[0::7], entries[1::7], entries[2::7], strict=True):
+            assert upload["facts"]["destination"] == server.url and upload["facts"]["round"] == row["round"]
+            assert upload["facts"]["bytes"] == row["bytes_up"]
+            assert upload["key"].endswith(upload["facts"]["sha256"][:40])
+            assert [layer["name"] for layer in upload["facts"]["layers"]] == ["layer_0", "layer_1"]
+            assert confirmed["facts"]["file_id"] == row["file_id"]
+            assert download["key"] == row["aggregation_id"] and download["facts"]["bytes"] == row["bytes_down"]
+        test_metrics = entries[5]["facts"]
+        assert test_metrics["mode"] == "test" and test_metrics["metrics"] == rows[0]["eval_metrics"]
+
+
+def test_no_session_token_enters_an_audit_trail(simulated: tuple[BkServer, Path, dict]) -> None:
+    _, leaves, _ = simulated
+    for leaf_dir in leaf_dirs(leaves):
+        token = json.loads((leaves.parent / "creds" / f"{leaf_dir.name}.json").read_text())["session_token"]
+        assert token.encode() not in trail_path(leaf_dir).read_bytes()
+
+
+def test_bk_audit_verify_proves_each_trail_holds_the_head_its_summary_names(simulated: tuple[BkServer, Path, dict],
+                                                                          prefect_api: str) -> None:
+    _, leaves, _ = simulated
+    for leaf_dir in leaf_dirs(leaves):
+        head = history_rows(leaf_dir)[-1]["audit_head"]
+        summary = artifacts(prefect_api, artifact_key("summary", leaf_dir.name))[0]["data"]
+        assert f"Audit trail head `{head}`" in summary
+        # A simulated leaf runs every round in one flow run: 3 payloads a round.
+        assert f"**Sent by this run:** {3 * ROUNDS} payload(s)" in summary
+        verified = subprocess.run([str(Path(sys.executable).with_name("bk")), "audit", "verify", str(leaf_dir),
+                                   "--head", head], capture_output=True, text=True, timeout=120)
+        assert verified.returncode == 0, verified.stderr
+        assert f"{7 * ROUNDS} entries, chain intact, head {head}" in verified.stdout
 
 
 def leaf_dirs(work_root: Path) -> list[Path]:

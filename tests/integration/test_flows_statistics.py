@@ -13,6 +13,7 @@ import pytest
 from prefect_branchkey.bk_server.cli import write_credentials
 from prefect_branchkey.flows.examples.digits import DigitsSoftmax
 from prefect_branchkey.flows.federation.leaves import leaf_credentials
+from prefect_branchkey.flows.leaf.audit import read_entries, verify_trail
 from prefect_branchkey.flows.leaf.history import ANALYTICS, history_rows
 from prefect_branchkey.flows.participant import Participant, ParticipantError, TrainResult
 from prefect_branchkey.flows.publishing.observability import artifact_key
@@ -87,6 +88,19 @@ def test_statistics_round_is_an_analytics_row_of_the_history(statistics_round) -
         assert (row["round_kind"], row["status"], row["run_number"], row["round"]) == (ANALYTICS, "completed", 1, 1)
         assert row["aggregation_id"] == results[leaf_dir.name].aggregation_id
         assert "pixel_36.mean" in row["eval_metrics"] and "pixel_36.mean" in row["train_metrics"]
+
+
+def test_the_audit_trail_records_the_statistics_sent_and_the_result_received(statistics_round) -> None:
+    server, leaves, results = statistics_round
+    for leaf_dir in sorted(leaves.iterdir()):
+        sending, confirmed, received = read_entries(leaf_dir)
+        [row] = history_rows(leaf_dir, kinds=(ANALYTICS,))
+        assert (sending["kind"], sending["step"], confirmed["step"]) == ("statistics", "sending", "confirmed")
+        assert sending["facts"]["destination"] == server.url and sending["facts"]["bytes"] == row["bytes_up"]
+        fields = [field["name"] for field in sending["facts"]["fields"]]
+        assert "pixel_36" in " ".join(fields) and confirmed["facts"]["file_id"] == row["file_id"]
+        assert (received["kind"], received["key"]) == ("download", results[leaf_dir.name].aggregation_id)
+        assert row["audit_head"] == received["hash"] and verify_trail(leaf_dir).intact
 
 
 def test_statistics_table_artifact_is_published(statistics_round, prefect_api: str) -> None:
