@@ -3,7 +3,9 @@
 Usage: python -m tests.e2e.faults.leaf CREDENTIALS_JSON HOST TRANSPORT WORK_DIR ROUNDS SIZE WEIGHTING AGG_TIMEOUT
 
 With FAULT_KILL_AT=<round>:<phase> the process SIGKILLs itself right after it saved that
-state (a kill at an exact step, not wherever a timer lands). It prints the results as JSON.
+state (a kill at an exact step, not wherever a timer lands); with <round>:upload-accepted, once
+the platform accepted that round's upload and before the audit trail confirms it. It prints the
+results as JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import prefect_branchkey.flows.round
 from prefect_branchkey.bk_blocks import BranchKeyCredentials
+from prefect_branchkey.flows.leaf.audit import AuditTrail
 from prefect_branchkey.flows.leaf.state import LeafState
 from prefect_branchkey.flows.training import federated_training
 
@@ -34,11 +37,27 @@ def kill_after_saving(round_number: int, phase: str) -> None:
     prefect_branchkey.flows.round.save_state = save_then_die
 
 
+def kill_before_confirming_upload(round_number: int) -> None:
+    """Make the audit trail SIGKILL this process when it is about to confirm that round's upload
+    (the platform has accepted it; the trail holds only its `sending` entry)."""
+    confirmed = AuditTrail.confirmed
+
+    def die_before_confirming(trail: AuditTrail, kind: str, key: str, facts: dict[str, object] | None = None) -> str:
+        if kind == "upload" and f".round{round_number}." in key:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return confirmed(trail, kind, key, facts)
+
+    AuditTrail.confirmed = die_before_confirming  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
     credentials_path, host, transport, work_dir, rounds, size, weighting, timeout = sys.argv[1:9]
     if os.environ.get("FAULT_KILL_AT"):
         kill_round, kill_phase = os.environ["FAULT_KILL_AT"].split(":")
-        kill_after_saving(int(kill_round), kill_phase)
+        if kill_phase == "upload-accepted":
+            kill_before_confirming_upload(int(kill_round))
+        else:
+            kill_after_saving(int(kill_round), kill_phase)
     block = BranchKeyCredentials.from_platform_json(json.loads(Path(credentials_path).read_text()), host=host,
                                                     notification_transport=transport, amqp_host="127.0.0.1")
     results = federated_training(block, PARTICIPANT, work_dir, rounds=int(rounds),

@@ -12,6 +12,7 @@ import pytest
 
 from prefect_branchkey.bk_blocks.files import sha256_file
 from prefect_branchkey.bk_server.faults import CRASH_ENV, CRASH_EXIT_CODE
+from prefect_branchkey.flows.leaf.audit import read_entries, verify_trail
 from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.leaf.state import save_state
 from prefect_branchkey.tasks.upload import idempotency_key
@@ -51,6 +52,23 @@ def test_leaf_killed_at_each_step_completes_on_rerun(make_federation: MakeFedera
     federation.mark_fault()
     federation.supervise()
     record(federation.verify(f"leaf SIGKILL after saving '{phase}'"))
+
+
+def test_leaf_killed_between_an_accepted_upload_and_its_audit_confirmation(make_federation: MakeFederation,
+                                                                          transport: str) -> None:
+    federation = make_federation(transport)
+    federation.start(**{"0": "2:upload-accepted"})
+    leaf = federation.leaves[0]
+    killed(leaf)
+    uploads = [e for e in read_entries(leaf.work_dir) if e["kind"] == "upload" and e["facts"].get("round") == 2]
+    assert [e["step"] for e in uploads] == ["sending"], "killed after the platform accepted, before confirming"
+    federation.mark_fault()
+    federation.supervise()
+    record(federation.verify("leaf SIGKILL between an accepted upload and its audit entry"))
+    trail = verify_trail(leaf.work_dir)
+    assert trail.intact and trail.unconfirmed == [], trail.problem
+    round_two = [e for e in read_entries(leaf.work_dir) if e["kind"] == "upload" and e["key"] == uploads[0]["key"]]
+    assert [e["step"] for e in round_two] == ["sending", "confirmed"], "recorded once, confirmed by the rerun"
 
 
 def test_leaf_killed_while_waiting_and_back_after_its_round_closed(make_federation: MakeFederation,
