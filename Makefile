@@ -32,11 +32,11 @@ $(OFFICIAL)/prefect-lowest/.installed: pyproject.toml constraints/prefect-$(PREF
 	$(OFFICIAL)/prefect-lowest/bin/pip install --quiet -e '.[test]' -c constraints/prefect-$(PREFECT_LOWEST).txt
 	touch $@
 
-# Each other Python: the base with the dev extra and pytest (torch's CPU build here is for 3.11 only).
+# Each other Python: the base with the dev and mlflow extras and pytest (torch's CPU build here is for 3.11 only).
 $(OFFICIAL)/python-%/.installed: pyproject.toml
 	@test -n "$(call python_of,$*)" || { echo "Python $* is not installed (pyenv install $*)"; exit 1; }
 	$(call python_of,$*) -m venv $(OFFICIAL)/python-$*
-	$(OFFICIAL)/python-$*/bin/pip install --quiet -e '.[dev]' 'pytest>=8' 'pyyaml>=6'
+	$(OFFICIAL)/python-$*/bin/pip install --quiet -e '.[dev,mlflow]' 'pytest>=8' 'pyyaml>=6'
 	touch $@
 
 # The official branchkey clients, each in its own venv (they pin requests/numpy of their own).

@@ -424,7 +424,8 @@ class Platform:
         branch = self.require_branch(branch_id)
         extras = {"kind": kind} if kind == FEDERATED_ANALYTICS else {}
         text = aggregation_message(round_.aggregation_id,
-                                   **self._extras(run_number=run_number, round=round_number, **extras))
+                                   **self._extras(run_number=run_number, round=round_number, updates=len(uploads),
+                                                  **extras))
         with self._lock, self.store.transaction() as db:
             self.store.record_aggregate(db, Aggregate(round_.aggregation_id, branch_id, run_number, round_number,
                                                       len(uploads), out.stat().st_size, time.time(), kind))

@@ -75,6 +75,12 @@ class Participant(ABC):
         """The model the site serves changed to `model` (a copy the leaf keeps); by default nothing
         is done, a participant that serves predictions reloads it here."""
 
+    def export_model(self, model: Path, directory: Path) -> None:  # noqa: B027 -- an optional hook, empty by default
+        """With an MLflow registry configured: write the promoted global model `model` (the `.npz`)
+        into `directory` in the framework's own form (a torch `state_dict`, an MLflow flavour's
+        directory), which the registry then holds; by default nothing is written and the `.npz` is
+        registered as it is."""
+
 
 @dataclass(frozen=True)
 class ServedModel:

@@ -56,6 +56,7 @@ from prefect_branchkey.flows.leaf.state import (
 from prefect_branchkey.flows.participant import Participant, check_result
 from prefect_branchkey.flows.publishing.observability import emit_round_event, label_flow_run, run_tags
 from prefect_branchkey.flows.publishing.publication import Publication, publishing
+from prefect_branchkey.flows.publishing.registry import RegistrySettings, load_registry, stage_model
 from prefect_branchkey.flows.updates.deltas import GlobalModel
 from prefect_branchkey.flows.updates.privacy import (
     PrivacyLedger,
@@ -126,17 +127,20 @@ def run_round(
     policy: UpdatePolicy = UpdatePolicy(),  # noqa: B008 -- a frozen pydantic model, safe to share
     promotion: PromotionPolicy | None = None,
     retention: RetentionSettings | None = None,
+    registry: RegistrySettings | None = None,
 ) -> RoundResult:
     """Run (or resume) the leaf's current round; state is saved after every step. The rows it
     recorded (`completed`, `resynced`) are published in the background by `publication` (a
     training run's), else by one this call opens and closes, everything published, at its end.
     `promotion` judges the new global model (default: by the participant's primary metric);
-    once the round has ended, `retention` deletes the updates and models past its counts."""
+    once the round has ended, `retention` deletes the updates and models past its counts. With a
+    `registry` (here, or the publication's), a promoted global model is staged for MLflow."""
     work_dir = Path(work_dir)
     promotion = promotion or promotion_policy(participant)
-    with nullcontext(publication) if publication else publishing(session.credentials.leaf_name, work_dir) as pub:
+    with (nullcontext(publication) if publication
+          else publishing(session.credentials.leaf_name, work_dir, registry)) as pub:
         try:
-            result = _run_round(session, participant, work_dir, timeouts, policy, promotion)
+            result = _run_round(session, participant, work_dir, timeouts, policy, promotion, pub.registry is not None)
         finally:
             pub.notify()
     apply_retention(work_dir, load_state(work_dir, session.credentials.leaf_id), retention or RetentionSettings())
@@ -144,11 +148,11 @@ def run_round(
 
 
 def _run_round(session: LeafSession, participant: Participant, work_dir: Path,
-               timeouts: Timeouts, policy: UpdatePolicy, promotion: PromotionPolicy) -> RoundResult:
+               timeouts: Timeouts, policy: UpdatePolicy, promotion: PromotionPolicy, staging: bool) -> RoundResult:
     """The round, or `resynced` when the leaf turned out to be out of step and resynced instead
     (nothing uploaded): the caller decides whether the platform's open round is one to run."""
     try:
-        return _attempt_round(session, participant, work_dir, timeouts, policy, promotion)
+        return _attempt_round(session, participant, work_dir, timeouts, policy, promotion, staging)
     except OutOfSyncError as exc:
         record = _resync(session, work_dir, timeouts, str(exc))
         state = load_state(work_dir, session.credentials.leaf_id)
@@ -156,7 +160,8 @@ def _run_round(session: LeafSession, participant: Participant, work_dir: Path,
 
 
 def _attempt_round(session: LeafSession, participant: Participant, work_dir: Path,
-                   timeouts: Timeouts, policy: UpdatePolicy, promotion: PromotionPolicy) -> RoundResult:
+                   timeouts: Timeouts, policy: UpdatePolicy, promotion: PromotionPolicy,
+                   staging: bool) -> RoundResult:
     state = load_state(work_dir, session.credentials.leaf_id)
     resumed = state.phase != "idle"
     try:
@@ -173,7 +178,7 @@ def _attempt_round(session: LeafSession, participant: Participant, work_dir: Pat
             if _budget_spent(session, work_dir, state, policy.privacy):
                 return RoundResult("budget-spent", state.run_number, state.round)
             _train(participant, work_dir, state, policy)
-        return _finish(session, participant, work_dir, state, timeouts, resumed, promotion)
+        return _finish(session, participant, work_dir, state, timeouts, resumed, promotion, staging)
     except RunStoppedError:
         state.clear_round()
         save_state(work_dir, state)
@@ -186,14 +191,14 @@ def _attempt_round(session: LeafSession, participant: Participant, work_dir: Pat
 
 
 def _finish(session: LeafSession, participant: Participant, work_dir: Path, state: LeafState,
-            timeouts: Timeouts, resumed: bool, promotion: PromotionPolicy) -> RoundResult:
+            timeouts: Timeouts, resumed: bool, promotion: PromotionPolicy, staging: bool) -> RoundResult:
     if state.phase == "trained":
         _upload(session, work_dir, state, timeouts, mark=not resumed)
     if state.phase == "uploaded":
         _await_aggregation(session, work_dir, state, timeouts, resumed)
     if state.phase == "aggregated":
         _download(session, work_dir, state)
-    return _evaluate_and_record(session, participant, work_dir, state, promotion)
+    return _evaluate_and_record(session, participant, work_dir, state, promotion, staging)
 
 
 def _timed(state: LeafState, step: str, started: float) -> None:
@@ -336,6 +341,8 @@ def _await_aggregation(session: LeafSession, work_dir: Path, state: LeafState, t
         save_state(work_dir, state)
         raise
     _timed(state, "wait_s", started)
+    updates = session.notice_extras.pop(aggregation_id, {}).get("updates")
+    state.aggregate_facts = {"updates_aggregated": updates} if isinstance(updates, int) else {}
     state.aggregation_id, state.phase = aggregation_id, "aggregated"
     save_state(work_dir, state)
     session.client.acknowledge(aggregation_id)
@@ -361,9 +368,13 @@ def _audit_download(session: LeafSession, work_dir: Path, state: LeafState, aggr
 
 
 def _evaluate_and_record(session: LeafSession, participant: Participant, work_dir: Path,
-                         state: LeafState, promotion: PromotionPolicy) -> RoundResult:
+                         state: LeafState, promotion: PromotionPolicy, staging: bool) -> RoundResult:
+    """Send the round's metrics, judge its model (staging a promoted one for the registry when
+    `staging`), record its history row, and move the leaf to its next round."""
     _send_round_metrics(session, participant, work_dir, state)
     promote(participant, work_dir, state, promotion)
+    if staging and state.model_facts.get("served") and state.global_model:
+        stage_model(work_dir, state.aggregation_id or "", Path(state.global_model), participant.export_model)
     eval_metrics = dict(state.eval_metrics)
     record = _record(session, state, "completed", eval_metrics)
     append_record(work_dir, record)
@@ -505,7 +516,7 @@ def _record(session: LeafSession, state: LeafState, status: str,
         bytes_down=state.bytes_down, started_at=utc_from_timestamp(state.started_at),
         finished_at=utc_from_timestamp(finished), flow_run_id=flow_run.get_id(), tree_id=leaf.tree_id,
         branch_name=session.branch_name, payloads_sent=state.payloads_sent, audit_head=state.audit_head,
-        **state.update_facts, **state.model_facts,
+        **state.update_facts, **state.model_facts, **state.aggregate_facts,
     )
 
 
@@ -526,6 +537,7 @@ def federated_round(
     privacy: PrivacySettings = PrivacySettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
     promotion: PromotionSettings = PromotionSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
     retention: RetentionSettings = RetentionSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
+    registry: str | None = None,
 ) -> RoundResult | State:
     """One federated round for one leaf (or the rest of an interrupted one).
 
@@ -537,9 +549,11 @@ def federated_round(
     (differential privacy; off by default) and `promotion` (which global model is served) are
     typed groups of settings, as is `retention` (how many past updates and global models the
     work dir keeps); a bad or misspelt value, or a DP budget already spent, fails the run
-    before the round.
+    before the round. `registry` names an `MlflowRegistry` Block (the `mlflow` extra): each global
+    model the leaf promotes is then registered there, in the background.
     """
     policy = update_policy(update, privacy)
+    registry_settings = load_registry(registry)
     leaf = leaf_setup(credentials, work_dir, participant, participant_options, promotion)
     block, directory = leaf.credentials, leaf.work_dir
     try:
@@ -550,7 +564,7 @@ def federated_round(
             label_flow_run(round_name(block, expected), run_tags(block, session.branch_name))
             result = round_in_step(session, leaf.participant, directory,
                                    Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s), policy,
-                                   leaf.promotion, retention)
+                                   leaf.promotion, retention, registry_settings)
     except LeafBusyError as exc:
         return cancelled_as_busy(exc)
     if result.round != expected:
@@ -560,13 +574,13 @@ def federated_round(
 
 def round_in_step(session: LeafSession, participant: Participant, work_dir: Path,
                   timeouts: Timeouts, policy: UpdatePolicy, promotion: PromotionPolicy,
-                  retention: RetentionSettings | None = None) -> RoundResult:
+                  retention: RetentionSettings | None = None, registry: RegistrySettings | None = None) -> RoundResult:
     """The leaf's round; after a resync, the platform's open round (up to MAX_RESYNCS times)."""
     result = run_round(session, participant, work_dir, timeouts, policy=policy, promotion=promotion,
-                       retention=retention)
+                       retention=retention, registry=registry)
     for _ in range(MAX_RESYNCS):
         if result.status != "resynced":
             break
         result = run_round(session, participant, work_dir, timeouts, policy=policy, promotion=promotion,
-                           retention=retention)
+                           retention=retention, registry=registry)
     return result

@@ -23,6 +23,7 @@ from prefect_branchkey.flows.leaf.state import LeafBusyError, cancelled_as_busy,
 from prefect_branchkey.flows.participant import Participant
 from prefect_branchkey.flows.publishing.observability import label_flow_run, run_tags
 from prefect_branchkey.flows.publishing.publication import Publication, publishing
+from prefect_branchkey.flows.publishing.registry import load_registry
 from prefect_branchkey.flows.round import RoundResult, Timeouts, run_round
 from prefect_branchkey.flows.updates.privacy import PrivacySettings, check_budget_at_start
 from prefect_branchkey.flows.updates.transforms import UpdatePolicy, UpdateSettings, update_policy
@@ -54,6 +55,7 @@ def federated_training(
     privacy: PrivacySettings = PrivacySettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
     promotion: PromotionSettings = PromotionSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
     retention: RetentionSettings = RetentionSettings(),  # noqa: B008 -- a frozen pydantic model, safe to share
+    registry: str | None = None,
 ) -> list[RoundResult] | State:
     """Run this leaf's rounds until one of: round `rounds` is done (counted in the work dir
     across flow runs; None: no limit), `rounds_per_run` rounds completed in this flow run (a
@@ -67,15 +69,18 @@ def federated_training(
     run uses `federated-round`. `update`, `privacy`, `promotion` and `retention` are the round's
     typed groups of settings (`federated_round`'s); a bad or misspelt value, or a DP budget already spent,
     fails the run before any round, and the run ends at the round that would exceed the budget.
+    `registry` names an `MlflowRegistry` Block: each global model the leaf promotes is registered
+    there in the background (the `mlflow` extra).
     """
     policy = update_policy(update, privacy)
+    registry_settings = load_registry(registry)
     leaf = leaf_setup(credentials, work_dir, participant, participant_options, promotion)
     block, directory = leaf.credentials, leaf.work_dir
     timeouts = Timeouts(run_s=run_timeout_s, aggregation_s=aggregation_timeout_s, run_poll_s=run_poll_s)
     with LeafSession(block) as session, tags(*run_tags(block, session.branch_name)):
         label_flow_run(f"{block.leaf_name}-training", run_tags(block, session.branch_name))
         try:
-            with hold_work_dir(directory), publishing(block.leaf_name, directory) as publication:
+            with hold_work_dir(directory), publishing(block.leaf_name, directory, registry_settings) as publication:
                 check_budget_at_start(policy.privacy, directory, load_state(directory, block.leaf_id).phase != "idle")
                 return _round_loop(session, publication, policy, leaf.promotion, retention, leaf.participant,
                                    directory, timeouts, rounds, rounds_per_run, target_metric, target_value)

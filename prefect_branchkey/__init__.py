@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from prefect_branchkey.flows.leaf.promotion import PromotionSettings
     from prefect_branchkey.flows.leaf.retention import RetentionSettings
     from prefect_branchkey.flows.participant import Participant
+    from prefect_branchkey.flows.publishing.registry import MlflowRegistry
     from prefect_branchkey.flows.round import federated_round
     from prefect_branchkey.flows.statistics import federated_statistics
     from prefect_branchkey.flows.training import federated_training
@@ -33,6 +34,7 @@ _PUBLIC = {
     "BranchKeyCredentials": "prefect_branchkey.bk_blocks",
     "BranchKeyError": "prefect_branchkey.bk_blocks",
     "Participant": "prefect_branchkey.flows.participant",
+    "MlflowRegistry": "prefect_branchkey.flows.publishing.registry",
     "federated_round": "prefect_branchkey.flows.round",
     "federated_training": "prefect_branchkey.flows.training",
     "federated_evaluation": "prefect_branchkey.flows.evaluation",
@@ -54,6 +56,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BranchKeyCredentials",
     "BranchKeyError",
+    "MlflowRegistry",
     "Participant",
     "PrivacySettings",
     "PromotionSettings",

@@ -73,6 +73,7 @@ def wait_for_aggregation(
             notice = client.wait_for_aggregation(look_s, after=after, exclude=exclude, auto_ack=False,
                                                  for_round=counted_in)
             logger.info("round %d aggregated as %s", round_number, notice.aggregation_id)
+            session.notice_extras[notice.aggregation_id] = dict(notice.extra)
             session.forget_mark(run_number, round_number)
             return notice.aggregation_id
         except NotificationTimeout:

@@ -7,6 +7,8 @@ logger that writes to whichever Prefect run is current (the task's, else the flo
 
 from __future__ import annotations
 
+from typing import Any
+
 import requests
 
 from prefect_branchkey.bk_blocks import BranchKeyClient, BranchKeyCredentials, BranchKeyError, BranchKeySettings
@@ -42,6 +44,9 @@ class LeafSession:
             logger=CurrentRunLogger("prefect_branchkey.bk_blocks.client"))
         self._marks: dict[tuple[int, int], int] = {}
         self._branch_name: str | None = None
+        # Extra fields of the aggregation notices that answered this session's rounds, by aggregation
+        # id (a platform's extension: bk-server says how many updates it averaged).
+        self.notice_extras: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def open(cls, credentials: BranchKeyCredentials | str) -> LeafSession:

@@ -63,7 +63,7 @@ SCHEMA = pa.schema([
     ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
     ("flow_run_id", pa.string()),
     ("round_kind", pa.string()),
-    ("payloads_sent", pa.int64()), ("audit_head", pa.string()),
+    ("payloads_sent", pa.int64()), ("audit_head", pa.string()), ("updates_aggregated", pa.int64()),
 ])
 LEARNING = "learning"
 ANALYTICS = "analytics"
@@ -98,7 +98,8 @@ class RoundRecord:
     far, `metric_drop` is how far this round's fell below it (0 when it is the best),
     `metric_drop_alert` the drop that raises an alert, and `served` whether the site now serves it.
     `payloads_sent` counts what the round sent (its upload, its metrics) and `audit_head` is the
-    leaf's audit trail's head hash after them (`prefect_branchkey.flows.leaf.audit`).
+    leaf's audit trail's head hash after them (`prefect_branchkey.flows.leaf.audit`);
+    `updates_aggregated` how many updates the round's aggregate averaged, when the platform says.
     """
 
     branch_id: str
@@ -141,6 +142,7 @@ class RoundRecord:
     round_kind: str = LEARNING
     payloads_sent: int | None = None
     audit_head: str | None = None
+    updates_aggregated: int | None = None
 
 
 def history_dir(work_dir: Path) -> Path:

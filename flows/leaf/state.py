@@ -84,6 +84,8 @@ class LeafState:
     # leaf's latest entry (`prefect_branchkey.flows.leaf.audit`): both go into the history row.
     payloads_sent: int = 0
     audit_head: str | None = None
+    # What the platform said of the round's aggregate (bk-server's notice: updates_aggregated).
+    aggregate_facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def last_aggregation(self) -> str | None:
@@ -103,7 +105,7 @@ class LeafState:
         self.aggregation_id, self.bytes_down, self.durations, self.started_at = None, 0, {}, None
         self.eval_metrics, self.evaluated, self.sent_metrics = {}, False, []
         self.counted_in, self.wait_expired = None, False
-        self.update_facts, self.model_facts, self.payloads_sent = {}, {}, 0
+        self.update_facts, self.model_facts, self.payloads_sent, self.aggregate_facts = {}, {}, 0, {}
 
 
 def state_path(work_dir: Path) -> Path:

@@ -12,7 +12,9 @@ event to Prefect (its server keeps one event per id). Publications of one work d
 (a lock file), so two processes never send the same round at once.
 
 The flow run that holds the leaf's work dir opens the publication; its rounds notify it;
-closing it waits until everything recorded is published.
+closing it waits until everything recorded is published. With an MLflow registry configured, the
+same thread then registers the promoted rounds' global models (`prefect_branchkey.flows.publishing.registry`),
+under its own marker: a registry that is down never holds back what Prefect shows, or the reverse.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from prefect_branchkey.flows.leaf.history import RoundRecord, file_round, histor
 from prefect_branchkey.flows.leaf.promotion import metric_dropped
 from prefect_branchkey.flows.publishing.assets import model_asset_events
 from prefect_branchkey.flows.publishing.observability import metric_dropped_event, publish_artifacts, round_event
+from prefect_branchkey.flows.publishing.registry import Registrar, RegistrySettings
 
 # Rounds shown in the history artifact: the latest ones (the Parquet history keeps them all).
 ARTIFACT_ROWS = 50
@@ -179,10 +182,12 @@ def _event_status(record: RoundRecord) -> str:
 
 
 class Publication:
-    """A background thread publishing one leaf's new rounds whenever it is notified."""
+    """A background thread publishing one leaf's new rounds whenever it is notified (and with a
+    `registry`, registering the global models it promoted)."""
 
-    def __init__(self, leaf_name: str, work_dir: Path) -> None:
-        self.leaf_name, self.work_dir = leaf_name, Path(work_dir)
+    def __init__(self, leaf_name: str, work_dir: Path, registry: RegistrySettings | None = None) -> None:
+        self.leaf_name, self.work_dir, self.registry = leaf_name, Path(work_dir), registry
+        self._registrar = Registrar(leaf_name, self.work_dir, registry) if registry else None
         self._wanted = 0
         self._done = 0
         self._failed = False
@@ -190,6 +195,7 @@ class Publication:
         self._retried = False
         self._stopping = False
         self._failures = 0
+        self._registry_failures = 0
         self._condition = threading.Condition()
         context = contextvars.copy_context()
         self._thread = threading.Thread(target=context.run, args=(self._loop,), daemon=True,
@@ -218,8 +224,8 @@ class Publication:
             done = self._condition.wait_for(lambda: self._done >= self._wanted, timeout=timeout)
             complete = done and not self._failed
         if not complete:
-            logger.warning("%s: rounds not yet published to Prefect; the leaf's next run publishes them",
-                           self.leaf_name)
+            what = "published to Prefect or registered in MLflow" if self._registrar else "published to Prefect"
+            logger.warning("%s: rounds not yet %s; the leaf's next run does it", self.leaf_name, what)
         return complete
 
     def stop(self) -> None:
@@ -257,11 +263,30 @@ class Publication:
 
     def _retry_in(self) -> float | None:
         """How long the thread waits before trying again after a failure (None: until notified)."""
-        return RETRY_BACKOFF_S[min(self._failures, len(RETRY_BACKOFF_S)) - 1] if self._failed else None
+        streak = max(self._failures, self._registry_failures, 1)
+        return RETRY_BACKOFF_S[min(streak, len(RETRY_BACKOFF_S)) - 1] if self._failed else None
 
     def _attempt(self) -> bool:
-        """One publication of what is pending: the first failure of a streak is a warning naming
-        the cause, the ones after it are debug lines, and the catch-up after it is said once."""
+        """One publication of what is pending, then (with a registry) one registration of it."""
+        published = self._publish()
+        return self._register() and published
+
+    def _register(self) -> bool:
+        """Register the promoted rounds pending for MLflow (`Registrar` warns once per round)."""
+        if self._registrar is None:
+            return True
+        try:
+            registered = self._registrar.register_pending()
+        except Exception as exc:
+            logger.warning("%s: could not read the rounds to register in MLflow: %s: %s", self.leaf_name,
+                           type(exc).__name__, exc)
+            registered = False
+        self._registry_failures = 0 if registered else self._registry_failures + 1
+        return registered
+
+    def _publish(self) -> bool:
+        """Publish to Prefect: the first failure of a streak is a warning naming the cause, the ones
+        after it are debug lines, and the catch-up after it is said once."""
         try:
             published = publish_pending(self.leaf_name, self.work_dir)
         except (Exception, asyncio.CancelledError) as exc:
@@ -298,11 +323,11 @@ def _stop_at_exit() -> None:
 
 
 @contextmanager
-def publishing(leaf_name: str, work_dir: Path) -> Iterator[Publication]:
+def publishing(leaf_name: str, work_dir: Path, registry: RegistrySettings | None = None) -> Iterator[Publication]:
     """A publication of the leaf's rounds for the duration (a training run's, or a lone round's),
     closed at the end: waiting for everything to be published when the block ends normally,
-    not when it raises."""
-    publication = Publication(leaf_name, Path(work_dir).resolve())
+    not when it raises. With `registry`, promoted global models are registered in MLflow too."""
+    publication = Publication(leaf_name, Path(work_dir).resolve(), registry)
     ended_normally = False
     try:
         yield publication.start()

