@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from prefect_branchkey.flows.examples.digits import DigitsSoftmax
+from prefect_branchkey.flows.leaf.audit import AuditTrailBrokenError, acknowledge_break, trail_path, verify_trail
 from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.leaf.state import load_state, save_state
 from prefect_branchkey.flows.round import Timeouts, run_round
@@ -116,6 +117,23 @@ def test_rerun_after_a_completed_round_starts_the_next_one(server: BkServer, tmp
     second = run_round(session, DigitsSoftmax(leaf_index=0, leaves=1), tmp_path / "leaf")
     assert (first.round, second.round) == (1, 2)
     assert [r["round"] for r in history_rows(tmp_path / "leaf")] == [1, 2]
+
+
+def test_a_broken_audit_trail_stops_the_upload_until_acknowledged_and_the_round_resumes(
+        server: BkServer, tmp_path: Path, open_session: Callable[..., LeafSession]) -> None:
+    federation = server.federation(leaves=1)
+    session = open_session(credentials_for(server, federation.leaves[0]))
+    work_dir = tmp_path / "leaf"
+    run_round(session, DigitsSoftmax(leaf_index=0, leaves=1), work_dir)
+    trail = trail_path(work_dir)
+    trail.write_bytes(trail.read_bytes().replace(b'"mode":"test"', b'"mode":"tset"'))
+    with pytest.raises(AuditTrailBrokenError, match="bk audit acknowledge"):
+        run_round(session, DigitsSoftmax(leaf_index=0, leaves=1), work_dir)
+    assert load_state(work_dir, session.credentials.leaf_id).phase == "trained", "resumable at the upload"
+    assert [r["round"] for r in server.status(federation.branch_id)["rounds"] if r["updates"]] == [1], "nothing sent"
+    acknowledge_break(work_dir, "reviewed: a test edited the trail")
+    assert run_round(session, DigitsSoftmax(leaf_index=0, leaves=1), work_dir).status == "completed"
+    assert verify_trail(work_dir).intact
 
 
 def test_round_closed_while_the_leaf_was_down_is_picked_up_on_resume(amqp_server: BkServer, tmp_path: Path,
