@@ -20,10 +20,12 @@ from prefect_branchkey.flows.leaf.audit import (
     Verification,
     acknowledge_break,
     head_covers,
+    holds,
     read_entries,
     trail_path,
     verify_trail,
 )
+from prefect_branchkey.flows.leaf.state import state_path
 
 app = App(name="audit", help="A leaf's audit trail: what left the site and what arrived.")
 # The columns of an export: the entry's own fields, the facts a reviewer filters on, then all facts as JSON.
@@ -34,7 +36,8 @@ COLUMNS = ("seq", "at", "kind", "step", "key", "destination", "run_number", "rou
 @app.command
 def verify(work_dir: Path, /, *, head: str | None = None) -> None:
     """Check WORK_DIR's audit trail: every entry chained to the one before, none edited, removed or
-    reordered, the last one complete. Exits 1 naming the first entry that is not.
+    reordered, the last one complete. Exits 1 naming the first entry that is not, 2 when there is
+    no trail. Entries cut from the end leave an intact chain: give `--head` to find them.
 
     Parameters
     ----------
@@ -44,18 +47,36 @@ def verify(work_dir: Path, /, *, head: str | None = None) -> None:
         A head hash kept elsewhere (a run's summary artifact in Prefect, a history row): the trail
         must still hold that entry, so entries cut from its end are found too.
     """
-    result = verify_trail(work_dir)
     path = trail_path(work_dir)
-    for problem, reason in result.acknowledged:
-        print(f"acknowledged break at {problem} (reason: {reason})")
+    if not path.is_file():
+        print(f"bk audit verify: no audit trail at {path} (is {work_dir} the leaf's work dir?)", file=sys.stderr)
+        raise SystemExit(2)
+    result = verify_trail(work_dir)
+    for acknowledged in result.acknowledged:
+        print(f"acknowledged break at {acknowledged}")
     if result.problem is not None:
         print(f"bk audit verify: {path} is broken at {result.problem}", file=sys.stderr)
         raise SystemExit(1)
+    recorded = _state_head(work_dir)
+    if recorded is not None and not holds(result, recorded):
+        print(f"bk audit verify: {path} does not hold entry {recorded}, the last one the leaf recorded in its "
+              "state: it was cut short or replaced", file=sys.stderr)
+        raise SystemExit(1)
     if head is not None and not head_covers(result, head):
-        print(f"bk audit verify: {path} holds no entry {head}: entries were cut from its end, or it was "
-              "rewritten", file=sys.stderr)
+        where = ("only inside an acknowledged break" if head in result.sealed_hashes
+                 else "no longer: entries were cut from its end, or it was rewritten")
+        print(f"bk audit verify: {path} holds entry {head} {where}", file=sys.stderr)
         raise SystemExit(1)
     print(_summary(path, result, head))
+
+
+def _state_head(work_dir: Path) -> str | None:
+    """The audit head the leaf's state last recorded (None without a state or a head)."""
+    try:
+        head = json.loads(state_path(work_dir).read_text()).get("audit_head")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(head) if head else None
 
 
 def _summary(path: Path, result: Verification, head: str | None) -> str:
@@ -125,7 +146,7 @@ def acknowledge(work_dir: Path, /, *, reason: str) -> None:
         Who reviewed the break and what they found; kept in the trail.
     """
     try:
-        entry = acknowledge_break(work_dir, reason)
+        entry = acknowledge_break(work_dir, reason, _state_head(work_dir))
     except AuditTrailError as exc:
         print(f"bk audit acknowledge: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

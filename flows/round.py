@@ -56,7 +56,7 @@ from prefect_branchkey.flows.leaf.state import (
 from prefect_branchkey.flows.participant import Participant, check_result
 from prefect_branchkey.flows.publishing.observability import emit_round_event, label_flow_run, run_tags
 from prefect_branchkey.flows.publishing.publication import Publication, publishing
-from prefect_branchkey.flows.publishing.registry import RegistrySettings, load_registry, stage_model
+from prefect_branchkey.flows.publishing.registry import RegistrySettings, load_registry, stage_promoted
 from prefect_branchkey.flows.updates.deltas import GlobalModel
 from prefect_branchkey.flows.updates.privacy import (
     PrivacyLedger,
@@ -288,7 +288,7 @@ def _upload(session: LeafSession, work_dir: Path, state: LeafState, timeouts: Ti
     archive = Path(state.archive or "")
     sha256 = sha256_file(archive).hex()
     key = idempotency_key(session.credentials.leaf_id, state.run_number, state.round, sha256)
-    trail = AuditTrail(work_dir)
+    trail = AuditTrail(work_dir, state.audit_head)
     trail.sending("upload", key, leaf_facts(session, state.run_number, state.round) | archive_facts(archive, sha256)
                   | state.update_facts)
     while True:
@@ -296,9 +296,10 @@ def _upload(session: LeafSession, work_dir: Path, state: LeafState, timeouts: Ti
             receipt = upload_weights(session, archive, state.round, state.run_number, name_round=True, mark=mark,
                                      sha256=sha256)
             break
-        except RunNotStartedError:
+        except RunNotStartedError as exc:
             details = wait_for_run(session, state.round, timeouts.run_poll_s, timeouts.run_s)
             if details.run_status == "stop" or details.run_number != state.run_number:
+                state.audit_head = trail.refused("upload", key, exc)
                 raise RunStoppedError(f"run {state.run_number} ended before round {state.round} was uploaded") from None
         except RequestRefusedError as exc:
             state.audit_head = trail.refused("upload", key, exc)
@@ -364,7 +365,8 @@ def _audit_download(session: LeafSession, work_dir: Path, state: LeafState, aggr
     """Record a global model that arrived (the aggregate of `round_number`) in the audit trail, once
     per aggregation."""
     facts = leaf_facts(session, state.run_number, round_number) | {"aggregation_id": aggregation_id}
-    state.audit_head = AuditTrail(work_dir).received("download", aggregation_id, facts | received_facts(path))
+    trail = AuditTrail(work_dir, state.audit_head)
+    state.audit_head = trail.received("download", aggregation_id, facts | received_facts(path))
 
 
 def _evaluate_and_record(session: LeafSession, participant: Participant, work_dir: Path,
@@ -374,7 +376,8 @@ def _evaluate_and_record(session: LeafSession, participant: Participant, work_di
     _send_round_metrics(session, participant, work_dir, state)
     promote(participant, work_dir, state, promotion)
     if staging and state.model_facts.get("served") and state.global_model:
-        stage_model(work_dir, state.aggregation_id or "", Path(state.global_model), participant.export_model)
+        stage_promoted(work_dir, state.aggregation_id or "", Path(state.global_model), participant.export_model,
+                       session.credentials.leaf_name)
     eval_metrics = dict(state.eval_metrics)
     record = _record(session, state, "completed", eval_metrics)
     append_record(work_dir, record)
@@ -399,7 +402,7 @@ def _send_round_metrics(session: LeafSession, participant: Participant, work_dir
     aggregation_id = state.aggregation_id or ""
     sends: tuple[tuple[MetricsMode, dict[str, float]], ...] = (("train", state.train_metrics),
                                                              ("test", state.eval_metrics))
-    trail = AuditTrail(work_dir)
+    trail = AuditTrail(work_dir, state.audit_head)
     for mode, metrics in sends:
         if metrics and mode not in state.sent_metrics:
             key = round_metrics_key(session.credentials.leaf_id, aggregation_id, mode)

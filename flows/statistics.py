@@ -33,7 +33,13 @@ from prefect_branchkey.bk_blocks.files import sha256_file
 from prefect_branchkey.flows.federation.leaves import leaf_credentials
 from prefect_branchkey.flows.leaf.audit import AuditTrail, leaf_facts, received_facts, statistics_facts
 from prefect_branchkey.flows.leaf.history import ANALYTICS, RoundRecord, append_record, utc_from_timestamp
-from prefect_branchkey.flows.leaf.state import LeafBusyError, cancelled_as_busy, hold_work_dir, resolve_work_dir
+from prefect_branchkey.flows.leaf.state import (
+    LeafBusyError,
+    cancelled_as_busy,
+    hold_work_dir,
+    load_state,
+    resolve_work_dir,
+)
 from prefect_branchkey.flows.participant import ParticipantError, import_object, load_participant, parse_options
 from prefect_branchkey.flows.publishing.observability import artifact_key, label_flow_run, run_tags
 from prefect_branchkey.tasks import LeafSession, current_run, resolve_credentials
@@ -147,9 +153,9 @@ def federated_statistics(
                                                                       receipt.counted_in, timeout_s)
         waited = time.time()
         path = download_statistics(session, aggregation_id, directory / STATISTICS_DIR)
-        head = AuditTrail(directory).received("download", aggregation_id, leaf_facts(session, run_number, round_number)
-                                              | {"aggregation_id": aggregation_id, "what": "statistics"}
-                                              | received_facts(path))
+        trail = AuditTrail(directory, load_state(directory, block.leaf_id).audit_head)
+        head = trail.received("download", aggregation_id, leaf_facts(session, run_number, round_number)
+                              | {"aggregation_id": aggregation_id, "what": "statistics"} | received_facts(path))
         table = statistics_table(read_fields(path, combined=True), own)
         create_table_artifact(table=table, key=artifact_key("statistics", block.leaf_name),
                               description=f"BranchKey federated statistics of run {run_number} round "
@@ -173,7 +179,7 @@ def _upload_audited(session: LeafSession, work_dir: Path, archive: Path, run_num
     (or refused) after."""
     sha256 = sha256_file(archive).hex()
     key = statistics_key(session.credentials.leaf_id, run_number, 0, sha256)
-    trail = AuditTrail(work_dir)
+    trail = AuditTrail(work_dir, load_state(work_dir, session.credentials.leaf_id).audit_head)
     trail.sending("statistics", key, leaf_facts(session, run_number, 0) | statistics_facts(archive, sha256))
     try:
         receipt = upload_statistics(session, archive, run_number, 0, sha256=sha256)

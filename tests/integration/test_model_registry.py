@@ -1,13 +1,16 @@
 """The global models a leaf promotes, registered in a real `mlflow server` (SQLite store, local
-artifacts): versions with their round's facts, the alias, idempotency, and a registry that is down,
-refusing or guarded by a password never holding a round back or leaking the secret."""
+artifacts; one behind MLflow's basic auth for the Block's password): versions with their round's
+facts, the alias, idempotency, and a registry that is down, refusing or given the wrong password
+never holding a round back or leaking the secret."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,18 +20,20 @@ from prefect_branchkey.bk_blocks import BranchKeyCredentials
 from prefect_branchkey.bk_blocks.archive import read_aggregate, write_update
 from prefect_branchkey.bk_dev.processes import free_port
 from prefect_branchkey.flows.examples.digits import DigitsSoftmax
+from prefect_branchkey.flows.leaf.audit import read_entries
 from prefect_branchkey.flows.leaf.history import RoundRecord, append_record, history_rows
 from prefect_branchkey.flows.publishing.registry import (
     MARKER,
     MlflowRegistry,
     Registrar,
     RegistrySettings,
+    identity,
     stage_model,
 )
 from prefect_branchkey.flows.training import federated_training
 
 from ..support.bkserver import BkServer, credentials_for
-from ..support.mlflow_server import MlflowServer
+from ..support.mlflow_server import ADMIN_PASSWORD, ADMIN_USER, MlflowServer
 
 DIGITS = "prefect_branchkey.flows.examples.digits:DigitsSoftmax"
 ONE_LEAF = {"leaf_index": 0, "leaves": 1}
@@ -52,9 +57,40 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def guarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A second server, behind MLflow's basic auth."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-auth"), auth=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class AdminClient:
+    """The test's own view of the registry: an MlflowClient whose calls (only) carry the admin's
+    credentials in MLflow's environment variables, so a leaf's registration gets in only with its Block's."""
+
+    def __init__(self, url: str) -> None:
+        self._client = MlflowClient(tracking_uri=url, registry_uri=url)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._client, name)
+
+        def as_admin(*args: Any, **kwargs: Any) -> Any:
+            os.environ |= {"MLFLOW_TRACKING_USERNAME": ADMIN_USER, "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
+            try:
+                return method(*args, **kwargs)
+            finally:
+                for variable in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                    os.environ.pop(variable, None)
+
+        return as_admin
+
+
 @pytest.fixture
-def mlflow(mlflow_server: MlflowServer) -> MlflowClient:
-    return MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+def mlflow(mlflow_server: MlflowServer) -> AdminClient:
+    return AdminClient(mlflow_server.url)
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +99,7 @@ def _prefect(prefect_api: str) -> None:
 
 
 def registry_block(name: str, tracking_uri: str, **fields: object) -> str:
+    """Save an MlflowRegistry Block."""
     MlflowRegistry(tracking_uri=tracking_uri, **fields).save(name, overwrite=True)  # type: ignore[arg-type]
     return name
 
@@ -82,12 +119,12 @@ def train(leaf: BranchKeyCredentials, work_dir: Path, rounds: int, registry: str
     return [result.status for result in results]
 
 
-def versions(mlflow: MlflowClient, name: str) -> list:  # type: ignore[type-arg]
+def versions(mlflow: AdminClient, name: str) -> list[Any]:
     return sorted(mlflow.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
 
 
 def test_each_promoted_round_is_a_version_with_its_facts_and_the_alias_follows(
-        leaf: BranchKeyCredentials, mlflow: MlflowClient, mlflow_server: MlflowServer, tmp_path: Path) -> None:
+        leaf: BranchKeyCredentials, mlflow: AdminClient, mlflow_server: MlflowServer, tmp_path: Path) -> None:
     block = registry_block("registry-facts", mlflow_server.url, model_name="facts-digits")
     assert train(leaf, tmp_path / "leaf", 2, block) == ["completed", "completed"]
     rows = history_rows(tmp_path / "leaf")
@@ -102,9 +139,15 @@ def test_each_promoted_round_is_a_version_with_its_facts_and_the_alias_follows(
     assert run.data.metrics["eval_accuracy"] == pytest.approx(row["eval_metrics"]["accuracy"])
     assert run.data.params["leaf"] == row["leaf_name"]
     assert [a.path for a in mlflow.list_artifacts(latest.run_id, "model")] == [f"model/{row['aggregation_id']}.npz"]
+    registrations = [e for e in read_entries(tmp_path / "leaf") if e["kind"] == "registration"]
+    assert [e["step"] for e in registrations] == ["sending", "confirmed"] * 2
+    sent = registrations[2]["facts"]
+    assert sent["destination"] == mlflow_server.url and sent["model"] == "facts-digits"
+    assert [f["name"] for f in sent["files"]] == [f"{row['aggregation_id']}.npz"]
+    assert registrations[3]["facts"]["version"] == latest.version
 
 
-def test_a_rerun_never_registers_an_aggregation_twice(leaf: BranchKeyCredentials, mlflow: MlflowClient,
+def test_a_rerun_never_registers_an_aggregation_twice(leaf: BranchKeyCredentials, mlflow: AdminClient,
                                                       mlflow_server: MlflowServer, tmp_path: Path) -> None:
     block = registry_block("registry-rerun", mlflow_server.url, model_name="rerun-digits")
     work_dir = tmp_path / "leaf"
@@ -120,7 +163,7 @@ def test_a_rerun_never_registers_an_aggregation_twice(leaf: BranchKeyCredentials
     assert mlflow.get_model_version_by_alias("rerun-digits", "champion").version == before[-1]
 
 
-def test_a_round_not_promoted_is_not_registered_and_the_alias_stays(mlflow: MlflowClient,
+def test_a_round_not_promoted_is_not_registered_and_the_alias_stays(mlflow: AdminClient,
                                                                     mlflow_server: MlflowServer,
                                                                     tmp_path: Path) -> None:
     for round_number, served in ((1, True), (2, False), (3, True)):
@@ -139,21 +182,20 @@ def test_a_round_not_promoted_is_not_registered_and_the_alias_stays(mlflow: Mlfl
 
 
 def test_an_unreachable_registry_never_holds_a_round_back_and_is_caught_up_later(
-        leaf: BranchKeyCredentials, mlflow: MlflowClient, mlflow_server: MlflowServer, tmp_path: Path,
+        leaf: BranchKeyCredentials, mlflow: AdminClient, mlflow_server: MlflowServer, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     block = registry_block("registry-down", f"http://127.0.0.1:{free_port()}", model_name="late-digits",
-                           username="fl-site", password="pw-never-logged", token="tok-never-logged", timeout_s=2)
+                           password="pw-never-logged", timeout_s=2)
     caplog.set_level(logging.DEBUG, logger=WARNINGS)
     assert train(leaf, tmp_path / "leaf", 2, block) == ["completed", "completed"]
-    warnings = [r for r in caplog.records if r.name == WARNINGS and r.levelno == logging.WARNING]
-    assert len(warnings) == 1, [r.getMessage() for r in warnings]
-    message = warnings[0].getMessage()
-    assert "round 1's global model" in message and "not registered in MLflow yet" in message
-    assert "is unreachable: Connection refused" in message
+    warnings = [r.getMessage() for r in caplog.records if r.name == WARNINGS and r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert "round 1's global model" in warnings[0] and "is unreachable: Connection refused" in warnings[0]
+    assert "round 2's global model" in warnings[1] and "waits behind round 1's" in warnings[1]
     assert not any("never-logged" in r.getMessage() for r in caplog.records)
+    assert "pw-never-logged" not in os.environ.values()
     assert versions(mlflow, "late-digits") == []
-    registry_block("registry-down", mlflow_server.url, model_name="late-digits", username="fl-site",
-                   password="pw-never-logged", token="tok-never-logged")
+    registry_block("registry-down", mlflow_server.url, model_name="late-digits")
     assert train(leaf, tmp_path / "leaf", 3, block) == ["completed"]
     assert [v.tags["branchkey.round"] for v in versions(mlflow, "late-digits")] == ["1", "2", "3"]
 
@@ -168,12 +210,46 @@ def test_a_refused_model_name_is_one_clear_warning_and_the_round_completes(
     assert "INVALID_PARAMETER_VALUE: Invalid model name 'bad/name'" in warning.getMessage()
 
 
-def test_the_participants_own_export_is_what_the_registry_holds(leaf: BranchKeyCredentials, mlflow: MlflowClient,
+def test_the_participants_own_export_is_what_the_registry_holds(leaf: BranchKeyCredentials, mlflow: AdminClient,
                                                                 mlflow_server: MlflowServer, tmp_path: Path) -> None:
     block = registry_block("registry-export", mlflow_server.url, model_name="exported-digits")
     assert train(leaf, tmp_path / "leaf", 1, block, f"{__name__}:ExportingDigits") == ["completed"]
     [version] = versions(mlflow, "exported-digits")
     assert [a.path for a in mlflow.list_artifacts(version.run_id, "model")] == ["model/weights.json"]
+
+
+def test_a_password_protected_registry_takes_the_blocks_credentials_and_only_them(
+        leaf: BranchKeyCredentials, guarded_server: MlflowServer, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = registry_block("registry-wrong-password", guarded_server.url, model_name="guarded-digits",
+                           username=ADMIN_USER, password="wrong-pw-never-logged")
+    assert train(leaf, tmp_path / "leaf", 1, wrong) == ["completed"]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == WARNINGS and r.levelno == logging.WARNING]
+    assert "round 1's global model" in warning and "401" in warning, warning
+    right = registry_block("registry-right-password", guarded_server.url, model_name="guarded-digits",
+                           username=ADMIN_USER, password=ADMIN_PASSWORD)
+    assert train(leaf, tmp_path / "leaf", 2, right) == ["completed"]
+    registered = versions(AdminClient(guarded_server.url), "guarded-digits")
+    assert [v.tags["branchkey.round"] for v in registered] == ["1", "2"], "round 1 caught up once let in"
+    assert not any(secret in r.getMessage() for r in caplog.records
+                   for secret in ("wrong-pw-never-logged", ADMIN_PASSWORD))
+    assert not {"wrong-pw-never-logged", ADMIN_PASSWORD} & set(os.environ.values())
+
+
+def test_a_run_a_killed_registration_left_unfinished_is_not_the_versions_source(
+        mlflow: AdminClient, mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    model = write_update(tmp_path / "agg-9.npz", 1.0, [np.ones(3, np.float32)])
+    append_record(tmp_path, RoundRecord(branch_id="b", leaf_id="l", leaf_name="leaf-1", run_number=1, round=9,
+                                        status="completed", aggregation_id="agg-9", served=True, branch_name="killed"))
+    stage_model(tmp_path, "agg-9", model, lambda model, directory: None)
+    experiment = mlflow.create_experiment("branchkey-killed")
+    half_made = mlflow.create_run(experiment, tags={"branchkey.identity": identity("agg-9", "leaf-1")})
+    assert Registrar("leaf-1", tmp_path, RegistrySettings(mlflow_server.url)).register_pending()
+    [version] = versions(mlflow, "killed")
+    assert version.run_id != half_made.info.run_id
+    assert mlflow.get_run(half_made.info.run_id).info.status == "FAILED"
+    assert [a.path for a in mlflow.list_artifacts(version.run_id, "model")] == ["model/agg-9.npz"]
 
 
 def test_the_registry_blocks_secrets_stay_out_of_its_settings_repr() -> None:

@@ -80,7 +80,7 @@ def test_verify_exits_1_when_the_trail_no_longer_holds_an_anchored_head(tmp_path
     path = trail_path(tmp_path)
     path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:-1]))
     result = bk("audit", "verify", str(tmp_path), "--head", head)
-    assert result.returncode == 1 and f"holds no entry {head}" in result.stderr
+    assert result.returncode == 1 and f"holds entry {head} no longer" in result.stderr
 
 
 def test_export_writes_one_row_per_entry_as_csv_and_parquet(tmp_path: Path, bk: Bk) -> None:
@@ -109,5 +109,11 @@ def test_acknowledge_seals_a_reviewed_break_and_verify_reports_it(tmp_path: Path
     assert sealed.returncode == 0, sealed.stderr
     verified = bk("audit", "verify", str(tmp_path))
     assert verified.returncode == 0, verified.stderr
-    assert "acknowledged break at line 4: the last line is cut short (truncated)" in verified.stdout
+    assert "acknowledged break at line 4: not a complete audit entry" in verified.stdout
+    assert "sealed as: line 4: the last line is cut short (truncated)" in verified.stdout
     assert "reviewed: disk full during the last write" in verified.stdout
+
+
+def test_verify_exits_2_when_there_is_no_trail(tmp_path: Path, bk: Bk) -> None:
+    result = bk("audit", "verify", str(tmp_path))
+    assert result.returncode == 2 and "no audit trail at" in result.stderr

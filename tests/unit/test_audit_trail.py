@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from prefect_branchkey.bk_blocks.errors import DiskFullError
 from prefect_branchkey.flows.leaf.audit import (
     AuditTrail,
     AuditTrailBrokenError,
@@ -15,6 +18,7 @@ from prefect_branchkey.flows.leaf.audit import (
     acknowledge_break,
     entry_hash,
     head_covers,
+    holds,
     public_url,
     read_entries,
     trail_path,
@@ -152,19 +156,69 @@ def test_an_acknowledged_break_lets_the_leaf_append_again(tmp_path: Path) -> Non
     AuditTrail(tmp_path).sending("upload", "next", {"round": 4})
     result = verify_trail(tmp_path)
     assert result.intact and len(result.acknowledged) == 1 and result.head == list(read_entries(tmp_path))[-1]["hash"]
-    assert result.acknowledged[0][1].startswith("reviewed by the site's DPO")
+    assert result.acknowledged[0].reason.startswith("reviewed by the site's DPO")
 
 
-def test_a_change_before_an_acknowledgement_breaks_the_trail_again(tmp_path: Path) -> None:
+def test_a_change_between_a_break_and_its_acknowledgement_breaks_the_trail_again(tmp_path: Path) -> None:
     filled(tmp_path)
     content = lines(tmp_path)
     rewrite(tmp_path, content[:2] + content[3:])
     acknowledge_break(tmp_path, "reviewed")
+    assert verify_trail(tmp_path).intact
     content = lines(tmp_path)
-    content[0] = content[0].replace(b'"bytes":100', b'"bytes":999')
+    content[3] = content[3].replace(b'"bytes":102', b'"bytes":999')
+    rewrite(tmp_path, content)
+    result = verify_trail(tmp_path)
+    assert result.problem is not None and result.problem.line == 3 and result.acknowledged == []
+
+
+def test_a_line_that_is_not_its_entrys_canonical_json_is_a_break(tmp_path: Path) -> None:
+    filled(tmp_path)
+    content = lines(tmp_path)
+    content[1] = b'{"facts":{"file_id":"forged"},' + content[1][1:]  # a reader taking the first key sees this
     rewrite(tmp_path, content)
     problem = verify_trail(tmp_path).problem
-    assert problem is not None and problem.line == 1
+    assert problem is not None and problem.line == 2 and "canonical" in problem.problem
+
+
+def test_an_entry_whose_fields_have_the_wrong_types_is_named_not_a_crash(tmp_path: Path) -> None:
+    filled(tmp_path)
+    content = lines(tmp_path)
+    entry = json.loads(content[2])
+    entry["facts"] = ["not", "a", "mapping"]
+    content[2] = json.dumps(entry).encode() + b"\n"
+    rewrite(tmp_path, content)
+    problem = verify_trail(tmp_path).problem
+    assert problem is not None and problem.line == 3 and "not a complete audit entry" in problem.problem
+
+
+def test_a_trail_without_the_leafs_last_recorded_entry_takes_nothing_until_acknowledged(tmp_path: Path) -> None:
+    head = filled(tmp_path).head
+    assert head is not None
+    rewrite(tmp_path, lines(tmp_path)[:-2])
+    with pytest.raises(AuditTrailBrokenError, match=f"does not hold entry {head}"):
+        AuditTrail(tmp_path, expected_head=head).sending("upload", "next", {"round": 4})
+    sealed = acknowledge_break(tmp_path, "reviewed: restored from last week's backup", expected_head=head)
+    assert sealed["facts"]["missing_head"] == head
+    AuditTrail(tmp_path, expected_head=head).sending("upload", "next", {"round": 4})
+    assert verify_trail(tmp_path).intact
+
+
+def test_a_write_the_full_disk_cuts_short_leaves_no_half_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trail = filled(tmp_path)
+    before = trail_path(tmp_path).read_bytes()
+    real_write = os.write
+
+    def half_then_full(descriptor: int, data: bytes | memoryview) -> int:
+        if len(data) > 10:
+            return real_write(descriptor, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(DiskFullError):
+        trail.sending("upload", "next", {"round": 4})
+    monkeypatch.undo()
+    assert trail_path(tmp_path).read_bytes() == before and verify_trail(tmp_path).intact
 
 
 def test_acknowledging_an_intact_trail_is_refused(tmp_path: Path) -> None:
@@ -189,3 +243,15 @@ def test_a_trail_another_process_changed_is_verified_again_before_appending(tmp_
 def test_a_destination_is_recorded_without_user_info_or_query() -> None:
     assert public_url("https://user:secret@platform.example:8443/api?token=abc#x") == "https://platform.example:8443/api"
     assert public_url("http://127.0.0.1:8080") == "http://127.0.0.1:8080"
+
+
+def test_an_entry_inside_an_acknowledged_break_is_kept_but_proves_nothing_as_an_anchor(tmp_path: Path) -> None:
+    head = filled(tmp_path).head
+    assert head is not None
+    content = lines(tmp_path)
+    content[2] = content[2].replace(b'"bytes":101', b'"bytes":999')
+    rewrite(tmp_path, content)
+    acknowledge_break(tmp_path, "reviewed")
+    result = verify_trail(tmp_path)
+    assert result.intact and holds(result, head) and not head_covers(result, head)
+    AuditTrail(tmp_path, expected_head=head).sending("upload", "next", {"round": 4})
