@@ -195,7 +195,9 @@ def _audit_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     payloads = sum(r.get("payloads_sent") or 0 for r in this_run)
     sent = sum(r.get("bytes_up") or 0 for r in this_run)
     epsilon = [r["dp_epsilon"] for r in this_run if r.get("dp_epsilon") is not None]
-    spent = f"; epsilon spent so far {epsilon[-1]:.3g}" if epsilon else "; no differential privacy"
+    earlier = [r["dp_epsilon"] for r in rows if r.get("dp_epsilon") is not None and r not in this_run]
+    spent = (f"; epsilon spent {epsilon[-1] - (earlier[-1] if earlier else 0.0):.3g} ({epsilon[-1]:.3g} so far)"
+             if epsilon else "; no differential privacy")
     return ["", f"**Sent by this run:** {payloads} payload(s), {sent:,} bytes uploaded{spent}. Audit trail head "
                 f"`{latest['audit_head']}`: `bk audit verify WORK_DIR --head {latest['audit_head']}` on the leaf's "
                 "machine proves its trail still holds every entry up to this one."]
