@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -342,9 +343,23 @@ def _identity(path: Path) -> tuple[int, ...]:
 
 def _entry(seq: int, kind: str, step: str, key: str | None, facts: dict[str, Any], prev: str) -> dict[str, Any]:
     entry: dict[str, Any] = {"seq": seq, "at": datetime.now(UTC).isoformat(timespec="microseconds"), "kind": kind,
-                             "step": step, "key": key, "facts": facts, "prev": prev}
+                             "step": step, "key": key, "facts": _plain(facts), "prev": prev}
     entry["hash"] = entry_hash(entry)
     return entry
+
+
+def _plain(value: Any) -> Any:
+    """`value` as strict JSON takes it: NumPy scalars as Python numbers, a NaN or infinite metric as
+    its name ("nan", "inf"), tuples as lists; a payload's facts never fail its round."""
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def _append_line(path: Path, line: bytes) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from prefect_branchkey.bk_blocks.errors import DiskFullError
@@ -255,3 +256,11 @@ def test_an_entry_inside_an_acknowledged_break_is_kept_but_proves_nothing_as_an_
     result = verify_trail(tmp_path)
     assert result.intact and holds(result, head) and not head_covers(result, head)
     AuditTrail(tmp_path, expected_head=head).sending("upload", "next", {"round": 4})
+
+
+def test_a_nan_metric_or_a_numpy_number_is_recorded_not_a_failed_round(tmp_path: Path) -> None:
+    AuditTrail(tmp_path).sending("metrics", "key", {"metrics": {"loss": float("nan"), "accuracy": np.float32(0.5)},
+                                                    "shape": (3, 4)})
+    [entry] = read_entries(tmp_path)
+    assert entry["facts"] == {"metrics": {"loss": "nan", "accuracy": 0.5}, "shape": [3, 4]}
+    assert verify_trail(tmp_path).intact
