@@ -225,7 +225,7 @@ class Publication:
             complete = done and not self._failed
         if not complete:
             what = "published to Prefect or registered in MLflow" if self._registrar else "published to Prefect"
-            logger.warning("%s: rounds not yet %s; the leaf's next run does it", self.leaf_name, what)
+            logger.warning("%s: rounds not yet %s; the leaf's next run publishes them", self.leaf_name, what)
         return complete
 
     def stop(self) -> None:
