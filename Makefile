@@ -36,7 +36,7 @@ $(OFFICIAL)/prefect-lowest/.installed: pyproject.toml constraints/prefect-$(PREF
 $(OFFICIAL)/python-%/.installed: pyproject.toml
 	@test -n "$(call python_of,$*)" || { echo "Python $* is not installed (pyenv install $*)"; exit 1; }
 	$(call python_of,$*) -m venv $(OFFICIAL)/python-$*
-	$(OFFICIAL)/python-$*/bin/pip install --quiet -e '.[dev,mlflow]' 'pytest>=8' 'pyyaml>=6'
+	$(OFFICIAL)/python-$*/bin/pip install --quiet -e '.[dev,mlflow]' 'pytest>=8' 'pytest-xdist>=3.6' 'pyyaml>=6'
 	touch $@
 
 # The official branchkey clients, each in its own venv (they pin requests/numpy of their own).
@@ -75,11 +75,24 @@ broker: system-deps
 	$(SUDO) rabbitmq-plugins -q enable rabbitmq_management >/dev/null
 	timeout 60 sh -c 'until curl -sf -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null; do sleep 1; done'
 
+# TEST_WORKERS > 0 runs the tests in that many processes (pytest-xdist). Tests sharing a
+# module-scoped fixture stay on one worker (tests/support/worker_groups.py); the tests marked
+# `exclusive` (they restart the broker every other test uses) run afterwards, alone. On two
+# cores the suite is CPU-bound (measured: 3 workers took 2056 s against 2463 s in one process,
+# and timing-sensitive e2e tests failed under that load), so the default is one process.
+TEST_WORKERS ?= 0
+PYTEST := PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest
+# $(call pytest_in_parallel,MARKER EXPRESSION,ARGUMENTS): the parallel run, then the exclusive
+# tests (pytest's exit 5, none selected, is no failure).
+define pytest_in_parallel
+	PREFECT_HOME=$$(mktemp -d) $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup -m "$(if $(1),($(1)) and )not exclusive" $(2)
+	PREFECT_HOME=$$(mktemp -d) $(PYTEST) -m "$(if $(1),($(1)) and )exclusive" $(2) || [ $$? = 5 ]
+endef
+
 # Everything the tests need (venvs, Debian packages, the broker), the lint, the tests, then the
 # lowest Prefect and the other Pythons.
 test: setup official-clients system-deps broker lint
-	PREFECT_HOME=$$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false \
-		$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(call pytest_in_parallel,,$(PYTEST_ARGS))
 	$(MAKE) test-compat
 
 # ruff (lint and import order) and mypy, as configured in pyproject.toml. mypy reads the
@@ -96,16 +109,16 @@ lint: setup
 # other Python.
 test-compat: $(OFFICIAL)/prefect-lowest/.installed $(foreach v,$(OTHER_PYTHONS),$(OFFICIAL)/python-$(v)/.installed)
 	PREFECT_HOME=$$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false $(OFFICIAL)/prefect-lowest/bin/python \
-		-m pytest -q -p no:cacheprovider tests/unit tests/integration/test_flows_federation.py
+		-m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup tests/unit tests/integration/test_flows_federation.py
 	@for v in $(OTHER_PYTHONS); do \
 		echo "unit tier on Python $$v"; \
-		PREFECT_HOME=$$(mktemp -d) $(OFFICIAL)/python-$$v/bin/python -m pytest -q -p no:cacheprovider tests/unit || exit 1; \
+		PREFECT_HOME=$$(mktemp -d) $(OFFICIAL)/python-$$v/bin/python -m pytest -q -p no:cacheprovider \
+			-n $(TEST_WORKERS) tests/unit || exit 1; \
 	done
 
 # The inner loop: the unit and integration tiers (real bk-server, broker and Prefect server; no e2e).
 test-fast: setup official-clients system-deps broker
-	PREFECT_HOME=$$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false \
-		$(BIN)/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
+	$(call pytest_in_parallel,,tests/unit tests/integration $(PYTEST_ARGS))
 
 # The unit tier alone: pure rules in-process (no server process, broker or Prefect server), in seconds.
 test-unit: setup
@@ -113,8 +126,7 @@ test-unit: setup
 
 # The fault suite alone: one fault at a time against a federation of real processes, with its summary table.
 test-faults: setup system-deps broker
-	PREFECT_HOME=$$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false \
-		$(BIN)/python -m pytest -m fault $(PYTEST_ARGS)
+	$(call pytest_in_parallel,fault,$(PYTEST_ARGS))
 
 # The demo federation: a local bk-server and Prefect server, three leaves, ten rounds (bk_dev/demo.py).
 # DEMO_ARGS=--no-keep exits at the end instead of keeping the servers up for the UI.

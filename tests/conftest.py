@@ -1,8 +1,14 @@
-"""Shared fixtures: real bk_server processes, with and without RabbitMQ, and update archives."""
+"""Shared fixtures: real bk_server processes, with and without RabbitMQ, and update archives; and
+what a failing test prints of the processes it started.
+
+Under pytest-xdist each worker is its own session: its own Prefect server (`prefect_api`), its own
+PREFECT_HOME beneath the run's, its own temporary directories; ports are free ones.
+"""
 
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,13 +17,51 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# Set before Prefect is imported: its settings are read once, and workers must not share a home.
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PREFECT_HOME"):
+    os.environ["PREFECT_HOME"] = str(Path(os.environ["PREFECT_HOME"]) / os.environ["PYTEST_XDIST_WORKER"])
 
 from prefect_branchkey.bk_blocks import BranchKeyCredentials
 from prefect_branchkey.bk_blocks.archive import write_update
 from prefect_branchkey.tasks import LeafSession
 
+from .e2e.faults.summary import pytest_runtest_logreport, pytest_terminal_summary
 from .support.bkserver import BkServer, broker_available, in_ci
 from .support.browser import find_chromium
+from .support.failure_report import flow_run_states, log_tails
+from .support.worker_groups import shared_fixture_groups
+
+__all__ = ["pytest_runtest_logreport", "pytest_terminal_summary"]  # the fault suite's table, a hook on the controller
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (`--dist loadgroup`)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests sharing a module-scoped fixture's instance run on one worker, which makes it once."""
+    groups = shared_fixture_groups(items)
+    for item in items:
+        if item.nodeid in groups:
+            item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+
+
+# When the current module's first test began: a failing test shows the logs written since.
+_MODULE_STARTED: dict[str, float] = {}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _MODULE_STARTED.setdefault(item.module.__name__ if item.module else "", time.time() - 1)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failing test that started processes carries their logs' tails and its Prefect runs' states."""
+    report: pytest.TestReport = yield
+    if report.failed and "unit" not in item.path.parts:
+        since = _MODULE_STARTED.get(item.module.__name__ if item.module else "", time.time() - 600)
+        root = item.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+        if tails := log_tails(root, since):
+            report.sections.append(("process logs (tails)", tails))
+        if states := flow_run_states():
+            report.sections.append(("Prefect flow runs", states))
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -104,6 +104,7 @@ def test_notice_not_handed_over_is_redelivered_to_the_next_client(amqp_server: B
         assert client.wait_for_aggregation(30).aggregation_id == expected
 
 
+@pytest.mark.exclusive
 def test_broker_restart_while_waiting(amqp_server: BkServer, update_file: Callable[..., Path]) -> None:
     federation = amqp_server.federation(leaves=2)
     waiter, other = (credentials_for(amqp_server, leaf, "amqp").get_client() for leaf in federation.leaves)

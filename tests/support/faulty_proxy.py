@@ -32,7 +32,7 @@ class FaultyProxy:
     backend: str
     faults: list[Fault] = field(default_factory=list)
     seen: list[tuple[str, str]] = field(default_factory=list)
-    headers_seen: list[dict[str, str]] = field(default_factory=list)
+    headers_seen: list[dict[str, str]] = field(default_factory=list, repr=False)  # bearer tokens among them
     rate: float | None = None
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""The fault suite's fixtures and its summary table, printed at the end of the session."""
+"""The fault suite's fixtures, and its outcomes carried to the summary table (summary.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from .federation import FaultFederation, Outcome
+from .summary import attach
 
-OUTCOMES: list[Outcome] = []
+# Outcomes the running test recorded, not yet on its report.
+_RECORDED: list[Outcome] = []
 
 
 @pytest.fixture(params=["websocket", "amqp"])
@@ -38,27 +40,16 @@ def make_federation(tmp_path: Path, prefect_api: str) -> Iterator[Callable[..., 
 
 def record(outcome: Outcome) -> Outcome:
     """Keep the outcome for the summary, then fail the test if the fault did any harm."""
-    OUTCOMES.append(outcome)
+    _RECORDED.append(outcome)
     assert outcome.survived and outcome.lost == 0 and outcome.double_counted == 0, "\n".join(outcome.problems)
     return outcome
 
 
-def _seconds(value: float | None) -> str:
-    return f"{value:.1f}" if value is not None else "-"
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not OUTCOMES:
-        return
-    write = terminalreporter.write_line
-    terminalreporter.section("fault suite")
-    write("recovery: from the fault to the next aggregation; finished: to every leaf done "
-          "(- : none after the fault); reruns: leaf runs that ended badly (the kill included) and were run again")
-    write(f"{'fault':66} {'transport':9} {'survived':8} {'lost':>4} {'double':>6} {'reruns':>6} {'recovery s':>10} "
-          f"{'finished s':>10}")
-    for o in OUTCOMES:
-        write(f"{o.fault:66} {o.transport:9} {'yes' if o.survived else 'NO':8} {o.lost:>4} {o.double_counted:>6} "
-              f"{o.reruns:>6} {_seconds(o.recovery_s):>10} {_seconds(o.finished_s):>10}")
-    survived = sum(o.survived for o in OUTCOMES)
-    write(f"{len(OUTCOMES)} faults, {survived} survived, {sum(o.lost for o in OUTCOMES)} updates lost, "
-          f"{sum(o.double_counted for o in OUTCOMES)} counted wrongly")
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Move the outcomes the test recorded onto its report, for the summary table."""
+    try:
+        return (yield)
+    finally:
+        while _RECORDED:
+            attach(item, _RECORDED.pop(0))

@@ -126,6 +126,7 @@ def test_server_crash_between_aggregate_commit_and_notice(make_federation: MakeF
 
 
 @pytest.mark.rabbitmq
+@pytest.mark.exclusive
 def test_broker_restarted_mid_wait(make_federation: MakeFederation, rabbitmq: None) -> None:
     federation = mid_round_two(make_federation, "amqp")
     sudo = [] if os.geteuid() == 0 else ["sudo"]

@@ -1,0 +1,64 @@
+"""What a failing test that started processes prints, so a CI failure reads from its output alone:
+the tail of every log its processes wrote, and the flow runs of every Prefect server it started.
+
+Both are found without the test's help: logs are the `*.log` files under the session's temporary
+directory written since the test's module began; servers are this process's live descendants
+running `prefect server start`, asked for their runs through the API their environment names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import httpx
+import psutil
+
+TAIL_LINES = 40
+MOST_LOGS = 30
+MOST_RUNS = 60
+
+
+def log_tails(root: Path, since: float) -> str:
+    """The last lines of each `*.log` under `root` modified at or after `since` (newest last)."""
+    logs = [path for path in root.rglob("*.log") if path.is_file() and path.stat().st_mtime >= since]
+    logs.sort(key=lambda path: path.stat().st_mtime)
+    parts = []
+    for path in logs[-MOST_LOGS:]:
+        lines = path.read_text(errors="replace").splitlines()[-TAIL_LINES:]
+        parts.append(f"==> {path.relative_to(root)} (last {len(lines)} lines) <==\n" + "\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _prefect_apis() -> list[str]:
+    """The API URLs of the Prefect servers among this process's live descendants."""
+    apis = []
+    for child in psutil.Process(os.getpid()).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            command = child.cmdline()
+            if not ("server" in command and "start" in command and any(p.endswith("prefect") for p in command)):
+                continue
+            environ = child.environ()
+            port = command[command.index("--port") + 1] if "--port" in command[:-1] else "4200"
+            api = environ.get("PREFECT_UI_API_URL") or environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{port}/api"
+            if api not in apis:
+                apis.append(api)
+    return apis
+
+
+def flow_run_states() -> str:
+    """Each started Prefect server's flow runs: name, deployment, state and its message."""
+    parts = []
+    for api in _prefect_apis():
+        try:
+            runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_ASC",
+                                                                 "limit": MOST_RUNS}, timeout=10).json()
+        except (httpx.HTTPError, ValueError) as error:
+            parts.append(f"==> flow runs at {api}: not readable ({error}) <==")
+            continue
+        lines = [f"{run['name']:<28} deployment={run.get('deployment_id')} state={run.get('state_name')} "
+                 f"start={run.get('start_time')} end={run.get('end_time')} "
+                 f"message={(run.get('state') or {}).get('message')!r}" for run in runs]
+        parts.append(f"==> flow runs at {api} ({len(runs)}) <==\n" + "\n".join(lines))
+    return "\n\n".join(parts)
