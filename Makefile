@@ -36,7 +36,7 @@ $(OFFICIAL)/prefect-lowest/.installed: pyproject.toml constraints/prefect-$(PREF
 $(OFFICIAL)/python-%/.installed: pyproject.toml
 	@test -n "$(call python_of,$*)" || { echo "Python $* is not installed (pyenv install $*)"; exit 1; }
 	$(call python_of,$*) -m venv $(OFFICIAL)/python-$*
-	$(OFFICIAL)/python-$*/bin/pip install --quiet -e '.[dev,mlflow]' 'pytest>=8' 'pytest-xdist>=3.6' 'pyyaml>=6'
+	$(OFFICIAL)/python-$*/bin/pip install --quiet -e '.[dev,mlflow]' 'pytest>=8,<9.2' 'pytest-xdist>=3.6' 'pyyaml>=6'
 	touch $@
 
 # The official branchkey clients, each in its own venv (they pin requests/numpy of their own).
@@ -75,17 +75,18 @@ broker: system-deps
 	$(SUDO) rabbitmq-plugins -q enable rabbitmq_management >/dev/null
 	timeout 60 sh -c 'until curl -sf -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null; do sleep 1; done'
 
-# TEST_WORKERS > 0 runs the tests in that many processes (pytest-xdist). Tests sharing a
+# The tests run in TEST_WORKERS processes (pytest-xdist; 0 is one process). Tests sharing a
 # module-scoped fixture stay on one worker (tests/support/worker_groups.py); the tests marked
-# `exclusive` (they restart the broker every other test uses) run afterwards, alone. On two
-# cores the suite is CPU-bound (measured: 3 workers took 2056 s against 2463 s in one process,
-# and timing-sensitive e2e tests failed under that load), so the default is one process.
-TEST_WORKERS ?= 0
+# `exclusive` (they restart the broker every other test uses) run afterwards, alone. The suite
+# is mostly CPU-bound on two cores, so two workers: more only add load. The 20 slowest
+# durations are printed for tracking where the time goes.
+TEST_WORKERS ?= 2
 PYTEST := PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest
 # $(call pytest_in_parallel,MARKER EXPRESSION,ARGUMENTS): the parallel run, then the exclusive
 # tests (pytest's exit 5, none selected, is no failure).
 define pytest_in_parallel
-	PREFECT_HOME=$$(mktemp -d) $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup -m "$(if $(1),($(1)) and )not exclusive" $(2)
+	PREFECT_HOME=$$(mktemp -d) $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --durations=20 \
+		-m "$(if $(1),($(1)) and )not exclusive" $(2)
 	PREFECT_HOME=$$(mktemp -d) $(PYTEST) -m "$(if $(1),($(1)) and )exclusive" $(2) || [ $$? = 5 ]
 endef
 

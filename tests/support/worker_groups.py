@@ -3,7 +3,8 @@ fixture (a scenario run once for its module's tests, or files that tests read af
 them). Grouped, the instance is made once; split, each worker would make its own.
 
 Tests are joined when they use the same (module, fixture, parameter) instance, transitively; a
-group's name is its first test's instance, so the name is stable from run to run.
+group's name is its first test's instance, so the name is stable from run to run. pytest-xdist
+groups them only on pytest below 9.2 (pytest-dev/pytest-xdist#1386; the test extra pins it).
 """
 
 from __future__ import annotations
@@ -43,4 +44,12 @@ def shared_fixture_groups(items: Sequence[pytest.Item]) -> dict[str, str]:
     for instances in uses.values():
         for other in instances[1:]:
             parent[root(other)] = root(instances[0])
-    return {nodeid: "{}::{}[{}]".format(*root(instances[0])) for nodeid, instances in uses.items() if instances}
+    return {nodeid: _name(root(instances[0])) for nodeid, instances in uses.items() if instances}
+
+
+def _name(instance: Instance) -> str:
+    """`path::fixture` (`=param` when parametrized), without the `[`, `]` and `@` that pytest-xdist
+    reads in node ids: it takes an `@` before a `]` for part of a test's parameters."""
+    path, fixture, param = instance
+    name = f"{path}::{fixture}" + (f"={param}" if param else "")
+    return name.translate(str.maketrans("[]@", "(),"))
