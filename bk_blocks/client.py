@@ -376,6 +376,7 @@ class BranchKeyClient:
         self._listener_lock = threading.Lock()
         self._ticket_session = requests.Session()
         self._run: RunDetails | None = None
+        self._run_status_notices = 0
 
     def __repr__(self) -> str:
         return (f"BranchKeyClient(leaf={self.leaf.leaf_name!r}, branch_id={self.leaf.branch_id!r}, "
@@ -643,6 +644,12 @@ class BranchKeyClient:
         """Keep the cached run current; a `start` may mean a new run, so its number is refetched."""
         number = self._run.run_number if self._run else 0
         self._run = None if status == "start" else RunDetails(status, number)
+        self._run_status_notices += 1
+
+    @property
+    def run_status_notices(self) -> int:
+        """How many run status notices the listener has received (a waiting round checks the run on each)."""
+        return self._run_status_notices
 
     def mark(self) -> int:
         """A position in the notice stream; take it before uploading (starts listening)."""

@@ -2,8 +2,9 @@
 
 Notices are the fast path. The platform's run details are the way back after a missed
 notice (a WebSocket that was down when the aggregation was announced, a leaf killed while
-waiting): checked at once when resuming, after every reconnect of the listener and every
-`run_check_interval_s`. The wait is bounded: it never wedges the leaf.
+waiting): checked at once when resuming, after every reconnect of the listener, after every
+run status notice (a stopped run ends the wait within a second, not at the next check) and
+every `run_check_interval_s`. The wait is bounded: it never wedges the leaf.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def wait_for_aggregation(
     after = session.mark_of(run_number, round_number)
     client.listen()
     deadline = time.monotonic() + timeout_s
-    connections = client.connections
+    connections, status_notices = client.connections, client.run_status_notices
     run_checks = OutageLog(f"run check while round {round_number} waits", client.log)
     next_check = time.monotonic() + (0 if catch_up_first else run_check_interval_s)
     while True:
@@ -78,8 +79,9 @@ def wait_for_aggregation(
             return notice.aggregation_id
         except NotificationTimeout:
             pass
-        if time.monotonic() >= next_check or client.connections != connections:
-            connections = client.connections
+        if (time.monotonic() >= next_check or client.connections != connections
+                or client.run_status_notices != status_notices):
+            connections, status_notices = client.connections, client.run_status_notices
             found = _caught_up(client, run_number, round_number, counted_in, run_checks)
             if found is not None:
                 logger.info("round %d aggregated as %s (caught up from the run details)", round_number, found)

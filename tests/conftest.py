@@ -123,10 +123,13 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
             server.cleanup_broker()
 
 
-@pytest.fixture
-def server(make_server: Callable[..., BkServer]) -> BkServer:
-    """A server notifying over WebSocket only."""
-    return make_server()
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BkServer]:
+    """A server notifying over WebSocket only, shared by a module's tests: each makes federations
+    of its own. A test that restarts its server, or measures it, starts its own with `make_server`."""
+    started = BkServer(tmp_path_factory.mktemp("bk") / "data").start()
+    yield started
+    started.stop()
 
 
 @pytest.fixture

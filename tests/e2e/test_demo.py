@@ -147,34 +147,36 @@ def test_ctrl_c_after_the_demo_stops_every_server(finished_demo: tuple[Demo, str
     assert left_running(demo.marker) == []
 
 
-def test_amqp_demo_with_no_keep_finishes_and_stops_everything(demo_dir: Path, rabbitmq: None) -> None:
-    demo = Demo(demo_dir, "--rounds", "2", "--no-keep", transport="amqp")
+@pytest.fixture(scope="module")
+def amqp_dp_demo(demo_dir: Path, rabbitmq: None) -> Iterator[tuple[Demo, str]]:
+    """A two-round demo over AMQP with differential privacy and `--no-keep`, run to its end; its output.
+    One run shows both options (and that they combine); no statistics round, which other tests cover."""
+    demo = Demo(demo_dir, "--rounds", "2", "--no-keep", "--no-statistics", "--dp", "1.0", "0.1", transport="amqp")
     try:
         output, _ = demo.process.communicate(timeout=300)
         assert demo.process.returncode == 0, output
-        assert "(amqp notifications)" in output and "2 rounds in" in output
-        assert left_running(demo.marker) == []
+        yield demo, output
     finally:
         demo.kill()
 
 
-def test_demo_with_dp_prints_epsilon_beside_accuracy_and_records_it(tmp_path: Path) -> None:
-    demo = Demo(tmp_path, "--rounds", "2", "--no-keep", "--dp", "1.0", "0.1")
-    try:
-        output, _ = demo.process.communicate(timeout=300)
-        assert demo.process.returncode == 0, output
-        assert "epsilon" in output and "2 rounds in" in output
-        (run,) = tmp_path.iterdir()
-        for leaf in sorted(p for p in (run / "leaves").iterdir() if p.is_dir()):
-            epsilons = [row["dp_epsilon"] for row in history_rows(leaf)]
-            assert len(epsilons) == 2 and 0 < epsilons[0] < epsilons[1], leaf.name
-        assert left_running(demo.marker) == []
-    finally:
-        demo.kill()
+def test_amqp_demo_with_no_keep_finishes_and_stops_everything(amqp_dp_demo: tuple[Demo, str]) -> None:
+    demo, output = amqp_dp_demo
+    assert "(amqp notifications)" in output and "2 rounds in" in output
+    assert left_running(demo.marker) == []
+
+
+def test_demo_with_dp_prints_epsilon_beside_accuracy_and_records_it(amqp_dp_demo: tuple[Demo, str]) -> None:
+    _, output = amqp_dp_demo
+    assert "epsilon" in output and "2 rounds in" in output
+    run = Path(next(m.group(1) for line in output.splitlines() if (m := re.search(r"^Demo in (\S+):", line))))
+    for leaf in sorted(p for p in (run / "leaves").iterdir() if p.is_dir()):
+        epsilons = [row["dp_epsilon"] for row in history_rows(leaf)]
+        assert len(epsilons) == 2 and 0 < epsilons[0] < epsilons[1], leaf.name
 
 
 def test_ctrl_c_in_the_middle_of_a_round_leaves_nothing_running(demo_dir: Path) -> None:
-    demo = Demo(demo_dir, "--rounds", "20")
+    demo = Demo(demo_dir, "--rounds", "20", "--no-statistics")
     try:
         demo.read_until(r"round 1 of 20 done by every leaf")
         assert any(b"pginstall/bin/postgres" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -187,7 +189,7 @@ def test_ctrl_c_in_the_middle_of_a_round_leaves_nothing_running(demo_dir: Path) 
 
 def test_a_rerun_gets_servers_and_files_of_its_own(demo_dir: Path) -> None:
     runs = sorted(demo_dir.iterdir())
-    assert len(runs) >= 2, "the finished demo and the interrupted one (and the AMQP one, with a broker)"
+    assert len(runs) >= 2, "the finished demo, the interrupted one (and the AMQP one, with a broker)"
     for run in runs:
         assert (run / "prefect" / "server.log").exists() and (run / "platform" / "data" / "admin.json").exists()
     logs = [(run / "prefect" / "server.log").read_text() for run in runs]

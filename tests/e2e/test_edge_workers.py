@@ -5,8 +5,8 @@ the lost-run automation that sets Crashed a run whose worker and process died.
 
 A leaf per test: its own one-leaf federation, `bk edge setup`, and a rounds deployment on its
 queue whose participant (`tests.support.slow_participant:SlowModel`) trains for as long as the
-test asks. Timers are compressed: graces of 1 s, the shortest lost-run window (60 s). A failing
-test prints the logs of the processes it started.
+test asks. Timers are compressed: graces of 1 s, the shortest lost-run window (60 s), which runs
+out while the other tests run. A failing test prints the logs of the processes it started.
 """
 
 from __future__ import annotations
@@ -125,8 +125,10 @@ class Platform:
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     root = tmp_path_factory.mktemp("edge-workers")
     marker = new_marker()
+    # The lost-run automation is checked each second rather than each 5 s (Prefect's default).
     prefect = LocalPrefectServer(root / "prefect-home", database="postgres",
-                                 settings={"PREFECT_LOGGING_LEVEL": "INFO"})
+                                 settings={"PREFECT_LOGGING_LEVEL": "INFO",
+                                           "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT1S"})
     server = BkServer(root / "bk")
     try:
         prefect.start()
@@ -190,6 +192,37 @@ def _group_members(pgid: int) -> list[int]:
             if int(fields[2]) == pgid and fields[0] != "Z":
                 members.append(int(entry.name))
     return members
+
+
+def _heartbeats(platform: Platform, run_id: str) -> list[dict[str, Any]]:
+    return _api(platform.api, "POST", "/events/filter", {"filter": {
+        "event": {"name": ["prefect.flow-run.heartbeat"]}, "resource": {"id": [f"prefect.flow-run.{run_id}"]},
+        "occurred": {"since": "2000-01-01T00:00:00Z"}}, "limit": 50})["events"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lost_run(platform: Platform) -> Iterator[str]:
+    """A round whose process and worker are killed after its first heartbeat; its run id. Made
+    before the module's other tests, so that the lost-run window (60 s, the shortest Prefect
+    allows: two 30 s heartbeats) passes while they run rather than being waited out."""
+    logs = Logs()
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        _setup_leaf(platform, "lost", "--lost-run-after", f"{MIN_LOST_RUN_S:g}")
+        worker = _start_worker(platform, logs, "lost", "--grace-s", "600")
+        run_id, started = _run_round(platform, "lost", train_s=600)
+        _wait_until(started.exists, 120, "the round's training to start")
+        _wait_until(lambda: _heartbeats(platform, run_id), 60, "the run's first heartbeat at the server")
+        run_pid = int(_state(platform, run_id)["infrastructure_pid"])
+        os.killpg(run_pid, signal.SIGKILL)
+        stop_group(worker, hard=True)
+        assert _state(platform, run_id)["state_type"] == "RUNNING"
+    except BaseException:
+        logs.dump()
+        if worker is not None:
+            stop_group(worker, hard=True)
+        raise
+    yield run_id
 
 
 def test_an_idle_worker_exits_promptly_on_sigterm(platform: Platform, logs: Logs) -> None:
@@ -298,26 +331,11 @@ def _block_id(platform: Platform, name: str) -> str:
     return _api(platform.api, "GET", f"/block_types/slug/branchkey-credentials/block_documents/name/{name}")["id"]
 
 
-def _heartbeats(platform: Platform, run_id: str) -> list[dict[str, Any]]:
-    return _api(platform.api, "POST", "/events/filter", {"filter": {
-        "event": {"name": ["prefect.flow-run.heartbeat"]}, "resource": {"id": [f"prefect.flow-run.{run_id}"]},
-        "occurred": {"since": "2000-01-01T00:00:00Z"}}, "limit": 50})["events"]
-
-
 def test_a_run_whose_worker_and_process_died_is_set_crashed_by_the_lost_run_automation(platform: Platform,
-                                                                                      logs: Logs) -> None:
-    _setup_leaf(platform, "lost", "--lost-run-after", f"{MIN_LOST_RUN_S:g}")
-    worker = _start_worker(platform, logs, "lost", "--grace-s", "600")
-    run_id, started = _run_round(platform, "lost", train_s=600)
-    _wait_until(started.exists, 120, "the round's training to start")
-    _wait_until(lambda: _heartbeats(platform, run_id), 60, "the run's first heartbeat at the server")
-    run_pid = int(_state(platform, run_id)["infrastructure_pid"])
-    os.killpg(run_pid, signal.SIGKILL)
-    stop_group(worker, hard=True)
-    assert _state(platform, run_id)["state_type"] == "RUNNING"
-    _wait_until(lambda: _state(platform, run_id)["state_type"] != "RUNNING", MIN_LOST_RUN_S + 60,
+                                                                                      lost_run: str) -> None:
+    _wait_until(lambda: _state(platform, lost_run)["state_type"] != "RUNNING", MIN_LOST_RUN_S + 60,
                 "the lost-run automation")
-    run = _state(platform, run_id)
+    run = _state(platform, lost_run)
     assert run["state_type"] == "CRASHED" and "No heartbeat" in run["state"]["message"], run["state"]
 
 

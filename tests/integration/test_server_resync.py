@@ -82,7 +82,8 @@ def test_metrics_repeated_with_one_idempotency_key_are_stored_once(
     assert len(server.status(federation.branch_id)["metrics"]) == 1
 
 
-def test_partial_files_of_an_interrupted_write_are_removed_at_restart(server: BkServer) -> None:
+def test_partial_files_of_an_interrupted_write_are_removed_at_restart(make_server: Callable[..., BkServer]) -> None:
+    server = make_server()
     leftovers = [server.data_dir / "files" / "aggregates" / ".agg.npz.x1.tmp",
                  server.data_dir / "files" / "uploads" / ".up.npz.x2.tmp", server.data_dir / "incoming" / "u.part"]
     for path in leftovers:

@@ -140,8 +140,9 @@ def test_run_status_changes_reach_websocket_listeners(server: BkServer) -> None:
 
 
 def test_uploads_accepted_before_a_restart_still_count(
-    server: BkServer, update_file: Callable[..., Path], tmp_path: Path
+    make_server: Callable[..., BkServer], update_file: Callable[..., Path], tmp_path: Path
 ) -> None:
+    server = make_server()
     federation = server.federation(leaves=3)
     paths = [update_file(seed, weighting=10.0 * (seed + 1)) for seed in range(3)]
     for leaf, path in zip(federation.leaves[:2], paths[:2], strict=True):
@@ -153,7 +154,9 @@ def test_uploads_accepted_before_a_restart_still_count(
     assert_layers_equal(result, fedavg_reference([read_update(p) for p in paths]))
 
 
-def test_idempotency_survives_a_restart(server: BkServer, update_file: Callable[..., Path]) -> None:
+def test_idempotency_survives_a_restart(make_server: Callable[..., BkServer],
+                                       update_file: Callable[..., Path]) -> None:
+    server = make_server()
     federation = server.federation(leaves=2)
     path = update_file()
     first = file_id_of(upload(server, federation.leaves[0], path, extra_headers={"Idempotency-Key": "k"}))

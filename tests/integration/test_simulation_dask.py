@@ -141,22 +141,24 @@ def test_the_simulation_fails_when_every_drawn_leaf_of_a_round_fails(server: BkS
                  rounds=2)
 
 
-class FailsRoundTwoOnLeafOne(Steady):
-    """Leaf 1's training fails in round 2; every other round of every leaf trains."""
+class FailsRoundOneOnLeafOne(Steady):
+    """Leaf 1's training fails in round 1; every other round of every leaf trains."""
 
     def train(self, global_model: list[np.ndarray] | None, round_number: int) -> TrainResult:
-        if self.leaf_index == 1 and round_number == 2:
+        if self.leaf_index == 1 and round_number == 1:
             raise RuntimeError("out of memory")
         return super().train(global_model, round_number)
 
 
 def test_a_round_that_went_on_without_a_drawn_leaf_fails_the_simulation_naming_it(
         server: BkServer, tmp_path: Path) -> None:
-    creds = federation_files(server, tmp_path, leaves=2, per_round=2, deadline_s=20)
-    with pytest.raises(SimulationError, match=r"1 of 3 rounds went on without part of their draw.*: round 2: "
-                                              r"\S+ failed \(see their task runs\)"):
+    """Round 1 closes at its deadline with leaf 0's update alone. A loaded machine may let round 2
+    close at its deadline before one of its leaves too: then it is named as well."""
+    creds = federation_files(server, tmp_path, leaves=2, per_round=2, deadline_s=10)
+    with pytest.raises(SimulationError, match=r"[12] of 2 rounds went on without part of their draw.*: round 1: "
+                                              r"\S+ failed.* \(see their task runs\)"):
         simulate(server.url, str(creds), str(tmp_path / "leaves"), workers=2,
-                 participant=f"{__name__}:FailsRoundTwoOnLeafOne", rounds=3)
+                 participant=f"{__name__}:FailsRoundOneOnLeafOne", rounds=2)
 
 
 @pytest.fixture

@@ -87,7 +87,7 @@ def test_a_leaf_whose_task_dask_gave_up_on_is_submitted_again_within_its_round(
 
 def test_a_round_that_closed_before_a_lost_workers_leaf_could_run_again_fails_the_simulation(
         server: BkServer, tmp_path: Path, two_single_threads: distributed.LocalCluster) -> None:
-    creds = federation_files(server, tmp_path, leaves=2, per_round=2, deadline_s=30)
+    creds = federation_files(server, tmp_path, leaves=2, per_round=2, deadline_s=10)
     marker = tmp_path / "lost.pid"
     with pytest.raises(SimulationError, match=r"1 of 1 rounds went on without part of their draw.*round 1: \S+ failed"):
         simulate(server.url, str(creds), str(tmp_path / "leaves"), dask_address=two_single_threads.scheduler_address,
@@ -102,7 +102,7 @@ def test_a_cluster_by_address_that_lost_a_worker_for_good_stops_the_simulation_b
         server: BkServer, tmp_path: Path, two_single_threads: distributed.LocalCluster,
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cluster_module, "CAPACITY_WAIT_S", 2.0)
-    creds = federation_files(server, tmp_path, leaves=2, per_round=2, deadline_s=30)
+    creds = federation_files(server, tmp_path, leaves=2, per_round=2, deadline_s=10)
     marker = tmp_path / "lost.pid"
     with pytest.raises(SimulationError, match=r"round [23] cannot start: the Dask cluster runs 1 tasks at once "
                                               r"since it lost workers"):

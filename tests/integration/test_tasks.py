@@ -140,6 +140,18 @@ def test_waiting_for_aggregation_ends_when_the_run_stops(server: BkServer, updat
         wait_for_aggregation(session, 1, 1, timeout_s=60, run_check_interval_s=0.5)
 
 
+def test_a_stop_notice_ends_the_aggregation_wait_without_waiting_for_the_next_run_check(
+        server: BkServer, update_file: Callable[..., Path], open_session: Callable[..., LeafSession]) -> None:
+    """The run is checked when its status notice comes: the next scheduled check (10 minutes away)
+    is after the wait's own timeout, which would end it as AggregationTimeoutError instead."""
+    federation = server.federation(leaves=2)
+    session = open_session(credentials_for(server, federation.leaves[0]))
+    upload_weights(session, update_file(), 1, 1)
+    threading.Timer(1.0, server.run, args=(federation.branch_id, "stop")).start()
+    with pytest.raises(RunStoppedError):
+        wait_for_aggregation(session, 1, 1, timeout_s=60, run_check_interval_s=600)
+
+
 def test_waiting_for_aggregation_ends_when_a_new_run_begins(amqp_server: BkServer, update_file: Callable[..., Path],
                                                             open_session: Callable[..., LeafSession]) -> None:
     federation = amqp_server.federation(leaves=2)

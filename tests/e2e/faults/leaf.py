@@ -4,8 +4,9 @@ Usage: python -m tests.e2e.faults.leaf CREDENTIALS_JSON HOST TRANSPORT WORK_DIR 
 
 With FAULT_KILL_AT=<round>:<phase> the process SIGKILLs itself right after it saved that
 state (a kill at an exact step, not wherever a timer lands); with <round>:upload-accepted, once
-the platform accepted that round's upload and before the audit trail confirms it. It prints the
-results as JSON.
+the platform accepted that round's upload and before the audit trail confirms it. With
+FAULT_AGGREGATION_TIMEOUT_S it waits that long for an aggregation instead of AGG_TIMEOUT. It
+prints the results as JSON.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ if __name__ == "__main__":
                                                     notification_transport=transport, amqp_host="127.0.0.1")
     results = federated_training(block, PARTICIPANT, work_dir, rounds=int(rounds),
                                  participant_options={"size": int(size), "weighting": float(weighting)},
-                                 aggregation_timeout_s=float(timeout))
+                                 aggregation_timeout_s=float(os.environ.get("FAULT_AGGREGATION_TIMEOUT_S", timeout)))
     if isinstance(results, list):
         print(json.dumps([{"status": r.status, "round": r.round} for r in results]))
     else:

@@ -242,13 +242,13 @@ def test_run_stopped_mid_round_then_a_new_run(make_federation: MakeFederation, t
 def test_without_catch_up_a_leaf_that_missed_its_notice_fails_clearly_and_rejoins(
     make_federation: MakeFederation,
 ) -> None:
-    federation = make_federation("websocket", extensions=False, aggregation_timeout_s=15)
+    federation = make_federation("websocket", extensions=False)
     federation.start(**{"0": "2:uploaded"})
     leaf = federation.leaves[0]
     killed(leaf)
     federation.mark_fault()
     federation.wait_until(lambda: federation.aggregated(2), "round 2 aggregated while the leaf was down")
-    leaf.start()
+    leaf.start(FAULT_AGGREGATION_TIMEOUT_S="4")  # the notice it waits for will not come: no need to wait long
     leaf.process.wait(120)
     assert leaf.process.returncode != 0
     assert "AggregationTimeoutError" in leaf.log.read_text()
