@@ -33,6 +33,7 @@ from .support.worker_groups import shared_fixture_groups
 
 __all__ = ["pytest_runtest_logreport", "pytest_terminal_summary"]  # the fault suite's table, a hook on the controller
 
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (`--dist loadgroup`)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests sharing a module-scoped fixture's instance run on one worker, which makes it once."""

@@ -172,18 +172,21 @@ def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alerting]:
         _wait_until(lambda: len(history_rows(root / "leaves" / "digits-leaf-1")) >= HEALTHY_ROUNDS
                     and time.monotonic() - first_completed > WINDOW_S + 5, 300,
                     "healthy rounds for longer than the window")
-        stop_group(leaf_worker)
-        stopped_at = datetime.now(UTC)
         leaf_id = f"branchkey.leaf.{federation.leaves[0]['id']}"
         _wait_until(lambda: len(events(prefect.api_url, "branchkey.round.completed", leaf_id, 1, timeout=1))
                     >= len(history_rows(root / "leaves" / "digits-leaf-1")), 60, "the last round's event at the server")
-        last_round = max(datetime.fromisoformat(event["occurred"]) for event in
-                         events(prefect.api_url, "branchkey.round.completed", leaf_id, 1, timeout=1))
-        # A loaded machine may have let a healthy round come late and alerted then: wait for this gap's alert.
-        _wait_until(lambda: any(run["state_type"] == "COMPLETED"
-                                and datetime.fromisoformat(run["parameters"]["occurred"]) == last_round
-                                for run in _alert_runs(prefect.api_url, "missed-round")), WINDOW_S + 90,
-                    "the missed-round alert run after the leaf's worker stopped")
+        stop_group(leaf_worker)
+        stopped_at = datetime.now(UTC)
+
+        def last_gap_alerted() -> bool:
+            """The alert of the gap after the last round (the stop may have cut a round short, and its
+            event with it); not an earlier gap's, which a loaded machine may have caused."""
+            last_round = max(datetime.fromisoformat(event["occurred"]) for event in
+                             events(prefect.api_url, "branchkey.round.completed", leaf_id, 1, timeout=1))
+            return any(run["state_type"] == "COMPLETED" and datetime.fromisoformat(run["parameters"]["occurred"])
+                       == last_round for run in _alert_runs(prefect.api_url, "missed-round"))
+
+        _wait_until(last_gap_alerted, WINDOW_S + 90, "the missed-round alert run after the leaf's worker stopped")
         _wait_until(lambda: len(received) >= 3, 30, "the three notifications at the webhook")
         name = json.loads(Path(path).read_text())["name"]
         yield Alerting(prefect, name, root / "leaves" / "digits-leaf-1", outputs, deployed, refusals, stopped_at,

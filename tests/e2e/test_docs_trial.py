@@ -5,7 +5,7 @@ rounds run to their end, each command timed. What the doc promises is checked: e
 triggered and scheduled rounds, the federation's dashboard built by its automation, workers
 that SIGTERM stops within the documented bound leaving no run Running, and a server that Ctrl-C
 stops leaving no process behind. The one timer shortened is the Prefect scheduler's loop (60 s
-to 5 s), so that the doc's 30-second schedule starts its first round within 30 s.
+to 5 s), so that the doc's one-minute schedule starts its first round within a minute.
 
 The doc's ports (4200, 8080) and directory (`./trial` in the checkout) are fixed, so this test
 refuses to run, naming them, when one is taken. A failing run prints every terminal's output.
@@ -35,6 +35,7 @@ from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.publishing.observability import artifact_key
 
 from ..support.flow_helpers import artifacts
+from ..support.http import LOCAL
 from ..support.process_helpers import left_running, new_marker
 
 pytestmark = [pytest.mark.e2e]
@@ -46,7 +47,7 @@ API = "http://127.0.0.1:4200/api"
 PLATFORM = "http://127.0.0.1:8080"
 LEAVES = ("digits-leaf-1", "digits-leaf-2", "digits-leaf-3")
 WORKERS = ("worker-1", "worker-2", "worker-3")
-# The rounds of the doc's triggered runs; its schedule adds one every 30 s after them.
+# The rounds of the doc's triggered runs; its schedule adds one every minute after them.
 ROUNDS = 2
 # A worker stopped mid-round lets the run finish for its grace; docs/edge-workers.md bounds its stop.
 WORKER_STOP_BOUND_S = stop_bound_s(DEFAULT_GRACE_S)
@@ -87,20 +88,20 @@ def _port_free(port: int) -> bool:
 
 def _answers(url: str) -> bool:
     try:
-        return httpx.get(url, timeout=2).status_code == 200
+        return LOCAL.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
 
 def _api(method: str, path: str, body: Any = None) -> Any:
-    response = httpx.request(method, f"{API}{path}", json=body, timeout=30)
+    response = LOCAL.request(method, f"{API}{path}", json=body)
     response.raise_for_status()
     return response.json()
 
 
 def _flow_runs() -> list[dict[str, Any]]:
-    """Every run past Scheduled: the 30-second schedules keep up to 100 runs a leaf scheduled
-    ahead, more than a page of the API holds."""
+    """Every run past Scheduled: the one-minute schedules keep an hour of runs (about 60 a leaf)
+    scheduled ahead, more than a page of the API holds."""
     return _api("POST", "/flow_runs/filter", {"flow_runs": {"state": {"type": {"not_any_": ["SCHEDULED"]}}},
                                               "limit": 200})
 

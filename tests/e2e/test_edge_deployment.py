@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import numpy as np
 import pytest
 
@@ -35,6 +34,7 @@ from prefect_branchkey.flows.publishing.observability import artifact_key
 from ..support.bkserver import BkServer
 from ..support.browser import render_text
 from ..support.flow_helpers import artifacts
+from ..support.http import LOCAL
 from ..support.process_helpers import assert_none_left, left_running, new_marker
 from ..support.reference import fedavg_reference
 
@@ -77,7 +77,7 @@ def _run(command: list[str], env: dict[str, str]) -> str:
 def _api(api: str, method: str, path: str, body: Any = None) -> Any:
     """Call the Prefect REST API; a 503 (SQLite busy under the workers' load) is retried, as Prefect's client does."""
     for attempt in range(10):
-        response = httpx.request(method, f"{api}{path}", json=body, timeout=30)
+        response = LOCAL.request(method, f"{api}{path}", json=body)
         if response.status_code != 503:
             break
         time.sleep(0.5 * (attempt + 1))

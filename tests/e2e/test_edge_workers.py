@@ -3,10 +3,11 @@ Prefect server on embedded PostgreSQL) and `bk edge worker LEAF` (a leaf's proce
 SIGTERM stops within a bound), as real processes against a real Prefect server and bk-server; and
 the lost-run automation that sets Crashed a run whose worker and process died.
 
-A leaf per test: its own one-leaf federation, `bk edge setup`, and a rounds deployment on its
-queue whose participant (`tests.support.slow_participant:SlowModel`) trains for as long as the
-test asks. Timers are compressed: graces of 1 s, the shortest lost-run window (60 s), which runs
-out while the other tests run. A failing test prints the logs of the processes it started.
+A leaf per test: its own one-leaf federation (all set up by one `bk edge setup`), and a rounds
+deployment on its queue whose participant (`tests.support.slow_participant:SlowModel`) trains
+for as long as the test asks. Timers are compressed: graces of 1 s, the shortest lost-run window
+(60 s), which runs out while the other tests run. A failing test prints the logs of the processes
+it started.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from prefect_branchkey.bk_dev.prefect_server import LocalPrefectServer
@@ -33,6 +33,7 @@ from prefect_branchkey.deployments.worker import CANCEL_BOUND_S, TEARDOWN_S
 from prefect_branchkey.flows.leaf.history import history_rows
 
 from ..support.bkserver import BkServer
+from ..support.http import LOCAL
 from ..support.process_helpers import left_running, new_marker
 
 pytestmark = [pytest.mark.e2e]
@@ -44,10 +45,12 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # An idle worker has nothing to wait for: it must be gone within its teardown.
 IDLE_BOUND_S = TEARDOWN_S
 GRACE_S = 1.0
+# Every test's leaf, set up at once for the module.
+LEAVES = ("lost", "idle", "finishes", "cancelled", "no-new-runs", "hurried", "resumed", "blockless")
 
 
 def _api(api: str, method: str, path: str, body: Any = None) -> Any:
-    response = httpx.request(method, f"{api}{path}", json=body, timeout=30)
+    response = LOCAL.request(method, f"{api}{path}", json=body)
     response.raise_for_status()
     return response.json() if response.content else None
 
@@ -133,7 +136,11 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     try:
         prefect.start()
         server.start()
-        yield Platform(prefect, server, root, marker)
+        platform = Platform(prefect, server, root, marker)
+        # One `bk edge setup` for every test's leaf (each process start costs seconds); the lost-run
+        # automation it creates watches every BranchKey run, and ended runs are none of its business.
+        _set_up_leaves(platform, LEAVES, "--lost-run-after", f"{MIN_LOST_RUN_S:g}")
+        yield platform
     finally:
         prefect.stop()
         server.stop()
@@ -143,12 +150,18 @@ def _bk(platform: Platform, *arguments: str) -> subprocess.CompletedProcess[str]
     return subprocess.run(["bk", *arguments], env=platform.env(), capture_output=True, text=True, timeout=120)
 
 
-def _setup_leaf(platform: Platform, leaf: str, *options: str) -> None:
-    """A one-leaf federation; `bk edge setup` of its Block and queue; its rounds deployment."""
-    federation = platform.server.federation(leaves=1)
-    (path,) = write_credentials(platform.root / "creds" / leaf, federation.leaves)
-    result = _bk(platform, "edge", "setup", f"{leaf}={path}", "--host", platform.server.url, *options)
+def _set_up_leaves(platform: Platform, leaves: tuple[str, ...], *options: str) -> None:
+    """A one-leaf federation per leaf, and one `bk edge setup` of all their Blocks and queues."""
+    pairs = []
+    for leaf in leaves:
+        (path,) = write_credentials(platform.root / "creds" / leaf, platform.server.federation(leaves=1).leaves)
+        pairs.append(f"{leaf}={path}")
+    result = _bk(platform, "edge", "setup", *pairs, "--host", platform.server.url, *options)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _deploy_rounds(platform: Platform, leaf: str) -> None:
+    """The leaf's rounds deployment, on its queue."""
     flow_id = _api(platform.api, "POST", "/flows/", {"name": "federated-round"})["id"]
     _api(platform.api, "POST", "/deployments/", {
         "name": f"{leaf}-rounds", "flow_id": flow_id, "work_pool_name": "branchkey-edge", "work_queue_name": leaf,
@@ -208,7 +221,7 @@ def lost_run(platform: Platform) -> Iterator[str]:
     logs = Logs()
     worker: subprocess.Popen[bytes] | None = None
     try:
-        _setup_leaf(platform, "lost", "--lost-run-after", f"{MIN_LOST_RUN_S:g}")
+        _deploy_rounds(platform, "lost")
         worker = _start_worker(platform, logs, "lost", "--grace-s", "600")
         run_id, started = _run_round(platform, "lost", train_s=600)
         _wait_until(started.exists, 120, "the round's training to start")
@@ -226,7 +239,7 @@ def lost_run(platform: Platform) -> Iterator[str]:
 
 
 def test_an_idle_worker_exits_promptly_on_sigterm(platform: Platform, logs: Logs) -> None:
-    _setup_leaf(platform, "idle")
+    _deploy_rounds(platform, "idle")
     worker = _start_worker(platform, logs, "idle", "--grace-s", "30")
     worker.send_signal(signal.SIGTERM)
     took = _exit_within(worker, IDLE_BOUND_S)
@@ -236,7 +249,7 @@ def test_an_idle_worker_exits_promptly_on_sigterm(platform: Platform, logs: Logs
 
 def test_a_round_that_ends_within_the_grace_completes_and_the_worker_then_exits(platform: Platform,
                                                                                 logs: Logs) -> None:
-    _setup_leaf(platform, "finishes")
+    _deploy_rounds(platform, "finishes")
     worker = _start_worker(platform, logs, "finishes", "--grace-s", "60")
     run_id, started = _run_round(platform, "finishes", train_s=4)
     _wait_until(started.exists, 120, "the round's training to start")
@@ -248,7 +261,7 @@ def test_a_round_that_ends_within_the_grace_completes_and_the_worker_then_exits(
 
 
 def test_a_round_past_the_grace_is_cancelled_and_leaves_no_process(platform: Platform, logs: Logs) -> None:
-    _setup_leaf(platform, "cancelled")
+    _deploy_rounds(platform, "cancelled")
     worker = _start_worker(platform, logs, "cancelled", "--grace-s", str(GRACE_S))
     run_id, started = _run_round(platform, "cancelled", train_s=600)
     _wait_until(started.exists, 120, "the round's training to start")
@@ -263,7 +276,7 @@ def test_a_round_past_the_grace_is_cancelled_and_leaves_no_process(platform: Pla
 
 
 def test_a_stopping_worker_takes_no_new_run(platform: Platform, logs: Logs) -> None:
-    _setup_leaf(platform, "no-new-runs")
+    _deploy_rounds(platform, "no-new-runs")
     worker = _start_worker(platform, logs, "no-new-runs", "--grace-s", "60")
     busy_id, started = _run_round(platform, "no-new-runs", train_s=6)
     _wait_until(started.exists, 120, "the round's training to start")
@@ -276,7 +289,7 @@ def test_a_stopping_worker_takes_no_new_run(platform: Platform, logs: Logs) -> N
 
 
 def test_a_second_sigterm_cancels_the_run_without_waiting_out_the_grace(platform: Platform, logs: Logs) -> None:
-    _setup_leaf(platform, "hurried")
+    _deploy_rounds(platform, "hurried")
     worker = _start_worker(platform, logs, "hurried", "--grace-s", "600")
     run_id, started = _run_round(platform, "hurried", train_s=600)
     _wait_until(started.exists, 120, "the round's training to start")
@@ -289,7 +302,7 @@ def test_a_second_sigterm_cancels_the_run_without_waiting_out_the_grace(platform
 
 
 def test_a_round_cancelled_by_a_stop_completes_at_the_leafs_next_run(platform: Platform, logs: Logs) -> None:
-    _setup_leaf(platform, "resumed")
+    _deploy_rounds(platform, "resumed")
     worker = _start_worker(platform, logs, "resumed", "--grace-s", str(GRACE_S))
     cancelled_id, started = _run_round(platform, "resumed", train_s=600)
     _wait_until(started.exists, 120, "the round's training to start")
@@ -318,7 +331,7 @@ def test_a_worker_for_a_leaf_never_set_up_names_the_queue_and_the_setup_command(
 
 
 def test_a_worker_for_a_leaf_without_its_block_names_the_block_and_the_setup_command(platform: Platform) -> None:
-    _setup_leaf(platform, "blockless")
+    _deploy_rounds(platform, "blockless")
     _api(platform.api, "DELETE", f"/block_documents/{_block_id(platform, 'blockless')}")
     result = _bk(platform, "edge", "worker", "blockless", "--grace-s", "1")
     assert result.returncode != 0

@@ -22,8 +22,8 @@ MOST_RUNS = 60
 
 def log_tails(root: Path, since: float) -> str:
     """The last lines of each `*.log` under `root` modified at or after `since` (newest last)."""
-    logs = [path for path in root.rglob("*.log") if path.is_file() and path.stat().st_mtime >= since]
-    logs.sort(key=lambda path: path.stat().st_mtime)
+    modified = {path: path.stat().st_mtime for path in root.rglob("*.log") if path.is_file()}
+    logs = sorted((path for path, mtime in modified.items() if mtime >= since), key=modified.__getitem__)
     parts = []
     for path in logs[-MOST_LOGS:]:
         lines = path.read_text(errors="replace").splitlines()[-TAIL_LINES:]

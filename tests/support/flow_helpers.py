@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import httpx
+from .http import LOCAL
 
 
 def artifacts(api: str, key: str) -> list[dict[str, Any]]:
     """Every version of the artifact with this key, newest first."""
-    response = httpx.post(f"{api}/artifacts/filter", timeout=30,
+    response = LOCAL.post(f"{api}/artifacts/filter",
                           json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC"})
     response.raise_for_status()
     return response.json()
@@ -21,7 +21,7 @@ def events(api: str, name: str, resource_id: str, expected: int, timeout: float 
     deadline = time.monotonic() + timeout
     found: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
-        response = httpx.post(f"{api}/events/filter", timeout=30, json={
+        response = LOCAL.post(f"{api}/events/filter", json={
             "filter": {"event": {"name": [name]}, "resource": {"id": [resource_id]},
                        "occurred": {"since": "2000-01-01T00:00:00Z"}},
             "limit": 50,

@@ -170,7 +170,7 @@ class FaultFederation:
         while time.monotonic() < deadline:
             if predicate():
                 return
-            time.sleep(0.02)
+            time.sleep(0.05)
         raise TimeoutError(f"never saw {what}:\n" + self.describe())
 
     def rounds_status(self) -> list[dict[str, object]]:
