@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from prefect_branchkey.bk_server.cli import write_credentials
+from prefect_branchkey.flows.federation import simulation as simulation_module
 from prefect_branchkey.flows.federation.simulation import SAMPLING_FILE, SimulationError, simulate
 from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.participant import Participant, ParticipantError, TrainResult
@@ -85,8 +86,9 @@ def test_a_cluster_started_beforehand_is_reached_by_its_address(server: BkServer
         name: ["completed", "completed"] for name in results}
 
 
-def test_an_address_where_no_scheduler_answers_is_refused_and_nothing_starts(server: BkServer,
-                                                                            tmp_path: Path) -> None:
+def test_an_address_where_no_scheduler_answers_is_refused_and_nothing_starts(
+        server: BkServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(simulation_module, "CONNECT_TIMEOUT_S", 2)
     creds = federation_files(server, tmp_path, leaves=2, per_round=2)
     with pytest.raises(SimulationError, match=re.escape("no Dask scheduler answers at tcp://127.0.0.1:9")):
         simulate(server.url, str(creds), str(tmp_path / "leaves"), dask_address="tcp://127.0.0.1:9",
