@@ -648,7 +648,7 @@ class BranchKeyClient:
 
     @property
     def run_status_notices(self) -> int:
-        """How many run status notices the listener has received (a waiting round checks the run on each)."""
+        """How many run status notices the listener has received (the aggregation wait checks the run on each)."""
         return self._run_status_notices
 
     def mark(self) -> int:

@@ -17,8 +17,9 @@ class AdminCallError(RuntimeError):
 
 @functools.cache
 def _default_trust() -> ssl.SSLContext:
-    """httpx's default verification (the system's CAs, or `SSL_CERT_FILE`), built once per process:
-    building it takes about 20 ms of CPU, which a caller polling the admin API paid on every call."""
+    """httpx's default verification (certifi's CAs, or `SSL_CERT_FILE`/`SSL_CERT_DIR` as the process
+    started with), built once per process: building it takes about 20 ms of CPU, which a caller
+    polling the admin API paid on every call."""
     return httpx.create_ssl_context()
 
 

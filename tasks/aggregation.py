@@ -3,8 +3,9 @@
 Notices are the fast path. The platform's run details are the way back after a missed
 notice (a WebSocket that was down when the aggregation was announced, a leaf killed while
 waiting): checked at once when resuming, after every reconnect of the listener, after every
-run status notice (a stopped run ends the wait within a second, not at the next check) and
-every `run_check_interval_s`. The wait is bounded: it never wedges the leaf.
+run status notice since the round's upload was marked (a stopped run ends the wait within a
+second, not at the next check) and every `run_check_interval_s`. The wait is bounded: it never
+wedges the leaf.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def wait_for_aggregation(
     after = session.mark_of(run_number, round_number)
     client.listen()
     deadline = time.monotonic() + timeout_s
-    connections, status_notices = client.connections, client.run_status_notices
+    marked_notices = session.status_notices_at_mark(run_number, round_number)
+    connections = client.connections
+    status_notices = client.run_status_notices if marked_notices is None else marked_notices
     run_checks = OutageLog(f"run check while round {round_number} waits", client.log)
     next_check = time.monotonic() + (0 if catch_up_first else run_check_interval_s)
     while True:

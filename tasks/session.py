@@ -42,7 +42,8 @@ class LeafSession:
         self.credentials = credentials
         self.client: BranchKeyClient = credentials.get_client(
             logger=CurrentRunLogger("prefect_branchkey.bk_blocks.client"))
-        self._marks: dict[tuple[int, int], int] = {}
+        # By (run, round): the notice stream's mark, and how many run status notices had come then.
+        self._marks: dict[tuple[int, int], tuple[int, int]] = {}
         self._branch_name: str | None = None
         # Extra fields of the aggregation notices that answered this session's rounds, by aggregation
         # id (a platform's extension: bk-server says how many updates it averaged).
@@ -84,12 +85,19 @@ class LeafSession:
         """Mark the notice stream before a round's first upload attempt (a retry keeps the first
         mark: the aggregation answering an upload accepted before the retry comes after it)."""
         if (run_number, round_number) not in self._marks:
-            self._marks[(run_number, round_number)] = self.client.mark()
+            self._marks[(run_number, round_number)] = (self.client.mark(), self.client.run_status_notices)
 
     def mark_of(self, run_number: int, round_number: int) -> int | None:
         """The round's mark (None when the upload was not marked: a resumed round); it stays
         until the round's aggregation is known, so a retried wait reads the same one."""
-        return self._marks.get((run_number, round_number))
+        marked = self._marks.get((run_number, round_number))
+        return marked[0] if marked else None
+
+    def status_notices_at_mark(self, run_number: int, round_number: int) -> int | None:
+        """How many run status notices had come when the round was marked (None: not marked), so
+        that a wait begun after a notice (a stop between upload and wait) checks the run at once."""
+        marked = self._marks.get((run_number, round_number))
+        return marked[1] if marked else None
 
     def forget_mark(self, run_number: int, round_number: int) -> None:
         """Drop a round's mark once its aggregation is known."""

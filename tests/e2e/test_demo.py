@@ -101,7 +101,7 @@ def test_dashboard_renders_the_federation_history_rows(finished_demo: tuple[Demo
     dom = render(chromium, url, tmp_path, "federation-history.png", expect="mean accuracy")
     rows = re.findall(r"<tr\b.*?</tr>", dom, flags=re.S)
     body = [row for row in rows if "<td" in row]
-    assert len(body) == ROUNDS, f"{len(body)} table rows rendered; screenshot in {tmp_path}"
+    assert len(body) == ROUNDS, f"{len(body)} table rows rendered; DOM in {tmp_path}"
     for round_number, row in enumerate(body, start=1):
         cells = [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td\b.*?</td>", row, flags=re.S)]
         assert str(round_number) in cells and any(re.fullmatch(r"0\.\d+", c) for c in cells), cells
@@ -119,7 +119,7 @@ def test_dashboard_titles_the_federation_summary_with_the_branch_name(finished_d
     demo, _ = finished_demo
     dom = render(chromium, page_url(demo, "federation summary (accuracy chart)"), tmp_path, "federation-summary.png",
                  expect="Federation digits")
-    assert "Federation digits" in dom, f"screenshot in {tmp_path}"
+    assert "Federation digits" in dom, f"DOM in {tmp_path}"
 
 
 @pytest.mark.browser
@@ -128,7 +128,7 @@ def test_dashboard_shows_the_best_round_in_a_leafs_summary(finished_demo: tuple[
     demo, _ = finished_demo
     dom = render(chromium, page_url(demo, "digits-leaf-1 summary (best round)"), tmp_path, "leaf-summary.png",
                  expect="Best global model")
-    assert re.search(r"Best global model:.{0,40}round \d+ of run \d+", dom, flags=re.S), f"screenshot in {tmp_path}"
+    assert re.search(r"Best global model:.{0,40}round \d+ of run \d+", dom, flags=re.S), f"DOM in {tmp_path}"
 
 
 @pytest.mark.browser
@@ -137,7 +137,7 @@ def test_dashboard_shows_the_global_models_materialization_and_its_upstream_upda
     demo, _ = finished_demo
     dom = render(chromium, page_url(demo, "global model asset (latest materialization and its upstream updates)"),
                  tmp_path, "global-model-asset.png", expect="/global-model")
-    assert "prefect.asset.materialization.succeeded" in dom and "/global-model" in dom, f"screenshot in {tmp_path}"
+    assert "prefect.asset.materialization.succeeded" in dom and "/global-model" in dom, f"DOM in {tmp_path}"
     assert re.search(r"/leaves/[0-9a-f-]+/update", dom), "the upstream update asset is shown"
 
 
@@ -149,9 +149,9 @@ def test_ctrl_c_after_the_demo_stops_every_server(finished_demo: tuple[Demo, str
 
 @pytest.fixture(scope="module")
 def amqp_dp_demo(demo_dir: Path, rabbitmq: None) -> Iterator[tuple[Demo, str]]:
-    """A two-round demo over AMQP with differential privacy and `--no-keep`, run to its end; its output.
-    One run shows both options (and that they combine); no statistics round, which other tests cover."""
-    demo = Demo(demo_dir, "--rounds", "2", "--no-keep", "--no-statistics", "--dp", "1.0", "0.1", transport="amqp")
+    """A two-round demo over AMQP with differential privacy and `--no-keep`, run to its end (after
+    its statistics round, a run of its own); its output. One run shows both options, and that they combine."""
+    demo = Demo(demo_dir, "--rounds", "2", "--no-keep", "--dp", "1.0", "0.1", transport="amqp")
     try:
         output, _ = demo.process.communicate(timeout=300)
         assert demo.process.returncode == 0, output

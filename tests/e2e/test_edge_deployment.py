@@ -178,7 +178,7 @@ def _pause_every_schedule(api: str, deployments: dict[str, dict[str, Any]]) -> N
             _api(api, "PATCH", f"/deployments/{deployment['id']}/schedules/{schedule['id']}", {"active": False})
     deadline = time.monotonic() + 60
     quiet_since = time.monotonic()
-    while time.monotonic() - quiet_since < 3 * SCHEDULER_LOOP_S:
+    while time.monotonic() - quiet_since < max(3 * SCHEDULER_LOOP_S, 6):
         assert time.monotonic() < deadline, "the scheduler kept creating runs of paused schedules"
         if _delete_auto_scheduled_runs(api):
             quiet_since = time.monotonic()
@@ -427,7 +427,7 @@ def test_the_dashboard_automation_shows_every_leaf_side_by_side_for_every_round(
 
 
 def _page(edge: EdgeFederation, chromium: str, tmp_path: Path, url: str, expect: str, name: str) -> str:
-    """A Prefect UI page's text as Chromium renders it; screenshot and DOM kept in tmp_path."""
+    """A Prefect UI page's text as Chromium renders it; its DOM (and screenshot) kept in tmp_path."""
     return render_text(chromium, f"{edge.api.removesuffix('/api')}{url}", tmp_path, name, expect)
 
 

@@ -213,9 +213,17 @@ def _heartbeats(platform: Platform, run_id: str) -> list[dict[str, Any]]:
         "occurred": {"since": "2000-01-01T00:00:00Z"}}, "limit": 50})["events"]
 
 
+@dataclass
+class LostRun:
+    """The round left without worker or process, and the logs of what ran it."""
+
+    run_id: str
+    logs: Logs
+
+
 @pytest.fixture(scope="module", autouse=True)
-def lost_run(platform: Platform) -> Iterator[str]:
-    """A round whose process and worker are killed after its first heartbeat; its run id. Made
+def lost_run(platform: Platform) -> Iterator[LostRun]:
+    """A round whose process and worker are killed after its first heartbeat. Made
     before the module's other tests, so that the lost-run window (60 s, the shortest Prefect
     allows: two 30 s heartbeats) passes while they run rather than being waited out."""
     logs = Logs()
@@ -235,7 +243,7 @@ def lost_run(platform: Platform) -> Iterator[str]:
         if worker is not None:
             stop_group(worker, hard=True)
         raise
-    yield run_id
+    yield LostRun(run_id, logs)
 
 
 def test_an_idle_worker_exits_promptly_on_sigterm(platform: Platform, logs: Logs) -> None:
@@ -344,11 +352,12 @@ def _block_id(platform: Platform, name: str) -> str:
     return _api(platform.api, "GET", f"/block_types/slug/branchkey-credentials/block_documents/name/{name}")["id"]
 
 
-def test_a_run_whose_worker_and_process_died_is_set_crashed_by_the_lost_run_automation(platform: Platform,
-                                                                                      lost_run: str) -> None:
-    _wait_until(lambda: _state(platform, lost_run)["state_type"] != "RUNNING", MIN_LOST_RUN_S + 60,
+def test_a_run_whose_worker_and_process_died_is_set_crashed_by_the_lost_run_automation(
+        platform: Platform, lost_run: LostRun, logs: Logs) -> None:
+    logs.paths.extend(lost_run.logs.paths)
+    _wait_until(lambda: _state(platform, lost_run.run_id)["state_type"] != "RUNNING", MIN_LOST_RUN_S + 60,
                 "the lost-run automation")
-    run = _state(platform, lost_run)
+    run = _state(platform, lost_run.run_id)
     assert run["state_type"] == "CRASHED" and "No heartbeat" in run["state"]["message"], run["state"]
 
 

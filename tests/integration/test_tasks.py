@@ -152,6 +152,22 @@ def test_a_stop_notice_ends_the_aggregation_wait_without_waiting_for_the_next_ru
         wait_for_aggregation(session, 1, 1, timeout_s=60, run_check_interval_s=600)
 
 
+def test_a_stop_notice_between_upload_and_wait_ends_the_wait_at_once(
+        server: BkServer, update_file: Callable[..., Path], open_session: Callable[..., LeafSession]) -> None:
+    """The notice came before the wait began: the run is checked at once all the same."""
+    federation = server.federation(leaves=2)
+    session = open_session(credentials_for(server, federation.leaves[0]))
+    upload_weights(session, update_file(), 1, 1)
+    before = session.client.run_status_notices
+    server.run(federation.branch_id, "stop")
+    deadline = time.monotonic() + 30
+    while session.client.run_status_notices == before:
+        assert time.monotonic() < deadline, "the stop notice never reached the leaf's listener"
+        time.sleep(0.05)
+    with pytest.raises(RunStoppedError):
+        wait_for_aggregation(session, 1, 1, timeout_s=60, run_check_interval_s=600)
+
+
 def test_waiting_for_aggregation_ends_when_a_new_run_begins(amqp_server: BkServer, update_file: Callable[..., Path],
                                                             open_session: Callable[..., LeafSession]) -> None:
     federation = amqp_server.federation(leaves=2)

@@ -62,5 +62,5 @@ def page_text(dom: str) -> str:
 
 
 def render_text(chromium: str, url: str, tmp_path: Path, name: str, expect: str) -> str:
-    """`render`'s page as its visible text; screenshot and DOM kept in tmp_path as `name`."""
+    """`render`'s page as its visible text; its DOM (and screenshot) kept in tmp_path as `name`."""
     return page_text(render(chromium, url, tmp_path, f"{name}.png", expect))

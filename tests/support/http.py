@@ -6,4 +6,6 @@ from __future__ import annotations
 
 import httpx
 
-LOCAL = httpx.Client(timeout=30)
+# Idle connections are dropped after 2 s, before a server's own keep-alive timeout (uvicorn's is
+# 5 s) could close one just as it is reused.
+LOCAL = httpx.Client(timeout=30, limits=httpx.Limits(keepalive_expiry=2))

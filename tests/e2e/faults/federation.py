@@ -109,6 +109,7 @@ class FaultFederation:
         self.branch_id = self.federation.branch_id
         env = os.environ | {"PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "INFO"}
         env.pop("FAULT_KILL_AT", None)
+        env.pop("FAULT_AGGREGATION_TIMEOUT_S", None)
         self.leaves: list[LeafProcess] = []
         for index, credentials in enumerate(self.federation.leaves):
             path = root / f"leaf-{index + 1}.json"
