@@ -14,7 +14,7 @@ from prefect import flow
 from prefect_branchkey.bk_blocks import ArchiveRejectedError, AuthenticationError, RunStoppedError
 from prefect_branchkey.tasks import LeafSession, upload_weights, wait_for_aggregation, wait_for_run
 
-from ..support.bkserver import BkServer, credentials_for
+from ..support.bkserver import BkServer, Federation, credentials_for
 from ..support.faulty_proxy import FaultyProxy
 
 FAST = {"retry_delay_seconds": 0.1, "retry_jitter_factor": None}
@@ -130,11 +130,18 @@ def test_polling_task_never_returns_a_cached_answer(server: BkServer, open_sessi
     assert twice() == (1, 2)
 
 
-def test_waiting_for_aggregation_ends_when_the_run_stops(server: BkServer, update_file: Callable[..., Path],
-                                                         open_session: Callable[..., LeafSession]) -> None:
+def _uploaded_round_one(server: BkServer, update_file: Callable[..., Path],
+                        open_session: Callable[..., LeafSession]) -> tuple[Federation, LeafSession]:
+    """A two-leaf federation whose first leaf uploaded round 1, and that leaf's session."""
     federation = server.federation(leaves=2)
     session = open_session(credentials_for(server, federation.leaves[0]))
     upload_weights(session, update_file(), 1, 1)
+    return federation, session
+
+
+def test_waiting_for_aggregation_ends_when_the_run_stops(server: BkServer, update_file: Callable[..., Path],
+                                                         open_session: Callable[..., LeafSession]) -> None:
+    federation, session = _uploaded_round_one(server, update_file, open_session)
     threading.Timer(1.0, server.run, args=(federation.branch_id, "stop")).start()
     with pytest.raises(RunStoppedError):
         wait_for_aggregation(session, 1, 1, timeout_s=60, run_check_interval_s=0.5)
@@ -144,9 +151,7 @@ def test_a_stop_notice_ends_the_aggregation_wait_without_waiting_for_the_next_ru
         server: BkServer, update_file: Callable[..., Path], open_session: Callable[..., LeafSession]) -> None:
     """The run is checked when its status notice comes: the next scheduled check (10 minutes away)
     is after the wait's own timeout, which would end it as AggregationTimeoutError instead."""
-    federation = server.federation(leaves=2)
-    session = open_session(credentials_for(server, federation.leaves[0]))
-    upload_weights(session, update_file(), 1, 1)
+    federation, session = _uploaded_round_one(server, update_file, open_session)
     threading.Timer(1.0, server.run, args=(federation.branch_id, "stop")).start()
     with pytest.raises(RunStoppedError):
         wait_for_aggregation(session, 1, 1, timeout_s=60, run_check_interval_s=600)
@@ -155,9 +160,7 @@ def test_a_stop_notice_ends_the_aggregation_wait_without_waiting_for_the_next_ru
 def test_a_stop_notice_between_upload_and_wait_ends_the_wait_at_once(
         server: BkServer, update_file: Callable[..., Path], open_session: Callable[..., LeafSession]) -> None:
     """The notice came before the wait began: the run is checked at once all the same."""
-    federation = server.federation(leaves=2)
-    session = open_session(credentials_for(server, federation.leaves[0]))
-    upload_weights(session, update_file(), 1, 1)
+    federation, session = _uploaded_round_one(server, update_file, open_session)
     before = session.client.run_status_notices
     server.run(federation.branch_id, "stop")
     deadline = time.monotonic() + 30
