@@ -277,7 +277,8 @@ class RunDetails:
 @dataclass(frozen=True)
 class UploadReply:
     """An accepted upload: its file id and, when the platform says so (extra fields), the run and
-    round it counts in and that round's aggregation if it already happened (a replayed upload)."""
+    round it counts in and that round's aggregation if it already happened (a replayed upload, or
+    the upload that completed the round when the platform aggregated before answering)."""
 
     file_id: str
     run_number: int | None = None
