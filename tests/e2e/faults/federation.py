@@ -14,8 +14,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.leaf.state import LeafState, load_state
 
 from ...support.bkserver import BkServer
+from .launcher import LeafRun, start_leaf
 
 PROJECT = Path(__file__).resolve().parents[3]
 
@@ -59,7 +58,7 @@ class LeafProcess:
     arguments: list[str]
     env: dict[str, str]
     host: str = ""
-    process: subprocess.Popen[bytes] | None = None
+    process: LeafRun | None = None
     runs: int = 0
     failed_runs: list[Path] = field(default_factory=list)
 
@@ -70,14 +69,12 @@ class LeafProcess:
     def start(self, **extra_env: str) -> None:
         self.process = self.spawn(**extra_env)
 
-    def spawn(self, **extra_env: str) -> subprocess.Popen[bytes]:
+    def spawn(self, **extra_env: str) -> LeafRun:
         """A new run of this leaf (its own log file), against `host`."""
         self.runs += 1
         self.log = self.logs / f"{self.credentials['name']}-run-{self.runs}.log"
-        command = [sys.executable, "-m", "tests.e2e.faults.leaf", self.arguments[0], self.host, *self.arguments[1:]]
-        with open(self.log, "wb") as out:
-            return subprocess.Popen(command, cwd=PROJECT, env=self.env | extra_env, stdout=out,
-                                    stderr=subprocess.STDOUT)
+        return start_leaf([self.arguments[0], self.host, *self.arguments[1:]], self.env | extra_env, PROJECT,
+                          self.log)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
