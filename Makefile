@@ -67,33 +67,43 @@ system-deps:
 # RabbitMQ with its management plugin, on 127.0.0.1 (Debian's rabbitmq-server).
 # A broker that already answers (started by the init system or by hand) is used as it is: Debian's
 # init script waits up to 10 minutes for a pid file that a broker started by hand never writes.
+# A broker whose management API already answers needs nothing more (each rabbitmqctl call boots an
+# Erlang VM: seconds).
+BROKER_API := http://127.0.0.1:15672/api/overview
 broker: system-deps
-	@if timeout 20 $(SUDO) rabbitmqctl -q status >/dev/null 2>&1; then echo "RabbitMQ is already running"; \
-	else timeout 120 $(SUDO) service rabbitmq-server start >/dev/null 2>&1 || $(SUDO) rabbitmq-server -detached; fi
-	timeout 120 sh -c 'until $(SUDO) rabbitmqctl -q start_app >/dev/null 2>&1; do sleep 1; done'
-	timeout 120 sh -c 'until $(SUDO) rabbitmqctl -q await_startup >/dev/null 2>&1; do sleep 1; done'
-	$(SUDO) rabbitmq-plugins -q enable rabbitmq_management >/dev/null
-	timeout 60 sh -c 'until curl -sf -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null; do sleep 1; done'
+	@if curl -sf -u guest:guest $(BROKER_API) >/dev/null 2>&1; then echo "RabbitMQ answers on 127.0.0.1"; else \
+	if timeout 20 $(SUDO) rabbitmqctl -q status >/dev/null 2>&1; then echo "RabbitMQ is already running"; \
+	else timeout 120 $(SUDO) service rabbitmq-server start >/dev/null 2>&1 || $(SUDO) rabbitmq-server -detached; fi; \
+	timeout 120 sh -c 'until $(SUDO) rabbitmqctl -q start_app >/dev/null 2>&1; do sleep 1; done' && \
+	timeout 120 sh -c 'until $(SUDO) rabbitmqctl -q await_startup >/dev/null 2>&1; do sleep 1; done' && \
+	$(SUDO) rabbitmq-plugins -q enable rabbitmq_management >/dev/null && \
+	timeout 60 sh -c 'until curl -sf -u guest:guest $(BROKER_API) >/dev/null; do sleep 1; done'; fi
 
 # The tests run in TEST_WORKERS processes (pytest-xdist; 0 is one process). Tests sharing a
 # module-scoped fixture stay on one worker (tests/support/worker_groups.py); the tests marked
-# `exclusive` (they restart the broker every other test uses) run afterwards, alone. The suite
-# is mostly CPU-bound on two cores, so two workers: more only add load. The 20 slowest
-# durations are printed for tracking where the time goes.
+# `exclusive` (they restart the broker every other test uses) run afterwards, alone, collected
+# from their own files only. The whole suite is mostly CPU-bound on two cores (the e2e tier's
+# servers and leaves), so two workers: more only add load. The unit and integration tiers alone
+# mostly wait (on round deadlines, uploads and servers: 58% of two cores busy with two workers),
+# so `make test-fast` runs FAST_TEST_WORKERS. The 20 slowest durations are printed for tracking
+# where the time goes.
 TEST_WORKERS ?= 2
+FAST_TEST_WORKERS ?= 3
 PYTEST := PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest
-# $(call pytest_in_parallel,MARKER EXPRESSION,ARGUMENTS): the parallel run, then the exclusive
-# tests (pytest's exit 5, none selected, is no failure).
+EXCLUSIVE_TESTS := $(shell grep -rl --include='test_*.py' '@pytest.mark.exclusive' tests)
+# $(call pytest_in_parallel,MARKER EXPRESSION,PATHS,WORKERS,EXCLUSIVE TEST FILES): the parallel run
+# of PATHS (every test when empty), then the exclusive tests of those files (pytest's exit 5, none
+# selected, is no failure); PYTEST_ARGS goes to both.
 define pytest_in_parallel
-	PREFECT_HOME=$$(mktemp -d) $(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --durations=20 \
-		-m "$(if $(1),($(1)) and )not exclusive" $(2)
-	PREFECT_HOME=$$(mktemp -d) $(PYTEST) -m "$(if $(1),($(1)) and )exclusive" $(2) || [ $$? = 5 ]
+	PREFECT_HOME=$$(mktemp -d) $(PYTEST) -n $(3) --dist loadgroup --durations=20 \
+		-m "$(if $(1),($(1)) and )not exclusive" $(2) $(PYTEST_ARGS)
+	PREFECT_HOME=$$(mktemp -d) $(PYTEST) -m "$(if $(1),($(1)) and )exclusive" $(4) $(PYTEST_ARGS) || [ $$? = 5 ]
 endef
 
 # Everything the tests need (venvs, Debian packages, the broker), the lint, the tests, then the
 # lowest Prefect and the other Pythons.
 test: setup official-clients system-deps broker lint
-	$(call pytest_in_parallel,,$(PYTEST_ARGS))
+	$(call pytest_in_parallel,,,$(TEST_WORKERS),$(EXCLUSIVE_TESTS))
 	$(MAKE) test-compat
 
 # ruff (lint and import order) and mypy, as configured in pyproject.toml. mypy reads the
@@ -120,7 +130,7 @@ test-compat: $(OFFICIAL)/prefect-lowest/.installed $(foreach v,$(OTHER_PYTHONS),
 
 # The inner loop: the unit and integration tiers (real bk-server, broker and Prefect server; no e2e).
 test-fast: setup official-clients system-deps broker
-	$(call pytest_in_parallel,,tests/unit tests/integration $(PYTEST_ARGS))
+	$(call pytest_in_parallel,,tests/unit tests/integration,$(FAST_TEST_WORKERS),$(filter tests/unit/% tests/integration/%,$(EXCLUSIVE_TESTS)))
 
 # The unit tier alone: pure rules in-process (no server process, broker or Prefect server), in seconds.
 test-unit: setup
@@ -128,7 +138,7 @@ test-unit: setup
 
 # The fault suite alone: one fault at a time against a federation of real processes, with its summary table.
 test-faults: setup system-deps broker
-	$(call pytest_in_parallel,fault,$(PYTEST_ARGS))
+	$(call pytest_in_parallel,fault,,$(TEST_WORKERS),$(filter tests/e2e/faults/%,$(EXCLUSIVE_TESTS)))
 
 # The demo federation: a local bk-server and Prefect server, three leaves, ten rounds (bk_dev/demo.py).
 # DEMO_ARGS=--no-keep exits at the end instead of keeping the servers up for the UI.

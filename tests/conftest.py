@@ -88,6 +88,16 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 os.environ.pop("PREFECT_API_URL", None)
 
 
+@pytest.fixture
+def forked_dask_workers() -> Iterator[None]:
+    """Dask worker processes forked from the test worker's fork server, which has imported Prefect
+    and our flows once, instead of each spawned interpreter importing them again."""
+    from .support.forkserver import dask_workers_forked
+
+    with dask_workers_forked():
+        yield
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's headless Chromium, for the tests that render the Prefect UI."""

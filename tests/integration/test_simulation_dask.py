@@ -9,7 +9,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,7 +26,14 @@ from prefect_branchkey.flows.participant import Participant, ParticipantError, T
 
 from ..support.bkserver import BkServer
 
-pytestmark = pytest.mark.usefixtures("prefect_api")
+pytestmark = pytest.mark.usefixtures("prefect_api", "forked_dask_workers")
+
+
+@pytest.fixture
+def server(make_server: Callable[..., BkServer]) -> BkServer:
+    """A platform of the test's own, not the module's: each of these tests runs for seconds to tens
+    of seconds, so under pytest-xdist they spread over the workers instead of queueing on one."""
+    return make_server()
 
 
 class Steady(Participant):

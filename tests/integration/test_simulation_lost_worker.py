@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dask
@@ -24,7 +24,14 @@ from prefect_branchkey.flows.participant import TrainResult
 from ..support.bkserver import BkServer
 from .test_simulation_dask import Steady, federation_files, platform_rounds
 
-pytestmark = pytest.mark.usefixtures("prefect_api")
+pytestmark = pytest.mark.usefixtures("prefect_api", "forked_dask_workers")
+
+
+@pytest.fixture
+def server(make_server: Callable[..., BkServer]) -> BkServer:
+    """A platform of the test's own, not the module's: each of these tests runs for seconds to tens
+    of seconds, so under pytest-xdist they spread over the workers instead of queueing on one."""
+    return make_server()
 
 
 class LosesItsWorker(Steady):

@@ -2,8 +2,9 @@
 
 A fault test starts five or so leaf runs, and each new interpreter spent most of its CPU
 importing Prefect (1-2 s of the ~2.5 s a short run costs). Here a multiprocessing fork server
-imports them once per test worker, and each run is a fresh OS process forked from it: its own
-pid, memory, sockets and exit status, killable with SIGKILL like any process. Only the
+imports them once per test worker (tests/support/forkserver.py), and each run is a fresh OS
+process forked from it: its own pid, memory, sockets and exit status, killable with SIGKILL like
+any process. Only the
 imports are shared: nothing has run in the fork server, which holds no connections and no Python
 thread (pyarrow's jemalloc keeps a native one, which jemalloc's own fork handlers account for).
 
@@ -15,7 +16,6 @@ the interpreter's exit handlers (Prefect flushes its logs and events there) befo
 from __future__ import annotations
 
 import atexit
-import multiprocessing
 import os
 import runpy
 import signal
@@ -24,13 +24,9 @@ import sys
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from ...support.forkserver import CONTEXT
+
 LEAF_MODULE = "tests.e2e.faults.leaf"
-# Imported once in the fork server: what the leaf imports, and what a run imports on its way (the
-# leaf module itself runs as __main__ in each run, so it is not among them).
-PRELOAD = ["prefect_branchkey.flows.training", "prefect_branchkey.flows.round", "tests.e2e.faults.participant",
-           "prefect.flow_engine", "prefect.task_engine"]
-_CONTEXT = multiprocessing.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(PRELOAD)
 
 
 def _run_leaf(arguments: list[str], env: dict[str, str], cwd: str, log: str) -> None:
@@ -83,6 +79,6 @@ class LeafRun:
 def start_leaf(arguments: list[str], env: dict[str, str], cwd: Path, log: Path) -> LeafRun:
     """Fork a run of `python -m tests.e2e.faults.leaf ARGUMENTS` (the log is truncated first)."""
     log.write_bytes(b"")
-    process = _CONTEXT.Process(target=_run_leaf, args=(arguments, env, str(cwd), str(log)), daemon=False)
+    process = CONTEXT.Process(target=_run_leaf, args=(arguments, env, str(cwd), str(log)), daemon=False)
     process.start()
     return LeafRun(process)
