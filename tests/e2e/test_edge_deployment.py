@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import numpy as np
 import pytest
+import yaml
 
 from prefect_branchkey.bk_blocks.archive import read_aggregate, read_update
 from prefect_branchkey.bk_dev.demo import latest_artifact_id, latest_event_page
@@ -45,6 +46,9 @@ PROJECT = Path(__file__).resolve().parents[2]
 BRANCH = "digits"
 LEAVES = ("digits-leaf-1", "digits-leaf-2", "digits-leaf-3")
 TRAINING_ROUNDS = 2
+# prefect.yaml's retention: the latest rounds whose update and global model a leaf keeps.
+RETENTION = yaml.safe_load((PROJECT / "prefect.yaml").read_text())["definitions"]["round_parameters"]["retention"]
+KEPT_ROUNDS = min(RETENTION["keep_updates"], RETENTION["keep_models"])
 INTERVAL_S = 20
 SCHEDULER_LOOP_S = 1
 # The shortest `bk edge alerts --dashboard-every` allows: each dashboard run watches this long.
@@ -325,11 +329,18 @@ def test_each_leaf_ran_on_its_own_queue(edge: EdgeFederation) -> None:
         assert run["work_queue_name"] == leaf, (run["name"], run["work_queue_name"])
 
 
-def test_every_round_aggregate_is_the_fedavg_of_the_leaves_uploads(edge: EdgeFederation) -> None:
+def test_every_kept_round_aggregate_is_the_fedavg_of_the_leaves_uploads(edge: EdgeFederation) -> None:
+    """prefect.yaml's retention keeps a leaf's latest KEPT_ROUNDS updates and global models, and the
+    schedule runs as many rounds as the scenario's time allows: those kept are checked, and the
+    updates kept are exactly theirs."""
     histories = {leaf: history_rows(edge.work_root / leaf) for leaf in LEAVES}
     rounds = [r["round"] for r in histories["digits-leaf-1"]]
     assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) >= TRAINING_ROUNDS + 1
-    for index, round_number in enumerate(rounds):
+    kept = rounds[-KEPT_ROUNDS:]
+    for leaf in LEAVES:
+        assert sorted(p.name for p in (edge.work_root / leaf / "updates").glob("run*-round*.npz")) == sorted(
+            f"run1-round{r}.npz" for r in kept), leaf
+    for index, round_number in list(enumerate(rounds))[-KEPT_ROUNDS:]:
         aggregation_ids = {histories[leaf][index]["aggregation_id"] for leaf in LEAVES}
         assert len(aggregation_ids) == 1, f"round {round_number}: leaves disagree on the aggregate"
         (aggregation_id,) = aggregation_ids
