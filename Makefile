@@ -90,14 +90,18 @@ broker: system-deps
 TEST_WORKERS ?= 2
 FAST_TEST_WORKERS ?= 3
 PYTEST := PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest
-EXCLUSIVE_TESTS := $(shell grep -rl --include='test_*.py' '@pytest.mark.exclusive' tests)
+EXCLUSIVE_TESTS := $(shell grep -rl --include='test_*.py' 'pytest.mark.exclusive' tests)
+# Paths in PYTEST_ARGS narrow the exclusive step as they narrow the parallel run.
+PYTEST_ARGS_PATHS = $(filter tests tests/%,$(PYTEST_ARGS))
 # $(call pytest_in_parallel,MARKER EXPRESSION,PATHS,WORKERS,EXCLUSIVE TEST FILES): the parallel run
-# of PATHS (every test when empty), then the exclusive tests of those files (pytest's exit 5, none
-# selected, is no failure); PYTEST_ARGS goes to both.
+# of PATHS (every test when empty), then the exclusive tests of those files, or of PYTEST_ARGS's
+# paths when it names some (pytest's exit 5, none selected, is no failure; with neither, no step).
+# PYTEST_ARGS goes to both.
 define pytest_in_parallel
 	PREFECT_HOME=$$(mktemp -d) $(PYTEST) -n $(3) --dist loadgroup --durations=20 \
 		-m "$(if $(1),($(1)) and )not exclusive" $(2) $(PYTEST_ARGS)
-	PREFECT_HOME=$$(mktemp -d) $(PYTEST) -m "$(if $(1),($(1)) and )exclusive" $(4) $(PYTEST_ARGS) || [ $$? = 5 ]
+	$(if $(or $(PYTEST_ARGS_PATHS),$(4)),PREFECT_HOME=$$(mktemp -d) $(PYTEST) -m "$(if $(1),($(1)) and )exclusive" \
+		$(if $(PYTEST_ARGS_PATHS),,$(4)) $(PYTEST_ARGS) || [ $$? = 5 ])
 endef
 
 # Everything the tests need (venvs, Debian packages, the broker), the lint, the tests, then the

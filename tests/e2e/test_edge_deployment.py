@@ -46,9 +46,8 @@ PROJECT = Path(__file__).resolve().parents[2]
 BRANCH = "digits"
 LEAVES = ("digits-leaf-1", "digits-leaf-2", "digits-leaf-3")
 TRAINING_ROUNDS = 2
-# prefect.yaml's retention: the latest rounds whose update and global model a leaf keeps.
+# prefect.yaml's retention: how many of the latest updates and global models a leaf keeps (null: all).
 RETENTION = yaml.safe_load((PROJECT / "prefect.yaml").read_text())["definitions"]["round_parameters"]["retention"]
-KEPT_ROUNDS = min(RETENTION["keep_updates"], RETENTION["keep_models"])
 INTERVAL_S = 20
 SCHEDULER_LOOP_S = 1
 # The shortest `bk edge alerts --dashboard-every` allows: each dashboard run watches this long.
@@ -330,17 +329,18 @@ def test_each_leaf_ran_on_its_own_queue(edge: EdgeFederation) -> None:
 
 
 def test_every_kept_round_aggregate_is_the_fedavg_of_the_leaves_uploads(edge: EdgeFederation) -> None:
-    """prefect.yaml's retention keeps a leaf's latest KEPT_ROUNDS updates and global models, and the
-    schedule runs as many rounds as the scenario's time allows: those kept are checked, and the
-    updates kept are exactly theirs."""
+    """prefect.yaml's retention keeps a leaf's latest updates and global models, and the schedule
+    runs as many rounds as the scenario's time allows: the rounds with both kept are checked, and
+    the updates kept are exactly those of the latest rounds."""
     histories = {leaf: history_rows(edge.work_root / leaf) for leaf in LEAVES}
     rounds = [r["round"] for r in histories["digits-leaf-1"]]
     assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) >= TRAINING_ROUNDS + 1
-    kept = rounds[-KEPT_ROUNDS:]
+    with_update = _latest(rounds, RETENTION["keep_updates"])
     for leaf in LEAVES:
         assert sorted(p.name for p in (edge.work_root / leaf / "updates").glob("run*-round*.npz")) == sorted(
-            f"run1-round{r}.npz" for r in kept), leaf
-    for index, round_number in list(enumerate(rounds))[-KEPT_ROUNDS:]:
+            f"run1-round{r}.npz" for r in with_update), leaf
+    checked = _latest(with_update, RETENTION["keep_models"])
+    for index, round_number in ((rounds.index(r), r) for r in checked):
         aggregation_ids = {histories[leaf][index]["aggregation_id"] for leaf in LEAVES}
         assert len(aggregation_ids) == 1, f"round {round_number}: leaves disagree on the aggregate"
         (aggregation_id,) = aggregation_ids
@@ -350,6 +350,11 @@ def test_every_kept_round_aggregate_is_the_fedavg_of_the_leaves_uploads(edge: Ed
             downloaded = read_aggregate(edge.work_root / leaf / "models" / f"{aggregation_id}.npz")
             for got, want in zip(downloaded, expected, strict=True):
                 np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _latest(rounds: list[int], keep: int | None) -> list[int]:
+    """The rounds whose files a retention count of `keep` leaves (None keeps every one)."""
+    return rounds if keep is None else rounds[-keep:]
 
 
 def test_round_history_artifacts_exist_for_every_leaf(edge: EdgeFederation) -> None:

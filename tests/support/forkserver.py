@@ -6,6 +6,10 @@ forked from it; whoever sets the list last before that start decides what every 
 already imported. So the list is drawn here once, for both users: the modules a fault leaf
 imports and those a Dask worker running a simulated leaf imports. Each child is still a fresh OS
 process with its own pid and memory; only imports are shared, and nothing has run in the server.
+
+A child starts with the environment the server had when it started (a fault leaf replaces it with
+its own; a Dask task carries the submitter's Prefect settings with it). Dask's nanny sets its
+pre-spawn variables (one BLAS thread, among others) only when it is the one that starts the server.
 """
 
 from __future__ import annotations
