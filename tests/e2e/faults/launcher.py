@@ -4,9 +4,9 @@ A fault test starts five or so leaf runs, and each new interpreter spent most of
 importing Prefect (1-2 s of the ~2.5 s a short run costs). Here a multiprocessing fork server
 imports them once per test worker (tests/support/forkserver.py), and each run is a fresh OS
 process forked from it: its own pid, memory, sockets and exit status, killable with SIGKILL like
-any process. Only the
-imports are shared: nothing has run in the fork server, which holds no connections and no Python
-thread (pyarrow's jemalloc keeps a native one, which jemalloc's own fork handlers account for).
+any process. Only the imports are shared: nothing has run in the fork server, which holds no
+connections and no Python thread (pyarrow's jemalloc keeps a native one, which jemalloc's own fork
+handlers account for).
 
 Invariant: a run sees exactly the environment it was given (the fork server's is replaced,
 and Prefect's settings are read again from it), writes stdout and stderr to its log, and runs
