@@ -3,7 +3,8 @@
 They retry like the other platform tasks (only transient failures). The upload carries an
 idempotency key derived from the leaf, the run, the round and the archive's digest, so a
 retried or rerun upload counts once; the wait takes the notice naming the upload's round, or
-catches up from the run details' `latest_statistics`.
+catches up from the run details' `latest_statistics`, read on a timer and at once after a
+reconnect or a run status notice.
 """
 
 from __future__ import annotations
@@ -54,12 +55,18 @@ def wait_for_statistics(session: LeafSession, run_number: int, round_number: int
                         counted_in: tuple[int, int] | None, timeout_s: float = 600.0,
                         run_check_interval_s: float = 5.0) -> str:
     """The id of the combined result of the round the statistics count in: from its notice, or from
-    the run details when the notice was missed; bounded by `timeout_s`."""
+    the run details when the notice was missed; bounded by `timeout_s`. The run details are read
+    every `run_check_interval_s`, after a reconnect of the listener and after a run status notice
+    since the upload (a stopped run ends the wait within a second, not at the next check)."""
     logger = get_run_logger()
     client = session.client
     after = session.mark_of(run_number, round_number)
+    client.listen()
     deadline = time.monotonic() + timeout_s
     next_check = time.monotonic() + run_check_interval_s
+    marked_notices = session.status_notices_at_mark(run_number, round_number)
+    connections = client.connections
+    status_notices = client.run_status_notices if marked_notices is None else marked_notices
     while time.monotonic() < deadline:
         try:
             notice = client.wait_for_aggregation(max(0.05, min(_SLICE_S, deadline - time.monotonic())), after=after,
@@ -68,7 +75,9 @@ def wait_for_statistics(session: LeafSession, run_number: int, round_number: int
             return notice.aggregation_id
         except NotificationTimeout:
             pass
-        if time.monotonic() >= next_check:
+        if (time.monotonic() >= next_check or client.connections != connections
+                or client.run_status_notices != status_notices):
+            connections, status_notices = client.connections, client.run_status_notices
             details = client.run_details()
             latest = details.latest_statistics
             if counted_in is not None and latest is not None and (latest.run_number, latest.round) == counted_in:

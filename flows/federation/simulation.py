@@ -88,6 +88,9 @@ WORK_DIR_WAIT_S = 60.0
 WORK_DIR_POLL_S = 0.5
 # How many times one leaf's round is submitted again in one round after its worker was lost.
 RESUBMISSIONS = 2
+# Where a local cluster's scheduler serves its HTTP routes (metrics, health; no dashboard): a free
+# loopback port, so simulations side by side do not contend for Dask's default 8787.
+SCHEDULER_HTTP_ADDRESS = "127.0.0.1:0"
 
 
 class SimulationError(BranchKeyError, ValueError):
@@ -112,7 +115,7 @@ def dask_runner(address: str | None, workers: int | None, tasks_at_once: int) ->
     processes = workers or os.cpu_count() or 1
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
         "n_workers": processes, "threads_per_worker": tasks_at_once, "processes": True,
-        "dashboard_address": None})
+        "dashboard_address": None, "scheduler_kwargs": {"dashboard_address": SCHEDULER_HTTP_ADDRESS}})
 
 
 def cluster_threads(address: str) -> int:

@@ -8,11 +8,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from prefect import flow
 
 from prefect_branchkey.bk_blocks import ArchiveRejectedError, AuthenticationError, RunStoppedError
-from prefect_branchkey.tasks import LeafSession, upload_weights, wait_for_aggregation, wait_for_run
+from prefect_branchkey.bk_blocks.analytics import write_statistics
+from prefect_branchkey.tasks import (
+    LeafSession,
+    upload_statistics,
+    upload_weights,
+    wait_for_aggregation,
+    wait_for_run,
+    wait_for_statistics,
+)
 
 from ..support.bkserver import BkServer, Federation, credentials_for
 from ..support.faulty_proxy import FaultyProxy
@@ -169,6 +178,19 @@ def test_a_stop_notice_between_upload_and_wait_ends_the_wait_at_once(
         time.sleep(0.05)
     with pytest.raises(RunStoppedError):
         wait_for_aggregation(session, 1, 1, timeout_s=60, run_check_interval_s=600)
+
+
+def test_a_stop_notice_ends_the_statistics_wait_without_waiting_for_the_next_run_check(
+        server: BkServer, open_session: Callable[..., LeafSession], tmp_path: Path) -> None:
+    """As for an update: a two-leaf round that will never close, and a run check 10 minutes away,
+    after the wait's own timeout."""
+    federation = server.federation(leaves=2)
+    session = open_session(credentials_for(server, federation.leaves[0]))
+    archive = write_statistics(tmp_path / "statistics.npz", {"age": np.arange(10.0)})
+    receipt = upload_statistics(session, archive, 1, 1)
+    threading.Timer(1.0, server.run, args=(federation.branch_id, "stop")).start()
+    with pytest.raises(RunStoppedError):
+        wait_for_statistics(session, 1, 1, receipt.counted_in, timeout_s=60, run_check_interval_s=600)
 
 
 def test_waiting_for_aggregation_ends_when_a_new_run_begins(amqp_server: BkServer, update_file: Callable[..., Path],

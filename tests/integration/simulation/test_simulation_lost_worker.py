@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import dask
@@ -21,17 +21,11 @@ from prefect_branchkey.flows.federation import cluster as cluster_module
 from prefect_branchkey.flows.federation.simulation import SimulationError, simulate
 from prefect_branchkey.flows.participant import TrainResult
 
-from ..support.bkserver import BkServer
-from .test_simulation_dask import Steady, federation_files, platform_rounds
+from ...support.bkserver import BkServer
+from .test_simulation_dask import Steady, federation_files, platform_rounds, started_cluster
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "forked_dask_workers")
 
-
-@pytest.fixture
-def server(make_server: Callable[..., BkServer]) -> BkServer:
-    """A platform of the test's own, not the module's: each of these tests runs for seconds to tens
-    of seconds, so under pytest-xdist they spread over the workers instead of queueing on one."""
-    return make_server()
 
 
 class LosesItsWorker(Steady):
@@ -56,8 +50,7 @@ class LosesItsWorker(Steady):
 @pytest.fixture
 def two_single_threads() -> Iterator[distributed.LocalCluster]:
     """A cluster reached by address whose two workers run one task each: a lost one is not replaced."""
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as started:
+    with started_cluster(2, 1) as started:
         yield started
 
 

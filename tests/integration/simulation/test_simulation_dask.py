@@ -9,7 +9,8 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,20 +21,20 @@ import pytest
 
 from prefect_branchkey.bk_server.cli import write_credentials
 from prefect_branchkey.flows.federation import simulation as simulation_module
-from prefect_branchkey.flows.federation.simulation import SAMPLING_FILE, SimulationError, simulate
+from prefect_branchkey.flows.federation.simulation import (
+    SAMPLING_FILE,
+    SCHEDULER_HTTP_ADDRESS,
+    SimulationError,
+    dask_runner,
+    simulate,
+)
 from prefect_branchkey.flows.leaf.history import history_rows
 from prefect_branchkey.flows.participant import Participant, ParticipantError, TrainResult
 
-from ..support.bkserver import BkServer
+from ...support.bkserver import BkServer
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "forked_dask_workers")
 
-
-@pytest.fixture
-def server(make_server: Callable[..., BkServer]) -> BkServer:
-    """A platform of the test's own, not the module's: each of these tests runs for seconds to tens
-    of seconds, so under pytest-xdist they spread over the workers instead of queueing on one."""
-    return make_server()
 
 
 class Steady(Participant):
@@ -55,6 +56,14 @@ class Steady(Participant):
             pause.write_text(str(os.getpid()))
             time.sleep(60)
         return {"accuracy": float(global_model[0][0])}
+
+
+def started_cluster(workers: int, threads: int, processes: bool = True) -> distributed.LocalCluster:
+    """A cluster started beforehand, as a user would, without a dashboard; its scheduler's HTTP
+    routes on a free port, so the tests' clusters side by side do not contend for 8787."""
+    return distributed.LocalCluster(n_workers=workers, threads_per_worker=threads, processes=processes,
+                                    dashboard_address=None,
+                                    scheduler_kwargs={"dashboard_address": SCHEDULER_HTTP_ADDRESS})
 
 
 def federation_files(server: BkServer, root: Path, leaves: int, per_round: int, deadline_s: float = 60) -> Path:
@@ -86,7 +95,7 @@ def test_each_drawn_leaf_sends_one_update_per_round_on_a_local_cluster(server: B
 
 def test_a_cluster_started_beforehand_is_reached_by_its_address(server: BkServer, tmp_path: Path) -> None:
     creds = federation_files(server, tmp_path, leaves=4, per_round=4)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
+    with started_cluster(2, 2) as cluster:
         results = simulate(server.url, str(creds), str(tmp_path / "leaves"), dask_address=cluster.scheduler_address,
                            participant=f"{__name__}:Steady", rounds=2, aggregation_timeout_s=120)
     assert {name: [r.status for r in done] for name, done in results.items()} == {
@@ -103,10 +112,21 @@ def test_an_address_where_no_scheduler_answers_is_refused_and_nothing_starts(
     assert not (tmp_path / "leaves").exists()
 
 
+def test_local_clusters_side_by_side_serve_their_scheduler_http_on_free_loopback_ports() -> None:
+    """Two simulations on one machine: neither scheduler takes Dask's default 8787, so neither warns
+    that the port is in use, and neither listens beyond the loopback."""
+    options = dict(dask_runner(None, 1, 2).cluster_kwargs, n_workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with distributed.LocalCluster(**options) as first, distributed.LocalCluster(**options) as second:
+            served = [(c.scheduler.http_server.address, c.scheduler.http_server.port) for c in (first, second)]
+    assert [host for host, _ in served] == ["127.0.0.1", "127.0.0.1"]
+    assert 8787 not in [port for _, port in served] and served[0][1] != served[1][1]
+
+
 def test_a_cluster_with_fewer_threads_than_a_rounds_leaves_is_refused(server: BkServer, tmp_path: Path) -> None:
     creds = federation_files(server, tmp_path, leaves=3, per_round=3)
-    with (distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                                   dashboard_address=None) as cluster,
+    with (started_cluster(1, 2, processes=False) as cluster,
           pytest.raises(SimulationError, match="runs 2 tasks at once; a round needs 3")):
         simulate(server.url, str(creds), str(tmp_path / "leaves"), dask_address=cluster.scheduler_address,
                  participant=f"{__name__}:Steady", rounds=1)
@@ -177,8 +197,7 @@ def test_a_round_that_went_on_without_a_drawn_leaf_fails_the_simulation_naming_i
 
 @pytest.fixture
 def cluster() -> Iterator[distributed.LocalCluster]:
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True,
-                                  dashboard_address=None) as started:
+    with started_cluster(2, 2) as started:
         yield started
 
 
