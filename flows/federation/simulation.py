@@ -114,8 +114,8 @@ def dask_runner(address: str | None, workers: int | None, tasks_at_once: int) ->
         raise SimulationError(f"workers must be at least 1, got {workers}")
     processes = workers or os.cpu_count() or 1
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
-        "n_workers": processes, "threads_per_worker": tasks_at_once, "processes": True,
-        "dashboard_address": None, "scheduler_kwargs": {"dashboard_address": SCHEDULER_HTTP_ADDRESS}})
+        "n_workers": processes, "threads_per_worker": tasks_at_once, "processes": True, "dashboard_address": None,
+        "scheduler_kwargs": {"dashboard": False, "dashboard_address": SCHEDULER_HTTP_ADDRESS}})
 
 
 def cluster_threads(address: str) -> int:

@@ -16,6 +16,7 @@ from prefect_branchkey.bk_blocks import ArchiveRejectedError, AuthenticationErro
 from prefect_branchkey.bk_blocks.analytics import write_statistics
 from prefect_branchkey.tasks import (
     LeafSession,
+    UploadReceipt,
     upload_statistics,
     upload_weights,
     wait_for_aggregation,
@@ -180,15 +181,36 @@ def test_a_stop_notice_between_upload_and_wait_ends_the_wait_at_once(
         wait_for_aggregation(session, 1, 1, timeout_s=60, run_check_interval_s=600)
 
 
-def test_a_stop_notice_ends_the_statistics_wait_without_waiting_for_the_next_run_check(
-        server: BkServer, open_session: Callable[..., LeafSession], tmp_path: Path) -> None:
-    """As for an update: a two-leaf round that will never close, and a run check 10 minutes away,
-    after the wait's own timeout."""
+def _uploaded_statistics(server: BkServer, open_session: Callable[..., LeafSession], tmp_path: Path
+                         ) -> tuple[Federation, LeafSession, UploadReceipt]:
+    """A two-leaf federation whose first leaf uploaded statistics into round 1: a round that will
+    not close."""
     federation = server.federation(leaves=2)
     session = open_session(credentials_for(server, federation.leaves[0]))
     archive = write_statistics(tmp_path / "statistics.npz", {"age": np.arange(10.0)})
-    receipt = upload_statistics(session, archive, 1, 1)
+    return federation, session, upload_statistics(session, archive, 1, 1)
+
+
+def test_a_stop_notice_ends_the_statistics_wait_without_waiting_for_the_next_run_check(
+        server: BkServer, open_session: Callable[..., LeafSession], tmp_path: Path) -> None:
+    """As for an update: the next run check (10 minutes away) is after the wait's own timeout."""
+    federation, session, receipt = _uploaded_statistics(server, open_session, tmp_path)
     threading.Timer(1.0, server.run, args=(federation.branch_id, "stop")).start()
+    with pytest.raises(RunStoppedError):
+        wait_for_statistics(session, 1, 1, receipt.counted_in, timeout_s=60, run_check_interval_s=600)
+
+
+def test_a_stop_notice_between_statistics_upload_and_wait_ends_the_wait_at_once(
+        server: BkServer, open_session: Callable[..., LeafSession], tmp_path: Path) -> None:
+    """The notice came before the wait began: counted from the upload's mark, it has the run
+    checked at once all the same."""
+    federation, session, receipt = _uploaded_statistics(server, open_session, tmp_path)
+    before = session.client.run_status_notices
+    server.run(federation.branch_id, "stop")
+    deadline = time.monotonic() + 30
+    while session.client.run_status_notices == before:
+        assert time.monotonic() < deadline, "the stop notice never reached the leaf's listener"
+        time.sleep(0.05)
     with pytest.raises(RunStoppedError):
         wait_for_statistics(session, 1, 1, receipt.counted_in, timeout_s=60, run_check_interval_s=600)
 

@@ -27,7 +27,6 @@ from .test_simulation_dask import Steady, federation_files, platform_rounds, sta
 pytestmark = pytest.mark.usefixtures("prefect_api", "forked_dask_workers")
 
 
-
 class LosesItsWorker(Steady):
     """Leaf 0's first training from round `lose_round` on breaks its Dask worker's connection to the
     scheduler, once (keyed by the file `pause_file`), then holds its thread as a round waiting for
