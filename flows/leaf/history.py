@@ -317,7 +317,7 @@ def _list_segments(directory: Path) -> list[_Segment]:
 
 
 def _segment_keys(path: Path) -> _Segment:
-    with open(path, "rb") as handle:
+    with _native_file(path) as handle:
         keys = pq.ParquetFile(handle).read(columns=[KEY], use_threads=False)[KEY].to_pylist()
     return _Segment(path, int(path.name.removeprefix(SEGMENT_PREFIX).removesuffix(".parquet")), keys)
 
@@ -357,10 +357,18 @@ def _read_rows(path: Path, keys: list[str]) -> pa.Table:
     return table.filter(pc.is_in(table[KEY], value_set=pa.array(keys, pa.string())))
 
 
+def _native_file(path: Path) -> pa.NativeFile:
+    """The file opened by Arrow, not by Python (FileNotFoundError when gone). Arrow may finish a
+    read on its I/O threads; a buffer there that holds a Python file's bytes needs the GIL to be
+    released, and when that happens while the interpreter exits (a leaf reading its history just
+    before it ends) the process aborts ('terminate called without an active exception')."""
+    return pa.OSFile(str(path))
+
+
 def _read_file(path: Path) -> pa.Table:
     """A loose row or a segment in today's schema (a column an older version did not write is null)."""
     schema = SEGMENT_SCHEMA if path.name.startswith(SEGMENT_PREFIX) else SCHEMA
-    with open(path, "rb") as handle:
+    with _native_file(path) as handle:
         table = pq.ParquetFile(handle).read(use_threads=False)
     if table.schema.equals(schema):
         return table
