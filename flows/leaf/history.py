@@ -359,9 +359,9 @@ def _read_rows(path: Path, keys: list[str]) -> pa.Table:
 
 def _native_file(path: Path) -> pa.NativeFile:
     """The file opened by Arrow, not by Python (FileNotFoundError when gone). Arrow may finish a
-    read on its I/O threads; a buffer there that holds a Python file's bytes needs the GIL to be
-    released, and when that happens while the interpreter exits (a leaf reading its history just
-    before it ends) the process aborts ('terminate called without an active exception')."""
+    read on its I/O threads; freeing a buffer there that holds a Python file's bytes takes the GIL,
+    and when that happens while the interpreter exits (a leaf reading its history just before it
+    ends) the process aborts ('terminate called without an active exception')."""
     return pa.OSFile(str(path))
 
 
