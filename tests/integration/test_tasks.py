@@ -167,16 +167,21 @@ def test_a_stop_notice_ends_the_aggregation_wait_without_waiting_for_the_next_ru
         wait_for_aggregation(session, 1, 1, timeout_s=60, run_check_interval_s=600)
 
 
-def test_a_stop_notice_between_upload_and_wait_ends_the_wait_at_once(
-        server: BkServer, update_file: Callable[..., Path], open_session: Callable[..., LeafSession]) -> None:
-    """The notice came before the wait began: the run is checked at once all the same."""
-    federation, session = _uploaded_round_one(server, update_file, open_session)
+def _stop_and_await_its_notice(server: BkServer, federation: Federation, session: LeafSession) -> None:
+    """Stop the federation's run and return once the leaf's listener has its status notice."""
     before = session.client.run_status_notices
     server.run(federation.branch_id, "stop")
     deadline = time.monotonic() + 30
     while session.client.run_status_notices == before:
         assert time.monotonic() < deadline, "the stop notice never reached the leaf's listener"
         time.sleep(0.05)
+
+
+def test_a_stop_notice_between_upload_and_wait_ends_the_wait_at_once(
+        server: BkServer, update_file: Callable[..., Path], open_session: Callable[..., LeafSession]) -> None:
+    """The notice came before the wait began: the run is checked at once all the same."""
+    federation, session = _uploaded_round_one(server, update_file, open_session)
+    _stop_and_await_its_notice(server, federation, session)
     with pytest.raises(RunStoppedError):
         wait_for_aggregation(session, 1, 1, timeout_s=60, run_check_interval_s=600)
 
@@ -205,12 +210,7 @@ def test_a_stop_notice_between_statistics_upload_and_wait_ends_the_wait_at_once(
     """The notice came before the wait began: counted from the upload's mark, it has the run
     checked at once all the same."""
     federation, session, receipt = _uploaded_statistics(server, open_session, tmp_path)
-    before = session.client.run_status_notices
-    server.run(federation.branch_id, "stop")
-    deadline = time.monotonic() + 30
-    while session.client.run_status_notices == before:
-        assert time.monotonic() < deadline, "the stop notice never reached the leaf's listener"
-        time.sleep(0.05)
+    _stop_and_await_its_notice(server, federation, session)
     with pytest.raises(RunStoppedError):
         wait_for_statistics(session, 1, 1, receipt.counted_in, timeout_s=60, run_check_interval_s=600)
 
