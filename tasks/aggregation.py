@@ -2,10 +2,9 @@
 
 Notices are the fast path. The platform's run details are the way back after a missed
 notice (a WebSocket that was down when the aggregation was announced, a leaf killed while
-waiting): checked at once when resuming, after every reconnect of the listener, after every
-run status notice since the round's upload was marked (a stopped run ends the wait within a
-second, not at the next check) and every `run_check_interval_s`. The wait is bounded: it never
-wedges the leaf.
+waiting): checked at once when resuming, and as `tasks/run_checks.py` says (every
+`run_check_interval_s`, after a reconnect, after a run status notice since the round's upload was
+marked). The wait is bounded: it never wedges the leaf.
 """
 
 from __future__ import annotations
@@ -18,15 +17,13 @@ from prefect.cache_policies import NO_CACHE
 
 from prefect_branchkey.bk_blocks import (
     AggregationTimeoutError,
-    BranchKeyClient,
     NotificationTimeout,
     OutOfSyncError,
     RunDetails,
     RunStoppedError,
-    TransientError,
 )
-from prefect_branchkey.bk_blocks.outages import OutageLog
 from prefect_branchkey.tasks.retries import RETRY_OPTIONS
+from prefect_branchkey.tasks.run_checks import RunChecks
 from prefect_branchkey.tasks.session import LeafSession
 
 # How long one wait on the listener lasts before the task looks for a reconnect, and the
@@ -66,13 +63,10 @@ def wait_for_aggregation(
     after = session.mark_of(run_number, round_number)
     client.listen()
     deadline = time.monotonic() + timeout_s
-    marked_notices = session.status_notices_at_mark(run_number, round_number)
-    connections = client.connections
-    status_notices = client.run_status_notices if marked_notices is None else marked_notices
-    run_checks = OutageLog(f"run check while round {round_number} waits", client.log)
-    next_check = time.monotonic() + (0 if catch_up_first else run_check_interval_s)
+    checks = RunChecks(client, session.status_notices_at_mark(run_number, round_number), run_check_interval_s,
+                       f"round {round_number}", at_once=catch_up_first)
     while True:
-        look_s = max(_FIRST_LOOK_S, min(_SLICE_S, deadline - time.monotonic(), next_check - time.monotonic()))
+        look_s = max(_FIRST_LOOK_S, min(_SLICE_S, deadline - time.monotonic(), checks.seconds_to_next()))
         try:
             notice = client.wait_for_aggregation(look_s, after=after, exclude=exclude, auto_ack=False,
                                                  for_round=counted_in)
@@ -82,33 +76,16 @@ def wait_for_aggregation(
             return notice.aggregation_id
         except NotificationTimeout:
             pass
-        if (time.monotonic() >= next_check or client.connections != connections
-                or client.run_status_notices != status_notices):
-            connections, status_notices = client.connections, client.run_status_notices
-            found = _caught_up(client, run_number, round_number, counted_in, run_checks)
+        if checks.due() and (details := checks.read()) is not None:
+            found = answer_from_run(details, run_number, round_number, counted_in)
             if found is not None:
                 logger.info("round %d aggregated as %s (caught up from the run details)", round_number, found)
                 session.forget_mark(run_number, round_number)
                 return found
-            next_check = time.monotonic() + run_check_interval_s
         if deadline - time.monotonic() <= 0:
             raise AggregationTimeoutError(
                 f"round {round_number} was not aggregated within {timeout_s:.0f} s of waiting; the round fails "
                 "here and the leaf's next run checks the platform again")
-
-
-def _caught_up(client: BranchKeyClient, run_number: int, round_number: int,
-               counted_in: tuple[int, int] | None, outage: OutageLog) -> str | None:
-    """Ask the platform: the aggregation that closed `counted_in` if it is the latest one, None
-    to keep waiting; raises when the run is over or the round will never be answered. Failed
-    checks are logged as one outage, not a line per check."""
-    try:
-        details = client.run_details()
-    except TransientError as exc:
-        outage.failed(str(exc))
-        return None
-    outage.ended()
-    return answer_from_run(details, run_number, round_number, counted_in)
 
 
 def answer_from_run(details: RunDetails, run_number: int, round_number: int,

@@ -3,8 +3,7 @@
 They retry like the other platform tasks (only transient failures). The upload carries an
 idempotency key derived from the leaf, the run, the round and the archive's digest, so a
 retried or rerun upload counts once; the wait takes the notice naming the upload's round, or
-catches up from the run details' `latest_statistics`, read on a timer and at once after a
-reconnect or a run status notice.
+catches up from the run details' `latest_statistics`, read as `tasks/run_checks.py` says.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from prefect_branchkey.bk_blocks.archive import ArchiveError
 from prefect_branchkey.bk_blocks.client import check_file_id
 from prefect_branchkey.bk_blocks.files import sha256_file
 from prefect_branchkey.tasks.retries import RETRY_OPTIONS
+from prefect_branchkey.tasks.run_checks import RunChecks
 from prefect_branchkey.tasks.session import LeafSession
 from prefect_branchkey.tasks.upload import UploadReceipt, idempotency_key
 
@@ -57,16 +57,15 @@ def wait_for_statistics(session: LeafSession, run_number: int, round_number: int
     """The id of the combined result of the round the statistics count in: from its notice, or from
     the run details when the notice was missed; bounded by `timeout_s`. The run details are read
     every `run_check_interval_s`, after a reconnect of the listener and after a run status notice
-    since the upload (a stopped run ends the wait within a second, not at the next check)."""
+    since the upload (a stopped run ends the wait within a second, not at the next check); a read
+    that fails while the platform is unreachable is logged, and the wait goes on."""
     logger = get_run_logger()
     client = session.client
     after = session.mark_of(run_number, round_number)
     client.listen()
     deadline = time.monotonic() + timeout_s
-    next_check = time.monotonic() + run_check_interval_s
-    marked_notices = session.status_notices_at_mark(run_number, round_number)
-    connections = client.connections
-    status_notices = client.run_status_notices if marked_notices is None else marked_notices
+    checks = RunChecks(client, session.status_notices_at_mark(run_number, round_number), run_check_interval_s,
+                       f"the statistics of run {run_number}")
     while time.monotonic() < deadline:
         try:
             notice = client.wait_for_aggregation(max(0.05, min(_SLICE_S, deadline - time.monotonic())), after=after,
@@ -75,17 +74,13 @@ def wait_for_statistics(session: LeafSession, run_number: int, round_number: int
             return notice.aggregation_id
         except NotificationTimeout:
             pass
-        if (time.monotonic() >= next_check or client.connections != connections
-                or client.run_status_notices != status_notices):
-            connections, status_notices = client.connections, client.run_status_notices
-            details = client.run_details()
+        if checks.due() and (details := checks.read()) is not None:
             latest = details.latest_statistics
             if counted_in is not None and latest is not None and (latest.run_number, latest.round) == counted_in:
                 logger.info("statistics combined as %s (caught up from the run details)", latest.aggregation_id)
                 return latest.aggregation_id
             if details.run_status == "stop" or details.run_number != run_number:
                 raise RunStoppedError(f"run {run_number} ended while its statistics waited to be combined")
-            next_check = time.monotonic() + run_check_interval_s
     raise AggregationTimeoutError(f"the statistics were not combined within {timeout_s:.0f} s")
 
 
