@@ -84,7 +84,7 @@ broker: system-deps
 # `exclusive` (they restart the broker every other test uses) run afterwards, alone, collected
 # from their own files only. The whole suite is mostly CPU-bound on two cores (the e2e tier's
 # servers and leaves), so two workers: more only add load. The unit and integration tiers alone
-# mostly wait (on round deadlines, uploads and servers: 64% of two cores busy with three workers,
+# mostly wait (on round deadlines, uploads and servers: 60% of two cores busy with three workers,
 # 71% with four), so `make test-fast` runs FAST_TEST_WORKERS. The 20 slowest durations are printed
 # for tracking where the time goes.
 TEST_WORKERS ?= 2

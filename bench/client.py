@@ -280,7 +280,7 @@ def run_benchmark(root: Path, args: argparse.Namespace) -> tuple[list[TransferRo
     latency: list[LatencyRow] = []
     server = BenchServer(root / "bk-ws", options={"max_upload_bytes": limit, "max_decompressed_bytes": 2 * limit})
     try:
-        progress(f"starting bk-server (WebSocket only) on port {server.port}")
+        progress("starting bk-server (WebSocket only)")
         server.start()
         for size_mb in args.sizes:
             transfer += bench_size(server, size_mb, root, args)
@@ -293,7 +293,7 @@ def run_benchmark(root: Path, args: argparse.Namespace) -> tuple[list[TransferRo
         return transfer, latency, notes
     amqp_server = BenchServer(root / "bk-amqp", amqp_url=AMQP_URL)
     try:
-        progress(f"starting bk-server (--amqp-url) on port {amqp_server.port}")
+        progress("starting bk-server (--amqp-url)")
         amqp_server.start()
         latency.append(bench_latency(amqp_server, AMQP, root, args))
     finally:

@@ -432,7 +432,7 @@ def bench_transport(prefect: PrefectUnderTest, transport: str, root: Path, args:
     """Every leaf count and model size over one transport, on a bk-server of its own."""
     server = BenchServer(root / f"bk-{prefect.database}-{transport}", amqp_url=AMQP_URL if transport == AMQP else None)
     try:
-        progress(f"starting bk-server ({transport}) on port {server.port}")
+        progress(f"starting bk-server ({transport})")
         server.start()
         for leaves in args.leaves:
             for size_mb in args.sizes:

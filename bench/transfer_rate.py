@@ -297,7 +297,7 @@ def bench(root: Path, args: argparse.Namespace) -> dict[str, Any]:
                                                         "max_decompressed_bytes": 2 * limit})
     load_before = os.getloadavg()
     try:
-        progress(f"starting bk-server on port {server.port}")
+        progress("starting bk-server")
         server.start()
         archive = root / "update.npz"
         progress(f"writing a {args.size_mb:g} MB archive")

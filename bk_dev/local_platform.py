@@ -9,11 +9,13 @@ import json
 import ssl
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from prefect_branchkey.bk_dev.processes import ServerStartError, free_port, spawn, stop_group, wait_until_answering
+from prefect_branchkey.bk_dev.processes import ServerStartError, spawn, stop_group, wait_until_answering
 from prefect_branchkey.bk_server.admin_client import admin_call
 
 
@@ -24,7 +26,8 @@ class LocalServer:
     data_dir: Path
     amqp_url: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
+    # 0 until the first start, when the server takes a free port itself; kept for restarts.
+    port: int = 0
     process: subprocess.Popen[bytes] | None = None
     ca_file: Path | None = None
 
@@ -44,14 +47,20 @@ class LocalServer:
 
     @property
     def log_path(self) -> Path:
-        return self.data_dir.parent / f"bk-server-{self.port}.log"
+        return self.data_dir.parent / f"bk-server-{self.data_dir.name}.log"
+
+    @property
+    def admin_file(self) -> Path:
+        """Where the server writes its URL and admin token once it holds its port."""
+        return self.data_dir / "admin.json"
 
     @property
     def admin_token(self) -> str:
-        return json.loads((self.data_dir / "admin.json").read_text())["admin_token"]
+        return json.loads(self.admin_file.read_text())["admin_token"]
 
     def start(self, timeout: float = 30) -> LocalServer:
-        """Start the process and wait until it answers `/healthz`."""
+        """Start the process and wait until it answers `/healthz`: on a free port it takes itself at
+        the first start, on the same port at a restart."""
         command = [sys.executable, "-m", "prefect_branchkey.bk_server.cli", "serve", "--data-dir", str(self.data_dir),
                    "--port", str(self.port), "--log-level", "warning"]
         if self.amqp_url:
@@ -60,14 +69,32 @@ class LocalServer:
             flag = key.replace("_", "-")
             command += ([f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool)
                         else [f"--{flag}", str(value)])
+        self.admin_file.unlink(missing_ok=True)
         self.process = spawn(command, self.log_path)
+        deadline = time.monotonic() + timeout
         try:
-            wait_until_answering(self.process, f"{self.url}/healthz", timeout, self.log_path, "bk-server",
-                                 verify=self.verify)
+            self.port = self._bound_port(deadline)
+            wait_until_answering(self.process, f"{self.url}/healthz", max(1.0, deadline - time.monotonic()),
+                                 self.log_path, "bk-server", verify=self.verify)
         except ServerStartError:
             self.stop(hard=True)
             raise
         return self
+
+    def _bound_port(self, deadline: float) -> int:
+        """The port named by the admin file the process writes once it holds it: until then,
+        whatever answers on a port is not this server."""
+        assert self.process is not None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerStartError(f"bk-server exited with {self.process.returncode}; see {self.log_path}")
+            if self.admin_file.exists():
+                url = json.loads(self.admin_file.read_text())["url"]
+                if (port := urlsplit(url).port) is None:
+                    raise ServerStartError(f"bk-server's {self.admin_file} names no port in {url!r}")
+                return port
+            time.sleep(0.05)
+        raise ServerStartError(f"bk-server did not bind its port in time; see {self.log_path}")
 
     def stop(self, hard: bool = False) -> None:
         if self.process is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -10,6 +11,7 @@ from typing import Annotated, Literal
 
 import uvicorn
 from cyclopts import App, Parameter
+from uvicorn.config import STARTUP_FAILURE
 
 from prefect_branchkey.bk_blocks.files import atomic_write
 from prefect_branchkey.bk_server.admin_client import AdminCallError, admin_call
@@ -47,7 +49,10 @@ def serve(
     Parameters
     ----------
     data_dir
-        Where the database, archives and admin token live (created owner-only).
+        Where the database, archives and admin token live (created owner-only). Its admin.json
+        (the server's URL and admin token) is written once the port is bound.
+    port
+        The port to listen on; 0 takes a free one, which admin.json's URL names.
     amqp_url
         RabbitMQ to publish notifications to, e.g. amqp://guest:guest@127.0.0.1:5672/.
         Without it notifications go over WebSocket only.
@@ -84,14 +89,22 @@ def serve(
     )
     settings.make_dirs()
     token = new_secret()
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    scheme = "https" if ssl_certfile else "http"
-    write_admin_file(settings.admin_file, f"{scheme}://{shown_host}:{port}", token)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings, admin_token=token), host=host, port=port, log_level=log_level,
         ws_ping_interval=ws_ping_interval, ws_ping_timeout=ws_ping_interval, timeout_graceful_shutdown=5,
         ssl_certfile=str(ssl_certfile) if ssl_certfile else None, ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
     )
+    # Bound before admin.json is written: whoever reads the file finds this process on its port
+    # (port 0 takes a free one, with no window in which another process could take it first).
+    sock = config.bind_socket()
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    scheme = "https" if ssl_certfile else "http"
+    write_admin_file(settings.admin_file, f"{scheme}://{shown_host}:{sock.getsockname()[1]}", token)
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the platform's terminal stops it: status 0
+        server.run(sockets=[sock])
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
 def _admin_target(data_dir: Path | None, server: str | None, admin_token: str | None) -> tuple[str, str]:
