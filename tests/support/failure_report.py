@@ -21,11 +21,13 @@ MOST_RUNS = 60
 
 
 def log_tails(root: Path, since: float) -> str:
-    """The last lines of each `*.log` under `root` modified at or after `since` (newest last)."""
+    """The last lines of each `*.log` under `root` modified at or after `since` (newest last); the
+    empty ones named on one line, so that a module's many quiet servers do not bury the others."""
     modified = {path: path.stat().st_mtime for path in root.rglob("*.log") if path.is_file()}
     logs = sorted((path for path, mtime in modified.items() if mtime >= since), key=modified.__getitem__)
-    parts = []
-    for path in logs[-MOST_LOGS:]:
+    empty = [str(path.relative_to(root)) for path in logs if path.stat().st_size == 0]
+    parts = [f"==> empty: {', '.join(empty)} <=="] if empty else []
+    for path in [path for path in logs if path.stat().st_size > 0][-MOST_LOGS:]:
         lines = path.read_text(errors="replace").splitlines()[-TAIL_LINES:]
         parts.append(f"==> {path.relative_to(root)} (last {len(lines)} lines) <==\n" + "\n".join(lines))
     return "\n\n".join(parts)
