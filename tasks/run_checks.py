@@ -10,6 +10,7 @@ failure: the wait goes on until its own deadline.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prefect_branchkey.bk_blocks import BranchKeyClient, RunDetails, TransientError
 from prefect_branchkey.bk_blocks.outages import OutageLog
@@ -24,17 +25,18 @@ class RunChecks:
     """
 
     def __init__(self, client: BranchKeyClient, status_notices_at_mark: int | None, interval_s: float,
-                 what: str, at_once: bool = False) -> None:
+                 what: str, at_once: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self._client = client
+        self._clock = clock
         self._interval_s = interval_s
         self._outage = OutageLog(f"run check while {what} waits", client.log)
         self._connections = client.connections
         self._status_notices = client.run_status_notices if status_notices_at_mark is None else status_notices_at_mark
-        self._next = time.monotonic() + (0.0 if at_once else interval_s)
+        self._next = clock() + (0.0 if at_once else interval_s)
 
     def seconds_to_next(self) -> float:
         """How long until the next timed check (0 or less: due)."""
-        return self._next - time.monotonic()
+        return self._next - self._clock()
 
     def due(self) -> bool:
         """Whether to read the run details now: the timed check is due, the listener reconnected
@@ -52,6 +54,6 @@ class RunChecks:
             self._outage.failed(str(exc))
             return None
         finally:
-            self._next = time.monotonic() + self._interval_s
+            self._next = self._clock() + self._interval_s
         self._outage.ended()
         return details

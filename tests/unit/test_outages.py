@@ -10,13 +10,7 @@ import pytest
 from prefect_branchkey.bk_blocks import outages
 from prefect_branchkey.bk_blocks.outages import OutageLog
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from ..support.clock import Clock
 
 
 @pytest.fixture

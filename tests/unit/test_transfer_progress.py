@@ -9,15 +9,9 @@ import pytest
 
 from prefect_branchkey.bk_blocks.progress import TransferProgress
 
+from ..support.clock import Clock
+
 MB = 1_000_000
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -29,7 +23,7 @@ def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 def _moved(log: pytest.LogCaptureFixture, total: int | None, chunks: int, chunk: int,
            seconds_per_chunk: float = 0.0) -> list[str]:
     """The lines logged while `chunks` chunks of `chunk` bytes move, `seconds_per_chunk` apart."""
-    clock = Clock()
+    clock = Clock(now=0.0)
     progress = TransferProgress(logging.getLogger("transfer"), "upload of u.npz", total, clock=clock)
     for _ in range(chunks):
         clock.now += seconds_per_chunk
