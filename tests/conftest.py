@@ -58,10 +58,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and "unit" not in item.path.parts:
         since = _MODULE_STARTED.get(item.module.__name__ if item.module else "", time.time() - 600)
         root = item.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
-        if tails := log_tails(root, since):
-            report.sections.append(("process logs (tails)", tails))
-        if states := flow_run_states():
-            report.sections.append(("Prefect flow runs", states))
+        for title, make in (("process logs (tails)", lambda: log_tails(root, since)),
+                            ("Prefect flow runs", flow_run_states)):
+            try:
+                if text := make():
+                    report.sections.append((title, text))
+            except Exception as error:  # the report must never end the run it reports on
+                report.sections.append((title, f"could not be made: {error!r}"))
     return report
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -23,14 +24,34 @@ MOST_RUNS = 60
 def log_tails(root: Path, since: float) -> str:
     """The last lines of each `*.log` under `root` modified at or after `since` (newest last); the
     empty ones named on one line, so that a module's many quiet servers do not bury the others."""
-    modified = {path: path.stat().st_mtime for path in root.rglob("*.log") if path.is_file()}
-    logs = sorted((path for path, mtime in modified.items() if mtime >= since), key=modified.__getitem__)
-    empty = [str(path.relative_to(root)) for path in logs if path.stat().st_size == 0]
+    found = {path: stat for path in root.rglob("*.log") if (stat := _stat(path)) is not None}
+    logs = sorted((path for path, stat in found.items() if stat.st_mtime >= since), key=lambda p: found[p].st_mtime)
+    empty = [str(path.relative_to(root)) for path in logs if found[path].st_size == 0]
     parts = [f"==> empty: {', '.join(empty)} <=="] if empty else []
-    for path in [path for path in logs if path.stat().st_size > 0][-MOST_LOGS:]:
+    for path in [path for path in logs if found[path].st_size > 0][-MOST_LOGS:]:
         lines = path.read_text(errors="replace").splitlines()[-TAIL_LINES:]
         parts.append(f"==> {path.relative_to(root)} (last {len(lines)} lines) <==\n" + "\n".join(lines))
     return "\n\n".join(parts)
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """A log file's size and time, None for a file removed since it was listed (or not a file)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat if path.is_file() else None
+
+
+def _flow_runs(api: str) -> list[dict[str, Any]]:
+    """The first flow runs of the server at `api`; ValueError with what it answered instead (a
+    server in trouble answers an error body, which is itself worth reading)."""
+    reply = httpx.post(f"{api}/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_ASC", "limit": MOST_RUNS},
+                       timeout=10)
+    runs = reply.json() if reply.is_success else None
+    if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
+        raise ValueError(f"HTTP {reply.status_code}: {reply.text[:1000]}")
+    return runs
 
 
 def _prefect_apis() -> list[str]:
@@ -54,8 +75,7 @@ def flow_run_states() -> str:
     parts = []
     for api in _prefect_apis():
         try:
-            runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_ASC",
-                                                                 "limit": MOST_RUNS}, timeout=10).json()
+            runs = _flow_runs(api)
         except (httpx.HTTPError, ValueError) as error:
             parts.append(f"==> flow runs at {api}: not readable ({error}) <==")
             continue
