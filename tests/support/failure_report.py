@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,10 @@ def log_tails(root: Path, since: float) -> str:
 def _stat(path: Path) -> os.stat_result | None:
     """A log file's size and time, None for a file removed since it was listed (or not a file)."""
     try:
-        stat = path.stat()
+        found = path.stat()
     except OSError:
         return None
-    return stat if path.is_file() else None
+    return found if stat.S_ISREG(found.st_mode) else None
 
 
 def _flow_runs(api: str) -> list[dict[str, Any]]:
